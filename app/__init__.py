@@ -1,0 +1,1 @@
+"""The `diffexit` command line and the Gradio demo."""

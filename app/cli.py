@@ -1,0 +1,84 @@
+"""The ``diffexit`` command line.
+
+``diffexit GROUP NAME [args]`` hands ``args`` to the ``main(argv, prog)`` of the module that implements
+that command, so each command owns its own argparse parser, and ``diffexit --help`` stays fast (no torch
+import). A command whose module is not built yet says so and exits 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from typing import Optional, Sequence
+
+# (group, name) -> (module implementing it, or None while unbuilt; one-line help).
+COMMANDS: dict[tuple[str, str], tuple[Optional[str], str]] = {
+    ("bench", "kernels"): ("diffexit.kernels.bench", "time token_stats backends side by side"),
+    ("bench", "text"): (None, "SchED against full steps, Prophet and parallel commits on the embedded text model"),
+    ("bench", "images"): (None, "DeeDiff against full depth, static depth and FirstBlockCache on the embedded DiT"),
+    ("generate", "images"): (None, "batch image generation (resumable, accelerate-ready)"),
+    ("generate", "text"): (None, "batch text generation (resumable, accelerate-ready)"),
+    ("train", "text"): (None, "train the embedded masked-diffusion text model"),
+    ("train", "image"): (None, "train the embedded digits DiT backbone"),
+    ("train", "uem"): (None, "train DeeDiff uncertainty heads on a DiT"),
+    ("calibrate", "uem"): (None, "per-timestep exit thresholds within an error budget"),
+    ("calibrate", "sched"): (None, "SchED parameters with a split-conformal risk bound"),
+}
+SINGLE = {"demo": (None, "the Gradio demo on 127.0.0.1")}
+
+# Which issue builds each unbuilt command, so the message tells the user where it stands.
+PENDING_ISSUE = {
+    "bench text": 4, "bench images": 6, "generate images": 8, "generate text": 8, "train text": 4,
+    "train image": 6, "train uem": 5, "calibrate uem": 9, "calibrate sched": 10, "demo": 7,
+}
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="diffexit",
+        description="Cheaper diffusion sampling: DeeDiff early exits (images), SchED halting (diffusion LMs).",
+        epilog="Run `diffexit GROUP NAME --help` for a command's own options.",
+    )
+    sub = p.add_subparsers(dest="group", metavar="COMMAND")
+    groups: dict[str, argparse._SubParsersAction] = {}
+    for (group, name), (_, help_) in COMMANDS.items():
+        if group not in groups:
+            gp = sub.add_parser(group, help=f"{group} " + "|".join(n for g, n in COMMANDS if g == group))
+            groups[group] = gp.add_subparsers(dest="name", metavar="NAME")
+        groups[group].add_parser(name, help=help_, add_help=False)
+    for name, (_, help_) in SINGLE.items():
+        sub.add_parser(name, help=help_, add_help=False)
+    return p
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = _parser()
+    if not argv or argv[0] in ("-h", "--help"):
+        parser.print_help()
+        return 0 if argv else 2
+    group = argv[0]
+    if group in SINGLE:
+        key, rest, module = group, argv[1:], SINGLE[group][0]
+    else:
+        names = [n for g, n in COMMANDS if g == group]
+        if not names:
+            parser.error(f"unknown command {group!r}; choose one of {sorted({g for g, _ in COMMANDS} | set(SINGLE))}")
+        if len(argv) < 2 or argv[1] not in names:
+            if len(argv) >= 2 and argv[1] in ("-h", "--help"):
+                parser.parse_args([group, "--help"])
+            got = repr(argv[1]) if len(argv) >= 2 else "nothing"
+            parser.error(f"`diffexit {group}` needs one of {names}, got {got}")
+        key, rest, module = f"{group} {argv[1]}", argv[2:], COMMANDS[(group, argv[1])][0]
+    if module is None:
+        print(
+            f"diffexit {key}: not built yet (tracked in issue #{PENDING_ISSUE[key]}). Nothing was run.",
+            file=sys.stderr,
+        )
+        return 2
+    return int(importlib.import_module(module).main(rest, prog=f"diffexit {key}") or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
