@@ -20,3 +20,24 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "slow" in item.keywords or "browser" in item.keywords:
             item.add_marker(skip)
+
+
+TINY_VOCAB, TINY_MASK = 40, 39
+
+
+@pytest.fixture(scope="session")
+def tiny_llama():
+    """A tiny random bidirectional Llama (vocab 40, mask id 39), the interface of LLaDA-style models."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(vocab_size=TINY_VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=128, is_causal=False,
+                      initializer_range=0.5)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(cfg).eval()
+    # A trained model never predicts the mask token. A zero row gives it logit 0, below the largest of the 39
+    # random logits, so spans end fully decoded.
+    with torch.no_grad():
+        model.lm_head.weight[TINY_MASK] = 0.0
+    return model

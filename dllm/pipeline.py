@@ -1,0 +1,115 @@
+"""A diffusers pipeline for full-span masked-diffusion LMs (LLaDA, Dream, the embedded model), with halting.
+
+    pipe = MaskedDiffusionPipeline.from_transformers("GSAI-ML/LLaDA-8B-Instruct", trust_remote_code=True,
+                                                     mask_id=126336, halting=SchED())
+    out = pipe(["What is 2+2?"], gen_length=128, steps=128, block_length=32)
+    out.texts, out.nfe
+
+Text in, text out: prompts are tokenized (left-padded), decoded by :func:`~diffexit.dllm.generate` (LLaDA
+style) or :func:`~diffexit.dllm.dream_generate` (Dream style), and cut at the first EOS.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Union
+
+import torch
+from diffusers import DiffusionPipeline
+from diffusers.utils import BaseOutput
+
+from .dream import dream_generate
+from .generate import generate
+from .halting import HaltingRule
+from .output import GenerationOutput
+
+LOOPS = ("llada", "dream")
+
+
+@dataclass
+class MaskedDiffusionPipelineOutput(BaseOutput):
+    """``texts``: one decoded answer per prompt; ``generation``: the loop's full :class:`GenerationOutput`."""
+
+    texts: list[str]
+    generation: GenerationOutput
+
+
+class MaskedDiffusionPipeline(DiffusionPipeline):
+    """Holds a masked-diffusion LM, its tokenizer and a default halting rule.
+
+    Args:
+        model: maps ``input_ids`` (and ``attention_mask``) to ``.logits``.
+        tokenizer: a transformers tokenizer; its ``mask_token_id`` is used unless ``mask_id`` is given.
+        halting: the default halting rule for calls that don't pass one (None: fixed steps).
+        loop: ``llada`` (bidirectional, blocks) or ``dream`` (shifted logits, one span).
+        mask_id: the mask token id, for tokenizers that don't declare one (LLaDA: 126336).
+    """
+
+    def __init__(self, model, tokenizer, halting: Optional[HaltingRule] = None, loop: str = "llada",
+                 mask_id: Optional[int] = None):
+        super().__init__()
+        if loop not in LOOPS:
+            raise ValueError(f"loop must be one of {LOOPS}, got {loop!r}")
+        self.register_modules(model=model, tokenizer=tokenizer)
+        self.halting, self.loop = halting, loop
+        self.mask_id = mask_id if mask_id is not None else getattr(tokenizer, "mask_token_id", None)
+        if self.mask_id is None:
+            raise ValueError("the tokenizer declares no mask_token_id; pass mask_id= (LLaDA uses 126336)")
+
+    @classmethod
+    def from_transformers(cls, model_id_or_path: str, *, trust_remote_code: bool = False, loop: str = "llada",
+                          halting: Optional[HaltingRule] = None, mask_id: Optional[int] = None,
+                          torch_dtype: Optional[torch.dtype] = None, device: Union[str, torch.device] = "cpu"):
+        """Load a model and tokenizer with transformers (``trust_remote_code=True`` for LLaDA / Dream)."""
+        from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(model_id_or_path, trust_remote_code=trust_remote_code)
+        try:
+            model = AutoModelForCausalLM.from_pretrained(model_id_or_path, trust_remote_code=trust_remote_code,
+                                                         dtype=torch_dtype)
+        except ValueError:
+            # LLaDA and Dream register their classes under AutoModel only.
+            model = AutoModel.from_pretrained(model_id_or_path, trust_remote_code=trust_remote_code,
+                                              dtype=torch_dtype)
+        return cls(model.to(device).eval(), tokenizer, halting=halting, loop=loop, mask_id=mask_id)
+
+    @torch.no_grad()
+    def __call__(self, prompt: Union[str, list[str]], *, gen_length: int, steps: int,
+                 block_length: Optional[int] = None, halting: Optional[HaltingRule] = None,
+                 temperature: float = 0.0, generator: Optional[torch.Generator] = None, return_trace: bool = False,
+                 **loop_kwargs) -> MaskedDiffusionPipelineOutput:
+        """Generate one answer per prompt.
+
+        ``block_length`` applies to the ``llada`` loop; ``loop_kwargs`` go to the loop (e.g. ``alg`` for
+        ``dream``, ``parallel_threshold`` for ``llada``).
+        """
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        if not prompts or any(not isinstance(p, str) or not p for p in prompts):
+            raise ValueError("prompt must be a non-empty string or a list of non-empty strings")
+        self.tokenizer.padding_side = "left"
+        enc = self.tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+        device = next(self.model.parameters()).device
+        input_ids, attention_mask = enc["input_ids"].to(device), enc["attention_mask"].to(device)
+        if attention_mask.all():
+            attention_mask = None
+        halting = halting if halting is not None else self.halting
+        common = dict(gen_length=gen_length, steps=steps, mask_id=self.mask_id, halting=halting,
+                      attention_mask=attention_mask, temperature=temperature, generator=generator,
+                      return_trace=return_trace, **loop_kwargs)
+        if self.loop == "llada":
+            out = generate(self.model, input_ids, block_length=block_length, **common)
+        else:
+            if block_length is not None:
+                raise ValueError("block_length applies to the llada loop; the dream loop decodes one span")
+            out = dream_generate(self.model, input_ids, **common)
+        return MaskedDiffusionPipelineOutput(texts=self.decode(out.generated), generation=out)
+
+    def decode(self, generated: torch.Tensor) -> list[str]:
+        """Decode ``[B, L]`` span tokens, cut at the first EOS, without special tokens."""
+        eos = self.tokenizer.eos_token_id
+        texts = []
+        for row in generated.tolist():
+            if eos is not None and eos in row:
+                row = row[:row.index(eos)]
+            texts.append(self.tokenizer.decode(row, skip_special_tokens=True))
+        return texts
