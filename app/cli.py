@@ -15,13 +15,13 @@ from typing import Optional, Sequence
 # (group, name) -> (module implementing it, or None while unbuilt; one-line help).
 COMMANDS: dict[tuple[str, str], tuple[Optional[str], str]] = {
     ("bench", "kernels"): ("diffexit.kernels.bench", "time token_stats backends side by side"),
-    ("bench", "text"): (None, "SchED against full steps, Prophet and parallel commits on the embedded text model"),
+    ("bench", "text"): ("diffexit.dllm.bench", "SchED against full steps, Prophet and parallel commits on the embedded text model"),
     ("bench", "images"): (None, "DeeDiff against full depth, static depth and FirstBlockCache on the embedded DiT"),
     ("generate", "images"): (None, "batch image generation (resumable, accelerate-ready)"),
     ("generate", "text"): (None, "batch text generation (resumable, accelerate-ready)"),
-    ("train", "text"): (None, "train the embedded masked-diffusion text model"),
-    ("train", "image"): (None, "train the embedded digits DiT backbone"),
-    ("train", "uem"): (None, "train DeeDiff uncertainty heads on a DiT"),
+    ("train", "text"): ("diffexit.dllm.train", "train the embedded masked-diffusion text model"),
+    ("train", "image"): ("diffexit.uem.train_backbone", "train the embedded digits DiT backbone"),
+    ("train", "uem"): ("diffexit.uem.train", "train DeeDiff uncertainty heads on a DiT"),
     ("calibrate", "uem"): (None, "per-timestep exit thresholds within an error budget"),
     ("calibrate", "sched"): (None, "SchED parameters with a split-conformal risk bound"),
 }
@@ -29,8 +29,8 @@ SINGLE = {"demo": (None, "the Gradio demo on 127.0.0.1")}
 
 # Which issue builds each unbuilt command, so the message tells the user where it stands.
 PENDING_ISSUE = {
-    "bench text": 4, "bench images": 6, "generate images": 8, "generate text": 8, "train text": 4,
-    "train image": 6, "train uem": 5, "calibrate uem": 9, "calibrate sched": 10, "demo": 7,
+    "bench images": 6, "generate images": 8, "generate text": 8,
+    "calibrate uem": 9, "calibrate sched": 10, "demo": 7,
 }
 
 

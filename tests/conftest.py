@@ -9,6 +9,11 @@ def pytest_addoption(parser):
 
 
 def pytest_configure(config):
+    # Tests run tiny models, whose matmuls only pay for thread hand-offs: one thread is several times faster,
+    # and much more so when the other core is busy.
+    import torch
+
+    torch.set_num_threads(1)
     config.addinivalue_line("markers", "slow: training runs and long end-to-end checks")
     config.addinivalue_line("markers", "browser: real-browser tests in Chromium driven by Playwright")
 

@@ -1,0 +1,265 @@
+"""``diffexit bench text``: SchED against full steps, one step, Prophet and parallel commits, side by side.
+
+Every method decodes the same held-out examples of every task with the embedded model (or ``--model DIR``),
+greedy. Per task and method it reports accuracy, mean NFE (forward passes per sample), the NFE and wall-clock
+speedups over full steps measured in the same run, and ``QPS_4 = speedup_nfe * (score / full_score)^4``.
+
+Decoding setup per layout (see ``diffexit.dllm.tasks``): short tasks decode their 16-token span in one block
+at 16 steps; ``longcopy`` decodes 136 tokens in 4 blocks of 34 at 136 steps; "full" is one token per step.
+The embedded model also runs inside diffusers' ``LLaDA2Pipeline`` (blocks of 8, one token per step), with
+the stock ``BlockRefinementScheduler`` and with ``SchEDScheduler``.
+
+Writes ``DIR/results.json``, ``DIR/pareto.png`` (speedup against accuracy) and ``DIR/trace.png`` (one
+decoding run's margin against SchED's threshold), and prints a markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+from tqdm.auto import tqdm
+
+from ..app.reporting import markdown_table, write_results
+from ..samplers.schedules import ThresholdSchedule
+from .generate import generate
+from .halting import HaltingRule, Prophet, SchED
+from .tasks import TASK_NAMES, layout_of, sample, score
+from .tokenizer import decode_answer, encode_prompts
+
+# Per layout: (block_length, full steps) for generate().
+DECODE = {16: (16, 16), 136: (34, 136)}
+PIPELINE_BLOCK = 8
+PARALLEL_THRESHOLD = 0.9
+GAMMA = 4
+
+
+@dataclass
+class Method:
+    """One decoding configuration. ``halting`` builds a fresh rule per batch (rules keep per-sample state)."""
+
+    name: str
+    params: dict
+    halting: Optional[Callable[[], HaltingRule]] = None
+    parallel_threshold: Optional[float] = None
+    one_step: bool = False
+    pipeline: Optional[str] = None  # "stock" | "sched": run inside LLaDA2Pipeline instead of generate()
+    extra: dict = field(default_factory=dict)
+
+
+def sched_methods() -> list[Method]:
+    """The paper's grid: linear, cosine, and exp at k = 2, 4, 8, 16, each with low = 2.5 and low = 0."""
+    out = []
+    for low in (2.5, 0.0):
+        kinds = [("linear", None), ("cosine", None)] + [("exp", k) for k in (2.0, 4.0, 8.0, 16.0)]
+        for kind, k in kinds:
+            sched = ThresholdSchedule(kind, 7.5, low, k=k)
+            name = f"sched-{kind}" + (f"-k{k:g}" if k else "") + f"-low{low:g}"
+            out.append(Method(name, {"schedule": sched.to_dict(), "stat": "mean"},
+                              halting=lambda s=sched: SchED(s)))
+    return out
+
+
+def all_methods() -> list[Method]:
+    cosine = ThresholdSchedule("cosine", 7.5, 2.5)
+    return [
+        Method("full", {"steps": "full"}),
+        Method("one-step", {"steps": 1}, one_step=True),
+        *sched_methods(),
+        Method("prophet", {"window": 5, "thresholds": [7.5, 5.0, 2.5]}, halting=lambda: Prophet()),
+        Method("parallel", {"threshold": PARALLEL_THRESHOLD}, parallel_threshold=PARALLEL_THRESHOLD),
+        Method("sched-cosine+parallel", {"schedule": cosine.to_dict(), "threshold": PARALLEL_THRESHOLD},
+               halting=lambda: SchED(cosine), parallel_threshold=PARALLEL_THRESHOLD),
+        Method("llada2-stock", {"block_length": PIPELINE_BLOCK, "scheduler": "BlockRefinementScheduler"},
+               pipeline="stock"),
+        Method("llada2-sched", {"block_length": PIPELINE_BLOCK, "scheduler": "SchEDScheduler",
+                                "schedule": cosine.to_dict()}, pipeline="sched"),
+    ]
+
+
+def _run_generate(model, tok, method: Method, ids, attn, span: int):
+    block, full_steps = DECODE[span]
+    steps, block_length = (1, span) if method.one_step else (full_steps, block)
+    out = generate(model, ids, attention_mask=attn, gen_length=span, steps=steps, block_length=block_length,
+                   mask_id=tok.mask_token_id, halting=method.halting() if method.halting else None,
+                   parallel_threshold=method.parallel_threshold)
+    return out.generated, out.nfe.float()
+
+
+def _run_pipeline(model, tok, method: Method, ids, attn, span: int):
+    from diffusers import BlockRefinementScheduler, LLaDA2Pipeline
+
+    from ..samplers.sched_scheduler import SchEDScheduler
+
+    stock = BlockRefinementScheduler(block_length=PIPELINE_BLOCK, num_inference_steps=PIPELINE_BLOCK)
+    scheduler = stock if method.pipeline == "stock" else SchEDScheduler.from_config(stock.config, schedule="cosine")
+    calls = []
+    handle = model.register_forward_pre_hook(lambda *_: calls.append(1))
+    try:
+        pipe = LLaDA2Pipeline(model=model, scheduler=scheduler, tokenizer=tok)
+        pipe.set_progress_bar_config(disable=True)
+        out = pipe(input_ids=ids, attention_mask=attn, gen_length=span, block_length=PIPELINE_BLOCK,
+                   num_inference_steps=PIPELINE_BLOCK, editing_threshold=None, output_type="seq")
+    finally:
+        handle.remove()
+    # The pipeline decodes the batch together: every sample takes part in every forward pass.
+    return out.sequences, torch.full((ids.shape[0],), float(len(calls)))
+
+
+def run_task(model, tok, task: str, methods: list[Method], n: int, batch: int, bar) -> list[dict]:
+    layout = layout_of(task)
+    examples = sample(task, "heldout", seed=0, n=n)
+    rows = []
+    for method in methods:
+        right, nfe, seconds = 0, [], 0.0
+        for i in range(0, n, batch):
+            chunk = examples[i:i + batch]
+            ids, attn = encode_prompts(tok, [e.prompt for e in chunk], layout.prompt_length)
+            run = _run_pipeline if method.pipeline else _run_generate
+            start = time.perf_counter()
+            spans, chunk_nfe = run(model, tok, method, ids, attn, layout.span_length)
+            seconds += time.perf_counter() - start
+            nfe.append(chunk_nfe)
+            right += sum(score(task, e.prompt, decode_answer(tok, s)) for e, s in zip(chunk, spans))
+        rows.append({"task": task, "method": method.name, "params": method.params, "score": right / n,
+                     "nfe": float(torch.cat(nfe).mean()), "seconds": seconds})
+        bar.update(1)
+    full = next(r for r in rows if r["method"] == "full")
+    for r in rows:
+        r["full_score"] = full["score"]
+        r["speedup_nfe"] = full["nfe"] / r["nfe"]
+        r["speedup_wall"] = full["seconds"] / r["seconds"]
+        r["qps4"] = (r["speedup_nfe"] * (r["score"] / full["score"]) ** GAMMA) if full["score"] > 0 else None
+    one = next(r for r in rows if r["method"] == "one-step")
+    # A task that one-step decoding already solves as well as full steps measures nothing about halting.
+    for r in rows:
+        r["one_step_matches_full"] = one["score"] >= full["score"]
+    return rows
+
+
+def summarise(rows: list[dict], methods: list[Method]) -> list[dict]:
+    """Per method, the ``task="all"`` row: means over tasks (wall speedup: total full time / total time)."""
+    out = []
+    for m in methods:
+        per = [r for r in rows if r["method"] == m.name]
+        full = [r for r in rows if r["method"] == "full"]
+        qps = [r["qps4"] for r in per if r["qps4"] is not None]
+        mean = lambda key: sum(r[key] for r in per) / len(per)
+        out.append({
+            "task": "all", "method": m.name, "params": m.params, "score": mean("score"), "full_score": mean("full_score"),
+            "nfe": mean("nfe"), "speedup_nfe": mean("speedup_nfe"),
+            "speedup_wall": sum(r["seconds"] for r in full) / sum(r["seconds"] for r in per),
+            "qps4": sum(qps) / len(qps) if qps else None, "seconds": sum(r["seconds"] for r in per),
+        })
+    return out
+
+
+def plot_pareto(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tasks = sorted({r["task"] for r in rows}, key=lambda t: (t != "all", t))
+    fig, axes = plt.subplots(1, len(tasks), figsize=(3.2 * len(tasks), 3.4), squeeze=False)
+    for ax, task in zip(axes[0], tasks):
+        for r in (r for r in rows if r["task"] == task):
+            family = r["method"].split("-")[0] if r["method"].startswith("sched-") else r["method"]
+            color = {"sched": "tab:blue", "full": "black", "one-step": "tab:red", "prophet": "tab:orange",
+                     "parallel": "tab:green", "sched-cosine+parallel": "tab:purple"}.get(family, "tab:gray")
+            ax.scatter(r["speedup_nfe"], 100 * r["score"], color=color, s=18,
+                       label=family if family != "sched" or "low2.5" in r["method"] else None)
+        ax.set_title(task)
+        ax.set_xscale("log")
+        ax.set_xlabel("NFE speedup")
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("accuracy (%)")
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    uniq = dict(zip(labels, handles))
+    fig.legend(uniq.values(), uniq.keys(), loc="lower center", ncol=len(uniq), fontsize=8)
+    fig.tight_layout(rect=(0, 0.08, 1, 1))
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_trace(model, tok, task: str, path: Path) -> None:
+    """One held-out run of ``task`` under SchED (cosine): the masked span's mean margin against the threshold."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ex = sample(task, "heldout", seed=0, n=1)[0]
+    layout = layout_of(task)
+    ids, attn = encode_prompts(tok, [ex.prompt], layout.prompt_length)
+    block, steps = DECODE[layout.span_length]
+    out = generate(model, ids, attention_mask=attn, gen_length=layout.span_length, steps=steps, block_length=block,
+                   mask_id=tok.mask_token_id, halting=SchED(ThresholdSchedule("cosine", 7.5, 2.5)), return_trace=True)
+    full = generate(model, ids, attention_mask=attn, gen_length=layout.span_length, steps=steps, block_length=block,
+                    mask_id=tok.mask_token_id, halting=SchED(ThresholdSchedule("constant", 1e9, 1e9)),
+                    return_trace=True)
+    fig, ax = plt.subplots(figsize=(6, 3.4))
+    ax.plot([t.step for t in full.trace[0]], [t.margin for t in full.trace[0]], color="gray", label="mean margin (full run)")
+    ax.plot([t.step for t in out.trace[0]], [t.margin for t in out.trace[0]], color="tab:blue", label="mean margin (SchED)")
+    ax.plot([t.step for t in full.trace[0]], [ThresholdSchedule("cosine", 7.5, 2.5)(t.progress) for t in full.trace[0]],
+            color="tab:red", linestyle="--", label="cosine threshold")
+    if out.halt_step[0] >= 0:
+        ax.axvline(int(out.halt_step[0]), color="tab:blue", alpha=0.4)
+    ax.set_xlabel("step")
+    ax.set_ylabel("logit margin")
+    ax.set_title(f"{task}: halted at step {int(out.halt_step[0])} of {steps}")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+COLUMNS = [("task", "task", ""), ("method", "method", ""), ("score", "acc", ".3f"), ("full_score", "full acc", ".3f"),
+           ("nfe", "NFE", ".1f"), ("speedup_nfe", "speedup NFE", ".2f"), ("speedup_wall", "speedup wall", ".2f"),
+           ("qps4", "QPS_4", ".2f")]
+
+
+def main(argv: list[str], prog: str = "diffexit bench text") -> int:
+    p = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="a few examples per task: minutes, not an hour")
+    p.add_argument("--out", type=Path, default=Path("runs/bench-text"), help="output folder (default: %(default)s)")
+    p.add_argument("--n", type=int, default=None, help="held-out examples per task (default 200, quick 8)")
+    p.add_argument("--batch", type=int, default=50, help="examples decoded together (default: %(default)s)")
+    p.add_argument("--tasks", nargs="+", default=list(TASK_NAMES), choices=TASK_NAMES, metavar="TASK",
+                   help=f"tasks to run (default: all of {', '.join(TASK_NAMES)})")
+    p.add_argument("--model", type=Path, default=None, help="an exported model folder (default: the embedded one)")
+    args = p.parse_args(argv)
+    n = args.n if args.n is not None else (8 if args.quick else 200)
+    if n <= 0 or args.batch <= 0:
+        p.error("--n and --batch must be positive")
+
+    from .text_model import load_embedded_text_model, load_text_model
+
+    try:
+        model, tok = load_text_model(args.model) if args.model else load_embedded_text_model()
+    except (FileNotFoundError, OSError, ValueError) as e:
+        print(f"{prog}: cannot load the model: {e}", file=sys.stderr)
+        return 1
+    methods = all_methods()
+    rows = []
+    with tqdm(total=len(args.tasks) * len(methods), desc="bench text", unit="run") as bar:
+        for task in args.tasks:
+            bar.set_postfix_str(task)
+            rows += run_task(model, tok, task, methods, n, args.batch, bar)
+    rows += summarise(rows, methods)
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = write_results(args.out, "text", args.quick, rows, n_per_task=n, torch_threads=torch.get_num_threads())
+    plot_pareto(rows, args.out / "pareto.png")
+    # The long-form task shows the most: its span is long and its margins rise slowly.
+    plot_trace(model, tok, "longcopy" if "longcopy" in args.tasks else args.tasks[0], args.out / "trace.png")
+    print(markdown_table([r for r in rows if r["task"] == "all"], COLUMNS))
+    flagged = sorted({r["task"] for r in rows if r["task"] != "all" and r["one_step_matches_full"]})
+    if flagged:
+        print(f"\none-step decoding matches full steps on: {', '.join(flagged)} (these tasks cannot tell rules apart)")
+    print(f"\nper-task rows, plots: {path}, {args.out / 'pareto.png'}, {args.out / 'trace.png'}")
+    return 0

@@ -1,0 +1,48 @@
+"""`diffexit bench text --quick` end to end on a tiny random model: every method, every field, the plots."""
+
+import json
+
+import pytest
+import torch
+
+from diffexit.app.cli import main as cli
+from diffexit.dllm.bench import all_methods
+from diffexit.dllm.text_model import DiffusionLlama, text_model_config
+from diffexit.dllm.tokenizer import build_tokenizer
+
+FIELDS = {"task", "method", "params", "score", "full_score", "nfe", "speedup_nfe", "speedup_wall", "qps4"}
+
+
+def _bench(tmp_path, tasks):
+    tok = build_tokenizer()
+    cfg = text_model_config(len(tok), tok.pad_token_id, hidden_size=32, num_layers=1, num_heads=2, max_positions=272)
+    torch.manual_seed(0)
+    DiffusionLlama(cfg).save_pretrained(tmp_path / "model")
+    tok.save_pretrained(tmp_path / "model")
+    out = tmp_path / "bench"
+    rc = cli(["bench", "text", "--quick", "--n", "2", "--batch", "2", "--tasks", *tasks,
+              "--model", str(tmp_path / "model"), "--out", str(out)])
+    assert rc == 0
+    result = json.loads((out / "results.json").read_text())
+    assert result["benchmark"] == "text" and result["quick"] is True
+    names = {m.name for m in all_methods()}
+    for task in (*tasks, "all"):
+        rows = [r for r in result["rows"] if r["task"] == task]
+        assert {r["method"] for r in rows} == names
+        for r in rows:
+            assert FIELDS <= set(r)
+            assert r["nfe"] > 0 and r["speedup_wall"] > 0
+    full = [r for r in result["rows"] if r["method"] == "full" and r["task"] == "add"][0]
+    one = [r for r in result["rows"] if r["method"] == "one-step" and r["task"] == "add"][0]
+    assert full["nfe"] == 16 and full["speedup_nfe"] == 1.0
+    assert one["nfe"] == 1 and one["speedup_nfe"] == 16.0
+    assert (out / "pareto.png").stat().st_size > 0 and (out / "trace.png").stat().st_size > 0
+
+
+def test_bench_text_quick(tmp_path):
+    _bench(tmp_path, ["add"])
+
+
+@pytest.mark.slow
+def test_bench_text_quick_long_form(tmp_path):
+    _bench(tmp_path, ["add", "longcopy"])
