@@ -1,0 +1,109 @@
+"""The embedded masked-diffusion text model: a bidirectional transformers Llama with learned absolute positions.
+
+``DiffusionLlama`` is ``LlamaForCausalLM`` with ``config.is_causal = False`` (every position attends to every
+other, which transformers turns into a bidirectional mask) plus a learned absolute position embedding added
+to the token embeddings. RoPE alone gives a bidirectional model only relative positions, and then it cannot
+reverse or add (DESIGN.md, "What a first CPU experiment measured (text)").
+
+It takes what diffusers' ``LLaDA2Pipeline`` and ``diffexit.dllm.generate`` pass: ``input_ids`` ``[B, N]``, a 2-D
+``attention_mask`` (0 = not attended) and ``position_ids`` (default ``arange(N)``), and returns ``.logits``
+``[B, N, V]``. ``[PAD]`` tokens are never attended, whatever mask the caller passes, because prompts are
+left-padded with them and the model was trained that way.
+
+``load_embedded_text_model()`` loads the shipped weights from the package's ``dllm/weights/``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import torch
+from torch import nn
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
+TRAIN_COMMAND = "diffexit train text --threads 1 --out runs/text --export dllm/weights"
+
+
+def text_model_config(
+    vocab_size: int, pad_token_id: int, *, hidden_size: int, num_layers: int, num_heads: int, max_positions: int
+) -> LlamaConfig:
+    """A bidirectional Llama config: SwiGLU width ``4 * hidden_size``, no KV cache, untied output head."""
+    if hidden_size % num_heads:
+        raise ValueError(f"hidden_size={hidden_size} must be a multiple of num_heads={num_heads}")
+    return LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=hidden_size,
+        intermediate_size=4 * hidden_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=num_heads,
+        num_key_value_heads=num_heads,
+        max_position_embeddings=max_positions,
+        pad_token_id=pad_token_id,
+        bos_token_id=None,
+        eos_token_id=None,
+        is_causal=False,
+        use_cache=False,
+        tie_word_embeddings=False,
+    )
+
+
+class DiffusionLlama(LlamaForCausalLM):
+    """``LlamaForCausalLM`` made bidirectional, with a learned absolute position embedding.
+
+    The embedding table has ``config.max_position_embeddings`` rows; position ids must stay below that.
+    """
+
+    def __init__(self, config: LlamaConfig):
+        if getattr(config, "is_causal", True):
+            raise ValueError("DiffusionLlama is a bidirectional masked-diffusion model; build its config with "
+                             "is_causal=False (see text_model_config)")
+        super().__init__(config)
+        self.position_embedding = nn.Embedding(config.max_position_embeddings, config.hidden_size)
+        self.post_init()
+
+    def forward(
+        self,
+        input_ids: Optional[torch.LongTensor] = None,
+        attention_mask: Optional[torch.Tensor] = None,
+        position_ids: Optional[torch.LongTensor] = None,
+        **kwargs,
+    ):
+        """``input_ids`` int64 ``[B, N]`` -> output with ``.logits`` float ``[B, N, V]``.
+
+        ``attention_mask`` is 2-D ``[B, N]`` (0 = not attended); ``position_ids`` ``[B, N]`` or ``[1, N]``.
+        """
+        if input_ids is None:
+            raise ValueError("DiffusionLlama needs input_ids: the position embedding is added to token embeddings")
+        length = input_ids.shape[1]
+        if position_ids is None:
+            position_ids = torch.arange(length, device=input_ids.device).unsqueeze(0)
+        if int(position_ids.max()) >= self.config.max_position_embeddings:
+            raise ValueError(f"position id {int(position_ids.max())} is beyond the model's "
+                             f"{self.config.max_position_embeddings} positions; use a shorter prompt or span")
+        not_pad = input_ids != self.config.pad_token_id
+        attention_mask = not_pad if attention_mask is None else attention_mask.bool() & not_pad
+        embeds = self.model.embed_tokens(input_ids) + self.position_embedding(position_ids)
+        return super().forward(
+            inputs_embeds=embeds, attention_mask=attention_mask.long(), position_ids=position_ids, use_cache=False,
+            **kwargs,
+        )
+
+
+def load_text_model(path: str | Path, *, dtype: torch.dtype = torch.float32) -> tuple[DiffusionLlama, PreTrainedTokenizerFast]:
+    """Load an exported model directory (``model.safetensors``, ``config.json``, ``tokenizer.json``) in eval mode."""
+    path = Path(path)
+    model = DiffusionLlama.from_pretrained(path, dtype=dtype).eval()
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(path)
+    if tokenizer.mask_token_id is None:
+        raise ValueError(f"tokenizer in {path} has no mask token; re-export it with `{TRAIN_COMMAND}`")
+    return model, tokenizer
+
+
+def load_embedded_text_model(*, dtype: torch.dtype = torch.float32) -> tuple[DiffusionLlama, PreTrainedTokenizerFast]:
+    """The shipped model and tokenizer from ``diffexit/dllm/weights``, offline, in eval mode (fp32 by default)."""
+    if not (WEIGHTS_DIR / "model.safetensors").is_file():
+        raise FileNotFoundError(f"no embedded text model in {WEIGHTS_DIR}; train and export it with `{TRAIN_COMMAND}` "
+                                f"from the repository root")
+    return load_text_model(WEIGHTS_DIR, dtype=dtype)

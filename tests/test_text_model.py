@@ -1,0 +1,328 @@
+"""The embedded text model: tokenizer, tasks and scorers, the bidirectional model, training, and shipped weights."""
+
+import argparse
+import json
+import random
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import PreTrainedTokenizerFast
+
+from diffexit.dllm import generate
+from diffexit.dllm import train as train_mod
+from diffexit.dllm.tasks import LAYOUTS, TASK_NAMES, TASKS, layout_of, sample, score, split_of
+from diffexit.dllm.text_model import (
+    WEIGHTS_DIR, DiffusionLlama, load_embedded_text_model, load_text_model, text_model_config,
+)
+from diffexit.dllm.tokenizer import (
+    EOS, MASK, PAD, UNK, build_tokenizer, decode_answer, encode_answers, encode_prompts,
+)
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return build_tokenizer()
+
+
+def tiny_model(tok, seed=0, max_positions=64):
+    torch.manual_seed(seed)
+    cfg = text_model_config(len(tok), tok.pad_token_id, hidden_size=32, num_layers=2, num_heads=4,
+                            max_positions=max_positions)
+    return DiffusionLlama(cfg).eval()
+
+
+# tokenizer ------------------------------------------------------------------------------------------------------
+
+def test_tokenizer_special_tokens_and_round_trip(tok, tmp_path):
+    assert (tok.pad_token, tok.eos_token, tok.mask_token, tok.unk_token) == (PAD, EOS, MASK, UNK)
+    assert len({tok.pad_token_id, tok.eos_token_id, tok.mask_token_id, tok.unk_token_id}) == 4
+    text = f"add:012+9 x{MASK}y{EOS}{PAD}~ !"
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    assert ids.count(tok.mask_token_id) == 1 and ids.count(tok.eos_token_id) == 1
+    # Each special token is one id, and so is every other character.
+    assert len(ids) == len(text) - sum(len(t) - 1 for t in (MASK, EOS, PAD))
+    assert tok.decode(ids) == text
+    assert tok.decode(ids, skip_special_tokens=True) == "add:012+9 xy~ !"
+    tok.save_pretrained(tmp_path)
+    assert (tmp_path / "tokenizer.json").is_file()
+    again = PreTrainedTokenizerFast.from_pretrained(tmp_path)
+    assert again.mask_token_id == tok.mask_token_id and again(text, add_special_tokens=False)["input_ids"] == ids
+
+
+def test_tokenizer_maps_unknown_characters_to_unk(tok):
+    assert tok("é", add_special_tokens=False)["input_ids"] == [tok.unk_token_id]
+
+
+def test_encode_prompts_left_pads(tok):
+    ids, mask = encode_prompts(tok, ["ab", "wxyz"], 5)
+    assert ids.shape == mask.shape == (2, 5) and ids.dtype == torch.long
+    assert mask.tolist() == [[0, 0, 0, 1, 1], [0, 1, 1, 1, 1]]
+    assert ids[0, :3].tolist() == [tok.pad_token_id] * 3
+    assert tok.decode(ids[1, 1:]) == "wxyz"
+    with pytest.raises(ValueError, match="longer than prompt_length"):
+        encode_prompts(tok, ["abcdef"], 5)
+
+
+def test_encode_answers_pads_with_eos_and_decode_stops_there(tok):
+    span = encode_answers(tok, ["abc", ""], 6)
+    assert span[0, 3:].tolist() == [tok.eos_token_id] * 3 and span[1].tolist() == [tok.eos_token_id] * 6
+    assert decode_answer(tok, span[0]) == "abc" and decode_answer(tok, span[1]) == ""
+    with pytest.raises(ValueError, match="EOS"):
+        encode_answers(tok, ["abcdef"], 6)
+
+
+def test_decode_answer_keeps_leftover_masks_visible(tok):
+    ids = tok(f"ab{MASK}c", add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    assert decode_answer(tok, torch.tensor(ids)) == f"ab{MASK}c"
+    assert not score("reverse", "rev:cxba", decode_answer(tok, torch.tensor(ids)))
+
+
+# tasks ----------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("task", TASK_NAMES)
+def test_sample_is_a_pure_function_of_its_seed(task):
+    a, b = sample(task, "train", 7, 20), sample(task, "train", 7, 20)
+    assert a == b
+    assert sample(task, "train", 7, 5) == a[:5]
+    assert [e.prompt for e in sample(task, "train", 8, 20)] != [e.prompt for e in a]
+
+
+@pytest.mark.parametrize("task", TASK_NAMES)
+def test_splits_are_disjoint_and_examples_fit_the_layout(task, tok):
+    layout = layout_of(task)
+    for split in ("train", "heldout"):
+        examples = sample(task, split, 0, 50)
+        assert all(split_of(task, e.prompt) == split for e in examples)
+        assert all(score(task, e.prompt, e.answer) for e in examples)
+        encode_prompts(tok, [e.prompt for e in examples], layout.prompt_length)
+        encode_answers(tok, [e.answer for e in examples], layout.span_length)
+
+
+def test_longcopy_answer_is_long_form():
+    assert all(len(e.answer) >= 128 for e in sample("longcopy", "train", 0, 20))
+    assert LAYOUTS["long"].span_length > 128
+
+
+def test_sample_rejects_bad_arguments():
+    with pytest.raises(ValueError, match="unknown task"):
+        sample("mul", "train", 0, 1)
+    with pytest.raises(ValueError, match="unknown split"):
+        sample("add", "test", 0, 1)
+    with pytest.raises(ValueError, match="malformed"):
+        score("add", "add:12+34", "46")
+    with pytest.raises(ValueError, match="task tag"):
+        score("sort", "rev:abc", "cba")
+
+
+SCORER_CASES = {
+    "add": ("add:000123+004567", ["0004690"], ["4690", "0004691", "00004690", " 0004690"]),
+    "sort": ("sort:5281746", ["1245678"], ["8765421", "124567", "12456788"]),
+    "reverse": ("rev:kbtqzea", ["aezqtbk"], ["kbtqzea", "aezqtb", "aezqtbk "]),
+    "longcopy": ("copy:ab cd efg", ["ab cd efg"], ["ab cd ef", "abcdefg", "ab cd efg "]),
+    "sum_pair": ("pair:587", ["203+384", "000+587", "587+000", "293+294", "5+582"],
+                 ["203+385", "203-384", "587", "+587", "203+384+0", "2o3+384", ""]),
+    "permute": ("perm:dcbae", ["dcbae", "abcde", "eadcb"], ["abcd", "abcdef", "aabcd", "abcdd", "ABCDE"]),
+    "spell": ("spell:kov,tuma,zep", ["k-o-v", "t-u-m-a", "z-e-p"],
+              ["kov", "t-u-m", "k-o-v-", "z-e-p-k-o-v", "t-u-m-a,z-e-p", "p-e-z"]),
+}
+
+
+@pytest.mark.parametrize("task", TASK_NAMES)
+def test_scorer_accepts_every_valid_answer_and_nothing_else(task):
+    prompt, valid, invalid = SCORER_CASES[task]
+    for output in valid:
+        assert score(task, prompt, output), output
+    for output in invalid:
+        assert not score(task, prompt, output), output
+
+
+# Where, in [0, 1), the generator's answer falls among the valid ones: a/(N+1) of the pair, the place of the
+# prompt's first letter in the permutation, which word of the three was spelled.
+CHOICE = {
+    "sum_pair": lambda p, a: int(a.split("+")[0]) / (int(p[5:]) + 1),
+    "permute": lambda p, a: a.index(p[5]) / len(a),
+    "spell": lambda p, a: p[6:].split(",").index(a.replace("-", "")) / 3,
+}
+
+
+@pytest.mark.parametrize("task", [t for t in TASK_NAMES if TASKS[t].coupled])
+def test_coupled_tasks_train_on_answers_spread_over_the_valid_ones(task):
+    # If the generator favoured one valid answer (say the first word, or 000+N), the model would learn it and
+    # one-step decoding would have a single answer to copy: the task would measure nothing.
+    choices = [CHOICE[task](e.prompt, e.answer) for e in sample(task, "train", 0, 600)]
+    thirds = [sum(lo <= c < lo + 1 / 3 for c in choices) / len(choices) for lo in (0, 1 / 3, 2 / 3)]
+    assert min(thirds) > 0.2, thirds
+
+
+# model ----------------------------------------------------------------------------------------------------------
+
+def test_model_is_bidirectional(tok):
+    model = tiny_model(tok)
+    x = torch.randint(4, len(tok), (2, 12))
+    later = x.clone()
+    later[:, -1] = (x[:, -1] - 3) % (len(tok) - 4) + 4
+    with torch.no_grad():
+        a, b = model(x).logits, model(later).logits
+    assert a.shape == (2, 12, len(tok))
+    # A change at the last position reaches the first: no causal mask anywhere.
+    assert (a[:, 0] - b[:, 0]).abs().max() > 1e-4
+
+
+def test_model_uses_absolute_positions(tok):
+    # Equal tokens at different positions must get different outputs (RoPE alone cannot tell them apart here).
+    model = tiny_model(tok)
+    x = torch.full((1, 8), tok.convert_tokens_to_ids("a"))
+    with torch.no_grad():
+        logits = model(x).logits
+    assert (logits[0, 0] - logits[0, 5]).abs().max() > 1e-4
+
+
+def test_model_never_attends_pad_and_takes_pipeline_arguments(tok):
+    model = tiny_model(tok)
+    ids, prompt_mask = encode_prompts(tok, ["rev:abc", "rev:abcdef"], 10)
+    x = torch.cat([ids, torch.full((2, 6), tok.mask_token_id)], 1)
+    mask = torch.cat([prompt_mask, torch.ones(2, 6, dtype=torch.long)], 1)
+    pos = torch.arange(16).unsqueeze(0).expand(2, -1)
+    with torch.no_grad():
+        given = model(x, attention_mask=mask, position_ids=pos).logits
+        defaults = model(x).logits
+        all_ones = model(x, attention_mask=torch.ones_like(mask)).logits
+    assert torch.allclose(given, defaults, atol=1e-6) and torch.allclose(given, all_ones, atol=1e-6)
+    # Truncating after a block (LLaDA2Pipeline's window) is a valid call too.
+    with torch.no_grad():
+        window = model(x[:, :12], attention_mask=mask[:, :12], position_ids=pos[:, :12]).logits
+    assert window.shape == (2, 12, len(tok))
+
+
+def test_model_rejects_causal_config_and_out_of_range_positions(tok):
+    cfg = text_model_config(len(tok), tok.pad_token_id, hidden_size=32, num_layers=1, num_heads=4, max_positions=8)
+    cfg.is_causal = True
+    with pytest.raises(ValueError, match="is_causal=False"):
+        DiffusionLlama(cfg)
+    with pytest.raises(ValueError, match="positions"):
+        tiny_model(tok, max_positions=8)(torch.ones(1, 9, dtype=torch.long))
+    with pytest.raises(ValueError, match="multiple of num_heads"):
+        text_model_config(10, 0, hidden_size=30, num_layers=1, num_heads=4, max_positions=8)
+
+
+def test_saved_model_loads_back_exactly_and_fp16_export_stays_close(tok, tmp_path):
+    model = tiny_model(tok)
+    x = torch.randint(4, len(tok), (2, 10))
+    with torch.no_grad():
+        ref = model(x).logits
+    model.save_pretrained(tmp_path / "fp32")
+    tok.save_pretrained(tmp_path / "fp32")
+    loaded, loaded_tok = load_text_model(tmp_path / "fp32")
+    with torch.no_grad():
+        assert torch.equal(loaded(x).logits, ref)
+    assert loaded_tok.mask_token_id == tok.mask_token_id
+    train_mod.export(model, tok, tmp_path / "fp16", {"seed": 0})
+    half, _ = load_text_model(tmp_path / "fp16")
+    assert load_file(tmp_path / "fp16" / "model.safetensors")["position_embedding.weight"].dtype == torch.float16
+    with torch.no_grad():
+        assert torch.allclose(half(x).logits, ref, atol=2e-2)
+    assert json.loads((tmp_path / "fp16" / "training.json").read_text()) == {"seed": 0}
+
+
+# training -------------------------------------------------------------------------------------------------------
+
+TINY_RUN = ["--hidden", "32", "--layers", "2", "--heads", "4", "--batch-short", "12", "--batch-long", "2",
+            "--eval-every", "1000", "--checkpoint-every", "3", "--warmup", "2", "--lr", "3e-3", "--threads", "1"]
+
+
+def _fixed_loss(model, tok, args):
+    """The training loss of one fixed, never-trained-on step's data and masks."""
+    with torch.no_grad():
+        loss, count = train_mod.training_loss(model, tok, 10 ** 6, args, 0)
+    return loss.item() / count
+
+
+def _checkpoint_model(run_dir, tok):
+    model = tiny_model(tok, max_positions=max(layout.seq_length for layout in LAYOUTS.values()))
+    model.load_state_dict(load_file(run_dir / "checkpoint" / "model.safetensors"))
+    return model
+
+
+def test_corrupt_masks_only_the_span_at_rate_t():
+    ids = torch.arange(4 * 200).reshape(4, 200)
+    noisy, masked = train_mod.corrupt(ids, 40, torch.tensor([0.0, 0.25, 0.75, 1.0]), -1, torch.Generator().manual_seed(0))
+    assert not masked[:, :40].any() and not masked[0].any() and masked[3, 40:].all()
+    assert (noisy[masked] == -1).all() and torch.equal(noisy[~masked], ids[~masked])
+    assert 0.15 < masked[1, 40:].float().mean() < 0.35 and 0.65 < masked[2, 40:].float().mean() < 0.85
+
+
+def test_step_examples_cover_every_task_and_differ_by_step_and_rank():
+    groups = train_mod.step_examples(0, 0, 0, 13, 2)
+    assert len(groups["short"]) == 13 and len(groups["long"]) == 2
+    assert {e.task for e in groups["short"]} == set(train_mod.SHORT_TASKS)
+    assert groups == train_mod.step_examples(0, 0, 0, 13, 2)
+    assert groups != train_mod.step_examples(1, 0, 0, 13, 2) and groups != train_mod.step_examples(0, 0, 1, 13, 2)
+
+
+def test_lr_schedule_warms_up_then_decays_to_the_floor():
+    f = [train_mod.lr_factor(s, 10, 100) for s in range(100)]
+    assert f[0] == 0.1 and f[9] == 1.0 and all(a >= b for a, b in zip(f[9:], f[10:]))
+    assert train_mod.lr_factor(100, 10, 100) == pytest.approx(train_mod.LR_FLOOR)
+
+
+def test_a_few_steps_lower_the_loss(tmp_path, tok):
+    args = argparse.Namespace(seed=0, batch_short=24, batch_long=2, truncate_prob=0.0)
+    before = _fixed_loss(tiny_model(tok, max_positions=272), tok, args)
+    assert train_mod.main(["--out", str(tmp_path), "--steps", "12", *TINY_RUN]) == 0
+    after = _fixed_loss(_checkpoint_model(tmp_path, tok), tok, args)
+    assert after < 0.9 * before, (before, after)
+
+
+def test_resume_continues_exactly(tmp_path, tok, monkeypatch):
+    straight, broken = tmp_path / "straight", tmp_path / "broken"
+    run = ["--steps", "6", "--truncate-prob", "0.5", *TINY_RUN]
+    train_mod.main(["--out", str(straight), *run])
+
+    real = train_mod.training_loss
+
+    def interrupted(model, tokenizer, step, args, rank):
+        if step == 4:
+            raise KeyboardInterrupt  # after the checkpoint at step 3, before step 5's update
+        return real(model, tokenizer, step, args, rank)
+
+    monkeypatch.setattr(train_mod, "training_loss", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        train_mod.main(["--out", str(broken), *run])
+    monkeypatch.setattr(train_mod, "training_loss", real)
+    assert json.loads((broken / "checkpoint" / "state.json").read_text())["step"] == 3
+    train_mod.main(["--out", str(broken), "--resume", *run])
+
+    a, b = (load_file(d / "checkpoint" / "model.safetensors") for d in (straight, broken))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    opt_a, opt_b = (torch.load(d / "checkpoint" / "optimizer.bin", weights_only=False) for d in (straight, broken))
+    assert all(torch.equal(x["exp_avg"], y["exp_avg"]) for x, y in zip(opt_a["state"].values(), opt_b["state"].values()))
+
+
+def test_resume_guards(tmp_path):
+    with pytest.raises(ValueError, match="no checkpoint"):
+        train_mod.main(["--out", str(tmp_path), "--resume", "--steps", "3", *TINY_RUN])
+    train_mod.main(["--out", str(tmp_path), "--steps", "3", *TINY_RUN])
+    with pytest.raises(ValueError, match="already exists"):
+        train_mod.main(["--out", str(tmp_path), "--steps", "3", *TINY_RUN])
+    with pytest.raises(ValueError, match="different settings"):
+        train_mod.main(["--out", str(tmp_path), "--resume", "--steps", "4", *TINY_RUN])
+    with pytest.raises(ValueError, match="--truncate-prob"):
+        train_mod.main(["--out", str(tmp_path / "x"), "--truncate-prob", "2", *TINY_RUN])
+
+
+# the shipped model ----------------------------------------------------------------------------------------------
+
+@pytest.mark.skipif(not (WEIGHTS_DIR / "model.safetensors").is_file(), reason="no shipped text model yet")
+def test_shipped_model_loads_offline_and_solves_held_out_examples(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    model, tok = load_embedded_text_model()
+    assert sum(p.numel() for p in model.parameters()) * 2 < 10e6  # fp16 on disk, under ~10 MB
+    for task in TASK_NAMES:
+        layout = layout_of(task)
+        examples = sample(task, "heldout", 0, 3)
+        ids, mask = encode_prompts(tok, [e.prompt for e in examples], layout.prompt_length)
+        out = generate(model, ids, attention_mask=mask, gen_length=layout.span_length, steps=layout.span_length,
+                       mask_id=tok.mask_token_id)
+        outputs = [decode_answer(tok, span) for span in out.generated]
+        assert all(score(task, e.prompt, o) for e, o in zip(examples, outputs)), (task, outputs)
