@@ -1,0 +1,132 @@
+"""A real DiTPipeline (tiny random VAE and DiT, 1000 classes, class 1000 the null class) with the swap-ins."""
+
+import inspect
+
+import pytest
+import torch
+from diffusers import AutoencoderKL, DDIMScheduler, DiTPipeline, DiTTransformer2DModel, DPMSolverMultistepScheduler
+
+from diffexit.samplers import ExitAwareScheduler, ThresholdSchedule
+from diffexit.uem import (
+    FullDepth,
+    StaticDepth,
+    UEMStack,
+    UncertaintyThreshold,
+    disable_early_exit,
+    enable_early_exit,
+)
+
+LAYERS = 4
+STEPS = 6
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    # Tiny models on shared cores: OpenMP threads spin against each other and run 10-40x slower.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def tiny_pipe(scheduler_cls=DDIMScheduler):
+    torch.manual_seed(0)
+    transformer = DiTTransformer2DModel(
+        num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=8, num_layers=LAYERS,
+        sample_size=8, patch_size=2, num_embeds_ada_norm=1000,
+    )
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",), up_block_types=("UpDecoderBlock2D",),
+        block_out_channels=(8,), layers_per_block=1, latent_channels=4, norm_num_groups=8, sample_size=8,
+    )
+    return DiTPipeline(transformer=transformer.eval(), vae=vae.eval(), scheduler=scheduler_cls())
+
+
+def spread_uem(model):
+    torch.manual_seed(1)
+    uem = UEMStack.for_model(model)
+    d = uem.config.hidden_size
+    with torch.no_grad():
+        uem.token_weight.copy_(torch.randn_like(uem.token_weight) / d**0.5)
+        uem.cond_weight.copy_(torch.randn_like(uem.cond_weight) / d**0.5)
+    return uem
+
+
+def run(pipe, labels=(3, 7, 999), **kwargs):
+    return pipe(list(labels), num_inference_steps=STEPS, generator=torch.Generator().manual_seed(5), output_type="pt",
+                **kwargs).images
+
+
+def test_full_depth_swap_in_reproduces_the_pipeline_and_counts_every_block():
+    pipe = tiny_pipe()
+    ref = run(pipe)
+    early = enable_early_exit(pipe, None, FullDepth())
+    pipe.scheduler = ExitAwareScheduler(pipe.scheduler, early)
+    torch.testing.assert_close(run(pipe), ref, rtol=0, atol=1e-6)
+    stats = pipe.scheduler.statistics
+    assert stats.depths.shape == (STEPS, 3)  # three samples; each guided pair counted once
+    assert torch.equal(stats.timesteps, pipe.scheduler.timesteps.double())
+    assert stats.layer_ratio == 1.0
+    assert stats.depth_counts.shape == (STEPS, LAYERS)
+    assert stats.depth_counts[:, -1].tolist() == [3] * STEPS and stats.depth_counts[:, :-1].sum() == 0
+
+
+def test_static_schedule_uses_the_step_progress():
+    pipe = tiny_pipe()
+    early = enable_early_exit(pipe, None, StaticDepth((1, 2, 4)))
+    pipe.scheduler = ExitAwareScheduler(pipe.scheduler, early)
+    run(pipe)
+    stats = pipe.scheduler.statistics
+    # progress i/5 for 6 steps: 0, .2 -> 1 block; .4, .6 -> 2 blocks; .8, 1 -> 4 blocks
+    assert stats.depths[:, 0].tolist() == [1, 1, 2, 2, 4, 4]
+    assert stats.layer_ratio == pytest.approx((2 * 1 + 2 * 2 + 2 * 4) / (6 * LAYERS))
+    assert stats.depth_counts[0].tolist() == [3, 0, 0, 0]
+    # a new call starts a new record
+    run(pipe, labels=(1,))
+    assert pipe.scheduler.statistics.depths.shape == (STEPS, 1)
+
+
+def test_uncertainty_threshold_in_a_pipeline_with_dpm_solver():
+    pipe = tiny_pipe(DPMSolverMultistepScheduler)
+    ref = run(pipe)
+    early = enable_early_exit(pipe, spread_uem(pipe.transformer), UncertaintyThreshold(ThresholdSchedule("linear", 0.9, 0.0)))
+    pipe.scheduler = ExitAwareScheduler(pipe.scheduler, early)
+    images = run(pipe)
+    stats = pipe.scheduler.statistics
+    assert images.shape == ref.shape and torch.isfinite(images).all()
+    assert stats.depths[-1].tolist() == [LAYERS] * 3  # threshold 0 at the last step: nothing exits
+    assert 0 < stats.layer_ratio < 1
+    assert stats.depth_counts.sum(1).tolist() == [3] * STEPS
+    pipe.scheduler = pipe.scheduler.scheduler
+    disable_early_exit(pipe)
+    torch.testing.assert_close(run(pipe), ref, rtol=0, atol=0)
+
+
+def test_wrapper_reads_through_to_the_scheduler():
+    pipe = tiny_pipe()
+    inner = pipe.scheduler
+    early = enable_early_exit(pipe, None, FullDepth())
+    wrapped = ExitAwareScheduler(inner, early)
+    assert wrapped.config is inner.config and wrapped.init_noise_sigma == inner.init_noise_sigma
+    assert inspect.signature(wrapped.step) == inspect.signature(inner.step)
+    assert "eta" in inspect.signature(wrapped.step).parameters
+    assert inspect.signature(wrapped.set_timesteps) == inspect.signature(inner.set_timesteps)
+    with pytest.raises(ValueError, match="already exit-aware"):
+        ExitAwareScheduler(wrapped, early)
+    with pytest.raises(ValueError, match="EarlyExit"):
+        ExitAwareScheduler(inner, None)
+    with pytest.raises(ValueError, match="diffusers scheduler"):
+        ExitAwareScheduler(object(), early)
+    with pytest.raises(ValueError, match="no steps were recorded"):
+        wrapped.statistics.layer_ratio
+
+
+def test_begin_index_moves_progress_to_the_tail():
+    pipe = tiny_pipe(DPMSolverMultistepScheduler)
+    early = enable_early_exit(pipe, None, FullDepth())
+    wrapped = ExitAwareScheduler(pipe.scheduler, early)
+    wrapped.set_timesteps(5)
+    assert early.progress == 0.0
+    wrapped.set_begin_index(2)
+    assert early.progress == 0.5
+    assert not hasattr(ExitAwareScheduler(DDIMScheduler(), early), "set_begin_index")  # none where DDIM has none

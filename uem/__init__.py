@@ -1,0 +1,40 @@
+"""DeeDiff early exits for diffusers transformers.
+
+- ``UEMStack`` (heads): the per-block uncertainty heads, saved and loaded like any diffusers model.
+- ``enable_early_exit`` / ``disable_early_exit`` (early_exit): put exits on a DiT, PixArt or SD3 transformer, or
+  on a pipeline's, in one call; ``exit_predictions`` runs every exit at once for training.
+- Exit rules (exit_rules): ``UncertaintyThreshold``, ``StaticDepth``, ``MinDepth``, ``FullDepth``.
+- ``deediff_loss`` (losses): ``L_simple + lambda * L_u + beta * L_UAL``; UEM targets by name in ``TARGETS``.
+
+The scheduler side is ``diffexit.samplers.ExitAwareScheduler``. Names load on first access, so importing the
+package stays cheap until diffusers is needed.
+"""
+
+_LAZY = {
+    "UEMStack": ".heads",
+    "token_uncertainty": ".heads",
+    "EarlyExit": ".early_exit",
+    "ExitPredictions": ".early_exit",
+    "enable_early_exit": ".early_exit",
+    "disable_early_exit": ".early_exit",
+    "exit_predictions": ".early_exit",
+    "SUPPORTED": ".early_exit",
+    "ExitRule": ".exit_rules",
+    "UncertaintyThreshold": ".exit_rules",
+    "StaticDepth": ".exit_rules",
+    "MinDepth": ".exit_rules",
+    "FullDepth": ".exit_rules",
+    "TARGETS": ".losses",
+    "DeeDiffLoss": ".losses",
+    "deediff_loss": ".losses",
+}
+
+__all__ = list(_LAZY)
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name], __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,0 +1,45 @@
+"""The shipped image models: where their files live in the package, and how to load them offline.
+
+- ``uem/weights/dit-digits``: the class-conditional digits DiT as a ``DigitsDiTPipeline`` directory
+  (``save_pretrained``: transformer in fp16 safetensors, DDIM scheduler config, MODEL_CARD.md).
+- ``uem/weights/classifier``: the digits CNN that measures generated digits (safetensors, MODEL_CARD.md).
+
+Both are package data, so loading needs no network and no Hugging Face cache.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
+DIT_DIR = WEIGHTS_DIR / "dit-digits"
+CLASSIFIER_DIR = WEIGHTS_DIR / "classifier"
+DIT_COMMAND = "diffexit train image --export uem/weights/dit-digits"
+
+
+def load_embedded_pipeline(device: str | torch.device = "cpu", torch_dtype: torch.dtype = torch.float32):
+    """The shipped ``DigitsDiTPipeline`` on ``device``, computing in ``torch_dtype`` (weights are stored in fp16).
+
+    Raises FileNotFoundError, naming the command that makes the files, when they are missing.
+    """
+    from .pipeline import DigitsDiTPipeline
+
+    if not (DIT_DIR / "model_index.json").is_file():
+        raise FileNotFoundError(
+            f"the embedded digits DiT is missing from {DIT_DIR}; train and export it with `{DIT_COMMAND}` "
+            "(run from the repository root)"
+        )
+    pipe = DigitsDiTPipeline.from_pretrained(str(DIT_DIR), torch_dtype=torch_dtype, local_files_only=True)
+    return pipe.to(device)
+
+
+def load_embedded_classifier(device: str | torch.device = "cpu"):
+    """The shipped ``DigitsClassifier`` in eval mode on ``device``, gradients off.
+
+    Raises FileNotFoundError, naming the command that makes the file, when it is missing.
+    """
+    from .classifier import load_classifier
+
+    return load_classifier(CLASSIFIER_DIR, device)

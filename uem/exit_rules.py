@@ -1,0 +1,174 @@
+"""Exit rules: after each block, which samples stop.
+
+The early-exit forward (:mod:`diffexit.uem.early_exit`) runs the blocks and asks its rule, after block ``depth``
+(1-based), ``rule.exits(depth, progress, uncertainty)``:
+
+- ``progress`` is the sampling progress in ``[0, 1]`` (``diffexit.samplers.progress``), or ``None`` when nothing
+  has set it (see ``diffexit.samplers.ExitAwareScheduler``);
+- ``uncertainty()`` computes, on demand, each sample's mean-over-tokens UEM output at this block, ``[G]``, so a
+  rule that does not look at it costs nothing.
+
+The answer is a bool tensor ``[G]`` (True: that sample stops here) or one bool for every sample. After the last
+block every sample stops, so rules are never asked there. A new rule subclasses :class:`ExitRule`.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Optional, Sequence, Union
+
+import torch
+
+from ..samplers.schedules import ThresholdSchedule
+
+Uncertainty = Callable[[], torch.Tensor]
+
+
+def _needs_progress(who: str) -> ValueError:
+    return ValueError(
+        f"{who} depends on the sampling progress, but none is set: swap in the exit-aware scheduler "
+        f"(pipe.scheduler = ExitAwareScheduler(pipe.scheduler, early_exit)), or set early_exit.progress "
+        f"to a value in [0, 1] before calling the model"
+    )
+
+
+class ExitRule:
+    """Base class. ``needs_uem`` says whether the rule reads the UEMs (if not, none need be loaded)."""
+
+    needs_uem: bool = True
+
+    def check(self, num_blocks: int) -> None:
+        """Raise ``ValueError`` if this rule cannot apply to a model with ``num_blocks`` blocks."""
+
+    def exits(self, depth: int, progress: Optional[float], uncertainty: Uncertainty) -> Union[torch.Tensor, bool]:
+        raise NotImplementedError
+
+
+class UncertaintyThreshold(ExitRule):
+    """DeeDiff's rule: a sample stops after the first block whose mean uncertainty is below the threshold.
+
+    Args:
+        threshold: a constant in ``[0, 1]``, or a :class:`~diffexit.samplers.ThresholdSchedule` over sampling
+            progress whose ``high`` and ``low`` lie in ``[0, 1]`` (noisy early steps tolerate a higher threshold,
+            i.e. earlier exits). The comparison is strict, so ``0`` never fires.
+    """
+
+    def __init__(self, threshold: Union[float, ThresholdSchedule]):
+        if isinstance(threshold, ThresholdSchedule):
+            for name in ("high", "low"):
+                value = getattr(threshold, name)
+                if not 0.0 <= value <= 1.0:
+                    raise ValueError(
+                        f"uncertainty lies in [0, 1], so the threshold schedule's {name} must too, got {value}"
+                    )
+        elif isinstance(threshold, (int, float)) and not isinstance(threshold, bool):
+            if not (math.isfinite(threshold) and 0.0 <= threshold <= 1.0):
+                raise ValueError(f"uncertainty lies in [0, 1], so the threshold must too, got {threshold}")
+            threshold = float(threshold)
+        else:
+            raise ValueError(
+                f"threshold must be a float in [0, 1] or a ThresholdSchedule, got {type(threshold).__name__}"
+            )
+        self.threshold = threshold
+
+    def threshold_at(self, progress: Optional[float]) -> float:
+        """The threshold in force at ``progress``."""
+        if isinstance(self.threshold, float):
+            return self.threshold
+        if self.threshold.kind == "constant":
+            return float(self.threshold.high)
+        if progress is None:
+            raise _needs_progress(f"the threshold schedule {self.threshold}")
+        return self.threshold(progress)
+
+    def exits(self, depth, progress, uncertainty):
+        return uncertainty() < self.threshold_at(progress)
+
+    def __repr__(self):
+        return f"UncertaintyThreshold({self.threshold!r})"
+
+
+class StaticDepth(ExitRule):
+    """A fixed depth per stretch of sampling (the ASE-style baseline); no UEM involved.
+
+    Args:
+        depths: blocks to run, each in ``[1, num_blocks]``. Sampling progress is cut into ``len(depths)`` equal
+            stretches, and stretch ``i`` (progress in ``[i/n, (i+1)/n)``, the last one closed) runs ``depths[i]``
+            blocks. One entry is a fixed depth at every step. ``(4, 8, 12)`` runs 4 blocks on the noisiest third.
+    """
+
+    needs_uem = False
+
+    def __init__(self, depths: Sequence[int]):
+        depths = tuple(depths)
+        if not depths:
+            raise ValueError("StaticDepth needs at least one depth")
+        for d in depths:
+            if isinstance(d, bool) or not isinstance(d, int) or d < 1:
+                raise ValueError(f"StaticDepth depths must be ints >= 1, got {d!r} in {depths}")
+        self.depths = depths
+
+    def check(self, num_blocks):
+        if max(self.depths) > num_blocks:
+            raise ValueError(
+                f"the depth schedule {self.depths} asks for {max(self.depths)} blocks, but the model has only "
+                f"{num_blocks}; cap the depths at {num_blocks}"
+            )
+
+    def depth_at(self, progress: Optional[float]) -> int:
+        """The depth in force at ``progress``."""
+        n = len(self.depths)
+        if n == 1:
+            return self.depths[0]
+        if progress is None:
+            raise _needs_progress(f"StaticDepth{self.depths}")
+        return self.depths[min(int(progress * n), n - 1)]
+
+    def exits(self, depth, progress, uncertainty):
+        return depth >= self.depth_at(progress)
+
+    def __repr__(self):
+        return f"StaticDepth({self.depths})"
+
+
+class MinDepth(ExitRule):
+    """No sample stops before ``depth`` blocks; from there on, ``rule`` decides.
+
+    Args:
+        rule: the rule to defer to (an ``UncertaintyThreshold``, say).
+        depth: the minimum number of blocks, in ``[1, num_blocks]``.
+    """
+
+    def __init__(self, rule: ExitRule, depth: int):
+        if not isinstance(rule, ExitRule):
+            raise ValueError(f"MinDepth wraps an ExitRule, got {type(rule).__name__}")
+        if isinstance(depth, bool) or not isinstance(depth, int) or depth < 1:
+            raise ValueError(f"minimum depth must be an int >= 1, got {depth!r}")
+        self.rule = rule
+        self.depth = depth
+        self.needs_uem = rule.needs_uem
+
+    def check(self, num_blocks):
+        if self.depth > num_blocks:
+            raise ValueError(f"minimum depth {self.depth} exceeds the model's {num_blocks} blocks")
+        self.rule.check(num_blocks)
+
+    def exits(self, depth, progress, uncertainty):
+        if depth < self.depth:
+            return False
+        return self.rule.exits(depth, progress, uncertainty)
+
+    def __repr__(self):
+        return f"MinDepth({self.rule!r}, {self.depth})"
+
+
+class FullDepth(ExitRule):
+    """Every sample runs every block: the reference, with the same bookkeeping as the other rules."""
+
+    needs_uem = False
+
+    def exits(self, depth, progress, uncertainty):
+        return False
+
+    def __repr__(self):
+        return "FullDepth()"
