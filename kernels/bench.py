@@ -1,6 +1,7 @@
 """``diffexit bench kernels``: token_stats backends against torch eager, measured side by side in one run.
 
-It runs on the CUDA device when torch sees one, else on the CPU. For each logits shape and dtype it times, interleaved round by round so that machine noise hits all alike:
+It runs on the CUDA device when torch sees one, else on the CPU. For each logits shape and dtype it times these,
+interleaved round by round so that machine noise hits all alike:
 
 - ``eager``: what a user writes by hand, ``log_softmax`` + ``exp`` + ``topk`` + ``-(p * log p).sum()``;
 - ``chunked``: ``token_stats(backend="torch")``;
@@ -21,7 +22,6 @@ from __future__ import annotations
 import argparse
 import ctypes
 import gc
-import json
 import os
 import statistics
 import sys
@@ -30,13 +30,14 @@ from pathlib import Path
 
 import torch
 
+from ..app.reporting import write_results
 from .token_stats import token_stats
 from .token_stats_torch import CHUNK_ELEMENTS
 
 FULL_SHAPES = [(1, 2048, 126464), (8, 256, 152064)]
 QUICK_SHAPES = [(1, 64, 126464), (2, 16, 152064)]
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-# Timed rounds after one warm-up round (which also compiles the Triton kernel).
+# Timed rounds, after one warm-up call per method that also measures its peak memory (and compiles Triton).
 REPS = {("cpu", True): 3, ("cpu", False): 2, ("cuda", True): 10, ("cuda", False): 20}
 # Eager needs about four fp32 copies of the logits; skip it (saying so) where that would crowd the machine.
 EAGER_FP32_COPIES = 4
@@ -44,7 +45,9 @@ MEMORY_FRACTION = 0.6
 
 
 def main(argv: list[str], prog: str) -> int:
-    parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog=prog, description="Time token_stats backends against torch eager, side by side in one run."
+    )
     parser.add_argument("--quick", action="store_true", help=f"small shapes {QUICK_SHAPES}, for a smoke run")
     parser.add_argument("--out", type=Path, default=Path("runs/bench_kernels"), help="output folder")
     parser.add_argument(
@@ -72,7 +75,8 @@ def main(argv: list[str], prog: str) -> int:
         "device_peak_gbps": _peak_gbps(device),
         "rows": rows,
     }
-    (args.out / "results.json").write_text(json.dumps(result, indent=2))
+    write_results(args.out, "kernels", args.quick, rows, device=result["device"],
+                  device_peak_gbps=result["device_peak_gbps"])
     _plot(rows, args.out / "kernels.png")
     print(_table(result))
     print(f"\nwrote {args.out / 'results.json'} and {args.out / 'kernels.png'}")
@@ -129,7 +133,6 @@ def _bench_one(shape, dtype, dtype_name, device, reps) -> list[dict]:
     for _ in range(reps):
         for name in run:
             times[name].append(_time(methods[name][1], device))
-    del logits
 
     rows = []
     eager_ms = statistics.median(times["eager"]) if "eager" in times else None
@@ -259,7 +262,8 @@ def _plot(rows, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     cases = list(dict.fromkeys(("x".join(map(str, r["shape"])), r["dtype"]) for r in rows))
-    methods = list(dict.fromkeys(r["method"] for r in rows))
+    methods = list(dict.fromkeys(r["method"] for r in rows if r["ms"] is not None))
+    skipped = sorted({r["method"] for r in rows} - set(methods))
     width = 0.8 / len(methods)
     fig, ax = plt.subplots(figsize=(2 + 2.2 * len(cases), 4))
     for j, method in enumerate(methods):
@@ -273,7 +277,8 @@ def _plot(rows, path: Path) -> None:
     ax.set_xticks(range(len(cases)), [f"{s}\n{d}" for s, d in cases], fontsize=8)
     ax.set_yscale("log")
     ax.set_ylabel("ms (median, log scale)")
-    ax.set_title("token_stats: time per call (missing bar = skipped, see results.json)")
+    note = f" ({', '.join(skipped)} skipped, see results.json)" if skipped else ""
+    ax.set_title("token_stats: time per call" + note)
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)

@@ -1,7 +1,8 @@
 """Per-row statistics of a logits tensor in one pass: argmax, top-2, margins and entropy.
 
 ``token_stats(logits, *, temperature=1.0, backend="auto")`` reads ``logits`` ``[..., V]`` once and returns a
-:class:`TokenStats` whose fields all have shape ``logits.shape[:-1]``. It never materialises a softmax.
+:class:`TokenStats` whose fields all have shape ``logits.shape[:-1]``. It never materialises the softmax (the
+torch backend holds one chunk of rows' worth at a time; the Triton kernel none).
 
 Definitions, with ``z = logits / temperature`` computed in float32:
 
@@ -17,7 +18,7 @@ Edge cases (identical on every backend; the tests hold them to it):
 
 - ``-inf`` entries are masked vocabulary: probability 0, no entropy contribution, never the argmax of a row
   that has a finite entry.
-- Only one finite entry (``V == 1`` included): ``top2_logit = -inf``, ``logit_margin = +inf``,
+- Exactly one finite entry (``V == 1`` with a finite logit, say): ``top2_logit = -inf``, ``logit_margin = +inf``,
   ``top1_prob = 1``, ``top2_prob = 0``, ``prob_margin = 1``, ``entropy = 0``.
 - A row that is all ``-inf`` has no distribution: ``top1_id = 0`` (every entry ties), ``top1_logit =
   top2_logit = -inf``, and ``logit_margin``, both probabilities, ``prob_margin`` and ``entropy`` are NaN.

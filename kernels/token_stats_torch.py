@@ -6,8 +6,9 @@ is two chunk-sized fp32 buffers, whatever the size of the input; the input is ne
 its strides.
 
 Why blocks: on CPU, ``argmax`` and ``topk`` over long rows are over ten times slower than ``amax``, which is
-vectorised (1.2 ms and 1.5 ms against 0.09 ms per million fp32 on one core). A block's maximum costs one ``amax`` pass; the argmax (first occurrence) and the runner-up then come
-from the ``[rows, G]`` block maxima and the one ``[rows, B]`` block that holds the maximum:
+vectorised (1.2 ms and 1.5 ms against 0.09 ms per million fp32 on one core). A block's maximum costs one
+``amax`` pass; the argmax (first occurrence) and the runner-up then come from the ``[rows, G]`` block maxima
+and the one ``[rows, B]`` block that holds the maximum:
 
 - ``top1_id`` = first block whose maximum is the row maximum, then the first position in it holding that value;
 - ``top2_logit`` = max(second largest value of that block, largest maximum among the other blocks).

@@ -158,7 +158,7 @@ def _row_grids(logits: Tensor):
     """Yield ``(view, n_inner, stride_outer, stride_inner)``: views whose rows, addressed as in the kernel,
     cover every row of ``logits`` in row-major order."""
     dims = []
-    for size, stride in zip(logits.shape[:-1], logits.stride()[:-1]):
+    for size, stride in zip(logits.shape[:-1], logits.stride()[:-1], strict=True):
         if size == 1:
             continue
         if dims and dims[-1][1] == size * stride:
