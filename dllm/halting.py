@@ -8,7 +8,9 @@ Rules:
 
 - :class:`SchED` -- the SchED paper's rule: aggregate the top-1 minus top-2 logit margin over every still-masked
   position of the span (``stat="mean"`` in the paper) and halt once it reaches a threshold that follows a
-  :class:`~diffexit.samplers.ThresholdSchedule` of decoding progress.
+  :class:`~diffexit.samplers.ThresholdSchedule` of decoding progress. Beyond the paper, the statistic can be
+  the minimum, a quantile, the mean without EOS/padding positions, or an entropy (:func:`span_statistic`):
+  the full-span mean can be inflated by easy padding positions and halt too early.
 - :class:`Prophet` -- the Prophet baseline: the mean margin over a small answer window (the ``window`` earliest
   still-masked positions) against thresholds 7.5 / 5.0 / 2.5 by thirds of progress.
 
@@ -18,13 +20,14 @@ Rules:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 
 from ..samplers.schedules import ThresholdSchedule
 
-STATS = ("mean", "median", "quantile", "min")
+STATS = ("mean", "median", "quantile", "min", "mean_content", "entropy")
+MARGIN_STATS = ("mean", "median", "quantile", "min")
 
 
 @dataclass
@@ -48,7 +51,7 @@ def aggregate_margin(margin: torch.Tensor, masked: torch.Tensor, stat: str, q: f
     Args:
         margin: ``[A, L]`` float, top-1 minus top-2 logit per position.
         masked: ``[A, L]`` bool, positions that count.
-        stat: ``mean | median | quantile | min``. ``median`` is the lower median (``torch.median``'s choice).
+        stat: one of ``MARGIN_STATS``. ``median`` is the lower median (``torch.median``'s choice).
         q: the quantile for ``stat="quantile"``, in ``[0, 1]``.
 
     Returns:
@@ -72,9 +75,32 @@ def aggregate_margin(margin: torch.Tensor, masked: torch.Tensor, stat: str, q: f
     elif stat == "quantile":
         idx = torch.floor(q * (count - 1).clamp(min=0).float()).long()
     else:
-        raise ValueError(f"stat must be one of {STATS}, got {stat!r}")
+        raise ValueError(f"stat must be one of {MARGIN_STATS}, got {stat!r}")
     out = ordered.gather(-1, idx[:, None]).squeeze(-1)
     return torch.where(count > 0, out, torch.full_like(out, float("inf")))
+
+
+def span_statistic(stats, masked: torch.Tensor, stat: str, q: float = 0.1,
+                   ignore_token_ids: Sequence[int] = ()) -> torch.Tensor:
+    """SchED's confidence statistic of each row's masked span: larger means more sure; ``[A]`` float32.
+
+    - ``mean | median | quantile | min``: that aggregate of the logit margins (:func:`aggregate_margin`).
+    - ``mean_content``: the mean margin over masked positions whose argmax is not in ``ignore_token_ids``
+      (EOS / padding), so that easy padding cannot inflate it; rows whose every masked position predicts
+      padding fall back to the plain mean.
+    - ``entropy``: minus the largest entropy (nats) among the masked positions; thresholds are then <= 0.
+    """
+    if stat in MARGIN_STATS:
+        return aggregate_margin(stats.logit_margin, masked, stat, q)
+    if stat == "mean_content":
+        content = masked & ~torch.isin(stats.top1_id, torch.as_tensor(list(ignore_token_ids), dtype=torch.long,
+                                                                       device=masked.device))
+        value = aggregate_margin(stats.logit_margin, content, "mean")
+        return torch.where(content.any(-1), value, aggregate_margin(stats.logit_margin, masked, "mean"))
+    if stat == "entropy":
+        worst = torch.where(masked, stats.entropy.float(), torch.full_like(stats.entropy.float(), -float("inf")))
+        return -worst.amax(-1)
+    raise ValueError(f"stat must be one of {STATS}, got {stat!r}")
 
 
 class HaltingRule:
@@ -101,9 +127,11 @@ class SchED(HaltingRule):
     Args:
         schedule: the threshold as a function of progress. Paper defaults: ``high=7.5``, ``low=2.5``,
             kinds ``linear``, ``cosine`` or ``exp`` (``k=4``).
-        stat: how the masked span's margins are aggregated: ``mean`` (the paper), ``median``,
-            ``quantile`` (the ``q``-th quantile) or ``min``.
+        stat: the span statistic (:func:`span_statistic`): ``mean`` (the paper), ``median``,
+            ``quantile`` (the ``q``-th quantile), ``min``, ``mean_content`` (padding excluded) or ``entropy``
+            (minus the worst position's entropy; give it a schedule of non-positive thresholds).
         q: quantile for ``stat="quantile"``.
+        ignore_token_ids: the EOS / padding ids that ``mean_content`` leaves out (required for it).
         min_progress: never halt before this progress.
         patience: also require the argmax on the masked positions to have been stable for this many
             consecutive steps (0 disables the gate).
@@ -119,6 +147,7 @@ class SchED(HaltingRule):
         patience: int = 0,
         max_change_ratio: float = 0.0,
         q: float = 0.1,
+        ignore_token_ids: Sequence[int] = (),
     ):
         if schedule is None:
             schedule = ThresholdSchedule("cosine", high=7.5, low=2.5)
@@ -128,6 +157,8 @@ class SchED(HaltingRule):
             raise ValueError(f"stat must be one of {STATS}, got {stat!r}")
         if not 0.0 <= q <= 1.0:
             raise ValueError(f"q must be in [0, 1], got {q}")
+        if stat == "mean_content" and not ignore_token_ids:
+            raise ValueError("stat='mean_content' needs ignore_token_ids (the EOS / padding token ids to leave out)")
         if not 0.0 <= min_progress <= 1.0:
             raise ValueError(f"min_progress must be in [0, 1], got {min_progress}")
         if not isinstance(patience, int) or patience < 0:
@@ -135,6 +166,7 @@ class SchED(HaltingRule):
         if not 0.0 <= max_change_ratio <= 1.0:
             raise ValueError(f"max_change_ratio must be in [0, 1], got {max_change_ratio}")
         self.schedule, self.stat, self.q = schedule, stat, q
+        self.ignore_token_ids = tuple(int(i) for i in ignore_token_ids)
         self.min_progress, self.patience, self.max_change_ratio = min_progress, patience, max_change_ratio
         self._prev_argmax: Optional[torch.Tensor] = None
         self._stable: Optional[torch.Tensor] = None
@@ -150,7 +182,7 @@ class SchED(HaltingRule):
         self._stable = torch.zeros(batch_size, dtype=torch.long, device=device)
 
     def decide(self, stats, masked, progress, rows):
-        value = aggregate_margin(stats.logit_margin, masked, self.stat, self.q)
+        value = span_statistic(stats, masked, self.stat, self.q, self.ignore_token_ids)
         threshold = torch.tensor([self.schedule(float(p)) for p in progress], dtype=torch.float32,
                                  device=value.device)
         halt = (value >= threshold) & (progress >= self.min_progress)
