@@ -1,7 +1,6 @@
 """UEM heads: the timestep-aware formula, shapes, save/load, and refusing another model's UEMs."""
 
 import json
-import math
 
 import pytest
 import torch
@@ -109,4 +108,3 @@ def test_bad_config_is_refused(kwargs, match):
 def test_heads_are_light():
     uem = UEMStack(num_blocks=12, hidden_size=128, model_class="DiTTransformer2DModel")
     assert sum(p.numel() for p in uem.parameters()) == 12 * (129 * 128 + 128 + 1)
-    assert math.isclose(12 * (129 * 128 + 129) / 1e6, 0.199692, rel_tol=1e-6)

@@ -12,7 +12,8 @@ from diffexit.uem.losses import patch_mean
 def test_patch_mean_pools_each_patch_and_channel_in_token_order():
     x = torch.arange(16.0).reshape(1, 2, 2, 4)  # C=2, H=2, W=4: two 2x2 patches side by side
     # token 0: channel 0 {0, 1, 4, 5}, channel 1 {8, 9, 12, 13}; token 1: the next two columns
-    assert patch_mean(x, 2).tolist() == [[(0 + 1 + 4 + 5 + 8 + 9 + 12 + 13) / 8, (2 + 3 + 6 + 7 + 10 + 11 + 14 + 15) / 8]]
+    want = [(0 + 1 + 4 + 5 + 8 + 9 + 12 + 13) / 8, (2 + 3 + 6 + 7 + 10 + 11 + 14 + 15) / 8]
+    assert patch_mean(x, 2).tolist() == [want]
     with pytest.raises(ValueError, match="3x3 patches"):
         patch_mean(x, 3)
 

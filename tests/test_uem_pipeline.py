@@ -89,7 +89,8 @@ def test_static_schedule_uses_the_step_progress():
 def test_uncertainty_threshold_in_a_pipeline_with_dpm_solver():
     pipe = tiny_pipe(DPMSolverMultistepScheduler)
     ref = run(pipe)
-    early = enable_early_exit(pipe, spread_uem(pipe.transformer), UncertaintyThreshold(ThresholdSchedule("linear", 0.9, 0.0)))
+    rule = UncertaintyThreshold(ThresholdSchedule("linear", 0.9, 0.0))
+    early = enable_early_exit(pipe, spread_uem(pipe.transformer), rule)
     pipe.scheduler = ExitAwareScheduler(pipe.scheduler, early)
     images = run(pipe)
     stats = pipe.scheduler.statistics

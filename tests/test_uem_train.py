@@ -63,7 +63,8 @@ def test_full_fine_tune_on_an_image_folder_trains_the_backbone(tmp_path, model_d
     for name in ("cats", "dogs"):
         (tmp_path / "images" / name).mkdir(parents=True)
         for i in range(4):
-            Image.fromarray((rng.random((12, 10, 3)) * 255).astype("uint8")).save(tmp_path / "images" / name / f"{i}.png")
+            pixels = (rng.random((12, 10, 3)) * 255).astype("uint8")
+            Image.fromarray(pixels).save(tmp_path / "images" / name / f"{i}.png")
     out = tmp_path / "run"
     main(["--out", str(out), "--model", str(model_dir), "--data", str(tmp_path / "images"), "--mode", "full",
           "--steps", "3", "--batch-size", "8"])

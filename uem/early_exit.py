@@ -264,6 +264,9 @@ class EarlyExit:
         transformer: the model.
         uem: its :class:`~diffexit.uem.heads.UEMStack` (``None`` for rules that read no UEM).
         num_blocks: the model's blocks.
+        rule: the exit rule (assignable; checked against the model).
+        cfg: ``"auto"``, ``True`` or ``False``: how guided ``[cond; uncond]`` batches are paired (see
+            :func:`enable_early_exit`).
         progress: sampling progress in ``[0, 1]`` for the next call, or ``None``; ``ExitAwareScheduler`` sets it.
         depth_listener: called after every forward with the blocks each sample ran, int64 ``[G]`` (``G`` samples;
             a guided pair counts once); ``ExitAwareScheduler`` sets it.
@@ -314,6 +317,7 @@ class EarlyExit:
         paired = self._paired(hidden)
         groups = batch // 2 if paired else batch
         rule, progress = self._rule, self.progress
+        head_w = head_b = None
         if rule.needs_uem:
             uem = self.uem
             if uem.token_weight.device != device or uem.token_weight.dtype != hidden.dtype:
@@ -330,6 +334,8 @@ class EarlyExit:
                 break
 
             def uncertainty(hidden=hidden, index=index):
+                if head_w is None:
+                    raise ValueError(f"{rule!r} asked for the uncertainty but says needs_uem=False")
                 u = token_uncertainty(hidden, head_w[index], head_b[index]).mean(dim=1)
                 if paired:
                     half = u.shape[0] // 2

@@ -27,6 +27,7 @@ from torch import nn
 
 from .losses import TARGETS
 
+
 def describe_model(transformer: nn.Module) -> dict:
     """The shape a UEM stack must match: ``{"model_class", "num_blocks", "hidden_size"}``."""
     return {
