@@ -177,6 +177,21 @@ class SchED(HaltingRule):
             f"patience={self.patience}, max_change_ratio={self.max_change_ratio})"
         )
 
+    def to_dict(self) -> dict:
+        """The rule's parameters as JSON-ready values; :meth:`from_dict` rebuilds it."""
+        return {"schedule": self.schedule.to_dict(), "stat": self.stat, "q": self.q,
+                "ignore_token_ids": list(self.ignore_token_ids), "min_progress": self.min_progress,
+                "patience": self.patience, "max_change_ratio": self.max_change_ratio}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "SchED":
+        unknown = set(d) - {"schedule", "stat", "q", "ignore_token_ids", "min_progress", "patience",
+                            "max_change_ratio"}
+        if unknown:
+            raise ValueError(f"unknown SchED parameters {sorted(unknown)}")
+        d = dict(d)
+        return cls(ThresholdSchedule.from_dict(d.pop("schedule")), **d)
+
     def start(self, batch_size, span_length, device):
         self._prev_argmax = torch.full((batch_size, span_length), -1, dtype=torch.long, device=device)
         self._stable = torch.zeros(batch_size, dtype=torch.long, device=device)
