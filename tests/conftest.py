@@ -1,4 +1,38 @@
+import os
+
 import pytest
+
+
+def _import_triton_interpretable():
+    """Import triton's language library with the interpreter on.
+
+    ``triton.jit`` decides at decoration time whether a function is compiled or interpreted, so if anything
+    (diffusers, torch) imports ``triton.language`` first, its library functions (``tl.zeros``, ``tl.max``...)
+    cannot run inside the CPU interpreter that the kernel tests switch on. Importing it here, before any test
+    module, with ``TRITON_INTERPRET=1`` and then restoring the variable, keeps both modes usable in one run.
+    CPU-only: on a GPU machine run the kernel check script instead (benchmarks/kernels_gpu.py).
+    """
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            return
+    except ImportError:
+        return
+    before = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "1"
+    try:
+        import triton.language  # noqa: F401
+    except ImportError:
+        pass
+    finally:
+        if before is None:
+            del os.environ["TRITON_INTERPRET"]
+        else:
+            os.environ["TRITON_INTERPRET"] = before
+
+
+_import_triton_interpretable()
 
 
 def pytest_addoption(parser):
