@@ -35,12 +35,10 @@ from ..app.reporting import atomic_write_bytes
 from ..samplers.schedules import ThresholdSchedule
 from .generate import generate
 from .halting import HaltDecision, HaltingRule, SchED, span_statistic
-from .tasks import TASK_NAMES, layout_of, sample
+from .tasks import DECODE, TASK_NAMES, layout_of, sample
 from .tokenizer import decode_answer, encode_prompts
 
 SCAN_STATS = ("mean", "median", "quantile", "min", "mean_content")
-# Block length and full steps per span length, as in `diffexit bench text`.
-DECODE = {16: (16, 16), 136: (34, 136)}
 SCALES = tuple(round(4.0 * 0.9 ** i, 6) for i in range(60))  # 4.0 down to about 0.008
 
 
@@ -203,7 +201,9 @@ def main(argv: list[str], prog: str = "diffexit calibrate sched") -> int:
         return 1
     rule = SchED(family(args.kind, scale), stat=args.stat, q=args.q,
                  ignore_token_ids=(tok.eos_token_id, tok.pad_token_id) if args.stat == "mean_content" else ())
+    # The guarantee holds for the decoding it was calibrated under: keep that beside the parameters.
     result = {"sched": rule.to_dict(), "risk": args.risk, "scale": scale, "tasks": args.tasks,
+              "decode": {str(span): {"block_length": b, "steps": st} for span, (b, st) in DECODE.items()},
               "model": str(args.model) if args.model else "embedded",
               "calibration": evaluate(cal, rule.schedule), "validation": evaluate(val, rule.schedule),
               "scan": scan}

@@ -10,7 +10,7 @@ from ..kernels import token_stats
 
 
 def check_inputs(model, input_ids, attention_mask, *, gen_length: int, steps: int, mask_id, temperature: float):
-    """Raise a ValueError naming the bad argument; return the vocabulary size if the model declares one."""
+    """Raise a ValueError naming the bad argument."""
     if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.dtype != torch.long:
         got = (f"{tuple(input_ids.shape)} {input_ids.dtype}" if isinstance(input_ids, torch.Tensor)
                else type(input_ids).__name__)
@@ -36,7 +36,6 @@ def check_inputs(model, input_ids, attention_mask, *, gen_length: int, steps: in
     if attention_mask is not None and attention_mask.shape != input_ids.shape:
         raise ValueError(f"attention_mask shape {tuple(attention_mask.shape)} must match input_ids "
                          f"{tuple(input_ids.shape)}")
-    return vocab
 
 
 def call_model(model, x: torch.Tensor, attention_mask: Optional[torch.Tensor], **kwargs) -> torch.Tensor:
@@ -55,7 +54,7 @@ def span_stats(span_logits: torch.Tensor, step: int, rows: torch.Tensor, mask_id
     bad = torch.isnan(stats.entropy).any(-1)
     if bad.any():
         raise FloatingPointError(
-            f"the model returned NaN logits at step {step} for sample(s) {rows[bad].tolist()} of the batch"
+            f"the model returned NaN logits at step {step} for sample(s) {rows[bad.cpu()].tolist()} of the batch"
         )
     return stats
 

@@ -68,8 +68,9 @@ def dream_generate(
     """Decode ``gen_length`` tokens after each prompt with a Dream-style (shifted-logit) model.
 
     Args:
-        model: maps ``input_ids`` ``[B, N]`` (plus ``attention_mask`` and ``position_ids`` when the batch is
-            padded) to ``.logits`` ``[B, N, V]`` where position ``i`` predicts token ``i + 1``.
+        model: maps ``input_ids`` ``[B, N]`` (plus, when the batch is padded, a ``[B, 1, N, N]`` boolean
+            ``attention_mask`` and ``position_ids``, as Dream takes them) to ``.logits`` ``[B, N, V]`` where
+            position ``i`` predicts token ``i + 1``.
         input_ids: ``[B, P]`` int64 prompts, left-padded (pad positions 0 in ``attention_mask``).
         gen_length: tokens to generate (Dream's ``max_new_tokens``).
         steps: diffusion steps.
@@ -91,6 +92,10 @@ def dream_generate(
         raise ValueError(f"eps must be in (0, 1), got {eps}")
     if alg_temp is not None and alg_temp < 0:
         raise ValueError(f"alg_temp must be >= 0, got {alg_temp}")
+    if top_k is not None and (not isinstance(top_k, int) or top_k < 1):
+        raise ValueError(f"top_k must be a positive int, got {top_k!r}")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
 
     batch, plen = input_ids.shape
     device = input_ids.device
@@ -101,6 +106,10 @@ def dream_generate(
         attention_mask = torch.cat(
             [attention_mask, torch.ones(batch, gen_length, dtype=attention_mask.dtype, device=device)], dim=1)
         position_ids = (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, 1)
+        # Dream's attention takes a [B, 1, N, N] boolean mask (query and key both real); a 2-D padding mask
+        # would be broadcast as [N, N] by its SDPA call.
+        keep = attention_mask.bool()
+        attention_mask = keep[:, None, None, :] & keep[:, None, :, None]
     else:
         attention_mask = None
     timesteps = torch.linspace(1, eps, steps + 1, device=device)
@@ -135,15 +144,18 @@ def dream_generate(
         else:
             halt = torch.zeros(len(rows), dtype=torch.bool)
 
-        greedy = temperature == 0 and top_p is None and top_k is None
-        if greedy:
+        if temperature == 0 and top_p is None and top_k is None:
             x0 = stats.top1_id
             confidence = {"maskgit_plus": stats.top1_prob, "topk_margin": stats.prob_margin,
                           "entropy": -stats.entropy}.get(alg)
         else:
+            # Dream samples only at temperature > 0; with top-p / top-k alone it takes the filtered argmax.
             probs = _filter_logits(span_logits.float(), temperature, top_p, top_k).softmax(-1)
-            flat = probs.reshape(-1, probs.shape[-1])
-            x0 = torch.multinomial(flat, 1, generator=generator).view(probs.shape[:-1])
+            if temperature > 0:
+                flat = probs.reshape(-1, probs.shape[-1])
+                x0 = torch.multinomial(flat, 1, generator=generator).view(probs.shape[:-1])
+            else:
+                x0 = probs.argmax(-1)
             if alg == "topk_margin":
                 top2 = probs.topk(2, -1).values
                 confidence = top2[..., 0] - top2[..., 1]

@@ -11,8 +11,14 @@ The loop, top to bottom, for every step of every sample still decoding:
    if there are more of them;
 5. move to the next block when this one's steps are spent or it has no masks left.
 
-With ``halting=None`` and no ``parallel_threshold``, greedy ``low_confidence`` decoding is token-for-token
-LLaDA's reference ``generate``.
+With ``halting=None``, no ``parallel_threshold`` and no suppressed tokens, greedy ``low_confidence`` decoding
+is token-for-token LLaDA's reference ``generate`` (confidences in float64, as there).
+
+Parallel commits take the larger of the scheduled count and the count above the threshold, so a block never
+needs more than its scheduled steps. Fast-dLLM commits at least one token with no step cap; the two agree
+when ``steps == gen_length``. Like the reference, the loop passes no ``position_ids``: a model whose positions
+should skip left padding must compute them from the attention mask (the embedded model pads prompts to a
+fixed length and uses absolute positions).
 """
 
 from __future__ import annotations
@@ -101,6 +107,8 @@ def generate(
         raise ValueError(f"cfg_scale must be >= 0, got {cfg_scale}")
     if parallel_threshold is not None and not 0.0 < parallel_threshold <= 1.0:
         raise ValueError(f"parallel_threshold must be a probability in (0, 1], got {parallel_threshold}")
+    if parallel_threshold is not None and remasking == "random":
+        raise ValueError("parallel_threshold compares token probabilities; it needs remasking='low_confidence'")
     block_length = gen_length if block_length is None else block_length
     num_blocks = _check_blocks(gen_length, steps, block_length)
     steps_per_block = steps // num_blocks
@@ -124,7 +132,7 @@ def generate(
     trace = [[] for _ in range(batch)] if return_trace else None
     if halting is not None:
         halting.start(batch, gen_length, device)
-    neg_inf = torch.tensor(float("-inf"), device=device)
+    neg_inf = torch.tensor(float("-inf"), dtype=torch.float64, device=device)
 
     while not done.all():
         rows = (~done).nonzero().flatten()
@@ -147,18 +155,13 @@ def generate(
             x0 = add_gumbel_noise(span_logits, temperature, generator).argmax(-1)
         else:
             x0 = stats.top1_id
-        if remasking == "random":
-            conf = torch.rand(x0.shape, device=device, generator=generator)
-        elif temperature > 0:
-            conf = torch.softmax(span_logits.float(), -1).gather(-1, x0[..., None]).squeeze(-1)
-        else:
-            conf = stats.top1_prob
+        rand_conf = torch.rand(x0.shape, device=device, generator=generator) if remasking == "random" else None
 
         # Progress on the nominal schedule (block * steps_per_block + step), so that parallel commits that
         # finish a block early also move the threshold on.
         prog = ((block[rows] * steps_per_block + block_step[rows]).float() / max(steps - 1, 1)).clamp(max=1.0)
         if halting is not None:
-            decision = halting.decide(stats, masked, prog.to(device), rows.to(device))
+            decision = halting.decide(stats, masked, prog, rows)
             halt = decision.halt.cpu()
         else:
             halt = torch.zeros(len(rows), dtype=torch.bool)
@@ -173,12 +176,18 @@ def generate(
             else:
                 b0 = plen + int(block[r]) * block_length
                 b1 = b0 + block_length
+                blk = slice(b0 - plen, b1 - plen)
+                if rand_conf is not None:
+                    conf = rand_conf[j, blk].double()
+                else:
+                    # The reference's softmax is float64: in float32 every margin above ~17 nats rounds the
+                    # probability to 1.0 and confident positions would tie. Only the current block is ranked.
+                    conf = torch.softmax(span_logits[j, blk].double(), -1).gather(-1, x0[j, blk, None]).squeeze(-1)
                 # The reference ranks confidences over the whole sequence with -inf outside the current
                 # block's masks; doing the same keeps torch.topk's tie order identical.
-                full_conf = torch.full((plen + gen_length,), float("-inf"), device=device)
-                full_conf[plen:] = torch.where(masked_j, conf[j].float(), neg_inf)
-                full_conf[b1:] = float("-inf")
-                available = int(masked_j[b0 - plen:b1 - plen].sum())
+                full_conf = torch.full((plen + gen_length,), float("-inf"), dtype=torch.float64, device=device)
+                full_conf[b0:b1] = torch.where(masked_j[blk], conf, neg_inf)
+                available = int(masked_j[blk].sum())
                 k = schedule[int(block_step[r])]
                 if parallel_threshold is not None:
                     k = max(k, int((full_conf >= parallel_threshold).sum()))

@@ -198,8 +198,8 @@ class SchED(HaltingRule):
 
     def decide(self, stats, masked, progress, rows):
         value = span_statistic(stats, masked, self.stat, self.q, self.ignore_token_ids)
-        threshold = torch.tensor([self.schedule(float(p)) for p in progress], dtype=torch.float32,
-                                 device=value.device)
+        progress = progress.to(value.device)
+        threshold = self.schedule.values(progress)
         halt = (value >= threshold) & (progress >= self.min_progress)
         if self.patience > 0:
             if self._stable is None:
@@ -237,6 +237,5 @@ class Prophet(HaltingRule):
         rank = masked.long().cumsum(-1)
         in_window = masked & (rank <= self.window)
         value = aggregate_margin(stats.logit_margin, in_window, "mean")
-        threshold = torch.tensor([self.schedule(float(p)) for p in progress], dtype=torch.float32,
-                                 device=value.device)
+        threshold = self.schedule.values(progress.to(value.device))
         return HaltDecision(halt=value >= threshold, value=value, threshold=threshold)

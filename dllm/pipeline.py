@@ -5,12 +5,14 @@
     out = pipe(["What is 2+2?"], gen_length=128, steps=128, block_length=32)
     out.texts, out.nfe
 
-Text in, text out: prompts are tokenized (left-padded), decoded by :func:`~diffexit.dllm.generate` (LLaDA
-style) or :func:`~diffexit.dllm.dream_generate` (Dream style), and cut at the first EOS.
+Text in, text out: prompts are tokenized as given (left-padded; apply an instruct model's chat template to
+them first), decoded by :func:`~diffexit.dllm.generate` (LLaDA style) or
+:func:`~diffexit.dllm.dream_generate` (Dream style), and cut at the first EOS.
 """
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from typing import Optional, Union
 
@@ -51,10 +53,12 @@ class MaskedDiffusionPipeline(DiffusionPipeline):
         if loop not in LOOPS:
             raise ValueError(f"loop must be one of {LOOPS}, got {loop!r}")
         self.register_modules(model=model, tokenizer=tokenizer)
-        self.halting, self.loop = halting, loop
-        self.mask_id = mask_id if mask_id is not None else getattr(tokenizer, "mask_token_id", None)
-        if self.mask_id is None:
+        mask_id = mask_id if mask_id is not None else getattr(tokenizer, "mask_token_id", None)
+        if mask_id is None:
             raise ValueError("the tokenizer declares no mask_token_id; pass mask_id= (LLaDA uses 126336)")
+        # In the config, so that save_pretrained / from_pretrained keep the loop and the mask id.
+        self.register_to_config(loop=loop, mask_id=mask_id)
+        self.halting, self.loop, self.mask_id = halting, loop, mask_id
 
     @classmethod
     def from_transformers(cls, model_id_or_path: str, *, trust_remote_code: bool = False, loop: str = "llada",
@@ -86,13 +90,17 @@ class MaskedDiffusionPipeline(DiffusionPipeline):
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         if not prompts or any(not isinstance(p, str) or not p for p in prompts):
             raise ValueError("prompt must be a non-empty string or a list of non-empty strings")
-        self.tokenizer.padding_side = "left"
-        enc = self.tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+        side, self.tokenizer.padding_side = self.tokenizer.padding_side, "left"
+        try:
+            enc = self.tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+        finally:
+            self.tokenizer.padding_side = side
         device = next(self.model.parameters()).device
         input_ids, attention_mask = enc["input_ids"].to(device), enc["attention_mask"].to(device)
         if attention_mask.all():
             attention_mask = None
-        halting = halting if halting is not None else self.halting
+        # A rule keeps per-run state; a private copy keeps concurrent calls (the demo) apart.
+        halting = copy.deepcopy(halting if halting is not None else self.halting)
         common = dict(gen_length=gen_length, steps=steps, mask_id=self.mask_id, halting=halting,
                       attention_mask=attention_mask, temperature=temperature, generator=generator,
                       return_trace=return_trace, **loop_kwargs)

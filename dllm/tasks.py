@@ -54,6 +54,10 @@ class Layout:
 
 
 LAYOUTS = {"short": Layout(prompt_length=24, span_length=16), "long": Layout(prompt_length=136, span_length=136)}
+# Full-step decoding per span length: (block_length, steps), one token per step. The short span is one block;
+# the long one is decoded semi-autoregressively in 4 blocks of 34. Benchmarks, calibration, the demo and the
+# batch script all decode this way, so their figures compare.
+DECODE = {LAYOUTS["short"].span_length: (16, 16), LAYOUTS["long"].span_length: (34, 136)}
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,7 @@ from diffusers import BlockRefinementScheduler
 from diffusers.configuration_utils import register_to_config
 from diffusers.schedulers.scheduling_block_refinement import BlockRefinementSchedulerOutput
 
-from ..dllm.halting import SchED
+from ..dllm.halting import MARGIN_STATS, SchED
 from ..kernels import token_stats
 from .schedules import ThresholdSchedule
 
@@ -56,6 +56,8 @@ class SchEDScheduler(BlockRefinementScheduler):
     ):
         super().__init__(block_length=block_length, num_inference_steps=num_inference_steps, threshold=threshold,
                          editing_threshold=editing_threshold, minimal_topk=minimal_topk)
+        if stat not in MARGIN_STATS:
+            raise ValueError(f"SchEDScheduler's stat must be one of {MARGIN_STATS} (margins of the block), got {stat!r}")
         self.halting = SchED(
             ThresholdSchedule(schedule, high, low, k=k if schedule == "exp" else None),
             stat=stat, q=q, min_progress=min_progress, patience=patience, max_change_ratio=max_change_ratio,

@@ -53,7 +53,7 @@ class ThresholdSchedule:
             raise ValueError(f"ThresholdSchedule kind must be one of {KINDS}, got {self.kind!r}")
         for name in ("high", "low"):
             value = getattr(self, name)
-            if not isinstance(value, (int, float)) or not math.isfinite(value):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
                 raise ValueError(f"ThresholdSchedule {name} must be a finite number, got {value!r}")
         if self.kind in DECREASING_KINDS and self.high < self.low:
             raise ValueError(
@@ -85,6 +85,23 @@ class ThresholdSchedule:
             return (high + low) / 2.0
         return low
 
+    def values(self, p):
+        """Vectorised :meth:`__call__` for a tensor of progress values: float32, on ``p``'s device, no host sync."""
+        import torch
+
+        p = p.float()
+        high, low = float(self.high), float(self.low)
+        if self.kind == "constant":
+            return torch.full_like(p, high)
+        if self.kind == "linear":
+            return high + (low - high) * p
+        if self.kind == "cosine":
+            return low + (high - low) * (1.0 + torch.cos(math.pi * p)) / 2.0
+        if self.kind == "exp":
+            return low + (high - low) * torch.exp(-self.k * p)
+        mid = (high + low) / 2.0
+        return torch.where(p < 1.0 / 3.0, high, torch.where(p < 2.0 / 3.0, mid, low))
+
     def to_dict(self) -> dict:
         return asdict(self)
 
@@ -93,4 +110,7 @@ class ThresholdSchedule:
         unknown = set(d) - {"kind", "high", "low", "k"}
         if unknown:
             raise ValueError(f"unknown ThresholdSchedule fields {sorted(unknown)}; expected kind, high, low, k")
+        missing = {"kind", "high", "low"} - set(d)
+        if missing:
+            raise ValueError(f"ThresholdSchedule is missing {sorted(missing)}")
         return cls(**d)

@@ -1,5 +1,7 @@
 """The decoding loops: LLaDA reference equivalence, halting semantics, per-sample batching, Dream's shift, errors."""
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -31,7 +33,7 @@ def reference_llada(model, prompt, steps, gen_length, block_length, mask_id):
             mask_index = x == mask_id
             logits = model(x).logits
             x0 = logits.argmax(-1)
-            p = F.softmax(logits, dim=-1).gather(-1, x0[..., None]).squeeze(-1)
+            p = F.softmax(logits.double(), dim=-1).gather(-1, x0[..., None]).squeeze(-1)
             p[:, end:] = -float("inf")
             x0 = torch.where(mask_index, x0, x)
             conf = torch.where(mask_index, p, torch.tensor(-float("inf")))
@@ -50,6 +52,28 @@ def test_greedy_matches_llada_reference(tiny_model, steps, gen_length, block_len
     assert torch.equal(out.sequences, expected)
     assert out.nfe.tolist() == [steps] * 3
     assert (out.generated != MASK).all()
+
+
+class Saturated:
+    """Margins of 20-30 nats: float32 probabilities all round to 1.0, float64 ones still rank the positions."""
+
+    def __call__(self, x, attention_mask=None):
+        n = x.shape[1]
+        logits = torch.zeros(x.shape[0], n, VOCAB)
+        for i in range(n):
+            logits[:, i, 1 + i % 7] = 20.0 + (i * 7 % 11)
+        return SimpleNamespace(logits=logits)
+
+
+def test_greedy_matches_reference_when_probabilities_saturate():
+    prompt = torch.tensor([[3, 4, 5]])
+    expected = reference_llada(Saturated(), prompt, steps=4, gen_length=8, block_length=8, mask_id=MASK)
+    out = generate(Saturated(), prompt, gen_length=8, steps=4, mask_id=MASK, return_trace=True)
+    assert torch.equal(out.sequences, expected)
+    # The first step commits the two most confident positions, which float32 could not tell apart.
+    first = [i for i, t in enumerate(out.trace[0][0].tokens) if t != MASK]
+    margins = [20.0 + ((i + 3) * 7 % 11) for i in range(8)]
+    assert sorted(first) == sorted(sorted(range(8), key=lambda i: -margins[i])[:2])
 
 
 def test_positions_after_current_block_never_committed(tiny_model):

@@ -58,3 +58,20 @@ def test_out_of_range_progress_and_round_trip():
     assert ThresholdSchedule.from_dict(s.to_dict()) == s
     with pytest.raises(ValueError, match="unknown ThresholdSchedule fields"):
         ThresholdSchedule.from_dict({"kind": "linear", "high": 1, "low": 0, "slope": 2})
+
+
+@pytest.mark.parametrize("kind,k", [("constant", None), ("linear", None), ("cosine", None), ("exp", 3.0),
+                                    ("step", None)])
+def test_vectorised_values_match_scalar_calls(kind, k):
+    import torch
+
+    s = ThresholdSchedule(kind, 7.5, 2.5, k=k)
+    p = torch.linspace(0, 1, 13)
+    assert s.values(p).tolist() == pytest.approx([s(float(x)) for x in p], abs=1e-5)
+
+
+def test_bool_and_missing_fields_are_refused():
+    with pytest.raises(ValueError, match="finite number"):
+        ThresholdSchedule("linear", True, 0.0)
+    with pytest.raises(ValueError, match="missing"):
+        ThresholdSchedule.from_dict({"kind": "linear", "high": 1.0})
