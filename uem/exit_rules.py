@@ -10,6 +10,10 @@ The early-exit forward (:mod:`diffexit.uem.early_exit`) runs the blocks and asks
 
 The answer is a bool tensor ``[G]`` (True: that sample stops here) or one bool for every sample. After the last
 block every sample stops, so rules are never asked there. A new rule subclasses :class:`ExitRule`.
+
+Rules that vary over sampling (``StaticDepth``, a per-step ``MinDepth``, ``CalibratedThreshold``) hold one entry
+per stretch: progress is cut into ``n`` equal stretches and stretch ``min(floor(progress * n), n - 1)`` applies.
+With ``n`` sampling steps, step ``i`` (progress ``i / (n - 1)``) falls exactly in stretch ``i``.
 """
 
 from __future__ import annotations
@@ -22,6 +26,22 @@ import torch
 from ..samplers.schedules import ThresholdSchedule
 
 Uncertainty = Callable[[], torch.Tensor]
+
+
+def _stretch(progress: float, n: int) -> int:
+    """Index of the stretch of sampling that ``progress`` falls in, out of ``n`` equal ones."""
+    return min(int(progress * n), n - 1)
+
+
+def _check_depths(depths, what: str) -> tuple[int, ...]:
+    """``depths`` (an int or a sequence of ints >= 1) as a tuple; ``what`` names them in errors."""
+    depths = (depths,) if isinstance(depths, int) and not isinstance(depths, bool) else tuple(depths)
+    if not depths:
+        raise ValueError(f"{what}: give at least one")
+    for d in depths:
+        if isinstance(d, bool) or not isinstance(d, int) or d < 1:
+            raise ValueError(f"{what} must be ints >= 1, got {d!r} in {depths}")
+    return depths
 
 
 def _needs_progress(who: str) -> ValueError:
@@ -100,13 +120,9 @@ class StaticDepth(ExitRule):
     needs_uem = False
 
     def __init__(self, depths: Sequence[int]):
-        depths = tuple(depths)
-        if not depths:
-            raise ValueError("StaticDepth needs at least one depth")
-        for d in depths:
-            if isinstance(d, bool) or not isinstance(d, int) or d < 1:
-                raise ValueError(f"StaticDepth depths must be ints >= 1, got {d!r} in {depths}")
-        self.depths = depths
+        if isinstance(depths, int):
+            raise ValueError(f"StaticDepth takes a sequence of depths, e.g. [{depths}], got the int {depths!r}")
+        self.depths = _check_depths(depths, "StaticDepth depths")
 
     def check(self, num_blocks):
         if max(self.depths) > num_blocks:
@@ -122,7 +138,7 @@ class StaticDepth(ExitRule):
             return self.depths[0]
         if progress is None:
             raise _needs_progress(f"StaticDepth{self.depths}")
-        return self.depths[min(int(progress * n), n - 1)]
+        return self.depths[_stretch(progress, n)]
 
     def exits(self, depth, progress, uncertainty):
         return depth >= self.depth_at(progress)
@@ -132,34 +148,104 @@ class StaticDepth(ExitRule):
 
 
 class MinDepth(ExitRule):
-    """No sample stops before ``depth`` blocks; from there on, ``rule`` decides.
+    """No sample stops before a minimum depth; from there on, ``rule`` decides.
 
     Args:
         rule: the rule to defer to (an ``UncertaintyThreshold``, say).
-        depth: the minimum number of blocks, in ``[1, num_blocks]``.
+        depth: the minimum number of blocks, each in ``[1, num_blocks]``: one int for every step, or a sequence of
+            one per stretch of sampling (see the module docstring), e.g. a deeper minimum on the clean last steps.
     """
 
-    def __init__(self, rule: ExitRule, depth: int):
+    def __init__(self, rule: ExitRule, depth: Union[int, Sequence[int]]):
         if not isinstance(rule, ExitRule):
             raise ValueError(f"MinDepth wraps an ExitRule, got {type(rule).__name__}")
-        if isinstance(depth, bool) or not isinstance(depth, int) or depth < 1:
-            raise ValueError(f"minimum depth must be an int >= 1, got {depth!r}")
         self.rule = rule
-        self.depth = depth
+        self.depths = _check_depths(depth, "minimum depths")
         self.needs_uem = rule.needs_uem
 
     def check(self, num_blocks):
-        if self.depth > num_blocks:
-            raise ValueError(f"minimum depth {self.depth} exceeds the model's {num_blocks} blocks")
+        if max(self.depths) > num_blocks:
+            raise ValueError(f"minimum depth {max(self.depths)} exceeds the model's {num_blocks} blocks")
         self.rule.check(num_blocks)
 
+    def depth_at(self, progress: Optional[float]) -> int:
+        """The minimum depth in force at ``progress``."""
+        n = len(self.depths)
+        if n == 1:
+            return self.depths[0]
+        if progress is None:
+            raise _needs_progress(f"the per-step minimum depth {self.depths}")
+        return self.depths[_stretch(progress, n)]
+
     def exits(self, depth, progress, uncertainty):
-        if depth < self.depth:
+        if depth < self.depth_at(progress):
             return False
         return self.rule.exits(depth, progress, uncertainty)
 
     def __repr__(self):
-        return f"MinDepth({self.rule!r}, {self.depth})"
+        return f"MinDepth({self.rule!r}, {self.depths[0] if len(self.depths) == 1 else self.depths})"
+
+
+class CalibratedThreshold(ExitRule):
+    """Per-step uncertainty thresholds and minimum depths chosen by ``diffexit calibrate uem``.
+
+    At step ``i`` (stretch ``i`` of sampling, see the module docstring) a sample stops after the first block
+    ``k >= min_depths[i]`` whose mean uncertainty is below ``thresholds[i]``. Load one with :meth:`from_file`,
+    which refuses a calibration made for another model or other UEMs.
+
+    Args:
+        thresholds: one threshold in ``[0, 1]`` per step (``0`` never fires: that step runs at full depth).
+        min_depths: one minimum depth ``>= 1`` per step; ``None`` means no minimum.
+        budget: the exit-error budget the thresholds were calibrated for (shown in ``repr``), or ``None``.
+    """
+
+    def __init__(self, thresholds: Sequence[float], min_depths: Optional[Sequence[int]] = None,
+                 budget: Optional[float] = None):
+        if isinstance(thresholds, (int, float, ThresholdSchedule)):
+            raise ValueError(f"CalibratedThreshold takes one threshold per step; for one threshold at every step use "
+                             f"UncertaintyThreshold({thresholds!r})")
+        thresholds = tuple(float(t) for t in thresholds)
+        if not thresholds:
+            raise ValueError("CalibratedThreshold needs one threshold per step, got none")
+        bad = [t for t in thresholds if not (math.isfinite(t) and 0.0 <= t <= 1.0)]
+        if bad:
+            raise ValueError(f"uncertainty lies in [0, 1], so every threshold must too, got {bad[0]}")
+        min_depths = (1,) * len(thresholds) if min_depths is None else _check_depths(min_depths, "minimum depths")
+        if len(min_depths) != len(thresholds):
+            raise ValueError(f"got {len(thresholds)} thresholds but {len(min_depths)} minimum depths; give one of "
+                             f"each per step")
+        self.thresholds = thresholds
+        self.min_depths = min_depths
+        self.budget = budget
+
+    @classmethod
+    def from_file(cls, path, transformer, uem) -> "CalibratedThreshold":
+        """The rule saved by ``diffexit calibrate uem`` at ``path`` (a JSON file), checked against the model.
+
+        Raises ``ValueError`` when the file was made for a model or UEMs other than ``transformer`` and ``uem``.
+        """
+        from .calibration import Calibration
+
+        calibration = Calibration.load(path)
+        calibration.check_matches(transformer, uem)
+        return calibration.rule()
+
+    def check(self, num_blocks):
+        if max(self.min_depths) > num_blocks:
+            raise ValueError(f"minimum depth {max(self.min_depths)} exceeds the model's {num_blocks} blocks")
+
+    def exits(self, depth, progress, uncertainty):
+        n = len(self.thresholds)
+        if progress is None and n > 1:
+            raise _needs_progress(f"{self!r}")
+        i = 0 if n == 1 else _stretch(progress, n)
+        if depth < self.min_depths[i]:
+            return False
+        return uncertainty() < self.thresholds[i]
+
+    def __repr__(self):
+        budget = "" if self.budget is None else f"budget={self.budget:g}, "
+        return f"CalibratedThreshold({budget}{len(self.thresholds)} steps)"
 
 
 class FullDepth(ExitRule):

@@ -59,7 +59,9 @@ class UEMStack(ModelMixin, ConfigMixin):
         num_blocks: blocks in the base model (one head each).
         hidden_size: width ``D`` of the base model's tokens (``transformer.inner_dim``).
         model_class: class name of the base model, e.g. ``"DiTTransformer2DModel"``.
-        target: the training target the heads regress onto (a name in ``diffexit.uem.losses.TARGETS``).
+        target: the training target the heads regress onto (a name in ``diffexit.uem.losses.TARGETS``): ``"paper"``
+            (DeeDiff's), ``"exit-cost"`` or ``"normalized"``. A calibration (``diffexit calibrate uem``) records it
+            and refuses heads trained on another.
 
     Saves and loads with ``save_pretrained`` / ``from_pretrained`` (safetensors). :meth:`check_matches` refuses a
     model of another shape.

@@ -12,8 +12,24 @@ The terms:
 
 - ``L_simple = mse(eps_L, eps)``: the usual DDPM loss on the full-depth output.
 - ``L_u = mean over l, b, n of (u_l - target_l)^2``: each head regresses onto a detached target chosen by name
-  from :data:`TARGETS`. The paper's target (``"paper"``) is ``tanh(|eps_l - eps|)``, taken per pixel and channel,
-  then averaged over the token's patch so it lives where ``u`` does.
+  from :data:`TARGETS`, computed per pixel and channel, then averaged over the token's patch so it lives where
+  ``u`` does:
+
+  - ``"paper"``: DeeDiff's ``tanh(|eps_l - eps|)``. It is dominated by the noise that no depth can predict at that
+    timestep, so it barely changes with ``l``: a head trained on it learns the timestep, not the depth.
+  - ``"exit-cost"``: ``tanh(|eps_l - eps_L|)``, how far exiting after block ``l`` moves the prediction from the
+    full-depth one: the cost of that exit, and zero at the last block by construction. Squashed with ``tanh``
+    rather than normalised: ``tanh(x) = x`` to within 1% below ``x = 0.17`` and 3% below 0.3, which is where
+    usable exits lie, so ``u`` reads directly as an exit error in noise units there; it only compresses exits
+    that are far off (``tanh(1) = 0.76``), which no threshold should take anyway. A per-batch or per-timestep
+    normalisation would instead make the same ``u`` mean different errors in different batches and steps.
+  - ``"normalized"``: the paper's error relative to the full-depth error of the same token,
+    ``relu(1 - e_L / e_l)`` with ``e_l = patch mean of tanh(|eps_l - eps|)``. ``e_l / e_L`` is the paper's error
+    divided by the error that remains at full depth at that timestep (the part no block predicts);
+    ``1 - e_L / e_l`` maps that ratio from ``[1, inf)`` onto ``[0, 1)``: the share of block ``l``'s error that
+    the remaining blocks would remove. It is zero at the last block, and where block ``l`` does no worse than
+    full depth (clamped). Token by token, because the floor varies across the image (flat background against
+    strokes).
 - ``L_UAL = mean over l, b, n of (1 - u_l) * mse_l``: each block's squared error ``(eps_l - eps)^2`` (averaged over
   the token's patch and channels) weighted by ``1 - u_l``, so a block is pushed hardest to be right where its head
   claims certainty. ``u`` is not detached here, as in the paper.
@@ -43,8 +59,24 @@ def paper_target(eps_layers: torch.Tensor, noise: torch.Tensor, patch_size: int)
     return patch_mean(torch.tanh((eps_layers - noise).abs()), patch_size)
 
 
-# UEM targets by name: (eps_layers [L, B, C, H, W], noise [B, C, H, W], patch_size) -> [L, B, N].
-TARGETS: dict[str, Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor]] = {"paper": paper_target}
+def exit_cost_target(eps_layers: torch.Tensor, noise: torch.Tensor, patch_size: int) -> torch.Tensor:
+    """The cost of exiting: ``tanh(|eps_l - eps_L|)`` per pixel, averaged per token; ``noise`` is not read. ``[L, B, N]``."""
+    return patch_mean(torch.tanh((eps_layers - eps_layers[-1]).abs()), patch_size)
+
+
+def normalized_target(eps_layers: torch.Tensor, noise: torch.Tensor, patch_size: int) -> torch.Tensor:
+    """The paper's per-token error relative to full depth's: ``relu(1 - e_L / e_l)``. ``[L, B, N]``."""
+    err = paper_target(eps_layers, noise, patch_size)
+    # Where a block's error is exactly zero, full depth cannot beat it: the target is 0, not 0/0.
+    return torch.relu(1.0 - err[-1] / err.clamp_min(torch.finfo(err.dtype).tiny)).where(err > 0, 0.0)
+
+
+# UEM targets by name: (eps_layers [L, B, C, H, W], noise [B, C, H, W], patch_size) -> [L, B, N] in [0, 1].
+TARGETS: dict[str, Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor]] = {
+    "paper": paper_target,
+    "exit-cost": exit_cost_target,
+    "normalized": normalized_target,
+}
 
 
 class DeeDiffLoss(NamedTuple):

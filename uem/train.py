@@ -49,7 +49,10 @@ def _parser(prog: str) -> argparse.ArgumentParser:
                         "(one sub-directory per class)")
     p.add_argument("--mode", choices=("frozen", "full"), default="frozen",
                    help="frozen: only the UEMs learn; full: fine-tune the backbone too")
-    p.add_argument("--target", choices=sorted(TARGETS), default="paper", help="what the UEMs regress onto")
+    p.add_argument("--target", choices=sorted(TARGETS), default="paper",
+                   help="what the UEMs regress onto (recorded in the UEM config): 'paper', DeeDiff's tanh|eps_k - eps|; "
+                        "'exit-cost', tanh|eps_k - eps_K|, the distance from the full-depth prediction; "
+                        "'normalized', the paper's error relative to full depth's (see diffexit.uem.losses)")
     p.add_argument("--steps", type=int, default=2000, help="total optimizer steps")
     p.add_argument("--batch-size", type=int, default=64, help="images per step, over all processes")
     p.add_argument("--lr", type=float, default=None, help="AdamW learning rate (default 1e-3 frozen, 1e-4 full)")
