@@ -1,0 +1,353 @@
+"""``diffexit generate images``: class-conditional images from a DiT pipeline, at full depth or with early exits.
+
+    diffexit generate images --per-class 8 --out runs/gen-full
+    diffexit generate images --per-class 8 --classes 0 3 7 --method static --depths 4 8 12 --out runs/gen-static
+    diffexit generate images --requests requests.jsonl --method deediff --threshold linear:0.3:0.05 \\
+        --uem runs/uem/uem --out runs/gen-deediff --compare-full
+
+Inputs: ``--per-class N`` images of every class (or of ``--classes``), with ids ``c<class>-<k>``; or
+``--requests FILE``, a JSONL of ``{"id": ..., "class": ..., "seed": ...}`` (``id`` and ``seed`` optional: the id
+defaults to ``line<number>``). An item's seed is its own ``seed``, or else is derived from ``--seed`` and its id,
+so an image depends on neither the batch nor the process that draws it.
+
+Methods (``--method``, or ``"method"`` in ``--config FILE`` with the parameters beside it; flags override the file):
+
+- ``full``: the pipeline as it is.
+- ``deediff``: DeeDiff early exits: a sample leaves the block loop once its mean UEM uncertainty falls below
+  ``threshold`` (a number, ``KIND:HIGH:LOW[:K]`` or a ``ThresholdSchedule`` object over sampling progress), never
+  before ``min_depth`` blocks if given. Needs ``--uem DIR``, the ``uem/`` folder ``diffexit train uem`` writes.
+- ``static``: a fixed depth per stretch of sampling, ``depths`` (e.g. ``4 8 12`` by thirds); no UEM.
+
+Outputs in ``--out``: ``<id>.png`` per item and ``manifest.jsonl`` with one record per item in input order: ``id``,
+``class``, ``seed``, ``method``, ``file``, ``layers`` (blocks run, summed over steps), ``layer_ratio``, ``depths``
+(blocks run at each step) and ``seconds`` (its share of its batch's time). ``--compare-full`` also makes the full-depth
+images in ``OUT/full`` and reports the speedup. Resumable and ready for ``accelerate launch``: see
+:mod:`diffexit.app.jobs`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import io
+import json
+import sys
+from pathlib import Path
+from typing import Optional, Sequence
+
+from .jobs import (
+    Item,
+    JobError,
+    JobResult,
+    check_item_id,
+    check_job,
+    check_keys,
+    describe_run,
+    describe_threshold,
+    item_seed,
+    job_spec,
+    make_job,
+    parse_threshold,
+    prepare_out_dir,
+    process_state,
+    read_config,
+    read_jsonl,
+    run_job,
+    wall_speedup,
+)
+
+METHODS = ("full", "deediff", "static")
+PARAMS = {"full": (), "deediff": ("threshold", "min_depth"), "static": ("depths",)}
+REQUIRED = {"full": (), "deediff": ("threshold",), "static": ("depths",)}
+PIPELINES = ("DigitsDiTPipeline", "DiTPipeline")
+MANIFEST = "manifest.jsonl"
+FULL_DIR = "full"
+
+
+def _parser(prog: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--per-class", type=int, metavar="N", help="N images of each class")
+    src.add_argument("--requests", type=Path, metavar="FILE", help="JSONL of {id?, class, seed?} requests")
+    p.add_argument("--classes", type=int, nargs="+", metavar="C", help="with --per-class: these classes (default: all)")
+    p.add_argument("--seed", type=int, default=0, help="base of the per-item seeds (default: %(default)s)")
+    p.add_argument("--method", choices=METHODS, help="full (default), deediff or static")
+    p.add_argument("--threshold", metavar="T", help="deediff: a number in [0, 1] or KIND:HIGH:LOW[:K]")
+    p.add_argument("--min-depth", type=int, metavar="N", help="deediff: never exit before N blocks")
+    p.add_argument("--depths", type=int, nargs="+", metavar="D", help="static: blocks per stretch of sampling")
+    p.add_argument("--config", type=Path, metavar="FILE", help='JSON {"method": ..., parameters...}')
+    p.add_argument("--pipeline", type=Path, metavar="DIR",
+                   help="a DigitsDiTPipeline or DiTPipeline folder (default: the embedded digits DiT)")
+    p.add_argument("--uem", type=Path, metavar="DIR", help="deediff: the UEM folder (UEMStack.save_pretrained)")
+    p.add_argument("--steps", type=int, default=50, help="denoising steps (default: %(default)s)")
+    p.add_argument("--guidance-scale", type=float, help="classifier-free guidance (default: the pipeline's)")
+    p.add_argument("--batch-size", type=int, default=16, help="images per batch in a process (default: %(default)s)")
+    p.add_argument("--compare-full", action="store_true", help="also run full depth into OUT/full; report the speedup")
+    p.add_argument("--out", type=Path, required=True, metavar="DIR",
+                   help="output folder (resumed if it holds this job)")
+    return p
+
+
+def resolve_method(args) -> tuple[str, dict]:
+    """``(method, params)`` from ``--config`` and the flags (flags win), checked and in JSON form."""
+    config = read_config(args.config) if args.config else {}
+    if config:
+        check_keys(config, ("method",) + tuple(dict.fromkeys(k for v in PARAMS.values() for k in v)),
+                   f"config file {args.config}")
+    method = args.method or config.get("method", "full")
+    if method not in METHODS:
+        raise JobError(f"unknown method {method!r}; choose one of {list(METHODS)}")
+    params = {k: v for k, v in config.items() if k != "method"}
+    flags = {"threshold": args.threshold, "min_depth": args.min_depth, "depths": args.depths}
+    params.update({k: v for k, v in flags.items() if v is not None})
+    for key in params:
+        if key not in PARAMS[method]:
+            owner = next(m for m, keys in PARAMS.items() if key in keys)
+            raise JobError(f"{key} is a parameter of method {owner!r}, not of {method!r}; drop it or pick "
+                           f"--method {owner}")
+    for key in REQUIRED[method]:
+        if key not in params:
+            raise JobError(f"method {method!r} needs {key} (--{key.replace('_', '-')} or {key!r} in --config)")
+    if "threshold" in params:
+        params["threshold"] = describe_threshold(parse_threshold(params["threshold"], "threshold"))
+    exit_rule(method, params)  # builds the rule once, so bad values fail before anything loads
+    return method, params
+
+
+def exit_rule(method: str, params: dict):
+    """The :mod:`diffexit.uem.exit_rules` rule for ``method``, or None for full depth."""
+    from ..uem.exit_rules import MinDepth, StaticDepth, UncertaintyThreshold
+
+    try:
+        if method == "deediff":
+            rule = UncertaintyThreshold(parse_threshold(params["threshold"], "threshold"))
+            return MinDepth(rule, params["min_depth"]) if "min_depth" in params else rule
+        if method == "static":
+            return StaticDepth(params["depths"])
+    except (TypeError, ValueError) as e:
+        raise JobError(f"method {method!r}: {e}") from e
+    return None
+
+
+def per_class_items(classes: Sequence[int], per_class: int, base_seed: int) -> list[Item]:
+    """``per_class`` items of each class, ids ``c<class>-<k:04d>``, in class order."""
+    if per_class < 1:
+        raise JobError(f"--per-class must be at least 1, got {per_class}")
+    items = []
+    for c in classes:
+        for k in range(per_class):
+            item_id = f"c{c}-{k:04d}"
+            items.append(Item(item_id, item_seed(item_id, base_seed), {"class": c}, source=f"--classes {c}"))
+    return items
+
+
+def read_requests(path: Path, base_seed: int) -> list[Item]:
+    """Items from a JSONL of ``{"id"?, "class", "seed"?}``; a bad line raises, naming its number."""
+    items = []
+    for number, row in read_jsonl(path):
+        where = f"{path} line {number}"
+        check_keys(row, ("id", "class", "seed"), where)
+        if "class" not in row:
+            raise JobError(f"{where}: missing 'class'")
+        label = row["class"]
+        if isinstance(label, bool) or not isinstance(label, int):
+            raise JobError(f"{where}: class must be an integer, got {label!r}")
+        item_id = check_item_id(row.get("id", f"line{number:05d}"), where)
+        seed = row.get("seed", item_seed(item_id, base_seed))
+        if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
+            raise JobError(f"{where}: seed must be an integer in [0, 2**63), got {seed!r}")
+        items.append(Item(item_id, seed, {"class": label}, source=where))
+    return items
+
+
+def load_pipeline(path: Optional[Path], device):
+    """The pipeline in ``path`` (a ``DigitsDiTPipeline`` or ``DiTPipeline`` folder), or the embedded one, in fp32."""
+    import torch
+
+    from ..uem.pipeline import DigitsDiTPipeline
+
+    where = path if path is not None else "the embedded digits DiT"
+    try:
+        if path is None:
+            from ..uem.embedded import load_embedded_pipeline
+
+            pipe = load_embedded_pipeline(device)
+        else:
+            index = Path(path) / "model_index.json"
+            if not index.is_file():
+                raise JobError(f"cannot load the image pipeline: {path} is not a diffusers pipeline folder (it has no "
+                               f"model_index.json); pass the folder that pipe.save_pretrained wrote")
+            name = json.loads(index.read_text()).get("_class_name")
+            if name not in PIPELINES:
+                raise JobError(f"cannot load the image pipeline in {path}: it is a {name}, and generate images runs "
+                               f"{' or '.join(PIPELINES)}")
+            if name == "DiTPipeline":
+                from diffusers import DiTPipeline as cls
+            else:
+                cls = DigitsDiTPipeline
+            pipe = cls.from_pretrained(str(path), dtype=torch.float32, local_files_only=True).to(device)
+    except JobError:
+        raise
+    except Exception as e:  # any failure to load is reported the same way: what, where, why
+        raise JobError(f"cannot load the image pipeline from {where}: {e}") from e
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def num_classes(pipe) -> int:
+    from ..uem.digits import NUM_CLASSES
+    from ..uem.pipeline import DigitsDiTPipeline
+
+    # DiT's label table has one row per class plus the null class it keeps for guidance.
+    return NUM_CLASSES if isinstance(pipe, DigitsDiTPipeline) else int(pipe.transformer.config.num_embeds_ada_norm)
+
+
+def load_uem(path: Path):
+    from ..uem.heads import UEMStack
+
+    if not (Path(path) / "config.json").is_file():
+        raise JobError(f"cannot load the UEMs: {path} has no config.json; pass the uem/ folder that "
+                       f"`diffexit train uem` writes")
+    try:
+        return UEMStack.from_pretrained(str(path))
+    except Exception as e:  # see load_pipeline
+        raise JobError(f"cannot load the UEMs from {path}: {e}") from e
+
+
+def png_bytes(image) -> bytes:
+    """One image, float ``[H, W, C]`` in [0, 1] with ``C`` 1 or 3, as PNG bytes (grey or RGB, 8 bits)."""
+    import numpy as np
+    from PIL import Image
+
+    pixels = (np.asarray(image) * 255).round().clip(0, 255).astype(np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels[..., 0] if pixels.shape[-1] == 1 else pixels).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+class ImageEngine:
+    """Draws a batch of items with one pipeline call; records the depth each sample ran at each step."""
+
+    def __init__(self, pipe, method: str, steps: int, guidance_scale: float):
+        self.pipe, self.method, self.steps, self.guidance_scale = pipe, method, steps, guidance_scale
+        self.num_blocks = len(pipe.transformer.transformer_blocks)
+
+    def files(self, item: Item) -> list[str]:
+        return [f"{item.id}.png"]
+
+    def run(self, items: Sequence[Item]) -> list[tuple[dict, dict[str, bytes]]]:
+        import torch
+
+        from ..samplers.exit_scheduler import ExitAwareScheduler
+
+        # One CPU generator per item: its noise is the same on any device and in any batch.
+        generators = [torch.Generator().manual_seed(item.seed) for item in items]
+        images = self.pipe([item.payload["class"] for item in items], guidance_scale=self.guidance_scale,
+                           generator=generators, num_inference_steps=self.steps, output_type="np").images
+        if isinstance(self.pipe.scheduler, ExitAwareScheduler):
+            depths = self.pipe.scheduler.statistics.depths.T.tolist()
+        else:
+            depths = [[self.num_blocks] * len(self.pipe.scheduler.timesteps)] * len(items)
+        out = []
+        for item, image, used in zip(items, images, depths):
+            name = f"{item.id}.png"
+            record = {"id": item.id, "class": item.payload["class"], "seed": item.seed, "method": self.method,
+                      "file": name, "layers": sum(used), "layer_ratio": sum(used) / (self.num_blocks * len(used)),
+                      "depths": used}
+            out.append((record, {name: png_bytes(image)}))
+        return out
+
+
+def _pipeline_id(path: Optional[Path]) -> str:
+    return "embedded" if path is None else str(Path(path).resolve())
+
+
+def run(argv: Sequence[str], prog: str = "diffexit generate images") -> tuple[JobResult, Optional[JobResult]]:
+    """Parse ``argv``, generate, print the summary on the main process; returns the method's and full depth's
+    :class:`~diffexit.app.jobs.JobResult` (None without ``--compare-full``). Bad input raises :class:`JobError`."""
+    args = _parser(prog).parse_args(list(argv))
+    if args.classes is not None and args.per_class is None:
+        raise JobError("--classes goes with --per-class; a --requests file names each request's class")
+    if args.steps < 1 or args.batch_size < 1:
+        raise JobError(f"--steps and --batch-size must be positive, got {args.steps} and {args.batch_size}")
+    method, params = resolve_method(args)
+    if method == "deediff" and args.uem is None:
+        raise JobError("method 'deediff' reads the uncertainty heads: pass --uem DIR (the uem/ folder that "
+                       "`diffexit train uem` writes)")
+    if method != "deediff" and args.uem is not None:
+        raise JobError(f"--uem only applies to method 'deediff', not {method!r}")
+    items = read_requests(args.requests, args.seed) if args.requests else None
+    out = prepare_out_dir(args.out)
+
+    state = process_state()
+    pipe = load_pipeline(args.pipeline, state.device)
+    n_classes = num_classes(pipe)
+    if items is None:
+        classes = args.classes if args.classes is not None else list(range(n_classes))
+        bad = [c for c in classes if not 0 <= c < n_classes]
+        if bad:
+            raise JobError(f"unknown class {bad[0]} in --classes; this model draws classes 0..{n_classes - 1}")
+        items = per_class_items(classes, args.per_class, args.seed)
+    for item in items:
+        if not 0 <= item.payload["class"] < n_classes:
+            raise JobError(f"{item.source}: unknown class {item.payload['class']}; this model draws classes "
+                           f"0..{n_classes - 1}")
+    rule = exit_rule(method, params)
+    if rule is not None:
+        from ..samplers.exit_scheduler import ExitAwareScheduler
+        from ..uem.early_exit import enable_early_exit
+
+        uem = load_uem(args.uem) if rule.needs_uem else None
+        try:
+            early_exit = enable_early_exit(pipe, uem, rule)
+        except ValueError as e:
+            raise JobError(f"method {method!r} does not fit this model: {e}") from e
+        pipe.scheduler = ExitAwareScheduler(pipe.scheduler, early_exit)
+
+    guidance = args.guidance_scale
+    if guidance is None:
+        guidance = float(inspect.signature(type(pipe).__call__).parameters["guidance_scale"].default)
+
+    job = make_job(items, args.batch_size)
+    settings = {"command": "generate images", "pipeline": _pipeline_id(args.pipeline), "steps": args.steps,
+                "guidance_scale": guidance, "batch_size": args.batch_size}
+    spec = job_spec({**settings, "method": method, "params": params,
+                     "uem": None if args.uem is None else str(args.uem.resolve())}, job)
+    full_spec = job_spec({**settings, "method": "full", "params": {}, "uem": None}, job)
+    compare = args.compare_full and method != "full"
+    check_job(out, spec)
+    if compare:
+        check_job(out / FULL_DIR, full_spec)
+
+    result = run_job(out, spec, job, ImageEngine(pipe, method, args.steps, guidance), manifest=MANIFEST,
+                     desc=f"images ({method})", state=state)
+    full = None
+    if compare:
+        from ..uem.early_exit import disable_early_exit
+
+        disable_early_exit(pipe)
+        pipe.scheduler = pipe.scheduler.scheduler
+        full_out = prepare_out_dir(out / FULL_DIR)
+        full = run_job(full_out, full_spec, job, ImageEngine(pipe, "full", args.steps, guidance), manifest=MANIFEST,
+                       desc="images (full)", state=state)
+    if state.is_main_process:
+        print(describe_run(result, f"generate images ({method})"))
+        # Every item runs the same steps on the same blocks, so the mean of the ratios is the overall ratio.
+        ratio = sum(r["layer_ratio"] for r in result.records) / len(result.records)
+        print(f"layer ratio {ratio:.3f} (blocks run / blocks available, over all {result.items} items)")
+        if args.compare_full and method == "full":
+            print("--compare-full: the method is full depth already; nothing to compare")
+        if full is not None:
+            print(describe_run(full, "full depth"))
+            print(f"speedup over full depth: {wall_speedup(full.records, result.records):.2f}x wall clock "
+                  f"(per-item seconds summed over the same {result.items} items), at layer ratio {ratio:.3f}")
+    return result, full
+
+
+def main(argv: list[str], prog: str = "diffexit generate images") -> int:
+    try:
+        run(argv, prog)
+    except JobError as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        return 2
+    return 0

@@ -1,0 +1,436 @@
+"""``diffexit generate text``: answers from a masked-diffusion LM, at full steps or with a halting rule.
+
+    diffexit generate text --task add --n 200 --method sched --schedule cosine:7.5:2.5 --out runs/gen-add
+    diffexit generate text --prompts prompts.jsonl --config sched.json --out runs/gen-sched --compare-full
+    diffexit generate text --prompts prompts.jsonl --model GSAI-ML/LLaDA-8B-Instruct --trust-remote-code \\
+        --mask-id 126336 --dtype bfloat16 --gen-length 128 --steps 128 --block-length 32 --method sched --out runs/llada
+
+Inputs: ``--prompts FILE``, a JSONL of ``{"id": ..., "prompt": ..., "task": ...}`` (``id`` optional, defaulting to
+``line<number>``; ``task`` optional: one of the embedded tasks, which picks the prompt layout and scores the
+answer); or ``--task NAME --n N``, N held-out prompts of an embedded task (``--seed`` picks the draw), with ids
+``<task>-<i>``. Decoding is greedy, so an answer depends on neither the batch nor the process that makes it.
+
+Models: the embedded model by default, or ``--model``:
+
+- a folder holding the embedded model's format (``DiffusionLlama``, as ``diffexit train text --export`` writes):
+  each prompt is left-padded to its task's layout (the short one when it has no task) and decoded with that
+  layout's blocks and steps (``diffexit.dllm.tasks.DECODE``), as in ``diffexit bench text``;
+- anything else goes through transformers (``--trust-remote-code`` for LLaDA and Dream), decoded with
+  ``--gen-length``, ``--steps``, ``--block-length`` and ``--loop`` (``llada`` or ``dream``); ``--mask-id`` for
+  tokenizers that declare no mask token (LLaDA: 126336).
+
+Methods (``--method``, or ``--config FILE``; flags override the file):
+
+- ``full``: every step.
+- ``sched``: SchED halting. Parameters are those of :meth:`diffexit.dllm.SchED.to_dict`: ``schedule`` (``--schedule
+  KIND:HIGH:LOW[:K]``, a number for a constant threshold, or a ``ThresholdSchedule`` object), ``stat``, ``q``,
+  ``ignore_token_ids`` (defaults to the tokenizer's EOS and padding ids for ``stat="mean_content"``),
+  ``min_progress``, ``patience``, ``max_change_ratio``. The file ``diffexit calibrate sched`` writes is accepted as is.
+- ``prophet``: the Prophet baseline: ``window`` (``--window``) and ``schedule``.
+
+A config file is ``{"method": ..., parameters...}``, or a ``diffexit calibrate sched`` file (``{"sched": {...}, ...}``).
+
+Outputs in ``--out``: ``outputs.jsonl``, one record per prompt in input order: ``id``, ``prompt``, ``output``,
+``method``, ``nfe`` (forward passes), ``halt_step`` (the pass at which the rule halted, or null), ``seconds`` (its
+share of its batch's time), plus ``task`` and ``correct`` for prompts with a task. ``--compare-full`` also decodes at
+full steps into ``OUT/full`` and reports the speedup. Resumable and ready for ``accelerate launch``: see
+:mod:`diffexit.app.jobs`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+from ..samplers.schedules import ThresholdSchedule
+from .jobs import (
+    Item,
+    JobError,
+    JobResult,
+    check_job,
+    check_keys,
+    describe_run,
+    job_spec,
+    make_job,
+    parse_threshold,
+    prepare_out_dir,
+    process_state,
+    read_config,
+    read_jsonl,
+    run_job,
+    wall_speedup,
+)
+
+METHODS = ("full", "sched", "prophet")
+PARAMS = {
+    "full": (),
+    "sched": ("schedule", "stat", "q", "ignore_token_ids", "min_progress", "patience", "max_change_ratio"),
+    "prophet": ("window", "schedule"),
+}
+OUTPUTS = "outputs.jsonl"
+FULL_DIR = "full"
+DTYPES = ("float32", "bfloat16", "float16")
+# Decoding settings of models loaded through transformers; the embedded format decodes by task layout instead.
+TRANSFORMERS_ONLY = ("gen_length", "steps", "block_length", "loop", "mask_id", "trust_remote_code")
+TRANSFORMERS_DEFAULTS = {"gen_length": 128, "steps": 128, "block_length": None, "loop": "llada", "mask_id": None,
+                         "trust_remote_code": False}
+
+
+def _parser(prog: str) -> argparse.ArgumentParser:
+    from ..dllm.tasks import TASK_NAMES
+
+    p = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--prompts", type=Path, metavar="FILE", help="JSONL of {id?, prompt, task?}")
+    src.add_argument("--task", choices=TASK_NAMES, help="held-out prompts of an embedded task (with --n)")
+    p.add_argument("--n", type=int, help="with --task: how many prompts")
+    p.add_argument("--seed", type=int, default=0, help="with --task: which draw of held-out prompts (default: 0)")
+    p.add_argument("--method", choices=METHODS, help="full (default), sched or prophet")
+    p.add_argument("--schedule", metavar="SPEC", help="sched / prophet threshold: KIND:HIGH:LOW[:K] or a number")
+    p.add_argument("--stat", help="sched: the span statistic (mean, min, quantile, ...)")
+    p.add_argument("--window", type=int, help="prophet: answer window in tokens")
+    p.add_argument("--config", type=Path, metavar="FILE",
+                   help='JSON {"method": ..., parameters...}, or a `diffexit calibrate sched` file')
+    p.add_argument("--model", metavar="PATH", help="a model folder or hub id (default: the embedded text model)")
+    p.add_argument("--trust-remote-code", action="store_true", default=None,
+                   help="transformers models: run the checkpoint's own code (LLaDA, Dream)")
+    p.add_argument("--loop", choices=("llada", "dream"), help="transformers models: decoding loop (default: llada)")
+    p.add_argument("--mask-id", type=int, help="transformers models: the mask token id, if the tokenizer has none")
+    p.add_argument("--gen-length", type=int, help="transformers models: tokens to generate (default: 128)")
+    p.add_argument("--steps", type=int, help="transformers models: decoding steps (default: 128)")
+    p.add_argument("--block-length", type=int, help="transformers models, llada loop: block size (default: one block)")
+    p.add_argument("--dtype", choices=DTYPES, default="float32", help="model weights' dtype (default: %(default)s)")
+    p.add_argument("--batch-size", type=int, default=16, help="prompts per batch in a process (default: %(default)s)")
+    p.add_argument("--compare-full", action="store_true",
+                   help="also decode at full steps into OUT/full; report the speedup")
+    p.add_argument("--out", type=Path, required=True, metavar="DIR",
+                   help="output folder (resumed if it holds this job)")
+    return p
+
+
+# Inputs --------------------------------------------------------------------------------------------------------------
+
+def task_items(task: str, n: Optional[int], seed: int) -> list[Item]:
+    """``n`` held-out prompts of ``task`` (draw ``seed``), ids ``<task>-<i:05d>``."""
+    from ..dllm.tasks import sample
+
+    if n is None or n < 1:
+        raise JobError(f"--task needs --n, a positive number of prompts, got {n}")
+    return [Item(f"{task}-{i:05d}", None, {"prompt": ex.prompt, "task": task}, source=f"--task {task} #{i}")
+            for i, ex in enumerate(sample(task, "heldout", seed, n))]
+
+
+def read_prompts(path: Path) -> list[Item]:
+    """Items from a JSONL of ``{"id"?, "prompt", "task"?}``; a bad line raises, naming its number."""
+    from ..dllm.tasks import TASK_NAMES, score
+
+    items = []
+    for number, row in read_jsonl(path):
+        where = f"{path} line {number}"
+        check_keys(row, ("id", "prompt", "task"), where)
+        prompt = row.get("prompt")
+        if not isinstance(prompt, str) or not prompt:
+            raise JobError(f"{where}: 'prompt' must be a non-empty string, got {prompt!r}")
+        payload = {"prompt": prompt}
+        if "task" in row:
+            task = row["task"]
+            if task not in TASK_NAMES:
+                raise JobError(f"{where}: unknown task {task!r}; choose one of {list(TASK_NAMES)} or leave it out")
+            try:
+                score(task, prompt, "")
+            except ValueError as e:
+                raise JobError(f"{where}: {e}") from e
+            payload["task"] = task
+        item_id = row.get("id", f"line{number:05d}")
+        if not isinstance(item_id, str) or not item_id:
+            raise JobError(f"{where}: 'id' must be a non-empty string, got {item_id!r}")
+        items.append(Item(item_id, None, payload, source=where))
+    return items
+
+
+# Methods -------------------------------------------------------------------------------------------------------------
+
+def _schedule_dict(value, what: str) -> dict:
+    threshold = parse_threshold(value, what)
+    if not isinstance(threshold, ThresholdSchedule):
+        threshold = ThresholdSchedule("constant", threshold, threshold)
+    return threshold.to_dict()
+
+
+def resolve_method(args) -> tuple[str, dict]:
+    """``(method, params)`` from ``--config`` and the flags (flags win), in JSON form; values are checked when the
+    rule is built (:func:`halting_factory`)."""
+    config: dict = {}
+    if args.config:
+        data = read_config(args.config)
+        if "sched" in data:
+            from ..dllm.calibrate import load_sched
+
+            try:
+                config = {"method": "sched", **load_sched(args.config).to_dict()}
+            except (TypeError, ValueError) as e:
+                raise JobError(f"config file {args.config}: {e}") from e
+        else:
+            keys = ("method",) + tuple(dict.fromkeys(k for v in PARAMS.values() for k in v))
+            check_keys(data, keys, f"config file {args.config}")
+            config = data
+    method = args.method or config.get("method", "full")
+    if method not in METHODS:
+        raise JobError(f"unknown method {method!r}; choose one of {list(METHODS)}")
+    params = {k: v for k, v in config.items() if k != "method"}
+    flags = {"schedule": args.schedule, "stat": args.stat, "window": args.window}
+    params.update({k: v for k, v in flags.items() if v is not None})
+    for key in params:
+        if key not in PARAMS[method]:
+            owners = [m for m, keys in PARAMS.items() if key in keys]
+            raise JobError(f"{key} is a parameter of method {' and '.join(map(repr, owners))}, not of {method!r}; "
+                           f"drop it or pick --method {owners[0]}")
+    if "schedule" in params:
+        params["schedule"] = _schedule_dict(params["schedule"], "schedule")
+    return method, params
+
+
+def halting_factory(method: str, params: dict, tokenizer) -> tuple[dict, Optional[Callable]]:
+    """Complete ``params`` for this tokenizer and check them; returns ``(params, make_rule)``, where ``make_rule()``
+    builds a fresh rule per batch (rules keep per-sample state), or is None for full steps."""
+    from ..dllm.halting import Prophet, SchED
+
+    if method == "full":
+        return params, None
+    params = dict(params)
+    if method == "sched" and params.get("stat") == "mean_content" and not params.get("ignore_token_ids"):
+        ids = [getattr(tokenizer, f"{name}_token_id", None) for name in ("eos", "pad")]
+        params["ignore_token_ids"] = sorted({i for i in ids if i is not None})
+    rest = {k: v for k, v in params.items() if k != "schedule"}
+    try:
+        schedule = ThresholdSchedule.from_dict(params["schedule"]) if "schedule" in params else None
+        rule_class = SchED if method == "sched" else Prophet
+        make = lambda: rule_class(schedule=schedule, **rest)  # noqa: E731
+        rule = make()
+    except (TypeError, ValueError) as e:
+        raise JobError(f"method {method!r}: {e}") from e
+    return {**params, **(rule.to_dict() if method == "sched" else {})}, make
+
+
+# Models and decoding -------------------------------------------------------------------------------------------------
+
+def _is_embedded_format(path: Path) -> bool:
+    config = path / "config.json"
+    if not config.is_file():
+        return False
+    try:
+        return "DiffusionLlama" in (json.loads(config.read_text()).get("architectures") or [])
+    except (OSError, ValueError):
+        return False
+
+
+class EmbeddedEngine:
+    """The embedded model's format: each batch shares a task layout; prompts are left-padded to it."""
+
+    def __init__(self, model, tokenizer, method: str, make_rule: Optional[Callable]):
+        self.model, self.tokenizer, self.method, self.make_rule = model, tokenizer, method, make_rule
+
+    def layout(self, item: Item):
+        """The item's task's layout; the short one for a prompt without a task."""
+        from ..dllm.tasks import LAYOUTS, layout_of
+
+        return layout_of(item.payload["task"]) if "task" in item.payload else LAYOUTS["short"]
+
+    group = layout  # items of one batch share a layout
+
+    def check(self, items: Sequence[Item]) -> None:
+        from ..dllm.tokenizer import encode_prompts
+
+        for item in items:
+            try:
+                ids, _ = encode_prompts(self.tokenizer, [item.payload["prompt"]], self.layout(item).prompt_length)
+            except ValueError as e:
+                raise JobError(f"{item.source}: {e}") from e
+            if (ids == self.tokenizer.mask_token_id).any():
+                raise JobError(f"{item.source}: the prompt contains the mask token; prompts must be fully known")
+
+    def files(self, item: Item) -> list[str]:
+        return []
+
+    def run(self, items: Sequence[Item]) -> list[tuple[dict, dict[str, bytes]]]:
+        from ..dllm.generate import generate
+        from ..dllm.tasks import DECODE
+        from ..dllm.tokenizer import decode_answer, encode_prompts
+
+        layout = self.layout(items[0])
+        prompts = [item.payload["prompt"] for item in items]
+        ids, attention = encode_prompts(self.tokenizer, prompts, layout.prompt_length)
+        device = next(self.model.parameters()).device
+        block_length, steps = DECODE[layout.span_length]
+        out = generate(self.model, ids.to(device), attention_mask=attention.to(device), gen_length=layout.span_length,
+                       steps=steps, block_length=block_length, mask_id=self.tokenizer.mask_token_id,
+                       halting=self.make_rule() if self.make_rule else None)
+        texts = [decode_answer(self.tokenizer, span) for span in out.generated.cpu()]
+        return _records(items, texts, out, self.method)
+
+
+class TransformersEngine:
+    """A model loaded through transformers, decoded by :class:`~diffexit.dllm.pipeline.MaskedDiffusionPipeline`."""
+
+    def __init__(self, pipe, method: str, make_rule: Optional[Callable], gen_length: int, steps: int,
+                 block_length: Optional[int]):
+        self.pipe, self.method, self.make_rule = pipe, method, make_rule
+        self.decode = {"gen_length": gen_length, "steps": steps}
+        if block_length is not None:
+            self.decode["block_length"] = block_length
+
+    def group(self, item: Item) -> None:
+        """Any prompts can share a batch: the pipeline pads them to the longest."""
+
+    def check(self, items: Sequence[Item]) -> None:
+        """Prompts are tokenized per batch by the pipeline; nothing to check ahead."""
+
+    def files(self, item: Item) -> list[str]:
+        return []
+
+    def run(self, items: Sequence[Item]) -> list[tuple[dict, dict[str, bytes]]]:
+        halting = self.make_rule() if self.make_rule else None
+        out = self.pipe([item.payload["prompt"] for item in items], halting=halting, **self.decode)
+        return _records(items, out.texts, out.generation, self.method)
+
+
+def _records(items: Sequence[Item], texts: Sequence[str], generation, method: str) -> list[tuple[dict, dict]]:
+    from ..dllm.tasks import score
+
+    out = []
+    for item, text, nfe, halt in zip(items, texts, generation.nfe.tolist(), generation.halt_step.tolist()):
+        record = {"id": item.id, "prompt": item.payload["prompt"], "output": text, "method": method, "nfe": nfe,
+                  "halt_step": halt if halt >= 0 else None}
+        if "task" in item.payload:
+            record["task"] = item.payload["task"]
+            record["correct"] = score(item.payload["task"], item.payload["prompt"], text)
+        out.append((record, {}))
+    return out
+
+
+def transformers_options(args) -> dict:
+    """The transformers-only settings, defaults filled in."""
+    return {k: TRANSFORMERS_DEFAULTS[k] if getattr(args, k) is None else getattr(args, k) for k in TRANSFORMERS_ONLY}
+
+
+def load_model(args, device):
+    """``(kind, model_or_pipeline, tokenizer)``; kind is ``"embedded"`` or ``"transformers"``."""
+    import torch
+
+    dtype = getattr(torch, args.dtype)
+    where = args.model or "the embedded text model"
+    try:
+        if args.model is None or _is_embedded_format(Path(args.model)):
+            from ..dllm.text_model import load_embedded_text_model, load_text_model
+
+            model, tokenizer = (load_text_model(args.model, dtype=dtype) if args.model
+                                else load_embedded_text_model(dtype=dtype))
+            return "embedded", model.to(device), tokenizer
+        from ..dllm.pipeline import MaskedDiffusionPipeline
+
+        options = transformers_options(args)
+        pipe = MaskedDiffusionPipeline.from_transformers(
+            args.model, trust_remote_code=options["trust_remote_code"], loop=options["loop"],
+            mask_id=options["mask_id"], torch_dtype=dtype, device=device)
+        pipe.set_progress_bar_config(disable=True)
+        return "transformers", pipe, pipe.tokenizer
+    except Exception as e:  # any failure to load is reported the same way: what, where, why
+        raise JobError(f"cannot load the text model from {where}: {e}") from e
+
+
+def _model_id(model: Optional[str]) -> str:
+    if model is None:
+        return "embedded"
+    return str(Path(model).resolve()) if Path(model).exists() else model
+
+
+# The command ---------------------------------------------------------------------------------------------------------
+
+def run(argv: Sequence[str], prog: str = "diffexit generate text") -> tuple[JobResult, Optional[JobResult]]:
+    """Parse ``argv``, generate, print the summary on the main process; returns the method's and full steps'
+    :class:`~diffexit.app.jobs.JobResult` (None without ``--compare-full``). Bad input raises :class:`JobError`."""
+    args = _parser(prog).parse_args(list(argv))
+    if args.n is not None and args.task is None:
+        raise JobError("--n goes with --task; a --prompts file lists its prompts")
+    if args.batch_size < 1:
+        raise JobError(f"--batch-size must be positive, got {args.batch_size}")
+    for name in ("gen_length", "steps", "block_length"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise JobError(f"--{name.replace('_', '-')} must be positive, got {value}")
+    method, params = resolve_method(args)
+    items = read_prompts(args.prompts) if args.prompts else task_items(args.task, args.n, args.seed)
+    out = prepare_out_dir(args.out)
+
+    state = process_state()
+    kind, model, tokenizer = load_model(args, state.device)
+    params, make_rule = halting_factory(method, params, tokenizer)
+    if kind == "embedded":
+        given = [f"--{k.replace('_', '-')}" for k in TRANSFORMERS_ONLY if getattr(args, k) is not None]
+        if given:
+            raise JobError(f"{', '.join(given)} apply to models loaded through transformers; the embedded model's "
+                           f"format decodes each prompt with its task layout")
+        decode = {}
+        engine = EmbeddedEngine(model, tokenizer, method, make_rule)
+        full_engine = EmbeddedEngine(model, tokenizer, "full", None)
+    else:
+        decode = transformers_options(args)
+        if decode["loop"] == "dream" and decode["block_length"] is not None:
+            raise JobError("--block-length applies to the llada loop; the dream loop decodes the span as one block")
+        lengths = decode["gen_length"], decode["steps"], decode["block_length"]
+        engine = TransformersEngine(model, method, make_rule, *lengths)
+        full_engine = TransformersEngine(model, "full", None, *lengths)
+    engine.check(items)
+
+    job = make_job(items, args.batch_size, group=engine.group)
+    settings = {"command": "generate text", "model": _model_id(args.model), "dtype": args.dtype, **decode,
+                "batch_size": args.batch_size}
+    spec = job_spec({**settings, "method": method, "params": params}, job)
+    full_spec = job_spec({**settings, "method": "full", "params": {}}, job)
+    compare = args.compare_full and method != "full"
+    check_job(out, spec)
+    if compare:
+        check_job(out / FULL_DIR, full_spec)
+
+    result = run_job(out, spec, job, engine, manifest=OUTPUTS, desc=f"text ({method})", state=state)
+    full = None
+    if compare:
+        full = run_job(prepare_out_dir(out / FULL_DIR), full_spec, job, full_engine, manifest=OUTPUTS,
+                       desc="text (full)", state=state)
+    if state.is_main_process:
+        _summarise(result, full, method, args.compare_full)
+    return result, full
+
+
+def _summarise(result: JobResult, full: Optional[JobResult], method: str, compare_full: bool) -> None:
+    records = result.records
+    print(describe_run(result, f"generate text ({method})"))
+    nfe = sum(r["nfe"] for r in records) / len(records)
+    scored = [r for r in records if "correct" in r]
+    line = f"mean NFE {nfe:.2f}"
+    if scored:
+        line += f"; correct {sum(r['correct'] for r in scored)}/{len(scored)} of the prompts with a task"
+    print(line)
+    if compare_full and full is None:
+        print("--compare-full: the method is full steps already; nothing to compare")
+    if full is not None:
+        print(describe_run(full, "full steps"))
+        full_nfe = sum(r["nfe"] for r in full.records) / len(full.records)
+        same = sum(a["output"] == b["output"] for a, b in zip(records, full.records))
+        line = (f"speedup over full steps: {full_nfe / nfe:.2f}x NFE, {wall_speedup(full.records, records):.2f}x wall "
+                f"clock (per-item seconds summed); {same}/{len(records)} answers identical to full steps")
+        if scored:
+            line += f"; full steps correct {sum(r['correct'] for r in full.records if 'correct' in r)}/{len(scored)}"
+        print(line)
+
+
+def main(argv: list[str], prog: str = "diffexit generate text") -> int:
+    try:
+        run(argv, prog)
+    except JobError as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        return 2
+    return 0

@@ -1,0 +1,430 @@
+"""Resumable, distributed batch jobs: the machinery under ``diffexit generate images|text``.
+
+A job is a list of items (each with an id, and a seed fixed by that id), cut into batches in a fixed order, an
+engine that turns one batch into a record per item (plus the files each item writes), and an output folder::
+
+    OUT/job.json                 what the job is (settings, items, batch size); a rerun must match it
+    OUT/<each item's files>      e.g. <id>.png, each written whole (temp file in OUT, then a rename)
+    OUT/.parts/<batch>.jsonl     one batch's records, written after its files: the mark that the batch is done
+    OUT/<manifest>.jsonl         every record in item order, merged by the main process at the end
+
+**Process count.** Batches are cut before they are dealt out, so a batch holds the same items whatever the number
+of processes, and each item's seed depends on its id alone; outputs therefore do not depend on how many processes
+ran them. The pending batches are dealt round-robin: batch ``k`` of the pending list goes to process
+``k % num_processes``. Under ``accelerate launch`` or ``torchrun`` every process runs the same command; OUT must
+be a folder all of them see.
+
+**Killed at any moment.** A batch is done when its part file exists and so do all of its items' files. Files only
+ever appear whole (rename), and the part file goes last, so a kill (SIGKILL included) leaves whole files and, at
+worst, batches without their mark. A rerun runs those batches again with the same items and seeds, writes the files
+that are missing and the mark, and leaves the files that exist alone. Temp files a kill left behind are removed by
+the main process before any work starts; the manifest is rewritten, whole, from the part files at the end.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Hashable, Optional, Protocol, Sequence, Union
+
+from ..samplers.schedules import ThresholdSchedule
+from .reporting import atomic_write_bytes
+
+JOB_FILE = "job.json"
+PARTS_DIR = ".parts"
+ID_PATTERN = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
+MAX_ID_LENGTH = 128
+
+
+class JobError(ValueError):
+    """Bad input to a job (a file, a flag, a model, the output folder): the message names it and the fix."""
+
+
+# Items and batches ------------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Item:
+    """One unit of output.
+
+    Attributes:
+        id: unique within the job; where it names files (images), :func:`check_item_id` restricts its characters.
+        seed: the item's random seed (see :func:`item_seed`), or None where nothing is random (greedy decoding).
+        payload: what the engine needs (a class label, a prompt...); JSON-serialisable.
+        source: where the item came from, for error messages (e.g. ``"requests.jsonl line 3"``).
+    """
+
+    id: str
+    seed: Optional[int]
+    payload: dict
+    source: str = field(default="", compare=False)
+
+
+@dataclass(frozen=True)
+class Batch:
+    """Items run together. ``index`` names the batch's part file; it is fixed by the job, not by the process."""
+
+    index: int
+    items: tuple[Item, ...]
+
+
+def item_seed(item_id: str, base_seed: int = 0) -> int:
+    """A seed in ``[0, 2**32)`` that depends only on ``base_seed`` and the item's id (not on order or count)."""
+    digest = hashlib.sha256(f"{base_seed}/{item_id}".encode()).digest()
+    return int.from_bytes(digest[:4], "little")
+
+
+def check_item_id(item_id, where: str) -> str:
+    """Return ``item_id`` if it can name a file; raise :class:`JobError` naming ``where`` otherwise."""
+    if not isinstance(item_id, str) or not ID_PATTERN.fullmatch(item_id) or len(item_id) > MAX_ID_LENGTH:
+        raise JobError(f"{where}: id {item_id!r} cannot name a file; use up to {MAX_ID_LENGTH} letters, digits, "
+                       f"'_', '.' or '-', not starting with '.' or '-'")
+    return item_id
+
+
+def check_unique(items: Sequence[Item]) -> None:
+    seen: dict[str, Item] = {}
+    for item in items:
+        if item.id in seen:
+            first = seen[item.id].source or "another item"
+            raise JobError(f"{item.source or 'input'}: id {item.id!r} is already used by {first}; ids must be unique")
+        seen[item.id] = item
+    if not items:
+        raise JobError("the job has no items; give at least one")
+
+
+@dataclass(frozen=True)
+class Job:
+    """The items, in order, and the batches they are cut into."""
+
+    items: tuple[Item, ...]
+    batches: tuple[Batch, ...]
+
+
+def make_job(items: Sequence[Item], batch_size: int, group: Optional[Callable[[Item], Hashable]] = None) -> Job:
+    """Cut ``items`` into batches of at most ``batch_size``, in item order.
+
+    With ``group``, items of different groups never share a batch (e.g. text prompts with different layouts):
+    groups come in order of first appearance, each cut in item order.
+    """
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise JobError(f"the batch size must be a positive int, got {batch_size!r}")
+    check_unique(items)
+    groups: dict[Hashable, list[Item]] = {}
+    for item in items:
+        groups.setdefault(group(item) if group else None, []).append(item)
+    batches = []
+    for members in groups.values():
+        for start in range(0, len(members), batch_size):
+            batches.append(Batch(len(batches), tuple(members[start:start + batch_size])))
+    return Job(tuple(items), tuple(batches))
+
+
+def deal(pending: Sequence[Batch], process_index: int, num_processes: int) -> list[Batch]:
+    """The batches of ``pending`` that process ``process_index`` of ``num_processes`` runs: every
+    ``num_processes``-th, starting at its own index."""
+    return list(pending[process_index::num_processes])
+
+
+# Reading job descriptions ------------------------------------------------------------------------------------------
+
+def read_jsonl(path: Path) -> list[tuple[int, dict]]:
+    """``(line number, object)`` for every non-blank line of a JSONL file; a bad line raises, naming its number."""
+    path = Path(path)
+    if not path.is_file():
+        raise JobError(f"input file {path} does not exist" if not path.exists() else f"input {path} is not a file")
+    rows = []
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise JobError(f"cannot read {path}: {e}") from e
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise JobError(f"{path} line {number}: not valid JSON ({e.msg} at column {e.colno})") from e
+        if not isinstance(row, dict):
+            raise JobError(f"{path} line {number}: expected a JSON object, got {type(row).__name__}")
+        rows.append((number, row))
+    if not rows:
+        raise JobError(f"{path} has no lines; give one JSON object per line")
+    return rows
+
+
+def check_keys(row: dict, allowed: Sequence[str], where: str) -> None:
+    unknown = sorted(set(row) - set(allowed))
+    if unknown:
+        raise JobError(f"{where}: unknown key(s) {unknown}; allowed: {list(allowed)}")
+
+
+def read_config(path: Path) -> dict:
+    """A method config file: one JSON object."""
+    path = Path(path)
+    if not path.is_file():
+        raise JobError(f"config file {path} does not exist" if not path.exists() else f"config {path} is not a file")
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError) as e:
+        raise JobError(f"cannot read config file {path}: {e}") from e
+    except json.JSONDecodeError as e:
+        raise JobError(f"config file {path}: not valid JSON ({e.msg} at line {e.lineno}, column {e.colno})") from e
+    if not isinstance(config, dict):
+        raise JobError(f"config file {path} must hold one JSON object, got {type(config).__name__}")
+    return config
+
+
+def parse_threshold(value: Union[str, float, int, dict], what: str) -> Union[float, ThresholdSchedule]:
+    """A threshold given as a number, ``"KIND:HIGH:LOW[:K]"`` (e.g. ``"linear:0.3:0.05"``) or a
+    ``ThresholdSchedule`` dict (``{"kind", "high", "low", "k"}``)."""
+    try:
+        if isinstance(value, dict):
+            return ThresholdSchedule.from_dict(value)
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+            kind, *numbers = value.split(":")
+            if len(numbers) not in (2, 3):
+                raise ValueError(f"write it as a number or KIND:HIGH:LOW[:K], e.g. 'linear:0.3:0.05', got {value!r}")
+            high, low, *k = (float(n) for n in numbers)
+            return ThresholdSchedule(kind, high, low, k[0] if k else None)
+    except (TypeError, ValueError) as e:
+        raise JobError(f"{what}: {e}") from e
+    raise JobError(f"{what} must be a number, KIND:HIGH:LOW[:K] or a schedule object, got {value!r}")
+
+
+def describe_threshold(threshold: Union[float, ThresholdSchedule]) -> Union[float, dict]:
+    """The JSON form of :func:`parse_threshold`'s result."""
+    return threshold.to_dict() if isinstance(threshold, ThresholdSchedule) else threshold
+
+
+# The output folder -------------------------------------------------------------------------------------------------
+
+def prepare_out_dir(out: Path) -> Path:
+    """Create ``out`` if needed and check that files can be written there; touches no existing file."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise JobError(f"output folder {out} exists and is not a folder; pass --out a folder")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        # Named like atomic_write_bytes' temp files, so a kill right here leaves nothing the next run won't remove.
+        fd, probe = tempfile.mkstemp(dir=out, prefix=".write-probe.", suffix=".tmp")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise JobError(f"cannot write to output folder {out}: {e.strerror or e}; pass --out a writable folder") from e
+    return out
+
+
+def _canonical(obj) -> str:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"))
+
+
+def job_spec(settings: dict, job: Job) -> dict:
+    """``settings`` (everything that shapes the outputs: model, method, steps...) plus digests of the items and of
+    how they are batched; this is what ``job.json`` holds and what a rerun must match."""
+    items = hashlib.sha256()
+    for item in job.items:
+        items.update((_canonical([item.id, item.seed, item.payload]) + "\n").encode())
+    batches = hashlib.sha256(_canonical([[item.id for item in b.items] for b in job.batches]).encode())
+    return json.loads(_canonical({**settings, "items": len(job.items), "items_sha256": items.hexdigest(),
+                                  "batches_sha256": batches.hexdigest()}))
+
+
+def check_job(out: Path, spec: dict) -> None:
+    """Refuse to resume into ``out`` if it holds a different job (different settings, items or batch size)."""
+    path = Path(out) / JOB_FILE
+    if not path.exists():
+        return
+    try:
+        existing = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise JobError(f"{path} is unreadable ({e}); it is not a diffexit job folder, pass another --out") from e
+    if existing != spec:
+        keys = sorted(k for k in set(existing) | set(spec) if existing.get(k) != spec.get(k))
+        detail = "; ".join(f"{k}: {existing.get(k)!r} there, {spec.get(k)!r} now" for k in keys[:4])
+        raise JobError(f"{out} holds the outputs of a different job ({detail}); rerun with the same inputs and "
+                       f"settings to resume it, or pass another --out")
+
+
+# Running ------------------------------------------------------------------------------------------------------------
+
+class Engine(Protocol):
+    """What a job runs. ``files(item)``: the file names the item writes in OUT (none for text). ``run(items)``: one
+    ``(record, {file name: bytes})`` per item, in order; the record is JSON-serialisable and starts with ``id``."""
+
+    def files(self, item: Item) -> list[str]: ...
+
+    def run(self, items: Sequence[Item]) -> list[tuple[dict, dict[str, bytes]]]: ...
+
+
+@dataclass
+class JobResult:
+    """What one run of a job did.
+
+    Attributes:
+        items: items in the job.
+        generated: items this run produced (the rest were complete already).
+        seconds: wall-clock seconds of this run's work, from the first batch to the merged manifest.
+        processes: processes that shared the work.
+        records: every item's record in item order (main process only; None elsewhere).
+        manifest: the merged manifest's path.
+    """
+
+    items: int
+    generated: int
+    seconds: float
+    processes: int
+    records: Optional[list[dict]]
+    manifest: Path
+
+    @property
+    def throughput(self) -> Optional[float]:
+        """Items per second of wall clock over all processes, or None if nothing ran."""
+        return self.generated / self.seconds if self.generated and self.seconds > 0 else None
+
+
+def process_state():
+    """accelerate's ``PartialState``: this process's index, the process count, its device, and barriers.
+
+    accelerate only sets up its CPU (gloo) process group when told the run is on CPU. ``accelerate launch --cpu``
+    says so through ``ACCELERATE_USE_CPU``; torchrun, and ``accelerate launch --multi_gpu`` on a machine with no
+    accelerator, do not, so a machine without one is told here. Processes other than the main one also turn off
+    diffusers' and transformers' progress bars (model loading), so that only one process draws any.
+    """
+    import diffusers
+    import torch
+    import transformers
+    from accelerate import PartialState
+    from accelerate.utils import parse_flag_from_env
+
+    has_accelerator = torch.accelerator.is_available() if hasattr(torch, "accelerator") else torch.cuda.is_available()
+    state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU") or not has_accelerator)
+    if not state.is_main_process:
+        diffusers.utils.logging.disable_progress_bar()
+        transformers.utils.logging.disable_progress_bar()
+    return state
+
+
+def _part_path(out: Path, batch: Batch) -> Path:
+    return out / PARTS_DIR / f"{batch.index:06d}.jsonl"
+
+
+def _read_part(path: Path) -> Optional[list[dict]]:
+    try:
+        return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line]
+    except (OSError, ValueError):
+        return None
+
+
+def batch_done(out: Path, batch: Batch, engine: Engine) -> bool:
+    """Whether ``batch`` is complete in ``out``: its part file lists exactly its items, and all their files exist."""
+    records = _read_part(_part_path(out, batch))
+    if records is None or [r.get("id") for r in records] != [item.id for item in batch.items]:
+        return False
+    return all((out / name).is_file() for item in batch.items for name in engine.files(item))
+
+
+def _remove_stale_temp_files(out: Path) -> None:
+    # atomic_write_bytes writes `.{name}.XXXX.tmp` beside the target; a kill between write and rename leaves one.
+    for folder in (out, out / PARTS_DIR):
+        if folder.is_dir():
+            for path in folder.glob(".*.tmp"):
+                path.unlink(missing_ok=True)
+
+
+def run_job(out: Path, spec: dict, job: Job, engine: Engine, *, manifest: str, desc: str, state=None) -> JobResult:
+    """Run every batch of ``job`` not yet done in ``out``, spread over the processes, then merge the manifest.
+
+    Every process calls this with the same arguments. ``spec`` is :func:`job_spec`'s (it becomes ``job.json``; a
+    folder holding another job is refused). ``manifest`` is the merged JSONL's file name. The main process draws the
+    progress bar and merges.
+    """
+    from tqdm.auto import tqdm
+
+    out = Path(out)
+    state = state or process_state()
+    check_job(out, spec)
+    if state.is_main_process:
+        if not (out / JOB_FILE).exists():
+            atomic_write_bytes(out / JOB_FILE, (json.dumps(spec, indent=2, sort_keys=True) + "\n").encode())
+        (out / PARTS_DIR).mkdir(exist_ok=True)
+        _remove_stale_temp_files(out)
+    state.wait_for_everyone()
+    pending = [b for b in job.batches if not batch_done(out, b, engine)]
+    # Nobody writes before everyone has listed what is pending, so all processes deal the same list.
+    state.wait_for_everyone()
+    start = time.perf_counter()
+    total = sum(len(b.items) for b in pending)
+    with tqdm(total=total, desc=desc, unit="item", disable=not state.is_main_process or total == 0) as bar:
+        for batch in deal(pending, state.process_index, state.num_processes):
+            _run_batch(out, batch, engine)
+            if state.is_main_process:
+                # Count every process's finished batches, so the bar shows the whole job's progress.
+                bar.update(sum(len(b.items) for b in pending if _part_path(out, b).exists()) - bar.n)
+        state.wait_for_everyone()
+        bar.update(total - bar.n)
+    records = None
+    if state.is_main_process:
+        records = merge(out, job, manifest)
+    state.wait_for_everyone()
+    return JobResult(items=len(job.items), generated=total,
+                     seconds=time.perf_counter() - start, processes=state.num_processes, records=records,
+                     manifest=out / manifest)
+
+
+def _run_batch(out: Path, batch: Batch, engine: Engine) -> None:
+    start = time.perf_counter()
+    results = engine.run(batch.items)
+    seconds = (time.perf_counter() - start) / len(batch.items)
+    if [r["id"] for r, _ in results] != [item.id for item in batch.items]:
+        raise RuntimeError(f"the engine returned records for {[r['id'] for r, _ in results]}, "
+                           f"expected {[item.id for item in batch.items]}")
+    lines = []
+    for record, files in results:
+        for name, data in files.items():
+            if not (out / name).is_file():
+                atomic_write_bytes(out / name, data)
+        lines.append(json.dumps({**record, "seconds": seconds}) + "\n")
+    atomic_write_bytes(_part_path(out, batch), "".join(lines).encode())
+
+
+def merge(out: Path, job: Job, manifest: str) -> list[dict]:
+    """Every batch's records, in item order, written atomically to ``out/manifest``; returns them."""
+    position = {item.id: i for i, item in enumerate(job.items)}
+    records = []
+    for batch in job.batches:
+        part = _read_part(_part_path(out, batch))
+        if part is None or [r.get("id") for r in part] != [item.id for item in batch.items]:
+            raise RuntimeError(f"batch {batch.index} has no complete part file in {out / PARTS_DIR} after the run")
+        records += part
+    records.sort(key=lambda r: position[r["id"]])
+    atomic_write_bytes(Path(out) / manifest, "".join(json.dumps(r) + "\n" for r in records).encode())
+    return records
+
+
+# Reporting ----------------------------------------------------------------------------------------------------------
+
+def describe_run(result: JobResult, what: str) -> str:
+    """One line: how many items this run made, how fast, on how many processes."""
+    if result.generated == 0:
+        return f"{what}: all {result.items} items were already complete in {result.manifest.parent}; nothing to do"
+    skipped = result.items - result.generated
+    return (f"{what}: {result.generated} items ({skipped} already complete) in {result.seconds:.2f} s on "
+            f"{result.processes} process{'es' if result.processes > 1 else ''}: {result.throughput:.2f} items/s; "
+            f"manifest {result.manifest}")
+
+
+def wall_speedup(full_records: Sequence[dict], records: Sequence[dict]) -> float:
+    """Full-method seconds over method seconds, summed over the same items (from the manifests' ``seconds``)."""
+    return sum(r["seconds"] for r in full_records) / max(sum(r["seconds"] for r in records), 1e-12)
