@@ -2,7 +2,7 @@
 
 ``diffexit GROUP NAME [args]`` hands ``args`` to the ``main(argv, prog)`` of the module that implements
 that command, so each command owns its own argparse parser, and ``diffexit --help`` stays fast (no torch
-import). A command whose module is not built yet says so and exits 2.
+import).
 """
 
 from __future__ import annotations
@@ -12,26 +12,20 @@ import importlib
 import sys
 from typing import Optional, Sequence
 
-# (group, name) -> (module implementing it, or None while unbuilt; one-line help).
-COMMANDS: dict[tuple[str, str], tuple[Optional[str], str]] = {
+# (group, name) -> (module implementing it, one-line help).
+COMMANDS: dict[tuple[str, str], tuple[str, str]] = {
     ("bench", "kernels"): ("diffexit.kernels.bench", "time token_stats backends side by side"),
     ("bench", "text"): ("diffexit.dllm.bench", "SchED against full steps, Prophet and parallel commits on the embedded text model"),
-    ("bench", "images"): (None, "DeeDiff against full depth, static depth and FirstBlockCache on the embedded DiT"),
-    ("generate", "images"): (None, "batch image generation (resumable, accelerate-ready)"),
-    ("generate", "text"): (None, "batch text generation (resumable, accelerate-ready)"),
+    ("bench", "images"): ("diffexit.uem.bench", "DeeDiff against full depth, static depth and FirstBlockCache on the embedded DiT"),
+    ("generate", "images"): ("diffexit.app.generate_images", "batch image generation (resumable, accelerate-ready)"),
+    ("generate", "text"): ("diffexit.app.generate_text", "batch text generation (resumable, accelerate-ready)"),
     ("train", "text"): ("diffexit.dllm.train", "train the embedded masked-diffusion text model"),
     ("train", "image"): ("diffexit.uem.train_backbone", "train the embedded digits DiT backbone"),
     ("train", "uem"): ("diffexit.uem.train", "train DeeDiff uncertainty heads on a DiT"),
-    ("calibrate", "uem"): (None, "per-timestep exit thresholds within an error budget"),
+    ("calibrate", "uem"): ("diffexit.uem.calibration", "per-timestep exit thresholds within an error budget"),
     ("calibrate", "sched"): ("diffexit.dllm.calibrate", "SchED parameters with a split-conformal risk bound"),
 }
-SINGLE = {"demo": (None, "the Gradio demo on 127.0.0.1")}
-
-# Which issue builds each unbuilt command, so the message tells the user where it stands.
-PENDING_ISSUE = {
-    "bench images": 6, "generate images": 8, "generate text": 8,
-    "calibrate uem": 9, "demo": 7,
-}
+SINGLE = {"demo": ("diffexit.app.demo", "the Gradio demo on 127.0.0.1")}
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -71,12 +65,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             got = repr(argv[1]) if len(argv) >= 2 else "nothing"
             parser.error(f"`diffexit {group}` needs one of {names}, got {got}")
         key, rest, module = f"{group} {argv[1]}", argv[2:], COMMANDS[(group, argv[1])][0]
-    if module is None:
-        print(
-            f"diffexit {key}: not built yet (tracked in issue #{PENDING_ISSUE[key]}). Nothing was run.",
-            file=sys.stderr,
-        )
-        return 2
     return int(importlib.import_module(module).main(rest, prog=f"diffexit {key}") or 0)
 
 
