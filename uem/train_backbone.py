@@ -3,8 +3,8 @@
 The model is a diffusers ``DiTTransformer2DModel`` in pixel space: 16x16x1 digits, patch 2 (64 tokens),
 12 blocks of 4 heads x 32, class-conditional over the 10 digits with label 1000 (``num_embeds_ada_norm``)
 as the null class for classifier-free guidance, as ``DiTPipeline`` expects. The objective is DDPM's
-epsilon MSE under a cosine (``squaredcos_cap_v2``) noise schedule of 1000 steps; at 16x16 pixels the
-linear schedule spends most of its steps on images that are already pure noise.
+epsilon MSE under a cosine (``squaredcos_cap_v2``) noise schedule of 1000 steps; the linear schedule
+leaves 16x16 images almost pure noise (SNR below 0.03) for the last 40% of its steps.
 
 Two departures from a stock ``DiTTransformer2DModel``, both fixed at construction (:func:`build_transformer`):
 
@@ -19,6 +19,8 @@ A run lives in a directory (default ``runs/dit-digits``): ``run.json`` (hyperpar
 ``log.jsonl`` and ``checkpoints/step-NNNNNN`` (accelerate state: model, optimizer, RNG states, the EMA and
 the step). ``--resume`` continues from the newest checkpoint and gives the same weights as a run that was
 never stopped: every random draw of a step comes from a generator seeded by (seed, process, step).
+``--resume --steps N`` with a larger N extends a finished run: the cosine learning rate restarts, stretched
+to N, from the newest checkpoint, and ``run.json`` records the extension and its command.
 ``--export DIR`` writes the EMA weights as a ``DigitsDiTPipeline`` (fp16 safetensors + DDIM config),
 measures them with the digits classifier and writes ``DIR/MODEL_CARD.md``.
 
@@ -92,7 +94,6 @@ def build_transformer(image_size: int = 16, num_layers: int = 12, num_heads: int
                 nn.init.xavier_uniform_(module.weight)
                 nn.init.zeros_(module.bias)
             elif isinstance(module, LabelEmbedding):
-                module.dropout_prob = 0.0
                 table = module.embedding_table.weight
                 nn.init.normal_(table, std=0.02)
                 table[NUM_CLASSES:NULL_CLASS].zero_()
@@ -108,6 +109,21 @@ def build_transformer(image_size: int = 16, num_layers: int = 12, num_heads: int
         for layer in (model.proj_out_1, model.proj_out_2):
             nn.init.zeros_(layer.weight)
             nn.init.zeros_(layer.bias)
+    return disable_label_dropout(model)
+
+
+def disable_label_dropout(model):
+    """Switch off the label dropout inside every ``LabelEmbedding`` of a DiT (returns the model).
+
+    ``from_pretrained`` builds them with dropout 0.1 again (it is not part of the config), and in train mode
+    each block would then drop labels on its own; anything that trains this backbone further should call
+    this first and drop labels itself, as :func:`epsilon_loss` does.
+    """
+    from diffusers.models.embeddings import LabelEmbedding
+
+    for module in model.modules():
+        if isinstance(module, LabelEmbedding):
+            module.dropout_prob = 0.0
     return model
 
 
@@ -215,6 +231,19 @@ def checkpoints(run_dir: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(p.name[5:]))
 
 
+def _schedule_totals(run: dict):
+    """Step -> the run length its learning rate is scheduled over.
+
+    A run extended on resume (``--resume --steps`` larger than before) stretches its cosine to the new
+    length from the step it was extended at (a warm restart); earlier steps keep the length they were
+    trained under, so a resume from any checkpoint retraces the same history.
+    """
+    extensions = run.get("extensions", [])
+    first = extensions[0]["previous_steps"] if extensions else run["config"]["steps"]
+    segments = [(0, first)] + [(e["from_step"], e["steps"]) for e in extensions]
+    return lambda step: [total for begin, total in segments if begin <= step][-1]
+
+
 def _run_config(args) -> dict:
     return {key: getattr(args, key) for key in RUN_KEYS}
 
@@ -245,16 +274,26 @@ def train(args, command: str):
         if not (run_dir / "run.json").is_file() or not found:
             raise ValueError(f"--resume: no checkpoint under {run_dir}/checkpoints; start the run without --resume")
         run = json.loads((run_dir / "run.json").read_text())
-        changed = {k: (run["config"][k], v) for k, v in config.items() if run["config"][k] != v}
+        changed = {k: (run["config"][k], v) for k, v in config.items() if run["config"][k] != v and k != "steps"}
         if changed:
             raise ValueError(
                 "--resume continues the same run, but these arguments differ from the checkpointed run "
                 f"(saved, given): {changed}; pass the saved values or start a new run with another --out"
             )
+        reached = int(found[-1].name[5:])
+        if args.steps < run["config"]["steps"]:
+            raise ValueError(f"--steps {args.steps} is below the run's {run['config']['steps']}; "
+                             "a resumed run can only be extended")
+        if args.steps > run["config"]["steps"]:
+            run.setdefault("extensions", []).append(
+                {"from_step": reached, "previous_steps": run["config"]["steps"], "steps": args.steps, "command": command}
+            )
+            run["config"]["steps"] = args.steps
     elif found:
         raise ValueError(f"{run_dir} already holds checkpoints; pass --resume to continue it, or choose another --out")
     else:
         run = {"config": config, "command": command}
+    schedule_totals = _schedule_totals(run)
 
     torch.set_num_threads(args.threads)
     accelerator = Accelerator()
@@ -297,7 +336,7 @@ def train(args, command: str):
         generator = step_generator(args.seed, accelerator.process_index, progress.step)
         batch = torch.randint(len(images), (args.batch_size,), generator=generator)
         for group in optimizer.param_groups:
-            group["lr"] = learning_rate(progress.step, args.steps, args.lr)
+            group["lr"] = learning_rate(progress.step, schedule_totals(progress.step), args.lr)
         loss = epsilon_loss(model, noise_scheduler, images[batch].to(accelerator.device),
                             labels[batch].to(accelerator.device), generator)
         optimizer.zero_grad(set_to_none=True)
@@ -358,7 +397,7 @@ def export_pipeline(model: nn.Module, ema: EMA, directory: str | Path) -> Path:
 
     transformer = copy.deepcopy(model).cpu()
     ema.copy_to(transformer)
-    pipe = DigitsDiTPipeline(transformer=transformer.to(torch.float16), scheduler=build_sampling_scheduler())
+    pipe = DigitsDiTPipeline(transformer=transformer.half(), scheduler=build_sampling_scheduler())
     pipe.save_pretrained(str(directory), safe_serialization=True)
     return Path(directory)
 
@@ -379,29 +418,32 @@ def sample_digits(pipe, per_class: int, guidance_scale: float, steps: int, seed:
 
 
 def _measure(directory: Path, args) -> dict:
-    """Class agreement and Frechet distance of the exported pipeline, without and with guidance."""
-    from .classifier import class_agreement, extract_features, frechet_distance, load_classifier
+    """Class agreement and Frechet distance of the exported pipeline, without guidance and at the default.
+
+    The Frechet distance is biased upwards at small N, so the reference (real train digits against the
+    real test digits) uses as many real digits as there are samples.
+    """
+    from .classifier import class_agreement, extract_features, frechet_distance, load_classifier, test_accuracy
     from .embedded import CLASSIFIER_DIR
     from .pipeline import DigitsDiTPipeline
 
     classifier = load_classifier(CLASSIFIER_DIR)
-    pipe = DigitsDiTPipeline.from_pretrained(str(directory), torch_dtype=torch.float32)
+    pipe = DigitsDiTPipeline.from_pretrained(str(directory), dtype=torch.float32)
     pipe.set_progress_bar_config(disable=True)
+    count = NUM_CLASSES * args.eval_per_class
     test_images, _ = load_digits_dataset(args.image_size, "test").tensors
     test_features = extract_features(classifier, (test_images + 1) / 2)
     train_images, _ = load_digits_dataset(args.image_size, "train").tensors
-    reference = frechet_distance(extract_features(classifier, (train_images[: len(test_images)] + 1) / 2), test_features)
-    default_scale = inspect_default_guidance()
-    figures = {"reference_frechet": reference, "rows": []}
-    for scale in sorted({1.0, default_scale}):
+    reference = frechet_distance(extract_features(classifier, (train_images[:count] + 1) / 2), test_features)
+    figures = {"reference_frechet": reference, "reference_count": min(count, len(train_images)),
+               "classifier_accuracy": test_accuracy(classifier), "rows": []}
+    for scale in sorted({1.0, inspect_default_guidance()}):
         images, labels = sample_digits(pipe, args.eval_per_class, scale, args.eval_steps, args.seed)
-        figures["rows"].append({
-            "guidance_scale": scale,
-            "class_agreement": class_agreement(images, labels, classifier),
-            "frechet": frechet_distance(extract_features(classifier, images), test_features),
-        })
-        print(f"guidance {scale}: class agreement {figures['rows'][-1]['class_agreement']:.4f}, "
-              f"Frechet {figures['rows'][-1]['frechet']:.3f} (real train vs test: {reference:.3f})")
+        row = {"guidance_scale": scale, "class_agreement": class_agreement(images, labels, classifier),
+               "frechet": frechet_distance(extract_features(classifier, images), test_features)}
+        figures["rows"].append(row)
+        print(f"guidance {scale:g}: class agreement {row['class_agreement']:.4f}, Frechet {row['frechet']:.2f} "
+              f"(real train digits: {reference:.2f})")
     return figures
 
 
@@ -414,46 +456,59 @@ def inspect_default_guidance() -> float:
     return float(inspect.signature(DigitsDiTPipeline.__call__).parameters["guidance_scale"].default)
 
 
+def _seconds_per_step(log_path: Path) -> np.ndarray:
+    """Seconds per step between consecutive ``log.jsonl`` records (each spans ``--log-every`` steps)."""
+    records = [json.loads(line) for line in log_path.read_text().splitlines()]
+    return np.array([(b["seconds"] - a["seconds"]) / (b["step"] - a["step"]) for a, b in zip(records, records[1:])])
+
+
 def _card(directory: Path, run: dict, progress: Progress, figures: dict, export_command: str, args) -> str:
     weights = directory / "transformer" / "diffusion_pytorch_model.safetensors"
     cfg = run["config"]
     params = sum(p.numel() for p in build_transformer(cfg["image_size"], cfg["num_layers"], cfg["num_heads"],
                                                       cfg["head_dim"]).parameters())
-    rows = "\n".join(
-        f"| {r['guidance_scale']:g} | {r['class_agreement'] * 100:.1f}% | {r['frechet']:.3f} |" for r in figures["rows"]
+    commands = f"`{run['command']}`" + "".join(
+        f", then `{e['command']}` (from step {e['from_step']}: the cosine stretched to {e['steps']} steps, "
+        f"a warm restart)" for e in run.get("extensions", [])
     )
+    rows = "\n".join(
+        f"| {r['guidance_scale']:g} | {r['class_agreement'] * 100:.1f}% | {r['frechet']:.1f} |" for r in figures["rows"]
+    )
+    pace = " / ".join(f"{q:.2f}" for q in np.percentile(_seconds_per_step(Path(args.out) / "log.jsonl"), [10, 50, 90]))
     return f"""# dit-digits: the embedded class-conditional DiT
 
-A diffusers `DiTTransformer2DModel` in pixel space, loaded by `diffexit.uem.load_embedded_pipeline()` as a
+A diffusers `DiTTransformer2DModel` in pixel space, loaded by `diffexit.uem.embedded.load_embedded_pipeline()` as a
 `DigitsDiTPipeline` (DiT's sampling loop without a VAE). It draws the digits 0..9 at {cfg['image_size']}x{cfg['image_size']}.
 
 - **Architecture.** {cfg['num_layers']} blocks, {cfg['num_heads']} heads x {cfg['head_dim']}, patch {PATCH_SIZE},
-  1 channel in and out, adaLN-Zero; class labels 0..9, null class {NULL_CLASS} (`num_embeds_ada_norm`) for
-  classifier-free guidance. {params / 1e6:.2f}M parameters, of which the rows 10..999 of the per-block label
-  tables are unused zeros. Stored in fp16 ({weights.stat().st_size / 2**20:.1f} MiB); load in float32.
+  1 channel in and out, adaLN-Zero init; class labels 0..9, null class {NULL_CLASS} (`num_embeds_ada_norm`) for
+  classifier-free guidance. {params / 1e6:.2f}M parameters, of which rows 10..999 of the per-block label
+  tables (1.5M) are unused zeros. Stored in fp16 ({weights.stat().st_size / 2**20:.1f} MiB); load in float32.
 - **Objective.** DDPM epsilon MSE, 1000-step `squaredcos_cap_v2` schedule, labels dropped to the null class
-  for 10% of samples. Sampler shipped: DDIM, "trailing" spacing, x0 clipped to [-1, 1].
+  for 10% of samples (one draw per sample, for all blocks). Shipped sampler: DDIM, "trailing" spacing,
+  x0 clipped to [-1, 1].
 - **Data.** `sklearn.datasets.load_digits` (1797 images, 8x8, values 0..16), bilinearly upsampled, scaled to
   [-1, 1]; the fixed 1497-image "train" split (`diffexit.uem.digits.load_digits_dataset`).
-- **Training.** {cfg['steps']} steps (reached: {progress.step}), batch {cfg['batch_size']}, AdamW lr {cfg['lr']}
-  (warmup, cosine to a tenth), gradient clip {GRAD_CLIP}, EMA up to {EMA_MAX_DECAY} (these weights are the EMA).
-  Seed {cfg['seed']}, {cfg['threads']} CPU thread(s). Training time {progress.seconds / 60:.1f} min on a shared
-  2-core CPU machine.
-- **Command.** `{run['command']}`
+- **Training.** {progress.step} steps of batch {cfg['batch_size']}, AdamW peak lr {cfg['lr']} (100-step warmup, cosine
+  to a tenth), gradient clip {GRAD_CLIP}, EMA decay up to {EMA_MAX_DECAY}; these weights are the EMA. Seed {cfg['seed']},
+  {cfg['threads']} CPU thread. {progress.seconds / 60:.0f} min of training on a 2-core CPU machine shared with
+  other jobs, at {pace} s/step (10th, 50th, 90th percentile over `log.jsonl`).
+- **Commands.** {commands}.
 
 ## Quality at full depth
 
-{args.eval_per_class} samples per digit ({NUM_CLASSES * args.eval_per_class} in all), {args.eval_steps} DDIM steps,
-seeds {args.seed}, {args.seed}+1, ... per batch of 100, judged by the shipped digits classifier (`uem/weights/classifier`):
-class agreement (the classifier reads the requested digit) and the Frechet distance of the classifier's 64-d
-features against the 300 held-out test digits (300 real train digits score {figures['reference_frechet']:.3f}).
+{NUM_CLASSES * args.eval_per_class} samples ({args.eval_per_class} per digit), {args.eval_steps} DDIM steps, one seed per batch of 100
+counting up from {args.seed}, judged by the shipped digits classifier (`uem/weights/classifier`,
+{figures['classifier_accuracy'] * 100:.1f}% on the held-out real digits). Class agreement: the classifier reads the requested digit. Frechet distance: on the
+classifier's 64-d features, against the 300 held-out test digits; {figures['reference_count']} real train digits
+score {figures['reference_frechet']:.1f} on the same scale (the distance grows as N shrinks).
 
 | guidance scale | class agreement | Frechet distance |
 | --- | --- | --- |
 {rows}
 
 The pipeline's default guidance scale is {inspect_default_guidance():g}.
-Measured on the shipped fp16 files by: `{export_command}`
+Measured on the shipped fp16 files by `{export_command}`.
 """
 
 
@@ -465,7 +520,7 @@ def main(argv: Optional[Sequence[str]] = None, prog: str = "diffexit train image
     )
     parser.add_argument("--out", default=DEFAULT_OUT, help=f"run directory for checkpoints and logs (default {DEFAULT_OUT})")
     parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
-    parser.add_argument("--steps", type=int, default=1500, help="optimizer steps in the whole run")
+    parser.add_argument("--steps", type=int, default=1500, help="optimizer steps in the whole run; with --resume, a larger value extends the run")
     parser.add_argument("--batch-size", type=int, default=32, help="images per step and process")
     parser.add_argument("--lr", type=float, default=1e-3, help="peak learning rate")
     parser.add_argument("--seed", type=int, default=0)
