@@ -10,3 +10,11 @@ PY=${PYTHON:-python3}
 # (the 2.13.0+cpu wheel is avoided: torchvision does not import beside it).
 .venv/bin/python -m pip install -q torch==2.14.1 torchvision==0.29.1
 .venv/bin/python -m pip install -q -e ".[test]"
+# The browser test drives Debian's system Chromium through Playwright (no browser download at test time).
+if ! command -v chromium >/dev/null 2>&1; then
+  if [[ $(id -u) == 0 ]] && command -v apt-get >/dev/null 2>&1; then
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
+  else
+    echo "setup.sh: no chromium; the browser test will skip (as root on Debian: apt-get install -y chromium)" >&2
+  fi
+fi
