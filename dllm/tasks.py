@@ -9,23 +9,27 @@ Deterministic tasks (one right answer; the output must equal it):
   Fixed width is what a small bidirectional model learns (DESIGN.md).
 - ``sort``: ``sort:5281746`` -> ``1245678``. 6-10 digits, repeats allowed.
 - ``reverse``: ``rev:kbtqzea`` -> ``aezqtbk``. 6-10 lowercase letters.
-- ``longcopy``: ``copy:<128 characters of words>`` -> the same 128 characters. The long-form task.
+- ``count``: ``count:0417`` -> ``0417 0418 ... 0442``, 26 four-digit numbers counting up from the start (129
+  characters). The long-form task. Each number follows from its neighbour, so a model that decodes a few
+  tokens at a time carries certainty along the span, while filling every position at once must add the
+  position's offset to the start everywhere.
 
 Coupled tasks (several valid answers whose tokens must agree; the scorer checks validity). Training answers
 are drawn uniformly from the valid ones, so with every position masked each token's marginal is spread over
 several choices: filling all masks at once mixes answers, and only committing a few tokens at a time keeps
 them consistent (DESIGN.md, "What a first CPU experiment measured (text)"):
 
-- ``sum_pair``: ``pair:587`` -> ``203+384``, any two 3-digit (zero-padded) numbers that sum to N (0-999).
-- ``permute``: ``perm:dcbae`` -> ``bdeac``, any permutation of 4-8 distinct lowercase letters.
-- ``spell``: ``spell:kov,tuma,zep`` -> ``t-u-m-a``, any one of three 3-5-letter words, letters joined by ``-``.
+- ``sum_pair``: ``pair:58`` -> ``23+35``, any two 2-digit (zero-padded) numbers that sum to N (0-99).
+- ``permute``: ``perm:dcbae`` -> ``bdeac``, any permutation of 4-6 distinct lowercase letters.
+- ``spell``: ``spell:kovr,tuma,zepi`` -> ``t-u-m-a``, any one of three 4-letter words, letters joined by ``-``.
 
-Layouts. Short tasks use 24 prompt positions and a 16-token span; ``longcopy`` uses 136 and 136. Prompts are
-left-padded, so each task's answer starts at a fixed position, and the span after the answer is ``[EOS]``.
+Layouts. Every prompt is left-padded to 24 positions, so every answer starts at position 24; the span is 16
+tokens for the short tasks and 136 for ``count``, and ``[EOS]`` fills it after the answer. ``DECODE`` gives
+each span's full-step decoding (block length and steps).
 
 Splits. A prompt belongs to the held-out split when a CRC32 of ``task|prompt`` is 0 mod 10, and to the training
-split otherwise, so held-out prompts are never trained on (for ``sum_pair`` a tenth of the values of N are never
-seen). Within a split, ``sample(task, split, seed, n)`` is a pure function of its arguments.
+split otherwise, so held-out prompts are never trained on (for ``sum_pair``, about a tenth of the values of N are
+never seen). Within a split, ``sample(task, split, seed, n)`` is a pure function of its arguments.
 """
 
 from __future__ import annotations
@@ -53,7 +57,7 @@ class Layout:
         return self.prompt_length + self.span_length
 
 
-LAYOUTS = {"short": Layout(prompt_length=24, span_length=16), "long": Layout(prompt_length=136, span_length=136)}
+LAYOUTS = {"short": Layout(prompt_length=24, span_length=16), "long": Layout(prompt_length=24, span_length=136)}
 # Full-step decoding per span length: (block_length, steps), one token per step. The short span is one block;
 # the long one is decoded semi-autoregressively in 4 blocks of 34. Benchmarks, calibration, the demo and the
 # batch script all decode this way, so their figures compare.
@@ -127,37 +131,38 @@ def _valid_reverse(prompt: str, output: str) -> bool:
     return output == _payload(prompt, "rev:", r"([a-z]+)")[1][::-1]
 
 
-# longcopy -------------------------------------------------------------------------------------------------------
+# count ----------------------------------------------------------------------------------------------------------
 
-LONGCOPY_CHARS = 128
-
-
-def _make_longcopy(rng: random.Random) -> tuple[str, str]:
-    # Paragraph-like text: words of 2-7 letters separated by single spaces, cut to exactly 128 characters so the
-    # copy is a fixed shift (a variable length would move every answer character relative to its source).
-    text = ""
-    while len(text) < LONGCOPY_CHARS:
-        text += (" " if text else "") + "".join(rng.choice(LETTERS) for _ in range(rng.randint(2, 7)))
-    text = text[:LONGCOPY_CHARS]
-    if text.endswith(" "):
-        text = text[:-1] + rng.choice(LETTERS)
-    return f"copy:{text}", text
+COUNT_TERMS = 26
 
 
-def _valid_longcopy(prompt: str, output: str) -> bool:
-    return output == _payload(prompt, "copy:", r"([a-z ]+)")[1]
+def _count_answer(start: int) -> str:
+    return " ".join(f"{start + k:04d}" for k in range(COUNT_TERMS))
+
+
+def _make_count(rng: random.Random) -> tuple[str, str]:
+    start = rng.randint(0, 9999 - (COUNT_TERMS - 1))
+    return f"count:{start:04d}", _count_answer(start)
+
+
+def _valid_count(prompt: str, output: str) -> bool:
+    start = int(_payload(prompt, "count:", r"(\d{4})")[1])
+    if start + COUNT_TERMS - 1 > 9999:
+        raise ValueError(f"prompt {prompt!r}: counting {COUNT_TERMS} numbers from {start} leaves 4 digits; "
+                         f"start at most {9999 - (COUNT_TERMS - 1)}")
+    return output == _count_answer(start)
 
 
 # sum_pair -------------------------------------------------------------------------------------------------------
 
 def _make_sum_pair(rng: random.Random) -> tuple[str, str]:
-    n = rng.randint(0, 999)
+    n = rng.randint(0, 99)
     a = rng.randint(0, n)
-    return f"pair:{n:03d}", f"{a:03d}+{n - a:03d}"
+    return f"pair:{n:02d}", f"{a:02d}+{n - a:02d}"
 
 
 def _valid_sum_pair(prompt: str, output: str) -> bool:
-    n = int(_payload(prompt, "pair:", r"(\d{3})")[1])
+    n = int(_payload(prompt, "pair:", r"(\d{2})")[1])
     m = re.fullmatch(r"(\d+)\+(\d+)", output)
     return m is not None and int(m[1]) + int(m[2]) == n
 
@@ -165,7 +170,7 @@ def _valid_sum_pair(prompt: str, output: str) -> bool:
 # permute --------------------------------------------------------------------------------------------------------
 
 def _make_permute(rng: random.Random) -> tuple[str, str]:
-    letters = rng.sample(LETTERS, rng.randint(4, 8))
+    letters = rng.sample(LETTERS, rng.randint(4, 6))
     answer = letters[:]
     rng.shuffle(answer)
     return f"perm:{''.join(letters)}", "".join(answer)
@@ -179,7 +184,8 @@ def _valid_permute(prompt: str, output: str) -> bool:
 # spell ----------------------------------------------------------------------------------------------------------
 
 def _make_spell(rng: random.Random) -> tuple[str, str]:
-    words = ["".join(rng.choice(LETTERS) for _ in range(rng.randint(3, 5))) for _ in range(3)]
+    # Equal-length words keep each letter at a fixed position, so the choice of word is the only hard part.
+    words = ["".join(rng.choice(LETTERS) for _ in range(4)) for _ in range(3)]
     return f"spell:{','.join(words)}", "-".join(rng.choice(words))
 
 
@@ -194,7 +200,7 @@ TASKS: dict[str, Task] = {
         Task("add", "short", False, _make_add, _valid_add),
         Task("sort", "short", False, _make_sort, _valid_sort),
         Task("reverse", "short", False, _make_reverse, _valid_reverse),
-        Task("longcopy", "long", False, _make_longcopy, _valid_longcopy),
+        Task("count", "long", False, _make_count, _valid_count),
         Task("sum_pair", "short", True, _make_sum_pair, _valid_sum_pair),
         Task("permute", "short", True, _make_permute, _valid_permute),
         Task("spell", "short", True, _make_spell, _valid_spell),

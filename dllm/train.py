@@ -7,9 +7,11 @@ by the span length. With probability ``--truncate-prob`` a group's batch is also
 of ``TRUNCATE_QUANTUM`` positions inside the span, which is what diffusers' ``LLaDA2Pipeline`` shows the model:
 the prefix up to the end of the current block, and nothing after it.
 
-Every step trains on one batch per layout: the short tasks (``--batch-short`` examples, the tasks in turn)
-and ``longcopy`` (``--batch-long``), so that short examples never pay for long padding. Gradients of both are
-summed before the optimizer step.
+Every step trains on one batch per layout, so that short examples never pay for long padding: the short
+tasks (``--batch-short`` examples) and the long-form ``count`` (``--batch-long``). ``TASK_SHARES`` sets each task's part:
+within a batch its share of the examples, and across layouts its share of the loss (each group's mean loss is
+weighted by its tasks' total share). The tasks that need the most examples to learn (fixed-width addition and
+the coupled tasks) get more.
 
 Determinism and resuming: the data and masks of step ``s`` are drawn from generators seeded with
 ``(--seed, s, process index)``, so the step number is the whole random state of the data stream. A checkpoint
@@ -18,8 +20,8 @@ elapsed time) is written every ``--checkpoint-every`` steps, and ``--resume`` co
 
 Reported while training: the loss, and every ``--eval-every`` steps the masked-token accuracy on held-out
 examples at a few mask rates (``EVAL_MASK_RATES``). At the end, ``--decode-eval N`` decodes N held-out examples
-per task with ``diffexit.dllm.generate`` (greedy, low-confidence) at full steps (one token per step) and at one
-step, and prints the accuracy of each.
+per task with ``diffexit.dllm.generate`` (greedy, low-confidence) at full steps (``tasks.DECODE``: one token
+per step) and at one step, and prints the accuracy of each.
 
 Export: ``--export DIR`` writes ``model.safetensors`` (fp16), ``config.json``, ``tokenizer.json`` and
 ``training.json`` (the command, seed, steps and time), loadable by
@@ -41,7 +43,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .tasks import LAYOUTS, TASK_NAMES, TASKS, Example, Layout, sample, score
+from .tasks import DECODE, LAYOUTS, TASK_NAMES, TASKS, Example, Layout, sample, score
 from .text_model import DiffusionLlama, load_text_model, text_model_config
 from .tokenizer import build_tokenizer, decode_answer, encode_answers, encode_prompts
 
@@ -50,6 +52,8 @@ TRUNCATE_QUANTUM = 4  # pipelines' block lengths are multiples of this, so their
 EVAL_MASK_RATES = (0.15, 0.5, 1.0)
 EVAL_EXAMPLES = 64
 LR_FLOOR = 0.1  # the cosine schedule ends at this fraction of the peak learning rate
+# Relative weight of each task in the data and the loss.
+TASK_SHARES = {"add": 3, "sort": 1, "reverse": 1, "count": 2, "sum_pair": 2, "permute": 3, "spell": 3}
 SHORT_TASKS = tuple(t for t in TASK_NAMES if TASKS[t].layout == "short")
 LONG_TASKS = tuple(t for t in TASK_NAMES if TASKS[t].layout == "long")
 # Arguments that change the trajectory: a resumed run must use the same values.
@@ -64,18 +68,18 @@ def _parser(prog: str) -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
     p.add_argument("--export", metavar="DIR", help="after training, write the shipped model files to DIR")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--steps", type=int, default=3000, help="optimizer steps in the whole run")
+    p.add_argument("--steps", type=int, default=3500, help="optimizer steps in the whole run")
     p.add_argument("--lr", type=float, default=2e-3, help="peak AdamW learning rate")
     p.add_argument("--warmup", type=int, default=100, help="linear warm-up steps before the cosine decay")
     p.add_argument("--weight-decay", type=float, default=0.01)
     p.add_argument("--batch-short", type=int, default=96, help="short-task examples per step (tasks in turn)")
-    p.add_argument("--batch-long", type=int, default=4, help="longcopy examples per step")
+    p.add_argument("--batch-long", type=int, default=8, help="long-form (count) examples per step")
     p.add_argument("--truncate-prob", type=float, default=0.25,
                    help="chance that a batch is cut after a block boundary inside the span")
     p.add_argument("--hidden", type=int, default=128, help="model width")
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--heads", type=int, default=4)
-    p.add_argument("--eval-every", type=int, default=250, help="steps between held-out masked-token accuracies")
+    p.add_argument("--eval-every", type=int, default=200, help="steps between held-out masked-token accuracies")
     p.add_argument("--checkpoint-every", type=int, default=100, help="steps between checkpoints")
     p.add_argument("--decode-eval", type=int, default=0, metavar="N",
                    help="after training, decode N held-out examples per task at full steps and at one step")
@@ -93,8 +97,10 @@ def _check_args(args: argparse.Namespace) -> None:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
     if not 0.0 <= args.truncate_prob <= 1.0:
         raise ValueError(f"--truncate-prob must be in [0, 1], got {args.truncate_prob}")
-    if args.batch_short < len(SHORT_TASKS):
-        raise ValueError(f"--batch-short must be at least {len(SHORT_TASKS)} so every short task is in each step")
+    short_shares = sum(TASK_SHARES[t] for t in SHORT_TASKS)
+    if args.batch_short < short_shares:
+        raise ValueError(f"--batch-short must be at least {short_shares} (the short tasks' total share), so that "
+                         f"every short task is in each step")
     if args.threads is not None and args.threads <= 0:
         raise ValueError(f"--threads must be positive, got {args.threads}")
 
@@ -114,17 +120,25 @@ def encode_examples(tokenizer, examples: list[Example], layout: Layout) -> tuple
     return torch.cat([prompt_ids, span], 1), torch.cat([prompt_mask, torch.ones_like(span)], 1)
 
 
+def split_counts(total: int, tasks: tuple[str, ...]) -> dict[str, int]:
+    """``total`` examples split over ``tasks`` in proportion to ``TASK_SHARES`` (largest remainders round up)."""
+    shares = sum(TASK_SHARES[t] for t in tasks)
+    exact = {t: total * TASK_SHARES[t] / shares for t in tasks}
+    counts = {t: int(exact[t]) for t in tasks}
+    for t in sorted(tasks, key=lambda t: counts[t] - exact[t])[: total - sum(counts.values())]:
+        counts[t] += 1
+    return counts
+
+
 def step_examples(step: int, seed: int, rank: int, batch_short: int, batch_long: int) -> dict[str, list[Example]]:
-    """The training examples of ``step`` on process ``rank``, per layout; the short tasks take turns."""
+    """The training examples of ``step`` on process ``rank``, per layout (``"short"``, and ``"long"`` if any)."""
     data_seed = (seed * 1_000_003 + step) * 1_009 + rank
-    counts = {t: batch_short // len(SHORT_TASKS) + (i < batch_short % len(SHORT_TASKS))
-              for i, t in enumerate(SHORT_TASKS)}
+    counts = split_counts(batch_short, SHORT_TASKS)
     per_task = {t: sample(t, "train", data_seed, counts[t]) for t in SHORT_TASKS}
     # Interleave the tasks, so that the stratified mask rates (by batch index) spread over every task.
     groups = {"short": [per_task[t][i] for i in range(max(counts.values())) for t in SHORT_TASKS if i < counts[t]]}
     if batch_long:
-        counts = {t: batch_long // len(LONG_TASKS) + (i < batch_long % len(LONG_TASKS))
-                  for i, t in enumerate(LONG_TASKS)}
+        counts = split_counts(batch_long, LONG_TASKS)
         groups["long"] = [ex for t in LONG_TASKS for ex in sample(t, "train", data_seed, counts[t])]
     return groups
 
@@ -148,12 +162,17 @@ def diffusion_loss(logits: torch.Tensor, targets: torch.Tensor, masked: torch.Te
     return (ce * weights).sum() / span_length
 
 
-def training_loss(model, tokenizer, step: int, args, rank: int) -> tuple[torch.Tensor, int]:
-    """The step's summed loss over both layouts and the number of examples it covers; call ``backward`` on it."""
+def training_loss(model, tokenizer, step: int, args, rank: int) -> torch.Tensor:
+    """The loss of training step ``step`` (a scalar to call ``backward`` on).
+
+    Each layout group's loss is its per-example mean, weighted by its tasks' share of ``TASK_SHARES``.
+    """
     gen = torch.Generator().manual_seed((args.seed * 1_000_003 + step) * 1_009 + rank)
     device = next(model.parameters()).device
-    total, count = None, 0
-    for group, examples in step_examples(step, args.seed, rank, args.batch_short, args.batch_long).items():
+    groups = step_examples(step, args.seed, rank, args.batch_short, args.batch_long)
+    shares = {g: sum(TASK_SHARES[t] for t in TASK_NAMES if TASKS[t].layout == g) for g in groups}
+    total = 0.0
+    for group, examples in groups.items():
         layout = LAYOUTS[group]
         ids, attn = encode_examples(tokenizer, examples, layout)
         batch = len(examples)
@@ -168,9 +187,8 @@ def training_loss(model, tokenizer, step: int, args, rank: int) -> tuple[torch.T
         noisy, masked = corrupt(ids, layout.prompt_length, t, tokenizer.mask_token_id, gen)
         logits = model(noisy.to(device), attention_mask=attn.to(device)).logits
         loss = diffusion_loss(logits, ids.to(device), masked.to(device), t.to(device), length - layout.prompt_length)
-        total = loss if total is None else total + loss
-        count += batch
-    return total, count
+        total = total + loss / batch * (shares[group] / sum(shares.values()))
+    return total
 
 
 @torch.no_grad()
@@ -194,11 +212,15 @@ def masked_accuracy(model, tokenizer, heldout: dict[str, list[Example]]) -> dict
 
 
 @torch.no_grad()
-def decode_accuracy(model, tokenizer, task: str, examples: list[Example], steps: int, batch: int = 64) -> float:
-    """Fraction of ``examples`` that ``diffexit.dllm.generate`` (greedy, low-confidence, one block) gets right."""
+def decode_accuracy(model, tokenizer, task: str, examples: list[Example], *, one_step: bool, batch: int = 64) -> float:
+    """Fraction of ``examples`` that ``diffexit.dllm.generate`` gets right, greedy with low-confidence remasking.
+
+    Full steps use the span's ``DECODE`` setup (one token per step); ``one_step`` fills the span in one pass.
+    """
     from .generate import generate
 
     layout = LAYOUTS[TASKS[task].layout]
+    block, steps = (layout.span_length, 1) if one_step else DECODE[layout.span_length]
     model.eval()
     device = next(model.parameters()).device
     right = 0
@@ -206,7 +228,7 @@ def decode_accuracy(model, tokenizer, task: str, examples: list[Example], steps:
         chunk = examples[i:i + batch]
         ids, attn = encode_prompts(tokenizer, [e.prompt for e in chunk], layout.prompt_length)
         out = generate(model, ids.to(device), attention_mask=attn.to(device), gen_length=layout.span_length,
-                       steps=steps, mask_id=tokenizer.mask_token_id)
+                       steps=steps, block_length=block, mask_id=tokenizer.mask_token_id)
         for e, span in zip(chunk, out.generated.cpu()):
             right += score(task, e.prompt, decode_answer(tokenizer, span))
     return right / len(examples)
@@ -288,22 +310,22 @@ def main(argv: list[str], prog: str = "diffexit train text") -> int:
     t0 = time.perf_counter()
     log = out / "metrics.jsonl"
     for step in range(start, args.steps):
-        loss, count = training_loss(model, tokenizer, step, args, accelerator.process_index)
-        accelerator.backward(loss / count)
+        loss = training_loss(model, tokenizer, step, args, accelerator.process_index)
+        accelerator.backward(loss)
         accelerator.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         bar.update(1)
-        bar.set_postfix(loss=f"{loss.item() / count:.4f}")
+        bar.set_postfix(loss=f"{loss.item():.4f}")
         done = step + 1
-        record = {"step": done, "loss": loss.item() / count, "lr": scheduler.get_last_lr()[0]}
-        if done % args.eval_every == 0 or done == args.steps:
-            acc = masked_accuracy(accelerator.unwrap_model(model), tokenizer, heldout)
-            record["masked_accuracy"] = acc
-            bar.write(f"step {done} loss {record['loss']:.4f} | held-out masked acc at t={EVAL_MASK_RATES}: "
-                      f"{_format_accuracy(acc)}")
+        record = {"step": done, "loss": loss.item(), "lr": scheduler.get_last_lr()[0]}
         if accelerator.is_main_process:
+            if done % args.eval_every == 0 or done == args.steps:
+                acc = masked_accuracy(accelerator.unwrap_model(model), tokenizer, heldout)
+                record["masked_accuracy"] = acc
+                bar.write(f"step {done} loss {record['loss']:.4f} | held-out masked acc at t={EVAL_MASK_RATES}: "
+                          f"{_format_accuracy(acc)}")
             record["elapsed_s"] = elapsed + time.perf_counter() - t0
             with log.open("a") as f:
                 f.write(json.dumps(record) + "\n")
@@ -325,11 +347,46 @@ def main(argv: list[str], prog: str = "diffexit train text") -> int:
         if args.decode_eval:
             # Score what ships: the exported fp16 weights, when there are any.
             scored = load_text_model(args.export)[0] if args.export else unwrapped
-            print("| task | full steps | one step |\n| --- | --- | --- |")
-            for task in TASK_NAMES:
+            lines = ["| task | full steps | one step |", "| --- | --- | --- |"]
+            print("\n".join(lines))
+            for task in tqdm(TASK_NAMES, desc="decode eval", disable=not accelerator.is_local_main_process):
                 examples = sample(task, "heldout", 0, args.decode_eval)
-                span = LAYOUTS[TASKS[task].layout].span_length
-                full = decode_accuracy(scored, tokenizer, task, examples, steps=span)
-                one = decode_accuracy(scored, tokenizer, task, examples, steps=1)
-                print(f"| {task} | {full:.3f} | {one:.3f} |", flush=True)
+                full = decode_accuracy(scored, tokenizer, task, examples, one_step=False)
+                one = decode_accuracy(scored, tokenizer, task, examples, one_step=True)
+                lines.append(f"| {task} | {full:.3f} | {one:.3f} |")
+                print(lines[-1], flush=True)
+            if args.export:
+                write_model_card(Path(args.export), f"{prog} " + " ".join(argv), args, n_params, elapsed, lines)
     return 0
+
+
+def write_model_card(directory: Path, command: str, args, n_params: int, seconds: float, table: list[str]) -> None:
+    """``MODEL_CARD.md`` beside the exported weights: how they were made and their held-out decoding accuracy."""
+    from ..app.reporting import atomic_write_bytes
+
+    card = f"""# The embedded masked-diffusion text model
+
+A bidirectional `LlamaForCausalLM` (`DiffusionLlama`: `is_causal=False`, learned absolute positions),
+{args.layers} layers x {args.hidden} wide, {args.heads} heads, {n_params / 1e6:.2f}M parameters, stored in fp16; a
+character-level tokenizer (`tokenizer.json`, `[MASK]`, `[EOS]`, `[PAD]`). Load it with
+`diffexit.dllm.text_model.load_embedded_text_model()`.
+
+- **Data.** The generated tasks of `diffexit.dllm.tasks` ({", ".join(TASK_NAMES)}), training split (a CRC32 of
+  the prompt decides the split, so held-out prompts are never trained on).
+- **Objective.** LLaDA's masked-diffusion loss: `t ~ U(eps, 1)`, each answer-span token masked with probability
+  `t`, cross-entropy on the masked tokens weighted by `1/t`; a quarter of the batches cut after a block boundary
+  so the model also decodes in `LLaDA2Pipeline`'s block windows.
+- **Training.** {args.steps} steps, AdamW peak lr {args.lr:g} ({args.warmup} warm-up steps, cosine decay), batches
+  of {args.batch_short} short and {args.batch_long} long examples, seed {args.seed}, {seconds / 60:.0f} min on a
+  2-core CPU shared with other jobs. `training.json` has the full settings.
+- **Command.** `{command}`{" (the last leg of a run resumed from its checkpoints; resuming continues bit for bit)" if args.resume else ""}.
+
+## Held-out accuracy
+
+{args.decode_eval} held-out examples per task, greedy, low-confidence remasking; "full steps" commits one token per
+step (short spans: one block of 16; `count`: 4 blocks of 34), "one step" fills the span in one forward pass. Coupled
+tasks (`sum_pair`, `permute`, `spell`) are scored for validity, the others for equality.
+
+{chr(10).join(table)}
+"""
+    atomic_write_bytes(directory / "MODEL_CARD.md", card.encode())

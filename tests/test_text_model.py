@@ -2,7 +2,6 @@
 
 import argparse
 import json
-import random
 
 import pytest
 import torch
@@ -11,7 +10,7 @@ from transformers import PreTrainedTokenizerFast
 
 from diffexit.dllm import generate
 from diffexit.dllm import train as train_mod
-from diffexit.dllm.tasks import LAYOUTS, TASK_NAMES, TASKS, layout_of, sample, score, split_of
+from diffexit.dllm.tasks import DECODE, LAYOUTS, TASK_NAMES, TASKS, layout_of, sample, score, split_of
 from diffexit.dllm.text_model import (
     WEIGHTS_DIR, DiffusionLlama, load_embedded_text_model, load_text_model, text_model_config,
 )
@@ -99,9 +98,18 @@ def test_splits_are_disjoint_and_examples_fit_the_layout(task, tok):
         encode_answers(tok, [e.answer for e in examples], layout.span_length)
 
 
-def test_longcopy_answer_is_long_form():
-    assert all(len(e.answer) >= 128 for e in sample("longcopy", "train", 0, 20))
+def test_count_answer_is_long_form():
+    assert all(len(e.answer) >= 128 for e in sample("count", "train", 0, 20))
     assert LAYOUTS["long"].span_length > 128
+    assert score("count", "count:9974", " ".join(str(n) for n in range(9974, 10000)))
+    with pytest.raises(ValueError, match="start at most 9974"):
+        score("count", "count:9975", "")
+
+
+def test_every_layout_decodes_one_token_per_step_in_whole_blocks():
+    for layout in LAYOUTS.values():
+        block, steps = DECODE[layout.span_length]
+        assert steps == layout.span_length and layout.span_length % block == 0
 
 
 def test_sample_rejects_bad_arguments():
@@ -119,12 +127,14 @@ SCORER_CASES = {
     "add": ("add:000123+004567", ["0004690"], ["4690", "0004691", "00004690", " 0004690"]),
     "sort": ("sort:5281746", ["1245678"], ["8765421", "124567", "12456788"]),
     "reverse": ("rev:kbtqzea", ["aezqtbk"], ["kbtqzea", "aezqtb", "aezqtbk "]),
-    "longcopy": ("copy:ab cd efg", ["ab cd efg"], ["ab cd ef", "abcdefg", "ab cd efg "]),
-    "sum_pair": ("pair:587", ["203+384", "000+587", "587+000", "293+294", "5+582"],
-                 ["203+385", "203-384", "587", "+587", "203+384+0", "2o3+384", ""]),
+    "count": ("count:0098", [" ".join(f"{n:04d}" for n in range(98, 124))],
+              [" ".join(f"{n:04d}" for n in range(98, 123)), " ".join(str(n) for n in range(98, 124)),
+               " ".join(f"{n:04d}" for n in range(98, 125)), " ".join(f"{n:04d}" for n in range(98, 124)) + " "]),
+    "sum_pair": ("pair:58", ["23+35", "00+58", "58+00", "29+29", "5+53", "058+000"],
+                 ["23+36", "23-35", "58", "+58", "23+35+0", "2o+35", ""]),
     "permute": ("perm:dcbae", ["dcbae", "abcde", "eadcb"], ["abcd", "abcdef", "aabcd", "abcdd", "ABCDE"]),
-    "spell": ("spell:kov,tuma,zep", ["k-o-v", "t-u-m-a", "z-e-p"],
-              ["kov", "t-u-m", "k-o-v-", "z-e-p-k-o-v", "t-u-m-a,z-e-p", "p-e-z"]),
+    "spell": ("spell:kovr,tuma,zepi", ["k-o-v-r", "t-u-m-a", "z-e-p-i"],
+              ["kovr", "t-u-m", "k-o-v-r-", "z-e-p-i-k-o-v-r", "t-u-m-a,z-e-p-i", "i-p-e-z", "k-o-m-a"]),
 }
 
 
@@ -195,6 +205,16 @@ def test_model_never_attends_pad_and_takes_pipeline_arguments(tok):
     assert window.shape == (2, 12, len(tok))
 
 
+def test_model_runs_inside_diffusers_llada2_pipeline(tok):
+    from diffusers import BlockRefinementScheduler, LLaDA2Pipeline
+
+    pipe = LLaDA2Pipeline(model=tiny_model(tok), scheduler=BlockRefinementScheduler(), tokenizer=tok)
+    ids, mask = encode_prompts(tok, ["rev:abc", "rev:abcdef"], 24)
+    out = pipe(input_ids=ids, attention_mask=mask, gen_length=16, block_length=8, num_inference_steps=8,
+               eos_early_stop=False, output_type="seq")
+    assert out.sequences.shape == (2, 16) and not (out.sequences == tok.mask_token_id).any()
+
+
 def test_model_rejects_causal_config_and_out_of_range_positions(tok):
     cfg = text_model_config(len(tok), tok.pad_token_id, hidden_size=32, num_layers=1, num_heads=4, max_positions=8)
     cfg.is_causal = True
@@ -227,15 +247,14 @@ def test_saved_model_loads_back_exactly_and_fp16_export_stays_close(tok, tmp_pat
 
 # training -------------------------------------------------------------------------------------------------------
 
-TINY_RUN = ["--hidden", "32", "--layers", "2", "--heads", "4", "--batch-short", "12", "--batch-long", "2",
+TINY_RUN = ["--hidden", "32", "--layers", "2", "--heads", "4", "--batch-short", "16", "--batch-long", "2",
             "--eval-every", "1000", "--checkpoint-every", "3", "--warmup", "2", "--lr", "3e-3", "--threads", "1"]
 
 
 def _fixed_loss(model, tok, args):
     """The training loss of one fixed, never-trained-on step's data and masks."""
     with torch.no_grad():
-        loss, count = train_mod.training_loss(model, tok, 10 ** 6, args, 0)
-    return loss.item() / count
+        return train_mod.training_loss(model, tok, 10 ** 6, args, 0).item()
 
 
 def _checkpoint_model(run_dir, tok):
@@ -258,6 +277,15 @@ def test_step_examples_cover_every_task_and_differ_by_step_and_rank():
     assert {e.task for e in groups["short"]} == set(train_mod.SHORT_TASKS)
     assert groups == train_mod.step_examples(0, 0, 0, 13, 2)
     assert groups != train_mod.step_examples(1, 0, 0, 13, 2) and groups != train_mod.step_examples(0, 0, 1, 13, 2)
+    assert "long" not in train_mod.step_examples(0, 0, 0, 13, 0)
+
+
+def test_split_counts_follow_the_shares():
+    per_share = 10
+    total = per_share * sum(train_mod.TASK_SHARES[t] for t in train_mod.SHORT_TASKS)
+    counts = train_mod.split_counts(total, train_mod.SHORT_TASKS)
+    assert counts == {t: per_share * train_mod.TASK_SHARES[t] for t in train_mod.SHORT_TASKS}
+    assert sum(train_mod.split_counts(total - 3, train_mod.SHORT_TASKS).values()) == total - 3
 
 
 def test_lr_schedule_warms_up_then_decays_to_the_floor():
@@ -322,7 +350,8 @@ def test_shipped_model_loads_offline_and_solves_held_out_examples(monkeypatch):
         layout = layout_of(task)
         examples = sample(task, "heldout", 0, 3)
         ids, mask = encode_prompts(tok, [e.prompt for e in examples], layout.prompt_length)
-        out = generate(model, ids, attention_mask=mask, gen_length=layout.span_length, steps=layout.span_length,
-                       mask_id=tok.mask_token_id)
+        block, steps = DECODE[layout.span_length]
+        out = generate(model, ids, attention_mask=mask, gen_length=layout.span_length, steps=steps,
+                       block_length=block, mask_id=tok.mask_token_id)
         outputs = [decode_answer(tok, span) for span in out.generated]
         assert all(score(task, e.prompt, o) for e, o in zip(examples, outputs)), (task, outputs)
