@@ -6,7 +6,7 @@ speedups over full steps measured in the same run, and ``QPS_4 = speedup_nfe * (
 Rows run inside ``LLaDA2Pipeline`` are measured against the stock pipeline instead (field ``baseline``).
 
 Decoding setup per layout (see ``diffexit.dllm.tasks``): short tasks decode their 16-token span in one block
-at 16 steps; ``longcopy`` decodes 136 tokens in 4 blocks of 34 at 136 steps; "full" is one token per step.
+at 16 steps; ``count`` decodes 136 tokens in 4 blocks of 34 at 136 steps; "full" is one token per step.
 The embedded model also runs inside diffusers' ``LLaDA2Pipeline`` (blocks of 8, one token per step), with
 the stock ``BlockRefinementScheduler`` and with ``SchEDScheduler``.
 
@@ -67,12 +67,34 @@ def sched_methods() -> list[Method]:
     return out
 
 
-def all_methods() -> list[Method]:
+# Entropy halting compares minus the worst masked position's entropy (nats) with the schedule: from "every
+# position below 0.1 nats" early on to "below 1 nat" at the end.
+ENTROPY_SCHEDULE = ThresholdSchedule("linear", -0.1, -1.0)
+
+
+def stat_methods(ignore_token_ids: tuple[int, ...]) -> list[Method]:
+    """SchED with the statistics beyond the paper's mean, each at the paper's cosine (7.5 -> 2.5) and at a linear
+    schedule down to 0; entropy at :data:`ENTROPY_SCHEDULE`. ``ignore_token_ids``: EOS and padding."""
+    out = []
+    for stat in ("median", "quantile", "min", "mean_content"):
+        for sched in (ThresholdSchedule("cosine", 7.5, 2.5), ThresholdSchedule("linear", 7.5, 0.0)):
+            ignore = ignore_token_ids if stat == "mean_content" else ()
+            out.append(Method(f"sched-{sched.kind}-low{sched.low:g}-{stat}",
+                              {"schedule": sched.to_dict(), "stat": stat, **({"q": 0.1} if stat == "quantile" else {})},
+                              halting=lambda s=sched, st=stat, ig=ignore: SchED(s, stat=st, ignore_token_ids=ig)))
+    out.append(Method("sched-entropy", {"schedule": ENTROPY_SCHEDULE.to_dict(), "stat": "entropy"},
+                      halting=lambda: SchED(ENTROPY_SCHEDULE, stat="entropy")))
+    return out
+
+
+def all_methods(ignore_token_ids: tuple[int, ...]) -> list[Method]:
+    """Every row of the benchmark; ``ignore_token_ids`` (EOS, padding) feed the ``mean_content`` statistic."""
     cosine = ThresholdSchedule("cosine", 7.5, 2.5)
     return [
         Method("full", {"steps": "full"}),
         Method("one-step", {"steps": 1}, one_step=True),
         *sched_methods(),
+        *stat_methods(ignore_token_ids),
         Method("prophet", {"window": 5, "thresholds": [7.5, 5.0, 2.5]}, halting=lambda: Prophet()),
         Method("parallel", {"threshold": PARALLEL_THRESHOLD}, parallel_threshold=PARALLEL_THRESHOLD),
         Method("sched-cosine+parallel", {"schedule": cosine.to_dict(), "threshold": PARALLEL_THRESHOLD},
@@ -189,11 +211,15 @@ def plot_pareto(rows: list[dict], path: Path) -> None:
     fig, axes = plt.subplots(1, len(tasks), figsize=(3.2 * len(tasks), 3.4), squeeze=False)
     for ax, task in zip(axes[0], tasks):
         for r in (r for r in rows if r["task"] == task):
-            family = r["method"].split("-")[0] if r["method"].startswith("sched-") else r["method"]
+            stat = r["params"].get("stat", "mean") if isinstance(r["params"], dict) else "mean"
+            family = r["method"]
+            if r["method"].startswith("sched-") and "+" not in r["method"]:
+                family = "sched" if stat == "mean" else f"sched ({stat})"
             color = {"sched": "tab:blue", "full": "black", "one-step": "tab:red", "prophet": "tab:orange",
-                     "parallel": "tab:green", "sched-cosine+parallel": "tab:purple"}.get(family, "tab:gray")
-            ax.scatter(r["speedup_nfe"], 100 * r["score"], color=color, s=18,
-                       label=family if family != "sched" or "low2.5" in r["method"] else None)
+                     "parallel": "tab:green", "sched-cosine+parallel": "tab:purple", "sched (min)": "tab:cyan",
+                     "sched (quantile)": "tab:olive", "sched (median)": "tab:pink",
+                     "sched (mean_content)": "tab:brown", "sched (entropy)": "navy"}.get(family, "tab:gray")
+            ax.scatter(r["speedup_nfe"], 100 * r["score"], color=color, s=18, label=family)
         ax.set_title(task)
         ax.set_xscale("log")
         ax.set_xlabel("NFE speedup")
@@ -265,7 +291,7 @@ def main(argv: list[str], prog: str = "diffexit bench text") -> int:
     except (FileNotFoundError, OSError, ValueError) as e:
         print(f"{prog}: cannot load the model: {e}", file=sys.stderr)
         return 1
-    methods = all_methods()
+    methods = all_methods((tok.eos_token_id, tok.pad_token_id))
     rows = []
     with tqdm(total=len(args.tasks) * len(methods), desc="bench text", unit="run") as bar:
         for task in args.tasks:
@@ -276,7 +302,7 @@ def main(argv: list[str], prog: str = "diffexit bench text") -> int:
     path = write_results(args.out, "text", args.quick, rows, n_per_task=n, torch_threads=torch.get_num_threads())
     plot_pareto(rows, args.out / "pareto.png")
     # The long-form task shows the most: its span is long and its margins rise slowly.
-    plot_trace(model, tok, "longcopy" if "longcopy" in args.tasks else args.tasks[0], args.out / "trace.png")
+    plot_trace(model, tok, "count" if "count" in args.tasks else args.tasks[0], args.out / "trace.png")
     print(markdown_table([r for r in rows if r["task"] == "all"], COLUMNS))
     flagged = sorted({r["task"] for r in rows if r["task"] != "all" and r["one_step_matches_full"]})
     if flagged:

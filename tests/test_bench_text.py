@@ -25,7 +25,9 @@ def _bench(tmp_path, tasks):
     assert rc == 0
     result = json.loads((out / "results.json").read_text())
     assert result["benchmark"] == "text" and result["quick"] is True
-    names = {m.name for m in all_methods()}
+    names = {m.name for m in all_methods((tok.eos_token_id, tok.pad_token_id))}
+    stats = {r["params"].get("stat") for r in result["rows"] if r["task"] == "all"}
+    assert {"mean", "median", "quantile", "min", "mean_content", "entropy"} <= stats
     for task in (*tasks, "all"):
         rows = [r for r in result["rows"] if r["task"] == task]
         assert {r["method"] for r in rows} == names
@@ -45,4 +47,4 @@ def test_bench_text_quick(tmp_path):
 
 @pytest.mark.slow
 def test_bench_text_quick_long_form(tmp_path):
-    _bench(tmp_path, ["add", "longcopy"])
+    _bench(tmp_path, ["add", "count"])
