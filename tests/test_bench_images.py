@@ -1,0 +1,172 @@
+"""``diffexit bench images --quick`` end to end on tiny random models saved to disk."""
+
+import json
+
+import pytest
+import torch
+
+from diffexit.app.cli import main as cli_main
+from diffexit.samplers import progress
+from diffexit.uem import StaticDepth, UEMStack
+from diffexit.uem import bench
+from diffexit.uem.bench import FIGURES, image_methods
+from diffexit.uem.classifier import DigitsClassifier, save_classifier
+from diffexit.uem.pipeline import DigitsDiTPipeline
+from diffexit.uem.train_backbone import build_sampling_scheduler, build_transformer
+
+LAYERS = 4
+STEPS = 4  # few steps and samples keep the run short; --quick still picks the timing setup
+PNGS = ("pareto.png", "samples.png", "exit_depths.png")
+
+
+def _random_transformer(seed):
+    # adaLN-Zero starts every block as the identity; random weights make depth (and exits) change the output.
+    torch.manual_seed(seed)
+    model = build_transformer(image_size=16, num_layers=LAYERS, num_heads=2, head_dim=8)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("bench-images-models")
+    DigitsDiTPipeline(_random_transformer(0), build_sampling_scheduler()).save_pretrained(str(root / "pipe"))
+    # The layout `diffexit train uem --mode full --out DIR` writes: heads in uem/, the fine-tuned backbone beside.
+    tuned = _random_transformer(1)
+    tuned.save_pretrained(str(root / "uems" / "transformer"))
+    torch.manual_seed(2)
+    uem = UEMStack.for_model(tuned)
+    with torch.no_grad():
+        # Spread the heads so the uncertainty falls on both sides of the thresholds.
+        uem.token_weight.copy_(torch.randn_like(uem.token_weight) * 2.0)
+        uem.token_bias.copy_(torch.linspace(-4.0, 2.0, LAYERS))
+    uem.save_pretrained(str(root / "uems" / "uem"))
+    # A calibration beside the heads adds a row; it must be made on the backbone the heads were trained with.
+    DigitsDiTPipeline(tuned, build_sampling_scheduler()).save_pretrained(str(root / "tuned-pipe"))
+    assert cli_main(["calibrate", "uem", "--uem", str(root / "uems" / "uem"), "--model", str(root / "tuned-pipe"),
+                     "--budget", "0.05", "--steps", str(STEPS), "--samples", "6", "--held-out", "6"]) == 0
+    torch.manual_seed(3)
+    save_classifier(DigitsClassifier(), root / "classifier")
+    return root
+
+
+def _bench(models, out, *extra):
+    return cli_main(["bench", "images", "--quick", "--out", str(out), "--pipeline", str(models / "pipe"),
+                     "--classifier", str(models / "classifier"), "--per-class", "1", "--steps", str(STEPS), *extra])
+
+
+@pytest.fixture(scope="module")
+def quick_run(models, tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench-images-out")
+    assert _bench(models, out, "--uem", str(models / "uems")) == 0
+    return out, json.loads((out / "results.json").read_text())
+
+
+def test_quick_run_has_every_method_and_field_and_plot(quick_run):
+    out, results = quick_run
+    assert results["benchmark"] == "images" and results["quick"] is True
+    assert results["fine_tuned_backbone"] is True
+    rows = {r["method"]: r for r in results["rows"]}
+    families = {r["family"] for r in rows.values()}
+    assert {"full", "base", "deediff-paper", "deediff-paper-schedule", "deediff-paper-calibrated", "static", "steps",
+            "fbc"} <= families
+    assert rows["deediff-paper-cal-0.05"]["params"] == {"target": "paper", "calibration": "calibration-0.05.json"}
+    for name, row in rows.items():
+        assert "skipped" not in row, (name, row.get("skipped"))
+        assert set(FIGURES) <= set(row) and isinstance(row["params"], dict)
+        for key in FIGURES:
+            if key == "psnr" and row["identical_to_full"]:
+                assert row[key] is None  # the same images as full depth: no finite PSNR
+            else:
+                assert isinstance(row[key], float) and row[key] == row[key], (name, key, row[key])
+        assert 0.0 < row["layer_ratio"] <= 1.0 + 1e-9 and 0.0 <= row["class_agreement"] <= 1.0
+        assert row["frechet"] >= 0.0 and row["speedup_wall_b1"] > 0 and row["speedup_wall_b16"] > 0
+    assert rows["full"]["layer_ratio"] == 1.0 and rows["full"]["speedup_wall_b1"] == 1.0
+    for png in PNGS:
+        assert (out / png).stat().st_size > 1000
+
+
+def test_layer_ratios_are_the_blocks_each_method_runs(quick_run):
+    _, results = quick_run
+    rows = {r["method"]: r for r in results["rows"]}
+    assert rows["full-base"]["layer_ratio"] == 1.0
+    for name, row in rows.items():
+        if row["family"] == "steps":
+            assert row["layer_ratio"] == pytest.approx(row["params"]["steps"] / STEPS)
+        if row["family"] == "static":
+            rule = StaticDepth(row["params"]["depths"])
+            want = sum(rule.depth_at(progress(i, STEPS)) for i in range(STEPS)) / (STEPS * LAYERS)
+            assert row["layer_ratio"] == pytest.approx(want)
+        if row["family"] == "fbc":
+            # The first block always runs; the rest run on some steps (every step at the first call's start).
+            assert 1 / LAYERS <= row["layer_ratio"] <= 1.0
+    # Spread heads: the loosest threshold exits earlier than the strictest, which exits somewhere before the end.
+    deediff = sorted((r["params"]["threshold"], r["layer_ratio"]) for r in rows.values()
+                     if r["family"] == "deediff-paper")
+    assert [ratio for _, ratio in deediff] == sorted((ratio for _, ratio in deediff), reverse=True)
+    assert deediff[-1][1] < deediff[0][1]
+    assert rows["full"]["identical_to_full"] and rows["full"]["psnr"] is None
+    assert not rows["steps-2"]["identical_to_full"] and rows["steps-2"]["psnr"] > 0
+
+
+def test_without_uem_weights_deediff_rows_say_why(models, tmp_path, monkeypatch):
+    monkeypatch.setattr(bench, "DEFAULT_UEM_DIR", tmp_path / "no-uem-here")
+    out = tmp_path / "out"
+    first = {}
+    for m in image_methods(LAYERS, STEPS):
+        first.setdefault(m.family, m.name)
+    assert "deediff" in first and not any(f.startswith("deediff-") for f in first)
+    picked = [first[f] for f in ("base", "deediff", "static", "fbc")]
+    assert _bench(models, out, "--methods", *picked) == 0
+    rows = {r["method"]: r for r in json.loads((out / "results.json").read_text())["rows"]}
+    assert json.loads((out / "results.json").read_text())["uem"] is None
+    assert list(rows) == ["full", *picked]
+    for name, row in rows.items():
+        if row["family"] == "deediff" or name == "full-base":
+            assert row["skipped"] and all(row[k] is None for k in FIGURES), name
+        else:
+            assert "skipped" not in row and row["layer_ratio"] is not None, name
+    assert "no UEM weights" in rows[first["deediff"]]["skipped"]
+    for png in PNGS:
+        assert (out / png).is_file()
+
+
+def test_missing_inputs_fail_with_the_fix(models, tmp_path, capsys):
+    assert _bench(models, tmp_path / "out", "--uem", str(tmp_path / "empty")) == 1
+    assert "diffexit train uem" in capsys.readouterr().err
+    assert cli_main(["bench", "images", "--quick", "--pipeline", str(tmp_path), "--out", str(tmp_path / "o")]) == 1
+    assert "diffexit train image" in capsys.readouterr().err
+    for bad in (["--steps", "0"], ["--methods", "deediff-paper-7"]):
+        with pytest.raises(SystemExit):
+            _bench(models, tmp_path / "out", *bad)
+    assert not (tmp_path / "out").exists()
+
+
+def test_heads_of_several_targets_each_get_rows(models, tmp_path):
+    from diffexit.uem.pipeline import DigitsDiTPipeline as Pipe
+
+    transformer = Pipe.from_pretrained(str(models / "pipe")).transformer
+    dirs = []
+    for i, target in enumerate(("paper", "exit-cost")):
+        torch.manual_seed(10 + i)
+        uem = UEMStack.for_model(transformer, target=target)
+        uem.save_pretrained(str(tmp_path / target))
+        dirs.append(str(tmp_path / target))
+    out = tmp_path / "out"
+    assert _bench(models, out, "--uem", *dirs, "--methods", "deediff-paper-0.1", "deediff-exit-cost-0.05") == 0
+    results = json.loads((out / "results.json").read_text())
+    assert [r["method"] for r in results["rows"]] == ["full", "deediff-paper-0.1", "deediff-exit-cost-0.05"]
+    assert results["uem"] == {"paper": dirs[0], "exit-cost": dirs[1]}
+    assert all("skipped" not in r for r in results["rows"])
+
+
+def test_two_sets_of_heads_on_one_target_are_refused(models, tmp_path, capsys):
+    from diffexit.uem.pipeline import DigitsDiTPipeline as Pipe
+
+    transformer = Pipe.from_pretrained(str(models / "pipe")).transformer
+    for name in ("a", "b"):
+        UEMStack.for_model(transformer).save_pretrained(str(tmp_path / name))
+    assert _bench(models, tmp_path / "out", "--uem", str(tmp_path / "a"), str(tmp_path / "b")) == 1
+    assert "both hold heads trained on the 'paper' target" in capsys.readouterr().err
