@@ -76,11 +76,19 @@ class Models:
         text_model: an exported text model directory (``diffexit train text --export``); None: the embedded one.
         image_pipeline: a ``DigitsDiTPipeline`` directory; None: the embedded digits DiT.
         uem: a ``UEMStack`` directory (the ``uem/`` that ``diffexit train uem --out RUN`` writes) for that
-            pipeline's transformer; None: none, so the DeeDiff rules are unavailable.
+            pipeline's transformer; None: the shipped heads for the embedded DiT, and none for a pipeline of
+            your own (the DeeDiff rules are then unavailable).
     """
 
     def __init__(self, text_model: Optional[Path] = None, image_pipeline: Optional[Path] = None,
                  uem: Optional[Path] = None):
+        if uem is None and image_pipeline is None:
+            from ..uem.embedded import embedded_uem_dir
+
+            try:
+                uem = embedded_uem_dir()
+            except FileNotFoundError:
+                pass
         self.text_path, self.image_path, self.uem_path = text_model, image_pipeline, uem
         self._text = self._pipe = self._uem = None
         self._text_lock, self._image_load_lock = threading.Lock(), threading.Lock()

@@ -15,7 +15,8 @@ Methods (``--method``, or ``"method"`` in ``--config FILE`` with the parameters 
 - ``full``: the pipeline as it is.
 - ``deediff``: DeeDiff early exits: a sample leaves the block loop once its mean UEM uncertainty falls below
   ``threshold`` (a number, ``KIND:HIGH:LOW[:K]`` or a ``ThresholdSchedule`` object over sampling progress), never
-  before ``min_depth`` blocks if given. Needs ``--uem DIR``, the ``uem/`` folder ``diffexit train uem`` writes.
+  before ``min_depth`` blocks if given. Reads the shipped heads on the embedded pipeline; with ``--pipeline``, give
+  ``--uem DIR``, the ``uem/`` folder ``diffexit train uem`` writes.
 - ``static``: a fixed depth per stretch of sampling, ``depths`` (e.g. ``4 8 12`` by thirds); no UEM.
 
 Outputs in ``--out``: ``<id>.png`` per item and ``manifest.jsonl`` with one record per item in input order: ``id``,
@@ -78,7 +79,9 @@ def _parser(prog: str) -> argparse.ArgumentParser:
     p.add_argument("--config", type=Path, metavar="FILE", help='JSON {"method": ..., parameters...}')
     p.add_argument("--pipeline", type=Path, metavar="DIR",
                    help="a DigitsDiTPipeline or DiTPipeline folder (default: the embedded digits DiT)")
-    p.add_argument("--uem", type=Path, metavar="DIR", help="deediff: the UEM folder (UEMStack.save_pretrained)")
+    p.add_argument("--uem", type=Path, metavar="DIR",
+                   help="deediff: the UEM folder (UEMStack.save_pretrained); default with the embedded pipeline: "
+                        "the shipped heads")
     p.add_argument("--steps", type=int, default=50, help="denoising steps (default: %(default)s)")
     p.add_argument("--guidance-scale", type=float, help="classifier-free guidance (default: the pipeline's)")
     p.add_argument("--batch-size", type=int, default=16, help="images per batch in a process (default: %(default)s)")
@@ -272,8 +275,15 @@ def run(argv: Sequence[str], prog: str = "diffexit generate images") -> tuple[Jo
         raise JobError(f"--steps and --batch-size must be positive, got {args.steps} and {args.batch_size}")
     method, params = resolve_method(args)
     if method == "deediff" and args.uem is None:
-        raise JobError("method 'deediff' reads the uncertainty heads: pass --uem DIR (the uem/ folder that "
-                       "`diffexit train uem` writes)")
+        if args.pipeline is not None:
+            raise JobError("method 'deediff' reads the uncertainty heads: pass --uem DIR (the uem/ folder that "
+                           "`diffexit train uem` writes) for this pipeline's transformer")
+        from ..uem.embedded import embedded_uem_dir
+
+        try:
+            args.uem = embedded_uem_dir()
+        except FileNotFoundError as e:
+            raise JobError(str(e)) from None
     if method != "deediff" and args.uem is not None:
         raise JobError(f"--uem only applies to method 'deediff', not {method!r}")
     items = read_requests(args.requests, args.seed) if args.requests else None
