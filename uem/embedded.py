@@ -22,7 +22,7 @@ CLASSIFIER_DIR = WEIGHTS_DIR / "classifier"
 # target that wins `diffexit bench images` at matched layer ratio.
 UEM_DIR = WEIGHTS_DIR / "uem-digits"
 DEFAULT_UEM_TARGET = "exit-cost"
-UEM_COMMAND = "diffexit train uem --out RUN --steps 500"
+UEM_COMMAND = "diffexit train uem --out RUN --steps 250 --batch-size 32"
 # How the shipped files were made (MODEL_CARD.md has the details): a 1500-step run, extended to 3000 then 4500 steps.
 DIT_COMMAND = ("diffexit train image && diffexit train image --resume --steps 3000 && "
                "diffexit train image --resume --steps 4500 --export uem/weights/dit-digits")
