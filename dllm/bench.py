@@ -2,7 +2,8 @@
 
 Every method decodes the same held-out examples of every task with the embedded model (or ``--model DIR``),
 greedy. Per task and method it reports accuracy, mean NFE (forward passes per sample), the NFE and wall-clock
-speedups over full steps measured in the same run, and ``QPS_4 = speedup_nfe * (score / full_score)^4``.
+speedups over full steps measured in the same run, ``QPS_4 = speedup_nfe * (score / full_score)^4``, and
+``agreement``, the share of answers identical to full steps' (one minus the rate of answer-changing halts).
 Rows run inside ``LLaDA2Pipeline`` are measured against the stock pipeline instead (field ``baseline``).
 
 Decoding setup per layout (see ``diffexit.dllm.tasks``): short tasks decode their 16-token span in one block
@@ -150,9 +151,9 @@ def run_task(model, tok, task: str, methods: list[Method], n: int, batch: int, b
     ids, attn = encode_prompts(tok, [e.prompt for e in examples[:batch]], layout.prompt_length)
     _run_generate(model, tok, methods[0], ids, attn, layout.span_length)
     _run_pipeline(model, tok, next(m for m in methods if m.pipeline), ids, attn, layout.span_length)
-    rows = []
+    rows, answers = [], {}
     for method in methods:
-        right, nfe, seconds = 0, [], 0.0
+        right, nfe, seconds, answers[method.name] = 0, [], 0.0, []
         for i in range(0, n, batch):
             chunk = examples[i:i + batch]
             ids, attn = encode_prompts(tok, [e.prompt for e in chunk], layout.prompt_length)
@@ -161,7 +162,9 @@ def run_task(model, tok, task: str, methods: list[Method], n: int, batch: int, b
             spans, chunk_nfe = run(model, tok, method, ids, attn, layout.span_length)
             seconds += time.perf_counter() - start
             nfe.append(chunk_nfe)
-            right += sum(score(task, e.prompt, decode_answer(tok, s)) for e, s in zip(chunk, spans))
+            texts = [decode_answer(tok, s) for s in spans]
+            answers[method.name] += texts
+            right += sum(score(task, e.prompt, t) for e, t in zip(chunk, texts))
         rows.append({"task": task, "method": method.name, "params": method.params, "score": right / n,
                      "nfe": float(torch.cat(nfe).mean()), "seconds": seconds})
         bar.update(1)
@@ -173,6 +176,9 @@ def run_task(model, tok, task: str, methods: list[Method], n: int, batch: int, b
         full = baselines[m.pipeline is not None]
         r["baseline"] = full["method"]
         r["full_score"] = full["score"]
+        # The share of answers identical to the baseline's: 1 - the rate of answer-changing halts. Unlike the
+        # score it does not depend on how good the model is.
+        r["agreement"] = sum(a == b for a, b in zip(answers[m.name], answers[full["method"]])) / n
         r["speedup_nfe"] = full["nfe"] / r["nfe"]
         r["speedup_wall"] = full["seconds"] / r["seconds"]
         r["qps4"] = (r["speedup_nfe"] * (r["score"] / full["score"]) ** GAMMA) if full["score"] > 0 else None
@@ -193,7 +199,7 @@ def summarise(rows: list[dict], methods: list[Method]) -> list[dict]:
         mean = lambda key: sum(r[key] for r in per) / len(per)
         out.append({
             "task": "all", "method": m.name, "params": m.params, "baseline": per[0]["baseline"],
-            "score": mean("score"), "full_score": mean("full_score"),
+            "score": mean("score"), "full_score": mean("full_score"), "agreement": mean("agreement"),
             "nfe": mean("nfe"), "speedup_nfe": mean("speedup_nfe"),
             "speedup_wall": sum(r["seconds"] for r in full) / sum(r["seconds"] for r in per),
             "qps4": sum(qps) / len(qps) if qps else None, "seconds": sum(r["seconds"] for r in per),
@@ -266,6 +272,7 @@ def plot_trace(model, tok, task: str, path: Path) -> None:
 
 
 COLUMNS = [("task", "task", ""), ("method", "method", ""), ("score", "acc", ".3f"), ("full_score", "full acc", ".3f"),
+           ("agreement", "same as full", ".3f"),
            ("nfe", "NFE", ".1f"), ("speedup_nfe", "speedup NFE", ".2f"), ("speedup_wall", "speedup wall", ".2f"),
            ("qps4", "QPS_4", ".2f")]
 

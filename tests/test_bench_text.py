@@ -10,7 +10,7 @@ from diffexit.dllm.bench import all_methods
 from diffexit.dllm.text_model import DiffusionLlama, text_model_config
 from diffexit.dllm.tokenizer import build_tokenizer
 
-FIELDS = {"task", "method", "params", "score", "full_score", "nfe", "speedup_nfe", "speedup_wall", "qps4"}
+FIELDS = {"task", "method", "params", "score", "full_score", "agreement", "nfe", "speedup_nfe", "speedup_wall", "qps4"}
 
 
 def _bench(tmp_path, tasks):
@@ -36,7 +36,7 @@ def _bench(tmp_path, tasks):
             assert r["nfe"] > 0 and r["speedup_wall"] > 0
     full = [r for r in result["rows"] if r["method"] == "full" and r["task"] == "add"][0]
     one = [r for r in result["rows"] if r["method"] == "one-step" and r["task"] == "add"][0]
-    assert full["nfe"] == 16 and full["speedup_nfe"] == 1.0
+    assert full["nfe"] == 16 and full["speedup_nfe"] == 1.0 and full["agreement"] == 1.0
     assert one["nfe"] == 1 and one["speedup_nfe"] == 16.0
     assert (out / "pareto.png").stat().st_size > 0 and (out / "trace.png").stat().st_size > 0
 
