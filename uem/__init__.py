@@ -3,7 +3,8 @@
 - ``UEMStack`` (heads): the per-block uncertainty heads, saved and loaded like any diffusers model.
 - ``enable_early_exit`` / ``disable_early_exit`` (early_exit): put exits on a DiT, PixArt or SD3 transformer, or
   on a pipeline's, in one call; ``exit_predictions`` runs every exit at once for training.
-- Exit rules (exit_rules): ``UncertaintyThreshold``, ``StaticDepth``, ``MinDepth``, ``FullDepth``.
+- Exit rules (exit_rules): ``UncertaintyThreshold``, ``StaticDepth``, ``MinDepth``, ``FullDepth``, and
+  ``CalibratedThreshold`` (per-step thresholds from ``diffexit calibrate uem``).
 - ``deediff_loss`` (losses): ``L_simple + lambda * L_u + beta * L_UAL``; UEM targets by name in ``TARGETS``.
 
 The scheduler side is ``diffexit.samplers.ExitAwareScheduler``. Names load on first access, so importing the
@@ -24,6 +25,7 @@ _LAZY = {
     "StaticDepth": ".exit_rules",
     "MinDepth": ".exit_rules",
     "FullDepth": ".exit_rules",
+    "CalibratedThreshold": ".exit_rules",
     "TARGETS": ".losses",
     "DeeDiffLoss": ".losses",
     "deediff_loss": ".losses",
