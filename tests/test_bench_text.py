@@ -38,6 +38,11 @@ def _bench(tmp_path, tasks):
     one = [r for r in result["rows"] if r["method"] == "one-step" and r["task"] == "add"][0]
     assert full["nfe"] == 16 and full["speedup_nfe"] == 1.0 and full["agreement"] == 1.0
     assert one["nfe"] == 1 and one["speedup_nfe"] == 16.0
+    for task in tasks:
+        by = {r["method"]: r for r in result["rows"] if r["task"] == task}
+        # The flag compares one step with generate()'s full steps, not with the pipeline's baseline.
+        want = by["one-step"]["score"] >= by["full"]["score"]
+        assert all(r["one_step_matches_full"] == want for r in by.values())
     assert (out / "pareto.png").stat().st_size > 0 and (out / "trace.png").stat().st_size > 0
 
 
