@@ -12,7 +12,7 @@ from diffexit.dllm import generate
 from diffexit.dllm import train as train_mod
 from diffexit.dllm.tasks import DECODE, LAYOUTS, TASK_NAMES, TASKS, layout_of, sample, score, split_of
 from diffexit.dllm.text_model import (
-    WEIGHTS_DIR, DiffusionLlama, load_embedded_text_model, load_text_model, text_model_config,
+    DiffusionLlama, load_embedded_text_model, load_text_model, text_model_config,
 )
 from diffexit.dllm.tokenizer import (
     EOS, MASK, PAD, UNK, build_tokenizer, decode_answer, encode_answers, encode_prompts,
