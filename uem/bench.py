@@ -538,10 +538,14 @@ def _load(args):
     pipe.set_progress_bar_config(disable=True)
     classifier = load_classifier(args.classifier)
     heads, uem_missing, base_pipe = {}, "", None
-    directories = args.uem if args.uem is not None else shipped_uem_dirs()
+    # The shipped heads belong to the embedded DiT; another pipeline needs its own (--uem).
+    embedded = Path(args.pipeline).resolve() == DIT_DIR.resolve()
+    directories = args.uem if args.uem is not None else (shipped_uem_dirs() if embedded else [])
     if not directories:
         uem_missing = (f"no UEM weights: none were passed (--uem) and {DEFAULT_UEM_DIR} holds none yet; train "
-                       f"them with `diffexit train uem`")
+                       f"them with `diffexit train uem`" if embedded else
+                       f"no UEM weights: pass --uem DIR with heads trained on {args.pipeline} (`diffexit train uem "
+                       f"--model {args.pipeline}`)")
     for directory in directories:
         uem, tuned = load_uem(directory)
         target = uem.config.target
