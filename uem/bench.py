@@ -371,11 +371,11 @@ def load_uem(directory: Path):
             f"no UEM weights in {directory} (expected {directory}/uem/config.json or {directory}/config.json); "
             f"train them with `diffexit train uem --out {directory}`"
         )
-    uem = UEMStack.from_pretrained(str(heads), torch_dtype=torch.float32).eval()
+    uem = UEMStack.from_pretrained(str(heads), dtype=torch.float32).eval()
     backbone = directory / "transformer"
     transformer = None
     if heads != directory and (backbone / "config.json").is_file():
-        transformer = DiTTransformer2DModel.from_pretrained(str(backbone), torch_dtype=torch.float32).eval()
+        transformer = DiTTransformer2DModel.from_pretrained(str(backbone), dtype=torch.float32).eval()
     return uem, transformer
 
 
@@ -533,7 +533,7 @@ def _load(args):
     if not (Path(args.pipeline) / "model_index.json").is_file():
         raise FileNotFoundError(f"no pipeline in {args.pipeline} (model_index.json missing); the embedded one is "
                                 f"made by `diffexit train image --export {DIT_DIR}`")
-    pipe = DigitsDiTPipeline.from_pretrained(str(args.pipeline), torch_dtype=torch.float32, local_files_only=True)
+    pipe = DigitsDiTPipeline.from_pretrained(str(args.pipeline), dtype=torch.float32, local_files_only=True)
     pipe.transformer.eval()
     pipe.set_progress_bar_config(disable=True)
     classifier = load_classifier(args.classifier)

@@ -383,7 +383,7 @@ def _load_model(model_dir: Optional[str]):
     if class_name != "DiTTransformer2DModel":
         raise ValueError(f"`diffexit calibrate uem` samples a class-conditional DiTTransformer2DModel; "
                          f"{transformer_dir} holds a {class_name}")
-    transformer = DiTTransformer2DModel.from_pretrained(transformer_dir, torch_dtype=torch.float32).eval()
+    transformer = DiTTransformer2DModel.from_pretrained(transformer_dir, dtype=torch.float32).eval()
     scheduler_class = json.loads((scheduler_dir / "scheduler_config.json").read_text())["_class_name"]
     scheduler = getattr(diffusers, scheduler_class).from_pretrained(scheduler_dir)
     return transformer, scheduler, path

@@ -99,7 +99,7 @@ def load_backbone(model_dir: Path):
         transformer_dir = model_dir / "transformer"
         vae = None
         if (model_dir / "vae").is_dir():
-            vae = AutoencoderKL.from_pretrained(model_dir / "vae", torch_dtype=torch.float32)
+            vae = AutoencoderKL.from_pretrained(model_dir / "vae", dtype=torch.float32)
         sched_dir = model_dir / "scheduler"
         scheduler = DDPMScheduler.from_config(DDPMScheduler.load_config(sched_dir)) if sched_dir.is_dir() else None
     elif (model_dir / "config.json").exists():
@@ -114,7 +114,7 @@ def load_backbone(model_dir: Path):
             f"a {class_name} (PixArt and SD3 need captions, which this trainer does not read)"
         )
     # Trained in fp32 whatever the stored dtype (the embedded model ships fp16).
-    transformer = DiTTransformer2DModel.from_pretrained(transformer_dir, torch_dtype=torch.float32)
+    transformer = DiTTransformer2DModel.from_pretrained(transformer_dir, dtype=torch.float32)
     if scheduler is None:
         # A bare transformer directory carries no schedule; diffusers' DDPM default is the one DiT trains with.
         scheduler = DDPMScheduler()
