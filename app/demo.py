@@ -52,7 +52,8 @@ GRID_CELL_PIXELS = 96  # digits are 16x16: upscaled (nearest) so their pixels st
 # as DiTPipeline does not), so Euler-family samplers are left out.
 SAMPLERS = {"DDIM": "DDIMScheduler", "DPM-Solver++": "DPMSolverMultistepScheduler", "DDPM": "DDPMScheduler"}
 RULE_OFF, RULE_THRESHOLD, RULE_SCHEDULE, RULE_STATIC = "off", "DeeDiff: threshold", "DeeDiff: schedule", "static depth"
-IMAGE_RULES = (RULE_OFF, RULE_THRESHOLD, RULE_SCHEDULE, RULE_STATIC)
+RULE_CALIBRATED = "DeeDiff: calibrated"
+IMAGE_RULES = (RULE_OFF, RULE_THRESHOLD, RULE_SCHEDULE, RULE_CALIBRATED, RULE_STATIC)
 HALT_SCHED, HALT_PROPHET, HALT_NONE = "SchED", "Prophet", "none (full steps)"
 HALTING = (HALT_SCHED, HALT_PROPHET, HALT_NONE)
 SCHEDULE_KINDS = ("constant", "linear", "cosine", "exp", "step")
@@ -142,6 +143,12 @@ class Models:
                 self._pipe = pipe
             return self._pipe
 
+    def calibrations(self) -> dict[str, Path]:
+        """The ``diffexit calibrate uem`` files beside the UEMs, by budget label (``"0.02"``); nothing is loaded."""
+        if self.uem_path is None:
+            return {}
+        return {p.stem.removeprefix("calibration-"): p for p in sorted(Path(self.uem_path).glob("calibration-*.json"))}
+
     def uem(self):
         """The ``UEMStack`` for the pipeline's transformer, loaded once; gr.Error when there is none."""
         if self.uem_path is None:
@@ -224,13 +231,15 @@ def _labels(digits, count: int) -> list[int]:
     return [chosen[i % len(chosen)] for i in range(count)]
 
 
-def _exit_rule(models: Models, rule: str, threshold, kind, high, low, k, depths: str):
-    """``(ExitRule, UEMStack or None)`` from the form."""
+def _exit_rule(models: Models, rule: str, threshold, kind, high, low, k, depths: str, budget, setup: dict):
+    """``(ExitRule, UEMStack or None)`` from the form; ``setup``: the sampler, steps and guidance scale chosen."""
     from ..uem.exit_rules import FullDepth, StaticDepth, UncertaintyThreshold
 
     rule = _choice("early-exit rule", rule, IMAGE_RULES)
     if rule == RULE_OFF:
         return FullDepth(), None
+    if rule == RULE_CALIBRATED:
+        return _calibrated_rule(models, budget, setup), models.uem()
     if rule == RULE_STATIC:
         try:
             parsed = tuple(int(d) for d in str(depths).replace(",", " ").split())
@@ -248,12 +257,37 @@ def _exit_rule(models: Models, rule: str, threshold, kind, high, low, k, depths:
     return UncertaintyThreshold(value), models.uem()
 
 
+def _calibrated_rule(models: Models, budget, setup: dict):
+    from ..uem.calibration import Calibration
+
+    files = models.calibrations()
+    if not files:
+        raise _error("the UEMs have no calibration files beside them; make some with `diffexit calibrate uem --uem "
+                     "DIR --budget B`, or pick another rule")
+    budget = _choice("exit-error budget", str(budget), tuple(files))
+    calibration = Calibration.load(files[budget])
+    try:
+        calibration.check_matches(models.pipeline().transformer, models.uem())
+    except ValueError as e:
+        raise _error(str(e)) from e
+    made_for = calibration.sampler
+    # The thresholds hold for the setup they were chosen on: another one needs its own calibration.
+    if (made_for["steps"], float(made_for["guidance_scale"]), made_for["scheduler"]) != (
+            setup["steps"], setup["guidance_scale"], SAMPLERS[setup["sampler"]]):
+        raise _error(f"the budget-{budget} calibration was made for {made_for['steps']} steps of "
+                     f"{made_for['scheduler']} at guidance {made_for['guidance_scale']:g}; set those, or calibrate "
+                     f"for yours with `diffexit calibrate uem --steps N --guidance-scale W`")
+    return calibration.rule()
+
+
 def describe_exit_rule(rule) -> str:
     """An exit rule in a few words: ``"DeeDiff, threshold 0.1"``, ``"static depth 4/8/12"``, ``"off (full depth)"``."""
-    from ..uem.exit_rules import FullDepth, StaticDepth, UncertaintyThreshold
+    from ..uem.exit_rules import CalibratedThreshold, FullDepth, StaticDepth, UncertaintyThreshold
 
     if isinstance(rule, FullDepth):
         return "off (full depth)"
+    if isinstance(rule, CalibratedThreshold):
+        return f"DeeDiff, calibrated to budget {rule.budget:g}"
     if isinstance(rule, StaticDepth):
         return "static depth " + "/".join(map(str, rule.depths))
     if isinstance(rule, UncertaintyThreshold):
@@ -585,7 +619,7 @@ class Demo:
     # images ---------------------------------------------------------------------------------------------------
 
     def images(self, digits, count, steps, sampler, guidance, rule, threshold, kind, high, low, k, depths, seed,
-               progress=gr.Progress()):
+               budget=None, progress=gr.Progress()):
         """Sample with the chosen exit rule, then the same noise at full depth.
 
         Returns ``(early-exit grid, full-depth grid, summary markdown, heatmap figure, details dict)``.
@@ -599,7 +633,8 @@ class Demo:
         sampler = _choice("sampler", sampler, tuple(SAMPLERS))
         guidance = _as_float("guidance scale", guidance, 0.0, 20.0)
         seed = _as_int("seed", seed, 0, 2**63 - 1)
-        exit_rule, uem = _exit_rule(self.models, rule, threshold, kind, high, low, k, depths)
+        exit_rule, uem = _exit_rule(self.models, rule, threshold, kind, high, low, k, depths, budget,
+                                    {"steps": steps, "guidance_scale": guidance, "sampler": sampler})
         pipe = self.models.pipeline()
 
         with self.models.image_run_lock:
@@ -799,7 +834,9 @@ def build_app(text_model: Optional[str | Path] = None, image_pipeline: Optional[
                     guidance = gr.Slider(0.0, 8.0, value=2.0, step=0.5, label="guidance scale",
                                          info="classifier-free guidance is on above 1")
                     # Without UEMs the DeeDiff rules can only fail, so the page opens on one that runs.
-                    first_rule = RULE_SCHEDULE if models.uem_path is not None else RULE_STATIC
+                    budgets = list(models.calibrations())
+                    first_rule = (RULE_CALIBRATED if budgets else RULE_SCHEDULE) if models.uem_path is not None \
+                        else RULE_STATIC
                     rule = gr.Radio(list(IMAGE_RULES), value=first_rule, label="early-exit rule",
                                     info="DeeDiff rules read the uncertainty heads (UEMs)")
                     threshold = gr.Slider(0.0, 1.0, value=0.1, step=0.01, label="uncertainty threshold",
@@ -812,6 +849,11 @@ def build_app(text_model: Optional[str | Path] = None, image_pipeline: Optional[
                             high = gr.Number(0.3, label="high")
                             low = gr.Number(0.05, label="low")
                             k = gr.Number(4.0, label="k (exp only)")
+                    # The middle budget: the shipped heads' 0.02, the best trade-off in `diffexit bench images`.
+                    budget = gr.Dropdown(budgets, value=budgets[(len(budgets) - 1) // 2] if budgets else None,
+                                         label="exit-error budget", visible=first_rule == RULE_CALIBRATED,
+                                         info="mean change per step of the sample (pixels in [-1, 1]) that the "
+                                              "calibrated thresholds allow", elem_id="budget")
                     depths = gr.Textbox("4 8 12", label="static depths", visible=first_rule == RULE_STATIC,
                                         info="blocks to run per equal stretch of sampling, noisiest first",
                                         elem_id="depths")
@@ -830,13 +872,13 @@ def build_app(text_model: Optional[str | Path] = None, image_pipeline: Optional[
 
             def show_rule_inputs(choice):
                 return (gr.update(visible=choice == RULE_THRESHOLD), gr.update(visible=choice == RULE_SCHEDULE),
-                        gr.update(visible=choice == RULE_STATIC))
+                        gr.update(visible=choice == RULE_STATIC), gr.update(visible=choice == RULE_CALIBRATED))
 
-            rule.change(show_rule_inputs, rule, [threshold, schedule_group, depths], queue=False,
+            rule.change(show_rule_inputs, rule, [threshold, schedule_group, depths, budget], queue=False,
                         api_visibility="private")
             run_images.click(
                 demo.images,
-                [digits, count, steps, sampler, guidance, rule, threshold, kind, high, low, k, depths, seed],
+                [digits, count, steps, sampler, guidance, rule, threshold, kind, high, low, k, depths, seed, budget],
                 [early_grid, full_grid, image_summary, heatmap, image_details],
                 api_name="images", concurrency_limit=1, concurrency_id="images",
             )

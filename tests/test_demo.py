@@ -481,3 +481,25 @@ def test_the_page_runs_both_tabs_in_chromium(served):
     assert (artifacts / "demo-image.png").stat().st_size > 0 and (artifacts / "demo-text.png").stat().st_size > 0
     assert not errors, errors
     assert not outside, f"the page fetched from outside this machine: {outside}"
+
+
+def test_images_calibrated_rule_reads_the_files_beside_the_uems(model_dirs, tmp_path):
+    import shutil
+
+    from gradio_client import Client
+
+    from diffexit.app.cli import main as cli
+
+    uem = tmp_path / "uem"
+    shutil.copytree(model_dirs["uem"], uem)
+    assert cli(["calibrate", "uem", "--uem", str(uem), "--model", str(model_dirs["pipe"]), "--budget", "0.05",
+                "--steps", "4", "--samples", "4", "--held-out", "4"]) == 0
+    with _serving(text_model=model_dirs["text"], image_pipeline=model_dirs["pipe"], uem=uem) as (_, url):
+        client = Client(url, verbose=False, download_files=str(tmp_path / "downloads"))
+        details = run_images(client, rule="DeeDiff: calibrated", budget="0.05")[4]
+        assert details["rule"] == "DeeDiff, calibrated to budget 0.05" and 0 < details["layer_ratio"] <= 1
+        # Calibrated for 4 steps at guidance 2: another setup is refused, naming what the file was made for.
+        message = _app_error(run_images, client, rule="DeeDiff: calibrated", budget="0.05", steps=5)
+        assert "made for 4 steps" in message and "diffexit calibrate uem" in message
+        message = _app_error(run_images, client, rule="DeeDiff: calibrated", budget="0.3")
+        assert "0.3" in message and "['0.05']" in message
