@@ -2,6 +2,7 @@
 
     diffexit generate images --per-class 8 --out runs/gen-full
     diffexit generate images --per-class 8 --classes 0 3 7 --method static --depths 4 8 12 --out runs/gen-static
+    diffexit generate images --per-class 8 --method deediff --budget 0.02 --steps 25 --out runs/gen-calibrated
     diffexit generate images --requests requests.jsonl --method deediff --threshold linear:0.3:0.05 \\
         --uem runs/uem/uem --out runs/gen-deediff --compare-full
 
@@ -15,8 +16,10 @@ Methods (``--method``, or ``"method"`` in ``--config FILE`` with the parameters 
 - ``full``: the pipeline as it is.
 - ``deediff``: DeeDiff early exits: a sample leaves the block loop once its mean UEM uncertainty falls below
   ``threshold`` (a number, ``KIND:HIGH:LOW[:K]`` or a ``ThresholdSchedule`` object over sampling progress), never
-  before ``min_depth`` blocks if given. Reads the shipped heads on the embedded pipeline; with ``--pipeline``, give
-  ``--uem DIR``, the ``uem/`` folder ``diffexit train uem`` writes.
+  before ``min_depth`` blocks if given; or, with ``budget`` instead of ``threshold``, the per-step thresholds and
+  minimum depths ``diffexit calibrate uem --budget B`` saved beside the UEMs (``calibration-B.json``, which must
+  match the model, the steps, the sampler and the guidance scale). Reads the shipped heads on the embedded
+  pipeline; with ``--pipeline``, give ``--uem DIR``, the ``uem/`` folder ``diffexit train uem`` writes.
 - ``static``: a fixed depth per stretch of sampling, ``depths`` (e.g. ``4 8 12`` by thirds); no UEM.
 
 Outputs in ``--out``: ``<id>.png`` per item and ``manifest.jsonl`` with one record per item in input order: ``id``,
@@ -58,8 +61,8 @@ from .jobs import (
 )
 
 METHODS = ("full", "deediff", "static")
-PARAMS = {"full": (), "deediff": ("threshold", "min_depth"), "static": ("depths",)}
-REQUIRED = {"full": (), "deediff": ("threshold",), "static": ("depths",)}
+PARAMS = {"full": (), "deediff": ("threshold", "min_depth", "budget"), "static": ("depths",)}
+REQUIRED = {"full": (), "static": ("depths",)}  # deediff: a threshold or a budget (resolve_method)
 PIPELINES = ("DigitsDiTPipeline", "DiTPipeline")
 MANIFEST = "manifest.jsonl"
 FULL_DIR = "full"
@@ -75,6 +78,9 @@ def _parser(prog: str) -> argparse.ArgumentParser:
     p.add_argument("--method", choices=METHODS, help="full (default), deediff or static")
     p.add_argument("--threshold", metavar="T", help="deediff: a number in [0, 1] or KIND:HIGH:LOW[:K]")
     p.add_argument("--min-depth", type=int, metavar="N", help="deediff: never exit before N blocks")
+    p.add_argument("--budget", type=float, metavar="B",
+                   help="deediff, instead of --threshold: the per-step thresholds `diffexit calibrate uem --budget B` "
+                        "saved beside the UEMs (calibration-B.json)")
     p.add_argument("--depths", type=int, nargs="+", metavar="D", help="static: blocks per stretch of sampling")
     p.add_argument("--config", type=Path, metavar="FILE", help='JSON {"method": ..., parameters...}')
     p.add_argument("--pipeline", type=Path, metavar="DIR",
@@ -101,16 +107,26 @@ def resolve_method(args) -> tuple[str, dict]:
     if method not in METHODS:
         raise JobError(f"unknown method {method!r}; choose one of {list(METHODS)}")
     params = {k: v for k, v in config.items() if k != "method"}
-    flags = {"threshold": args.threshold, "min_depth": args.min_depth, "depths": args.depths}
+    flags = {"threshold": args.threshold, "min_depth": args.min_depth, "depths": args.depths, "budget": args.budget}
     params.update({k: v for k, v in flags.items() if v is not None})
     for key in params:
         if key not in PARAMS[method]:
             owner = next(m for m, keys in PARAMS.items() if key in keys)
             raise JobError(f"{key} is a parameter of method {owner!r}, not of {method!r}; drop it or pick "
                            f"--method {owner}")
-    for key in REQUIRED[method]:
+    for key in REQUIRED.get(method, ()):
         if key not in params:
             raise JobError(f"method {method!r} needs {key} (--{key.replace('_', '-')} or {key!r} in --config)")
+    if method == "deediff":
+        given = [k for k in ("threshold", "budget") if k in params]
+        if len(given) != 1:
+            raise JobError("method 'deediff' needs a threshold (--threshold) or a calibrated budget (--budget), one of "
+                           f"the two; got {given or 'neither'}")
+        if "budget" in params:
+            if "min_depth" in params:
+                raise JobError("--min-depth goes with --threshold: a calibration sets its own minimum depths")
+            if not isinstance(params["budget"], (int, float)) or not params["budget"] > 0:
+                raise JobError(f"budget must be a number > 0, got {params['budget']!r}")
     if "threshold" in params:
         params["threshold"] = describe_threshold(parse_threshold(params["threshold"], "threshold"))
     exit_rule(method, params)  # builds the rule once, so bad values fail before anything loads
@@ -122,6 +138,8 @@ def exit_rule(method: str, params: dict):
     from ..uem.exit_rules import MinDepth, StaticDepth, UncertaintyThreshold
 
     try:
+        if method == "deediff" and "budget" in params:
+            return None  # read from the file beside the UEMs once they are known: see calibrated_rule
         if method == "deediff":
             rule = UncertaintyThreshold(parse_threshold(params["threshold"], "threshold"))
             return MinDepth(rule, params["min_depth"]) if "min_depth" in params else rule
@@ -130,6 +148,29 @@ def exit_rule(method: str, params: dict):
     except (TypeError, ValueError) as e:
         raise JobError(f"method {method!r}: {e}") from e
     return None
+
+
+def calibrated_rule(uem_dir: Path, budget: float, transformer, uem, steps: int, guidance: float, scheduler: str):
+    """The ``CalibratedThreshold`` saved for ``budget`` beside the UEMs, checked against the model and the setup."""
+    from ..uem.calibration import Calibration, calibration_path, calibrations_in
+
+    path = calibration_path(uem_dir, budget)
+    if not path.is_file():
+        found = [p.name for p in calibrations_in(uem_dir)]
+        raise JobError(f"no calibration for budget {budget:g} beside the UEMs ({path} is missing; found {found}); "
+                       f"make it with `diffexit calibrate uem --uem {uem_dir} --budget {budget:g} --steps {steps}`")
+    calibration = Calibration.load(path)
+    try:
+        calibration.check_matches(transformer, uem)
+    except ValueError as e:
+        raise JobError(str(e)) from e
+    made_for = calibration.sampler
+    if (made_for["steps"], float(made_for["guidance_scale"]), made_for["scheduler"]) != (steps, guidance, scheduler):
+        raise JobError(f"{path} was calibrated for {made_for['steps']} steps of {made_for['scheduler']} at guidance "
+                       f"{made_for['guidance_scale']:g}, not {steps} of {scheduler} at {guidance:g}: pass --steps "
+                       f"{made_for['steps']} (and --guidance-scale {made_for['guidance_scale']:g}), or calibrate "
+                       f"for this setup")
+    return calibration.rule()
 
 
 def per_class_items(classes: Sequence[int], per_class: int, base_seed: int) -> list[Item]:
@@ -302,21 +343,23 @@ def run(argv: Sequence[str], prog: str = "diffexit generate images") -> tuple[Jo
         if not 0 <= item.payload["class"] < n_classes:
             raise JobError(f"{item.source}: unknown class {item.payload['class']}; this model draws classes "
                            f"0..{n_classes - 1}")
+    guidance = args.guidance_scale
+    if guidance is None:
+        guidance = float(inspect.signature(type(pipe).__call__).parameters["guidance_scale"].default)
     rule = exit_rule(method, params)
-    if rule is not None:
+    if rule is not None or method == "deediff":
         from ..samplers.exit_scheduler import ExitAwareScheduler
         from ..uem.early_exit import enable_early_exit
 
-        uem = load_uem(args.uem) if rule.needs_uem else None
+        uem = load_uem(args.uem) if rule is None or rule.needs_uem else None
+        if rule is None:
+            rule = calibrated_rule(Path(args.uem), params["budget"], pipe.transformer, uem, args.steps, guidance,
+                                   type(pipe.scheduler).__name__)
         try:
             early_exit = enable_early_exit(pipe, uem, rule)
         except ValueError as e:
             raise JobError(f"method {method!r} does not fit this model: {e}") from e
         pipe.scheduler = ExitAwareScheduler(pipe.scheduler, early_exit)
-
-    guidance = args.guidance_scale
-    if guidance is None:
-        guidance = float(inspect.signature(type(pipe).__call__).parameters["guidance_scale"].default)
 
     job = make_job(items, args.batch_size)
     settings = {"command": "generate images", "pipeline": _pipeline_id(args.pipeline), "steps": args.steps,

@@ -516,3 +516,26 @@ def test_sigkill_at_any_moment_then_resume_gives_the_uninterrupted_set(image_mod
     run_ok(generate_images, argv, out)
     assert contents(out) == contents(reference)
     assert not [p for p in out.rglob("*.tmp")]
+
+
+def test_images_deediff_with_a_calibrated_budget(image_models, tmp_path):
+    import shutil
+
+    from diffexit.app.cli import main as cli_main
+
+    pipe, uem = image_models
+    calibrated = tmp_path / "uem"
+    shutil.copytree(uem, calibrated)
+    assert cli_main(["calibrate", "uem", "--uem", str(calibrated), "--model", str(pipe), "--budget", "0.05",
+                     "--steps", "3", "--samples", "4", "--held-out", "4"]) == 0
+    base = ["--per-class", "1", "--classes", "0", "3", "--pipeline", str(pipe), "--uem", str(calibrated),
+            "--method", "deediff"]
+    assert generate_images.main([*base, "--budget", "0.05", "--steps", "3", "--out", str(tmp_path / "ok")]) == 0
+    records = [json.loads(line) for line in (tmp_path / "ok" / "manifest.jsonl").read_text().splitlines()]
+    assert len(records) == 2 and all(0 < r["layer_ratio"] <= 1 for r in records)
+    for extra, message in [(["--budget", "0.05", "--steps", "4"], "calibrated for 3 steps"),
+                           (["--budget", "0.5", "--steps", "3"], "no calibration for budget 0.5"),
+                           (["--budget", "0.05", "--threshold", "0.1"], "one of the two"),
+                           ([], "got neither")]:
+        with pytest.raises(jobs.JobError, match=message):
+            generate_images.run([*base, *extra, "--out", str(tmp_path / "bad")])
