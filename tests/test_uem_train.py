@@ -42,7 +42,8 @@ def weights(path):
 
 def test_frozen_training_lowers_the_loss_and_resumes_identically(tmp_path, model_dir):
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    assert main(["--out", str(straight), "--model", str(model_dir), "--steps", "20", *COMMON]) == 0
+    assert main(["--out", str(straight), "--model", str(model_dir), "--steps", "20", "--target", "paper",
+                 *COMMON]) == 0
     losses = [row["total"] for row in log(straight)]
     assert len(losses) == 20 and np.mean(losses[-5:]) < 0.9 * np.mean(losses[:5])
     assert not (straight / "transformer").exists()  # frozen: the backbone is not exported
@@ -50,10 +51,16 @@ def test_frozen_training_lowers_the_loss_and_resumes_identically(tmp_path, model
     assert record["seed"] == 0 and record["data"] == "digits" and record["command"].startswith("diffexit train uem")
     assert UEMStack.from_pretrained(straight / "uem").config.target == "paper"
 
-    main(["--out", str(resumed), "--model", str(model_dir), "--steps", "10", *COMMON])
-    main(["--out", str(resumed), "--model", str(model_dir), "--steps", "20", "--resume", *COMMON])
+    main(["--out", str(resumed), "--model", str(model_dir), "--steps", "10", "--target", "paper", *COMMON])
+    main(["--out", str(resumed), "--model", str(model_dir), "--steps", "20", "--target", "paper", "--resume", *COMMON])
     assert all(torch.equal(a, b) for a, b in zip(weights(straight / "uem"), weights(resumed / "uem")))
     assert log(straight) == log(resumed)
+
+
+def test_the_default_target_is_the_benchmark_winner():
+    from diffexit.uem.train import _parser
+
+    assert _parser("diffexit train uem").parse_args(["--out", "o"]).target == "exit-cost"
 
 
 def test_full_fine_tune_on_an_image_folder_trains_the_backbone(tmp_path, model_dir):
