@@ -162,14 +162,9 @@ def calibrated_rule(uem_dir: Path, budget: float, transformer, uem, steps: int, 
     calibration = Calibration.load(path)
     try:
         calibration.check_matches(transformer, uem)
+        calibration.check_setup(steps, guidance, scheduler)
     except ValueError as e:
-        raise JobError(str(e)) from e
-    made_for = calibration.sampler
-    if (made_for["steps"], float(made_for["guidance_scale"]), made_for["scheduler"]) != (steps, guidance, scheduler):
-        raise JobError(f"{path} was calibrated for {made_for['steps']} steps of {made_for['scheduler']} at guidance "
-                       f"{made_for['guidance_scale']:g}, not {steps} of {scheduler} at {guidance:g}: pass --steps "
-                       f"{made_for['steps']} (and --guidance-scale {made_for['guidance_scale']:g}), or calibrate "
-                       f"for this setup")
+        raise JobError(f"{path}: {e}") from e
     return calibration.rule()
 
 

@@ -219,12 +219,10 @@ def calibrated(path: Path, target: str) -> Callable[[Bench], ExitRule]:
             calibration.check_matches(bench.pipe.transformer, bench.heads[target].uem)
         except ValueError as e:
             raise MethodSkipped(str(e)) from None
-        sampler = calibration.sampler
-        if sampler["steps"] != bench.steps or float(sampler["guidance_scale"]) != bench.guidance_scale:
-            raise MethodSkipped(f"{path} was calibrated for {sampler['steps']} steps at guidance "
-                                f"{sampler['guidance_scale']:g}, the bench samples {bench.steps} at "
-                                f"{bench.guidance_scale:g}; calibrate with `diffexit calibrate uem --steps "
-                                f"{bench.steps}`")
+        try:
+            calibration.check_setup(bench.steps, bench.guidance_scale, type(bench.pipe.scheduler).__name__)
+        except ValueError as e:
+            raise MethodSkipped(str(e)) from None
         return calibration.rule()
 
     return rule

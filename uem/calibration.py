@@ -279,6 +279,19 @@ class Calibration:
             raise ValueError(f"the UEM weights differ from those this calibration was made for (retrained UEMs?); "
                              f"{fix}")
 
+    def check_setup(self, steps: int, guidance_scale: float, scheduler: str) -> None:
+        """Raise ``ValueError`` unless sampling uses the setup the thresholds were chosen for: ``steps`` steps of the
+        scheduler class named ``scheduler`` at ``guidance_scale``."""
+        made_for = self.sampler
+        if (made_for["steps"], float(made_for["guidance_scale"]), made_for["scheduler"]) != (
+                steps, float(guidance_scale), scheduler):
+            raise ValueError(
+                f"the budget-{self.budget:g} calibration was made for {made_for['steps']} steps of "
+                f"{made_for['scheduler']} at guidance {made_for['guidance_scale']:g}, not {steps} of {scheduler} at "
+                f"{guidance_scale:g}; sample with those settings, or calibrate for yours with `diffexit calibrate uem "
+                f"--steps {steps} --guidance-scale {guidance_scale:g}`"
+            )
+
     def save(self, path) -> Path:
         """Write the calibration as JSON to ``path``."""
         payload = {"format": FORMAT, "version": VERSION, **asdict(self)}
