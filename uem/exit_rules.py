@@ -33,6 +33,16 @@ def _stretch(progress: float, n: int) -> int:
     return min(int(progress * n), n - 1)
 
 
+def _in_force(values: tuple, progress: Optional[float], who: str):
+    """The entry of ``values`` (one per stretch of sampling) in force at ``progress``; ``who`` names the rule in
+    the error when a per-stretch rule gets no progress."""
+    if len(values) == 1:
+        return values[0]
+    if progress is None:
+        raise _needs_progress(who)
+    return values[_stretch(progress, len(values))]
+
+
 def _check_depths(depths, what: str) -> tuple[int, ...]:
     """``depths`` (an int or a sequence of ints >= 1) as a tuple; ``what`` names them in errors."""
     depths = (depths,) if isinstance(depths, int) and not isinstance(depths, bool) else tuple(depths)
@@ -133,12 +143,7 @@ class StaticDepth(ExitRule):
 
     def depth_at(self, progress: Optional[float]) -> int:
         """The depth in force at ``progress``."""
-        n = len(self.depths)
-        if n == 1:
-            return self.depths[0]
-        if progress is None:
-            raise _needs_progress(f"StaticDepth{self.depths}")
-        return self.depths[_stretch(progress, n)]
+        return _in_force(self.depths, progress, f"StaticDepth{self.depths}")
 
     def exits(self, depth, progress, uncertainty):
         return depth >= self.depth_at(progress)
@@ -170,12 +175,7 @@ class MinDepth(ExitRule):
 
     def depth_at(self, progress: Optional[float]) -> int:
         """The minimum depth in force at ``progress``."""
-        n = len(self.depths)
-        if n == 1:
-            return self.depths[0]
-        if progress is None:
-            raise _needs_progress(f"the per-step minimum depth {self.depths}")
-        return self.depths[_stretch(progress, n)]
+        return _in_force(self.depths, progress, f"the per-step minimum depth {self.depths}")
 
     def exits(self, depth, progress, uncertainty):
         if depth < self.depth_at(progress):
@@ -235,13 +235,10 @@ class CalibratedThreshold(ExitRule):
             raise ValueError(f"minimum depth {max(self.min_depths)} exceeds the model's {num_blocks} blocks")
 
     def exits(self, depth, progress, uncertainty):
-        n = len(self.thresholds)
-        if progress is None and n > 1:
-            raise _needs_progress(f"{self!r}")
-        i = 0 if n == 1 else _stretch(progress, n)
-        if depth < self.min_depths[i]:
+        threshold, min_depth = _in_force(tuple(zip(self.thresholds, self.min_depths)), progress, f"{self!r}")
+        if depth < min_depth:
             return False
-        return uncertainty() < self.thresholds[i]
+        return uncertainty() < threshold
 
     def __repr__(self):
         budget = "" if self.budget is None else f"budget={self.budget:g}, "
