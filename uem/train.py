@@ -50,7 +50,7 @@ def _parser(prog: str) -> argparse.ArgumentParser:
     p.add_argument("--mode", choices=("frozen", "full"), default="frozen",
                    help="frozen: only the UEMs learn; full: fine-tune the backbone too")
     # exit-cost is the default because it wins `diffexit bench images` at matched layer ratio (README, "Results on
-    # the embedded digits DiT"): calibrated at budget 0.02, 78% class agreement at 0.69 of the blocks, paper 54%.
+    # the embedded digits DiT"): calibrated at budget 0.02, 75% class agreement at 0.69 of the blocks, paper 55%.
     p.add_argument("--target", choices=sorted(TARGETS), default="exit-cost",
                    help="what the UEMs regress onto (recorded in the UEM config; default: %(default)s): 'paper', "
                         "DeeDiff's tanh|eps_k - eps|; "
