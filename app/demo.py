@@ -145,9 +145,11 @@ class Models:
 
     def calibrations(self) -> dict[str, Path]:
         """The ``diffexit calibrate uem`` files beside the UEMs, by budget label (``"0.02"``); nothing is loaded."""
+        from ..uem.calibration import calibration_label, calibrations_in
+
         if self.uem_path is None:
             return {}
-        return {p.stem.removeprefix("calibration-"): p for p in sorted(Path(self.uem_path).glob("calibration-*.json"))}
+        return {calibration_label(p): p for p in calibrations_in(self.uem_path)}
 
     def uem(self):
         """The ``UEMStack`` for the pipeline's transformer, loaded once; gr.Error when there is none."""
@@ -265,13 +267,12 @@ def _calibrated_rule(models: Models, budget, setup: dict):
         raise _error("the UEMs have no calibration files beside them; make some with `diffexit calibrate uem --uem "
                      "DIR --budget B`, or pick another rule")
     budget = _choice("exit-error budget", str(budget), tuple(files))
-    calibration = Calibration.load(files[budget])
     try:
-        calibration.check_matches(models.pipeline().transformer, models.uem())
-        calibration.check_setup(setup["steps"], setup["guidance_scale"], SAMPLERS[setup["sampler"]])
+        return Calibration.load(files[budget]).checked_rule(
+            models.pipeline().transformer, models.uem(), steps=setup["steps"], guidance_scale=setup["guidance_scale"],
+            scheduler=SAMPLERS[setup["sampler"]])
     except ValueError as e:
         raise _error(str(e)) from e
-    return calibration.rule()
 
 
 def describe_exit_rule(rule) -> str:

@@ -159,13 +159,11 @@ def calibrated_rule(uem_dir: Path, budget: float, transformer, uem, steps: int, 
         found = [p.name for p in calibrations_in(uem_dir)]
         raise JobError(f"no calibration for budget {budget:g} beside the UEMs ({path} is missing; found {found}); "
                        f"make it with `diffexit calibrate uem --uem {uem_dir} --budget {budget:g} --steps {steps}`")
-    calibration = Calibration.load(path)
     try:
-        calibration.check_matches(transformer, uem)
-        calibration.check_setup(steps, guidance, scheduler)
+        return Calibration.load(path).checked_rule(transformer, uem, steps=steps, guidance_scale=guidance,
+                                                   scheduler=scheduler)
     except ValueError as e:
         raise JobError(f"{path}: {e}") from e
-    return calibration.rule()
 
 
 def per_class_items(classes: Sequence[int], per_class: int, base_seed: int) -> list[Item]:

@@ -214,16 +214,12 @@ def calibrated(path: Path, target: str) -> Callable[[Bench], ExitRule]:
     def rule(bench: Bench) -> ExitRule:
         from .calibration import Calibration
 
-        calibration = Calibration.load(path)
         try:
-            calibration.check_matches(bench.pipe.transformer, bench.heads[target].uem)
+            return Calibration.load(path).checked_rule(
+                bench.pipe.transformer, bench.heads[target].uem, steps=bench.steps,
+                guidance_scale=bench.guidance_scale, scheduler=type(bench.pipe.scheduler).__name__)
         except ValueError as e:
             raise MethodSkipped(str(e)) from None
-        try:
-            calibration.check_setup(bench.steps, bench.guidance_scale, type(bench.pipe.scheduler).__name__)
-        except ValueError as e:
-            raise MethodSkipped(str(e)) from None
-        return calibration.rule()
 
     return rule
 
@@ -351,6 +347,11 @@ def time_sessions(reference: Session, sessions: dict[str, Session], *, b1_images
                 **{f"seconds_{k}": statistics.median(seconds[n][k]) for k in setups}} for n in names}
 
 
+def heads_dir(directory: Path) -> Path:
+    """Where the heads of a UEM folder sit: ``DIR/uem`` in a ``diffexit train uem --out DIR`` run, else ``DIR``."""
+    return directory / "uem" if (directory / "uem" / "config.json").is_file() else directory
+
+
 def load_uem(directory: Path):
     """``(UEMStack, fine-tuned transformer or None)`` from a UEM folder.
 
@@ -363,7 +364,7 @@ def load_uem(directory: Path):
     from .heads import UEMStack
 
     directory = Path(directory)
-    heads = directory / "uem" if (directory / "uem" / "config.json").is_file() else directory
+    heads = heads_dir(directory)
     if not (heads / "config.json").is_file():
         raise FileNotFoundError(
             f"no UEM weights in {directory} (expected {directory}/uem/config.json or {directory}/config.json); "
@@ -524,7 +525,7 @@ def figures_row(method: Method, got, full: Quality, timing: Optional[dict], labe
 
 def _load(args):
     """``(bench, classifier, notes)`` from the command's arguments."""
-    from .calibration import calibrations_in
+    from .calibration import calibration_label, calibrations_in
     from .classifier import load_classifier
     from .pipeline import DigitsDiTPipeline
 
@@ -558,8 +559,7 @@ def _load(args):
             pipe = type(pipe)(**{**pipe.components, "transformer": tuned})
             pipe.set_progress_bar_config(disable=True)
         uem.check_matches(pipe.transformer)
-        heads_dir = directory / "uem" if (directory / "uem" / "config.json").is_file() else directory
-        found = [(p.stem.removeprefix("calibration-"), p) for p in calibrations_in(heads_dir)]
+        found = [(calibration_label(p), p) for p in calibrations_in(heads_dir(Path(directory)))]
         heads[target] = Heads(target, uem, Path(directory), found)
     guidance = float(inspect.signature(type(pipe).__call__).parameters["guidance_scale"].default)
     bench = Bench(pipe, heads, uem_missing, args.steps, guidance, base_pipe)

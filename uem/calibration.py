@@ -292,6 +292,13 @@ class Calibration:
                 f"--steps {steps} --guidance-scale {guidance_scale:g}`"
             )
 
+    def checked_rule(self, transformer: nn.Module, uem: UEMStack, *, steps: int, guidance_scale: float,
+                     scheduler: str) -> CalibratedThreshold:
+        """The exit rule, once :meth:`check_matches` and :meth:`check_setup` have passed (``ValueError`` if not)."""
+        self.check_matches(transformer, uem)
+        self.check_setup(steps, guidance_scale, scheduler)
+        return self.rule()
+
     def save(self, path) -> Path:
         """Write the calibration as JSON to ``path``."""
         payload = {"format": FORMAT, "version": VERSION, **asdict(self)}
@@ -337,6 +344,12 @@ def calibrations_in(directory) -> list[Path]:
         return (fixed != "auto", 0 if fixed == "auto" else int(fixed), c.budget)
 
     return sorted(Path(directory).glob("calibration-*.json"), key=key)
+
+
+def calibration_label(path) -> str:
+    """What names a calibration file in rows and menus: ``"0.02"`` for ``calibration-0.02.json``, ``"0.02-min3"``
+    for ``calibration-0.02-min3.json``."""
+    return Path(path).stem.removeprefix("calibration-")
 
 
 def calibrate(record: ExitRecord, budgets: Sequence[float], min_depth: Optional[int] = None,
