@@ -35,8 +35,24 @@ def _run(module, argv: list[str], out: Path):
     return result
 
 
-def image_rows(root: Path, pipe_args: list[str], uem: Path, n: int, steps: int, threshold: str,
-               num_blocks: int) -> list[dict]:
+def sweep(module, what: str, base: list[str], methods: list[tuple[str, list[str]]], root: Path,
+          figure: str) -> list[dict]:
+    """One row per batch size and method: ``module``'s job on the same items, its throughput, its speedup over the
+    first method (full) at that batch size, and the mean of the per-item record field ``figure``."""
+    _run(module, [*base, "--batch-size", "4"], root / f"warm-up-{what}")
+    rows = []
+    for batch in BATCH_SIZES:
+        full = None
+        for name, extra in methods:
+            result = _run(module, [*base, *extra, "--batch-size", str(batch)], root / f"{what}-{name}-b{batch}")
+            full = full or result.throughput
+            rows.append({"what": what, "method": name, "batch": batch, "items": result.items,
+                         "throughput": result.throughput, "speedup": result.throughput / full,
+                         figure: sum(r[figure] for r in result.records) / len(result.records)})
+    return rows
+
+
+def image_rows(root: Path, uem: Path, n: int, steps: int, threshold: str, num_blocks: int) -> list[dict]:
     from diffexit.app import generate_images
 
     third = max(num_blocks // 3, 1)
@@ -45,18 +61,8 @@ def image_rows(root: Path, pipe_args: list[str], uem: Path, n: int, steps: int, 
                ("deediff", ["--method", "deediff", "--threshold", threshold, "--uem", str(uem)])]
     requests = root / "requests.jsonl"
     requests.write_text("".join(json.dumps({"id": f"img{i:04d}", "class": i % 10}) + "\n" for i in range(n)))
-    base = ["--requests", str(requests), *pipe_args, "--steps", str(steps)]
-    _run(generate_images, [*base, "--batch-size", "4"], root / "warm-up")
-    rows = []
-    for batch in BATCH_SIZES:
-        full = None
-        for name, extra in methods:
-            result = _run(generate_images, [*base, *extra, "--batch-size", str(batch)], root / f"{name}-b{batch}")
-            ratio = sum(r["layer_ratio"] for r in result.records) / len(result.records)
-            full = full or result.throughput
-            rows.append({"what": "images", "method": name, "batch": batch, "items": result.items,
-                         "throughput": result.throughput, "speedup": result.throughput / full, "layer_ratio": ratio})
-    return rows
+    base = ["--requests", str(requests), "--steps", str(steps)]
+    return sweep(generate_images, "images", base, methods, root, "layer_ratio")
 
 
 def text_rows(root: Path, model_args: list[str], n: int, schedule: str) -> list[dict]:
@@ -64,17 +70,7 @@ def text_rows(root: Path, model_args: list[str], n: int, schedule: str) -> list[
 
     base = ["--task", "sort", "--n", str(n), *model_args]
     methods = [("full", []), ("sched", ["--method", "sched", "--schedule", schedule])]
-    _run(generate_text, [*base, "--batch-size", "4"], root / "warm-up-text")
-    rows = []
-    for batch in BATCH_SIZES:
-        full = None
-        for name, extra in methods:
-            result = _run(generate_text, [*base, *extra, "--batch-size", str(batch)], root / f"text-{name}-b{batch}")
-            nfe = sum(r["nfe"] for r in result.records) / len(result.records)
-            full = full or result.throughput
-            rows.append({"what": "text", "method": name, "batch": batch, "items": result.items,
-                         "throughput": result.throughput, "speedup": result.throughput / full, "nfe": nfe})
-    return rows
+    return sweep(generate_text, "text", base, methods, root, "nfe")
 
 
 def main() -> None:
@@ -96,15 +92,13 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        pipe_dir = DIT_DIR
         uem = args.uem or embedded_uem_dir()
         model_args = ["--model", str(args.text_model)] if args.text_model is not None else []
-        print(f"images: {pipe_dir}, UEMs {uem}; text: {args.text_model or 'the embedded model'}")
-        transformer_config = json.loads((pipe_dir / "transformer" / "config.json").read_text())
+        print(f"images: {DIT_DIR}, UEMs {uem}; text: {args.text_model or 'the embedded model'}")
+        transformer_config = json.loads((DIT_DIR / "transformer" / "config.json").read_text())
         print(f"torch threads: {torch.get_num_threads()}; {args.images} images at {args.image_steps} steps, "
               f"{args.prompts} sort prompts at 16 steps per row\n")
-        rows = image_rows(root, [], uem, args.images, args.image_steps, args.threshold,
-                          transformer_config["num_layers"])
+        rows = image_rows(root, uem, args.images, args.image_steps, args.threshold, transformer_config["num_layers"])
         rows += text_rows(root, model_args, args.prompts, args.schedule)
     print(markdown_table(rows, [("what", "output", ""), ("method", "method", ""), ("batch", "batch", ""),
                                 ("items", "items", ""), ("throughput", "items/s", ".2f"),

@@ -219,7 +219,7 @@ def plot_pareto(rows: list[dict], path: Path) -> None:
     fig, axes = plt.subplots(1, len(tasks), figsize=(3.2 * len(tasks), 3.4), squeeze=False)
     for ax, task in zip(axes[0], tasks):
         for r in (r for r in rows if r["task"] == task):
-            stat = r["params"].get("stat", "mean") if isinstance(r["params"], dict) else "mean"
+            stat = r["params"].get("stat", "mean")
             family = r["method"]
             if r["method"].startswith("sched-") and "+" not in r["method"]:
                 family = "sched" if stat == "mean" else f"sched ({stat})"
