@@ -341,7 +341,8 @@ def main(argv: list[str], prog: str = "diffexit train text") -> int:
             export(unwrapped, tokenizer, Path(args.export), {
                 "command": f"{prog} " + " ".join(argv), "seed": args.seed, "steps": args.steps,
                 "train_minutes": round(elapsed / 60, 1), "parameters": n_params, "run": run,
-                "tasks": list(TASK_NAMES), "layouts": {k: vars(v) for k, v in LAYOUTS.items()},
+                "tasks": list(TASK_NAMES), "task_shares": TASK_SHARES,
+                "layouts": {k: vars(v) for k, v in LAYOUTS.items()},
             })
             print(f"{prog}: exported to {args.export}", file=sys.stderr)
         if args.decode_eval:
