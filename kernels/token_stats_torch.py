@@ -49,32 +49,47 @@ def token_stats_torch(logits: Tensor, temperature: float) -> tuple[Tensor, ...]:
     inv_t = 1.0 / temperature
     start = 0
     with torch.no_grad():
-        for rows in _row_blocks(logits) if n_rows else ():
-            for lo in range(0, rows.shape[0], chunk_rows):
-                chunk = rows[lo:lo + chunk_rows]
-                n, end = chunk.shape[0], start + chunk.shape[0]
-                _chunk_stats(chunk, buf[0, :n], buf[1, :n], block, inv_t, top1_id[start:end], floats[:, start:end])
-                start = end
+        for chunk in _chunks(logits, chunk_rows) if n_rows else ():
+            n = prod(chunk.shape[:-1])
+            end = start + n
+            _chunk_stats(chunk, buf[0, :n], buf[1, :n], block, inv_t, top1_id[start:end], floats[:, start:end])
+            start = end
     return (top1_id.view(lead), *(f.view(lead) for f in floats))
 
 
-def _row_blocks(logits: Tensor):
-    """Yield 2-D views ``[rows, V]`` that together hold every row of ``logits`` in row-major order, copying
-    nothing: leading dims that cannot be merged into one strided dim are split off one index at a time."""
+def _chunks(logits: Tensor, chunk_rows: int):
+    """Yield views ``[..., V]`` of at most ``chunk_rows`` rows each that together hold every row of ``logits`` in
+    row-major order, copying nothing.
+
+    Leading dims that cannot be merged into one strided dim (a span sliced out of ``[B, N, V]`` logits, as every
+    decoding step does) are split along the first one, as many indices per chunk as fit: one chunk per index
+    would pay the per-op overhead ``B`` times (15 ms instead of 1 ms at ``[32, 16, 100]``).
+    """
     try:
-        yield logits.view(-1, logits.shape[-1])
+        rows = logits.view(-1, logits.shape[-1])
     except RuntimeError:
-        for sub in logits.unbind(0):
-            yield from _row_blocks(sub)
+        inner = prod(logits.shape[1:-1])
+        if inner > chunk_rows:
+            for sub in logits.unbind(0):
+                yield from _chunks(sub, chunk_rows)
+        else:
+            step = chunk_rows // inner
+            for lo in range(0, logits.shape[0], step):
+                yield logits[lo:lo + step]
+        return
+    for lo in range(0, rows.shape[0], chunk_rows):
+        yield rows[lo:lo + chunk_rows]
 
 
 def _chunk_stats(
     chunk: Tensor, x: Tensor, e: Tensor, block: int, inv_t: float, top1_id: Tensor, out: Tensor
 ) -> None:
-    """Fill ``top1_id`` ``[n]`` and ``out`` ``[7, n]`` for ``chunk`` ``[n, V]``; ``x`` and ``e`` ``[n, G*B]`` are
-    scratch."""
-    n, vocab = chunk.shape
-    x[:, :vocab].copy_(chunk)
+    """Fill ``top1_id`` ``[n]`` and ``out`` ``[7, n]`` for ``chunk`` ``[..., V]`` holding ``n`` rows; ``x`` and ``e``
+    ``[n, G*B]`` are scratch."""
+    vocab = chunk.shape[-1]
+    n = x.shape[0]
+    # Splitting the scratch's row dim into the chunk's leading dims is always a view, so one copy gathers them all.
+    x[:, :vocab].view(chunk.shape).copy_(chunk)
     x[:, vocab:].fill_(float("-inf"))
     blocks = x.view(n, -1, block)
     block_max = blocks.amax(-1)
@@ -106,7 +121,7 @@ def _chunk_stats(
     top2_prob = torch.exp((top2 - top1) * inv_t) / s
     if invalid.any():
         rows = invalid.nonzero().squeeze(1)
-        bad = chunk[rows].float()
+        bad = chunk.reshape(n, vocab)[rows].float()
         ids[rows] = (torch.isnan(bad) | (bad == float("inf"))).byte().argmax(-1)
     top1_id.copy_(ids)
     out[0] = torch.where(invalid, nan, top1)

@@ -104,13 +104,33 @@ def test_long_vocab_not_a_multiple_of_the_tile(backend):
     assert_stats_close(got, plain(logits), atol=1e-5)
 
 
-def test_torch_chunking_and_unmergeable_views_give_the_same_answer(monkeypatch):
+# With V = 300 a row takes 2 blocks of 256 in the scratch buffer. 700 elements: 1 row per chunk, fewer than one
+# leading index's 6 rows, so the view is split index by index. 13 rows: 2 leading indices per chunk, and a last
+# chunk of 1. The default: the whole tensor in one chunk.
+@pytest.mark.parametrize("chunk_elements", [700, 13 * 512, torch_backend.CHUNK_ELEMENTS])
+def test_torch_chunking_and_unmergeable_views_give_the_same_answer(monkeypatch, chunk_elements):
     # Far below zero, so that a stale value left in the scratch buffer's padding by an earlier chunk would win.
     logits = torch.randn(6, 5, 300, generator=torch.Generator().manual_seed(3)).transpose(0, 1) - 500
+    logits[4, 2, 7] = float("nan")  # an invalid row in the last chunk: its id is read back from the view
     whole = token_stats(logits.contiguous(), backend="torch")
-    assert_stats_close(whole, plain(logits))
-    monkeypatch.setattr(torch_backend, "CHUNK_ELEMENTS", 700)  # 2 rows of 2 blocks of 256 per chunk
+    valid = torch.ones(5, 6, dtype=torch.bool)
+    valid[4, 2] = False
+    assert_stats_close(TokenStats(*(f[valid] for f in whole)), plain(logits[valid]))
+    assert whole.top1_id[4, 2] == 7 and whole.logit_margin[4, 2].isnan()
+    monkeypatch.setattr(torch_backend, "CHUNK_ELEMENTS", chunk_elements)
     assert_stats_close(token_stats(logits, backend="torch"), whole, rtol=0, atol=0)
+
+
+def test_a_decoding_span_is_read_in_one_chunk(monkeypatch):
+    # generate() takes stats of logits[:, prompt_length:], whose batch and position dims cannot merge. One chunk
+    # for the whole span keeps the per-step cost flat in the batch size.
+    logits = torch.randn(32, 40, 100, generator=torch.Generator().manual_seed(5))[:, 24:]
+    calls = []
+    real = torch_backend._chunk_stats
+    monkeypatch.setattr(torch_backend, "_chunk_stats", lambda chunk, *a: (calls.append(chunk.shape), real(chunk, *a)))
+    assert_stats_close(token_stats(logits, backend="torch"), token_stats(logits.contiguous(), backend="torch"),
+                       rtol=0, atol=0)
+    assert calls == [torch.Size([32, 16, 100]), torch.Size([512, 100])]
 
 
 def test_deterministic(backend):
