@@ -14,16 +14,16 @@ from typing import Optional, Sequence
 
 # (group, name) -> (module implementing it, one-line help).
 COMMANDS: dict[tuple[str, str], tuple[str, str]] = {
-    ("bench", "kernels"): ("diffexit.kernels.bench", "time token_stats backends side by side"),
-    ("bench", "text"): ("diffexit.dllm.bench", "SchED against full steps, Prophet and parallel commits on the embedded text model"),
-    ("bench", "images"): ("diffexit.uem.bench", "DeeDiff against full depth, static depth and FirstBlockCache on the embedded DiT"),
+    ("bench", "kernels"): ("diffexit.app.bench.kernels", "time token_stats backends side by side"),
+    ("bench", "text"): ("diffexit.app.bench.text", "SchED against full steps, Prophet and parallel commits on the embedded text model"),
+    ("bench", "images"): ("diffexit.app.bench.images", "DeeDiff against full depth, static depth and FirstBlockCache on the embedded DiT"),
     ("generate", "images"): ("diffexit.app.generate_images", "batch image generation (resumable, accelerate-ready)"),
     ("generate", "text"): ("diffexit.app.generate_text", "batch text generation (resumable, accelerate-ready)"),
-    ("train", "text"): ("diffexit.dllm.train", "train the embedded masked-diffusion text model"),
-    ("train", "image"): ("diffexit.uem.train_backbone", "train the embedded digits DiT backbone"),
-    ("train", "uem"): ("diffexit.uem.train", "train DeeDiff uncertainty heads on a DiT"),
-    ("calibrate", "uem"): ("diffexit.uem.calibration", "per-timestep exit thresholds within an error budget"),
-    ("calibrate", "sched"): ("diffexit.dllm.calibrate", "SchED parameters with a split-conformal risk bound"),
+    ("train", "text"): ("diffexit.dllm.charlm.train", "train the embedded masked-diffusion text model"),
+    ("train", "image"): ("diffexit.uem.digits.train", "train the embedded digits DiT backbone"),
+    ("train", "uem"): ("diffexit.app.train_uem", "train DeeDiff uncertainty heads on a DiT"),
+    ("calibrate", "uem"): ("diffexit.app.calibrate_uem", "per-timestep exit thresholds within an error budget"),
+    ("calibrate", "sched"): ("diffexit.app.calibrate_sched", "SchED parameters with a split-conformal risk bound"),
 }
 SINGLE = {"demo": ("diffexit.app.demo", "the Gradio demo on 127.0.0.1")}
 

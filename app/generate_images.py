@@ -32,40 +32,32 @@ images in ``OUT/full`` and reports the speedup. Resumable and ready for ``accele
 from __future__ import annotations
 
 import argparse
-import inspect
 import io
-import json
 import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
+from ..uem.rule_spec import CALIBRATED, METHODS, PARAMS, check_exit_params
+from .job_inputs import check_keys, read_config, read_jsonl
 from .jobs import (
     Item,
     JobError,
     JobResult,
     check_item_id,
     check_job,
-    check_keys,
     describe_run,
-    describe_threshold,
     item_seed,
     job_spec,
     make_job,
-    parse_threshold,
     prepare_out_dir,
     process_state,
-    read_config,
-    read_jsonl,
     run_job,
     wall_speedup,
 )
 
-METHODS = ("full", "deediff", "static")
-PARAMS = {"full": (), "deediff": ("threshold", "min_depth", "budget"), "static": ("depths",)}
-REQUIRED = {"full": (), "static": ("depths",)}  # deediff: a threshold or a budget (resolve_method)
-PIPELINES = ("DigitsDiTPipeline", "DiTPipeline")
 MANIFEST = "manifest.jsonl"
 FULL_DIR = "full"
+DEFAULT_STEPS = 25
 
 
 def _parser(prog: str) -> argparse.ArgumentParser:
@@ -81,15 +73,20 @@ def _parser(prog: str) -> argparse.ArgumentParser:
     p.add_argument("--budget", type=float, metavar="B",
                    help="deediff, instead of --threshold: the per-step thresholds `diffexit calibrate uem --budget B` "
                         "saved beside the UEMs (calibration-B.json)")
+    p.add_argument("--calibration", type=Path, metavar="FILE",
+                   help="deediff, instead of --threshold or --budget: a calibration file made by `diffexit calibrate "
+                        "uem` (e.g. one it wrote to its --out)")
     p.add_argument("--depths", type=int, nargs="+", metavar="D", help="static: blocks per stretch of sampling")
     p.add_argument("--config", type=Path, metavar="FILE", help='JSON {"method": ..., parameters...}')
     p.add_argument("--pipeline", type=Path, metavar="DIR",
                    help="a DigitsDiTPipeline or DiTPipeline folder (default: the embedded digits DiT)")
     p.add_argument("--uem", type=Path, metavar="DIR",
-                   help="deediff: the UEM folder (UEMStack.save_pretrained); default with the embedded pipeline: "
-                        "the shipped heads")
-    p.add_argument("--steps", type=int, default=50, help="denoising steps (default: %(default)s)")
-    p.add_argument("--guidance-scale", type=float, help="classifier-free guidance (default: the pipeline's)")
+                   help="deediff: the UEM folder (UEMStack.save_pretrained, or a `diffexit train uem --out` run); "
+                        "default with the embedded pipeline: the shipped heads")
+    p.add_argument("--steps", type=int,
+                   help=f"denoising steps (default: a calibration's own, else {DEFAULT_STEPS})")
+    p.add_argument("--guidance-scale", type=float,
+                   help="classifier-free guidance (default: a calibration's own, else the pipeline's)")
     p.add_argument("--batch-size", type=int, default=16, help="images per batch in a process (default: %(default)s)")
     p.add_argument("--compare-full", action="store_true", help="also run full depth into OUT/full; report the speedup")
     p.add_argument("--out", type=Path, required=True, metavar="DIR",
@@ -98,72 +95,37 @@ def _parser(prog: str) -> argparse.ArgumentParser:
 
 
 def resolve_method(args) -> tuple[str, dict]:
-    """``(method, params)`` from ``--config`` and the flags (flags win), checked and in JSON form."""
+    """``(method, params)`` from ``--config`` and the flags (flags win), checked and in JSON form
+    (:func:`diffexit.uem.rule_spec.check_exit_params`)."""
     config = read_config(args.config) if args.config else {}
     if config:
         check_keys(config, ("method",) + tuple(dict.fromkeys(k for v in PARAMS.values() for k in v)),
                    f"config file {args.config}")
     method = args.method or config.get("method", "full")
-    if method not in METHODS:
-        raise JobError(f"unknown method {method!r}; choose one of {list(METHODS)}")
     params = {k: v for k, v in config.items() if k != "method"}
-    flags = {"threshold": args.threshold, "min_depth": args.min_depth, "depths": args.depths, "budget": args.budget}
+    flags = {"threshold": args.threshold, "min_depth": args.min_depth, "depths": args.depths, "budget": args.budget,
+             "calibration": args.calibration}
     params.update({k: v for k, v in flags.items() if v is not None})
-    for key in params:
-        if key not in PARAMS[method]:
-            owner = next(m for m, keys in PARAMS.items() if key in keys)
-            raise JobError(f"{key} is a parameter of method {owner!r}, not of {method!r}; drop it or pick "
-                           f"--method {owner}")
-    for key in REQUIRED.get(method, ()):
-        if key not in params:
-            raise JobError(f"method {method!r} needs {key} (--{key.replace('_', '-')} or {key!r} in --config)")
-    if method == "deediff":
-        given = [k for k in ("threshold", "budget") if k in params]
-        if len(given) != 1:
-            raise JobError("method 'deediff' needs a threshold (--threshold) or a calibrated budget (--budget), one of "
-                           f"the two; got {given or 'neither'}")
-        if "budget" in params:
-            if "min_depth" in params:
-                raise JobError("--min-depth goes with --threshold: a calibration sets its own minimum depths")
-            if not isinstance(params["budget"], (int, float)) or not params["budget"] > 0:
-                raise JobError(f"budget must be a number > 0, got {params['budget']!r}")
-    if "threshold" in params:
-        params["threshold"] = describe_threshold(parse_threshold(params["threshold"], "threshold"))
-    exit_rule(method, params)  # builds the rule once, so bad values fail before anything loads
-    return method, params
-
-
-def exit_rule(method: str, params: dict):
-    """The :mod:`diffexit.uem.exit_rules` rule for ``method``, or None for full depth."""
-    from ..uem.exit_rules import MinDepth, StaticDepth, UncertaintyThreshold
-
     try:
-        if method == "deediff" and "budget" in params:
-            return None  # read from the file beside the UEMs once they are known: see calibrated_rule
-        if method == "deediff":
-            rule = UncertaintyThreshold(parse_threshold(params["threshold"], "threshold"))
-            return MinDepth(rule, params["min_depth"]) if "min_depth" in params else rule
-        if method == "static":
-            return StaticDepth(params["depths"])
-    except (TypeError, ValueError) as e:
-        raise JobError(f"method {method!r}: {e}") from e
-    return None
-
-
-def calibrated_rule(uem_dir: Path, budget: float, transformer, uem, steps: int, guidance: float, scheduler: str):
-    """The ``CalibratedThreshold`` saved for ``budget`` beside the UEMs, checked against the model and the setup."""
-    from ..uem.calibration import Calibration, calibration_path, calibrations_in
-
-    path = calibration_path(uem_dir, budget)
-    if not path.is_file():
-        found = [p.name for p in calibrations_in(uem_dir)]
-        raise JobError(f"no calibration for budget {budget:g} beside the UEMs ({path} is missing; found {found}); "
-                       f"make it with `diffexit calibrate uem --uem {uem_dir} --budget {budget:g} --steps {steps}`")
-    try:
-        return Calibration.load(path).checked_rule(transformer, uem, steps=steps, guidance_scale=guidance,
-                                                   scheduler=scheduler)
+        return method, check_exit_params(method, params)
     except ValueError as e:
-        raise JobError(f"{path}: {e}") from e
+        raise JobError(str(e) if str(e).startswith(("unknown method", "method ")) or " parameter " in str(e)
+                       else f"method {method!r}: {e}") from e
+
+
+def find_calibration_file(uem_dir: Path, params: dict) -> Path:
+    """The calibration file that ``params`` name: ``calibration`` itself, or the one for ``budget`` beside the UEMs."""
+    from ..uem.calibration_file import find_calibration
+
+    if "calibration" in params:
+        path = Path(params["calibration"])
+        if not path.is_file():
+            raise JobError(f"calibration file {path} does not exist; pass a file `diffexit calibrate uem` wrote")
+        return path
+    try:
+        return find_calibration(uem_dir, params["budget"])
+    except FileNotFoundError as e:
+        raise JobError(str(e)) from None
 
 
 def per_class_items(classes: Sequence[int], per_class: int, base_seed: int) -> list[Item]:
@@ -195,60 +157,6 @@ def read_requests(path: Path, base_seed: int) -> list[Item]:
             raise JobError(f"{where}: seed must be an integer in [0, 2**63), got {seed!r}")
         items.append(Item(item_id, seed, {"class": label}, source=where))
     return items
-
-
-def load_pipeline(path: Optional[Path], device):
-    """The pipeline in ``path`` (a ``DigitsDiTPipeline`` or ``DiTPipeline`` folder), or the embedded one, in fp32."""
-    import torch
-
-    from ..uem.pipeline import DigitsDiTPipeline
-
-    where = path if path is not None else "the embedded digits DiT"
-    try:
-        if path is None:
-            from ..uem.embedded import load_embedded_pipeline
-
-            pipe = load_embedded_pipeline(device)
-        else:
-            index = Path(path) / "model_index.json"
-            if not index.is_file():
-                raise JobError(f"cannot load the image pipeline: {path} is not a diffusers pipeline folder (it has no "
-                               f"model_index.json); pass the folder that pipe.save_pretrained wrote")
-            name = json.loads(index.read_text()).get("_class_name")
-            if name not in PIPELINES:
-                raise JobError(f"cannot load the image pipeline in {path}: it is a {name}, and generate images runs "
-                               f"{' or '.join(PIPELINES)}")
-            if name == "DiTPipeline":
-                from diffusers import DiTPipeline as cls
-            else:
-                cls = DigitsDiTPipeline
-            pipe = cls.from_pretrained(str(path), dtype=torch.float32, local_files_only=True).to(device)
-    except JobError:
-        raise
-    except Exception as e:  # any failure to load is reported the same way: what, where, why
-        raise JobError(f"cannot load the image pipeline from {where}: {e}") from e
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
-def num_classes(pipe) -> int:
-    from ..uem.digits import NUM_CLASSES
-    from ..uem.pipeline import DigitsDiTPipeline
-
-    # DiT's label table has one row per class plus the null class it keeps for guidance.
-    return NUM_CLASSES if isinstance(pipe, DigitsDiTPipeline) else int(pipe.transformer.config.num_embeds_ada_norm)
-
-
-def load_uem(path: Path):
-    from ..uem.heads import UEMStack
-
-    if not (Path(path) / "config.json").is_file():
-        raise JobError(f"cannot load the UEMs: {path} has no config.json; pass the uem/ folder that "
-                       f"`diffexit train uem` writes")
-    try:
-        return UEMStack.from_pretrained(str(path))
-    except Exception as e:  # see load_pipeline
-        raise JobError(f"cannot load the UEMs from {path}: {e}") from e
 
 
 def png_bytes(image) -> bytes:
@@ -299,20 +207,58 @@ def _pipeline_id(path: Optional[Path]) -> str:
     return "embedded" if path is None else str(Path(path).resolve())
 
 
+def _early_exits(args, pipe, method: str, params: dict, steps: Optional[int], guidance: Optional[float]):
+    """Put the method's exits on ``pipe`` (through the exit-aware scheduler); returns the steps and guidance to sample
+    with: a calibration's own when they were not given, else ``DEFAULT_STEPS`` and the pipeline's default."""
+    from ..samplers.exit_scheduler import ExitAwareScheduler
+    from ..uem.calibration_file import Calibration
+    from ..uem.early_exit import enable_early_exit
+    from ..uem.rule_spec import exit_rule
+    from .models import load_uem
+
+    uem = calibration = None
+    if method == "deediff":
+        try:
+            uem, _, heads = load_uem(args.uem)
+        except ValueError as e:
+            raise JobError(str(e)) from None
+        if any(k in params for k in CALIBRATED):
+            path = find_calibration_file(heads, params)
+            try:
+                calibration = Calibration.load(path)
+                made_for = calibration.sampler
+                steps = made_for["steps"] if steps is None else steps
+                guidance = float(made_for["guidance_scale"]) if guidance is None else guidance
+                calibration.checked_rule(pipe.transformer, uem, steps=steps, guidance_scale=guidance,
+                                         scheduler=type(pipe.scheduler).__name__)
+            except ValueError as e:
+                raise JobError(f"{path}: {e}") from e
+    try:
+        early_exit = enable_early_exit(pipe, uem, exit_rule(method, params, calibration))
+    except ValueError as e:
+        raise JobError(f"method {method!r} does not fit this model: {e}") from e
+    pipe.scheduler = ExitAwareScheduler(pipe.scheduler, early_exit)
+    return steps, guidance
+
+
 def run(argv: Sequence[str], prog: str = "diffexit generate images") -> tuple[JobResult, Optional[JobResult]]:
     """Parse ``argv``, generate, print the summary on the main process; returns the method's and full depth's
     :class:`~diffexit.app.jobs.JobResult` (None without ``--compare-full``). Bad input raises :class:`JobError`."""
+    from .models import class_count, default_guidance_scale, load_dit_pipeline
+
     args = _parser(prog).parse_args(list(argv))
     if args.classes is not None and args.per_class is None:
         raise JobError("--classes goes with --per-class; a --requests file names each request's class")
-    if args.steps < 1 or args.batch_size < 1:
+    if (args.steps is not None and args.steps < 1) or args.batch_size < 1:
         raise JobError(f"--steps and --batch-size must be positive, got {args.steps} and {args.batch_size}")
+    if args.guidance_scale is not None and args.guidance_scale < 0:
+        raise JobError(f"--guidance-scale must be >= 0, got {args.guidance_scale} (1 or below turns guidance off)")
     method, params = resolve_method(args)
     if method == "deediff" and args.uem is None:
         if args.pipeline is not None:
             raise JobError("method 'deediff' reads the uncertainty heads: pass --uem DIR (the uem/ folder that "
                            "`diffexit train uem` writes) for this pipeline's transformer")
-        from ..uem.embedded import embedded_uem_dir
+        from ..uem.digits.embedded import embedded_uem_dir
 
         try:
             args.uem = embedded_uem_dir()
@@ -324,8 +270,11 @@ def run(argv: Sequence[str], prog: str = "diffexit generate images") -> tuple[Jo
     out = prepare_out_dir(args.out)
 
     state = process_state()
-    pipe = load_pipeline(args.pipeline, state.device)
-    n_classes = num_classes(pipe)
+    try:
+        pipe = load_dit_pipeline(args.pipeline, state.device)
+    except ValueError as e:
+        raise JobError(f"cannot load the image pipeline: {e}") from None
+    n_classes = class_count(pipe)
     if items is None:
         classes = args.classes if args.classes is not None else list(range(n_classes))
         bad = [c for c in classes if not 0 <= c < n_classes]
@@ -336,36 +285,24 @@ def run(argv: Sequence[str], prog: str = "diffexit generate images") -> tuple[Jo
         if not 0 <= item.payload["class"] < n_classes:
             raise JobError(f"{item.source}: unknown class {item.payload['class']}; this model draws classes "
                            f"0..{n_classes - 1}")
-    guidance = args.guidance_scale
-    if guidance is None:
-        guidance = float(inspect.signature(type(pipe).__call__).parameters["guidance_scale"].default)
-    rule = exit_rule(method, params)
-    if rule is not None or method == "deediff":
-        from ..samplers.exit_scheduler import ExitAwareScheduler
-        from ..uem.early_exit import enable_early_exit
-
-        uem = load_uem(args.uem) if rule is None or rule.needs_uem else None
-        if rule is None:
-            rule = calibrated_rule(Path(args.uem), params["budget"], pipe.transformer, uem, args.steps, guidance,
-                                   type(pipe.scheduler).__name__)
-        try:
-            early_exit = enable_early_exit(pipe, uem, rule)
-        except ValueError as e:
-            raise JobError(f"method {method!r} does not fit this model: {e}") from e
-        pipe.scheduler = ExitAwareScheduler(pipe.scheduler, early_exit)
+    steps, guidance = args.steps, args.guidance_scale
+    if method != "full":
+        steps, guidance = _early_exits(args, pipe, method, params, steps, guidance)
+    steps = DEFAULT_STEPS if steps is None else steps
+    guidance = default_guidance_scale(pipe) if guidance is None else guidance
 
     job = make_job(items, args.batch_size)
-    settings = {"command": "generate images", "pipeline": _pipeline_id(args.pipeline), "steps": args.steps,
+    settings = {"command": "generate images", "pipeline": _pipeline_id(args.pipeline), "steps": steps,
                 "guidance_scale": guidance, "batch_size": args.batch_size}
     spec = job_spec({**settings, "method": method, "params": params,
-                     "uem": None if args.uem is None else str(args.uem.resolve())}, job)
+                     "uem": None if args.uem is None else str(Path(args.uem).resolve())}, job)
     full_spec = job_spec({**settings, "method": "full", "params": {}, "uem": None}, job)
     compare = args.compare_full and method != "full"
     check_job(out, spec)
     if compare:
         check_job(out / FULL_DIR, full_spec)
 
-    result = run_job(out, spec, job, ImageEngine(pipe, method, args.steps, guidance), manifest=MANIFEST,
+    result = run_job(out, spec, job, ImageEngine(pipe, method, steps, guidance), manifest=MANIFEST,
                      desc=f"images ({method})", state=state)
     full = None
     if compare:
@@ -374,7 +311,7 @@ def run(argv: Sequence[str], prog: str = "diffexit generate images") -> tuple[Jo
         disable_early_exit(pipe)
         pipe.scheduler = pipe.scheduler.scheduler
         full_out = prepare_out_dir(out / FULL_DIR)
-        full = run_job(full_out, full_spec, job, ImageEngine(pipe, "full", args.steps, guidance), manifest=MANIFEST,
+        full = run_job(full_out, full_spec, job, ImageEngine(pipe, "full", steps, guidance), manifest=MANIFEST,
                        desc="images (full)", state=state)
     if state.is_main_process:
         print(describe_run(result, f"generate images ({method})"))

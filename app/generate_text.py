@@ -26,7 +26,8 @@ Methods (``--method``, or ``--config FILE``; flags override the file):
   KIND:HIGH:LOW[:K]``, a number for a constant threshold, or a ``ThresholdSchedule`` object), ``stat``, ``q``,
   ``ignore_token_ids`` (defaults to the tokenizer's EOS and padding ids for ``stat="mean_content"``),
   ``min_progress``, ``patience``, ``max_change_ratio``. The file ``diffexit calibrate sched`` writes is accepted as is.
-- ``prophet``: the Prophet baseline: ``window`` (``--window``) and ``schedule``.
+- ``prophet``: the Prophet baseline, as its reference decides: ``window`` (``--window``), ``answer_start`` (the span
+  position the window starts at) and ``thresholds`` (early, middle, late).
 
 A config file is ``{"method": ..., parameters...}``, or a ``diffexit calibrate sched`` file (``{"sched": {...}, ...}``).
 
@@ -43,33 +44,24 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Callable, Optional, Sequence
+from typing import Optional, Sequence
 
-from ..samplers.schedules import ThresholdSchedule
+from ..dllm.rule_spec import METHODS, PARAMS, check_halting_params, halting_rule
+from .job_inputs import check_keys, read_config, read_jsonl
 from .jobs import (
     Item,
     JobError,
     JobResult,
     check_job,
-    check_keys,
     describe_run,
     job_spec,
     make_job,
-    parse_threshold,
     prepare_out_dir,
     process_state,
-    read_config,
-    read_jsonl,
     run_job,
     wall_speedup,
 )
-
-METHODS = ("full", "sched", "prophet")
-PARAMS = {
-    "full": (),
-    "sched": ("schedule", "stat", "q", "ignore_token_ids", "min_progress", "patience", "max_change_ratio"),
-    "prophet": ("window", "schedule"),
-}
+from .text_engines import EmbeddedEngine, TransformersEngine, is_embedded_format
 OUTPUTS = "outputs.jsonl"
 FULL_DIR = "full"
 DTYPES = ("float32", "bfloat16", "float16")
@@ -80,7 +72,7 @@ TRANSFORMERS_DEFAULTS = {"gen_length": 128, "steps": 128, "block_length": None, 
 
 
 def _parser(prog: str) -> argparse.ArgumentParser:
-    from ..dllm.tasks import TASK_NAMES
+    from ..dllm.charlm.tasks import TASK_NAMES
 
     p = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     src = p.add_mutually_exclusive_group(required=True)
@@ -89,7 +81,7 @@ def _parser(prog: str) -> argparse.ArgumentParser:
     p.add_argument("--n", type=int, help="with --task: how many prompts")
     p.add_argument("--seed", type=int, default=0, help="with --task: which draw of held-out prompts (default: 0)")
     p.add_argument("--method", choices=METHODS, help="full (default), sched or prophet")
-    p.add_argument("--schedule", metavar="SPEC", help="sched / prophet threshold: KIND:HIGH:LOW[:K] or a number")
+    p.add_argument("--schedule", metavar="SPEC", help="sched: the threshold, KIND:HIGH:LOW[:K] or a number")
     p.add_argument("--stat", help="sched: the span statistic (mean, min, quantile, ...)")
     p.add_argument("--window", type=int, help="prophet: answer window in tokens")
     p.add_argument("--config", type=Path, metavar="FILE",
@@ -115,7 +107,7 @@ def _parser(prog: str) -> argparse.ArgumentParser:
 
 def task_items(task: str, n: Optional[int], seed: int) -> list[Item]:
     """``n`` held-out prompts of ``task`` (draw ``seed``), ids ``<task>-<i:05d>``."""
-    from ..dllm.tasks import sample
+    from ..dllm.charlm.tasks import sample
 
     if n is None or n < 1:
         raise JobError(f"--task needs --n, a positive number of prompts, got {n}")
@@ -125,7 +117,7 @@ def task_items(task: str, n: Optional[int], seed: int) -> list[Item]:
 
 def read_prompts(path: Path) -> list[Item]:
     """Items from a JSONL of ``{"id"?, "prompt", "task"?}``; a bad line raises, naming its number."""
-    from ..dllm.tasks import TASK_NAMES, score
+    from ..dllm.charlm.tasks import TASK_NAMES, score
 
     items = []
     for number, row in read_jsonl(path):
@@ -153,16 +145,9 @@ def read_prompts(path: Path) -> list[Item]:
 
 # Methods -------------------------------------------------------------------------------------------------------------
 
-def _schedule_dict(value, what: str) -> dict:
-    threshold = parse_threshold(value, what)
-    if not isinstance(threshold, ThresholdSchedule):
-        threshold = ThresholdSchedule("constant", threshold, threshold)
-    return threshold.to_dict()
-
-
 def resolve_method(args) -> tuple[str, dict]:
-    """``(method, params)`` from ``--config`` and the flags (flags win), in JSON form; values are checked when the
-    rule is built (:func:`halting_factory`)."""
+    """``(method, params)`` from ``--config`` and the flags (flags win), in JSON form; checked against the
+    tokenizer once the model is loaded (:func:`diffexit.dllm.rule_spec.check_halting_params`)."""
     config: dict = {}
     if args.config:
         data = read_config(args.config)
@@ -188,128 +173,19 @@ def resolve_method(args) -> tuple[str, dict]:
             owners = [m for m, keys in PARAMS.items() if key in keys]
             raise JobError(f"{key} is a parameter of method {' and '.join(map(repr, owners))}, not of {method!r}; "
                            f"drop it or pick --method {owners[0]}")
-    if "schedule" in params:
-        params["schedule"] = _schedule_dict(params["schedule"], "schedule")
     return method, params
 
 
-def halting_factory(method: str, params: dict, tokenizer) -> tuple[dict, Optional[Callable]]:
-    """Complete ``params`` for this tokenizer and check them; returns ``(params, make_rule)``, where ``make_rule()``
-    builds a fresh rule per batch (rules keep per-sample state), or is None for full steps."""
-    from ..dllm.halting import Prophet, SchED
-
-    if method == "full":
-        return params, None
-    params = dict(params)
-    if method == "sched" and params.get("stat") == "mean_content" and not params.get("ignore_token_ids"):
-        ids = [getattr(tokenizer, f"{name}_token_id", None) for name in ("eos", "pad")]
-        params["ignore_token_ids"] = sorted({i for i in ids if i is not None})
-    rest = {k: v for k, v in params.items() if k != "schedule"}
+def checked_params(method: str, params: dict, tokenizer) -> dict:
+    """``params`` completed for this tokenizer (EOS and padding for ``stat="mean_content"``) and checked."""
+    ids = [getattr(tokenizer, f"{name}_token_id", None) for name in ("eos", "pad")]
     try:
-        schedule = ThresholdSchedule.from_dict(params["schedule"]) if "schedule" in params else None
-        rule_class = SchED if method == "sched" else Prophet
-        make = lambda: rule_class(schedule=schedule, **rest)  # noqa: E731
-        rule = make()
-    except (TypeError, ValueError) as e:
+        return check_halting_params(method, params, ignore_token_ids=[i for i in ids if i is not None])
+    except ValueError as e:
         raise JobError(f"method {method!r}: {e}") from e
-    return {**params, **(rule.to_dict() if method == "sched" else {})}, make
 
 
 # Models and decoding -------------------------------------------------------------------------------------------------
-
-def _is_embedded_format(path: Path) -> bool:
-    config = path / "config.json"
-    if not config.is_file():
-        return False
-    try:
-        return "DiffusionLlama" in (json.loads(config.read_text()).get("architectures") or [])
-    except (OSError, ValueError):
-        return False
-
-
-class EmbeddedEngine:
-    """The embedded model's format: each batch shares a task layout; prompts are left-padded to it."""
-
-    def __init__(self, model, tokenizer, method: str, make_rule: Optional[Callable]):
-        self.model, self.tokenizer, self.method, self.make_rule = model, tokenizer, method, make_rule
-
-    def layout(self, item: Item):
-        """The item's task's layout; the short one for a prompt without a task."""
-        from ..dllm.tasks import LAYOUTS, layout_of
-
-        return layout_of(item.payload["task"]) if "task" in item.payload else LAYOUTS["short"]
-
-    group = layout  # items of one batch share a layout
-
-    def check(self, items: Sequence[Item]) -> None:
-        from ..dllm.tokenizer import encode_prompts
-
-        for item in items:
-            try:
-                ids, _ = encode_prompts(self.tokenizer, [item.payload["prompt"]], self.layout(item).prompt_length)
-            except ValueError as e:
-                raise JobError(f"{item.source}: {e}") from e
-            if (ids == self.tokenizer.mask_token_id).any():
-                raise JobError(f"{item.source}: the prompt contains the mask token; prompts must be fully known")
-
-    def files(self, item: Item) -> list[str]:
-        return []
-
-    def run(self, items: Sequence[Item]) -> list[tuple[dict, dict[str, bytes]]]:
-        from ..dllm.generate import generate
-        from ..dllm.tasks import DECODE
-        from ..dllm.tokenizer import decode_answer, encode_prompts
-
-        layout = self.layout(items[0])
-        prompts = [item.payload["prompt"] for item in items]
-        ids, attention = encode_prompts(self.tokenizer, prompts, layout.prompt_length)
-        device = next(self.model.parameters()).device
-        block_length, steps = DECODE[layout.span_length]
-        out = generate(self.model, ids.to(device), attention_mask=attention.to(device), gen_length=layout.span_length,
-                       steps=steps, block_length=block_length, mask_id=self.tokenizer.mask_token_id,
-                       halting=self.make_rule() if self.make_rule else None)
-        texts = [decode_answer(self.tokenizer, span) for span in out.generated.cpu()]
-        return _records(items, texts, out, self.method)
-
-
-class TransformersEngine:
-    """A model loaded through transformers, decoded by :class:`~diffexit.dllm.pipeline.MaskedDiffusionPipeline`."""
-
-    def __init__(self, pipe, method: str, make_rule: Optional[Callable], gen_length: int, steps: int,
-                 block_length: Optional[int]):
-        self.pipe, self.method, self.make_rule = pipe, method, make_rule
-        self.decode = {"gen_length": gen_length, "steps": steps}
-        if block_length is not None:
-            self.decode["block_length"] = block_length
-
-    def group(self, item: Item) -> None:
-        """Any prompts can share a batch: the pipeline pads them to the longest."""
-
-    def check(self, items: Sequence[Item]) -> None:
-        """Prompts are tokenized per batch by the pipeline; nothing to check ahead."""
-
-    def files(self, item: Item) -> list[str]:
-        return []
-
-    def run(self, items: Sequence[Item]) -> list[tuple[dict, dict[str, bytes]]]:
-        halting = self.make_rule() if self.make_rule else None
-        out = self.pipe([item.payload["prompt"] for item in items], halting=halting, **self.decode)
-        return _records(items, out.texts, out.generation, self.method)
-
-
-def _records(items: Sequence[Item], texts: Sequence[str], generation, method: str) -> list[tuple[dict, dict]]:
-    from ..dllm.tasks import score
-
-    out = []
-    for item, text, nfe, halt in zip(items, texts, generation.nfe.tolist(), generation.halt_step.tolist()):
-        record = {"id": item.id, "prompt": item.payload["prompt"], "output": text, "method": method, "nfe": nfe,
-                  "halt_step": halt if halt >= 0 else None}
-        if "task" in item.payload:
-            record["task"] = item.payload["task"]
-            record["correct"] = score(item.payload["task"], item.payload["prompt"], text)
-        out.append((record, {}))
-    return out
-
 
 def transformers_options(args) -> dict:
     """The transformers-only settings, defaults filled in."""
@@ -323,12 +199,15 @@ def load_model(args, device):
     dtype = getattr(torch, args.dtype)
     where = args.model or "the embedded text model"
     try:
-        if args.model is None or _is_embedded_format(Path(args.model)):
-            from ..dllm.text_model import load_embedded_text_model, load_text_model
+        if args.model is None or is_embedded_format(Path(args.model)):
+            from .models import load_text_model_or_embedded
 
-            model, tokenizer = (load_text_model(args.model, dtype=dtype) if args.model
-                                else load_embedded_text_model(dtype=dtype))
+            model, tokenizer = load_text_model_or_embedded(Path(args.model) if args.model else None, dtype=dtype)
             return "embedded", model.to(device), tokenizer
+        local = Path(args.model).is_absolute() or args.model.startswith((".", "~"))
+        if local and not Path(args.model).expanduser().exists():
+            # Said here: transformers would call a missing path a malformed hub id.
+            raise ValueError(f"no such folder {args.model}; pass a model folder or a hub model id")
         from ..dllm.pipeline import MaskedDiffusionPipeline
 
         options = transformers_options(args)
@@ -367,7 +246,8 @@ def run(argv: Sequence[str], prog: str = "diffexit generate text") -> tuple[JobR
 
     state = process_state()
     kind, model, tokenizer = load_model(args, state.device)
-    params, make_rule = halting_factory(method, params, tokenizer)
+    params = checked_params(method, params, tokenizer)
+    make_rule = None if method == "full" else (lambda: halting_rule(method, params))
     if kind == "embedded":
         given = [f"--{k.replace('_', '-')}" for k in TRANSFORMERS_ONLY if getattr(args, k) is not None]
         if given:

@@ -31,10 +31,9 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Hashable, Optional, Protocol, Sequence, Union
+from typing import Callable, Hashable, Optional, Protocol, Sequence
 
-from ..samplers.schedules import ThresholdSchedule
-from .reporting import atomic_write_bytes
+from ..common.results import atomic_write_bytes
 
 JOB_FILE = "job.json"
 PARTS_DIR = ".parts"
@@ -129,83 +128,6 @@ def deal(pending: Sequence[Batch], process_index: int, num_processes: int) -> li
     """The batches of ``pending`` that process ``process_index`` of ``num_processes`` runs: every
     ``num_processes``-th, starting at its own index."""
     return list(pending[process_index::num_processes])
-
-
-# Reading job descriptions ------------------------------------------------------------------------------------------
-
-def read_jsonl(path: Path) -> list[tuple[int, dict]]:
-    """``(line number, object)`` for every non-blank line of a JSONL file; a bad line raises, naming its number."""
-    path = Path(path)
-    if not path.is_file():
-        raise JobError(f"input file {path} does not exist" if not path.exists() else f"input {path} is not a file")
-    rows = []
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-        raise JobError(f"cannot read {path}: {e}") from e
-    for number, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise JobError(f"{path} line {number}: not valid JSON ({e.msg} at column {e.colno})") from e
-        if not isinstance(row, dict):
-            raise JobError(f"{path} line {number}: expected a JSON object, got {type(row).__name__}")
-        rows.append((number, row))
-    if not rows:
-        raise JobError(f"{path} has no lines; give one JSON object per line")
-    return rows
-
-
-def check_keys(row: dict, allowed: Sequence[str], where: str) -> None:
-    unknown = sorted(set(row) - set(allowed))
-    if unknown:
-        raise JobError(f"{where}: unknown key(s) {unknown}; allowed: {list(allowed)}")
-
-
-def read_config(path: Path) -> dict:
-    """A method config file: one JSON object."""
-    path = Path(path)
-    if not path.is_file():
-        raise JobError(f"config file {path} does not exist" if not path.exists() else f"config {path} is not a file")
-    try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError) as e:
-        raise JobError(f"cannot read config file {path}: {e}") from e
-    except json.JSONDecodeError as e:
-        raise JobError(f"config file {path}: not valid JSON ({e.msg} at line {e.lineno}, column {e.colno})") from e
-    if not isinstance(config, dict):
-        raise JobError(f"config file {path} must hold one JSON object, got {type(config).__name__}")
-    return config
-
-
-def parse_threshold(value: Union[str, float, int, dict], what: str) -> Union[float, ThresholdSchedule]:
-    """A threshold given as a number, ``"KIND:HIGH:LOW[:K]"`` (e.g. ``"linear:0.3:0.05"``) or a
-    ``ThresholdSchedule`` dict (``{"kind", "high", "low", "k"}``)."""
-    try:
-        if isinstance(value, dict):
-            return ThresholdSchedule.from_dict(value)
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
-            try:
-                return float(value)
-            except ValueError:
-                pass
-            kind, *numbers = value.split(":")
-            if len(numbers) not in (2, 3):
-                raise ValueError(f"write it as a number or KIND:HIGH:LOW[:K], e.g. 'linear:0.3:0.05', got {value!r}")
-            high, low, *k = (float(n) for n in numbers)
-            return ThresholdSchedule(kind, high, low, k[0] if k else None)
-    except (TypeError, ValueError) as e:
-        raise JobError(f"{what}: {e}") from e
-    raise JobError(f"{what} must be a number, KIND:HIGH:LOW[:K] or a schedule object, got {value!r}")
-
-
-def describe_threshold(threshold: Union[float, ThresholdSchedule]) -> Union[float, dict]:
-    """The JSON form of :func:`parse_threshold`'s result."""
-    return threshold.to_dict() if isinstance(threshold, ThresholdSchedule) else threshold
 
 
 # The output folder -------------------------------------------------------------------------------------------------

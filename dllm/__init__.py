@@ -1,4 +1,12 @@
-"""Masked-diffusion LM decoding (LLaDA-style blocks, Dream-style shifted span) with pluggable halting."""
+"""Masked-diffusion LM decoding (LLaDA-style blocks, Dream-style shifted span) with pluggable halting.
+
+- ``generate`` (LLaDA's loop) and ``dream_generate`` (Dream's), with their shared pieces in ``decoding``.
+- Halting rules (``halting``): ``SchED``, ``Prophet``; ``rule_spec`` builds them from user parameters.
+- ``calibrate``: SchED thresholds with a conformal bound on answer-changing halts.
+- ``MaskedDiffusionPipeline`` (``pipeline``): a diffusers pipeline around either loop.
+
+The embedded character-level model and its tasks live apart, in ``diffexit.dllm.charlm``.
+"""
 
 from .dream import dream_generate
 from .generate import generate

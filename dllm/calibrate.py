@@ -1,4 +1,4 @@
-"""``diffexit calibrate sched``: SchED thresholds with a conformal bound on the rate of answer-changing halts.
+"""SchED thresholds with a conformal bound on the rate of answer-changing halts (``diffexit calibrate sched``).
 
 The risk is the rate of samples whose halted answer differs from the full-step answer. It is controlled with
 conformal risk control (the split-conformal recipe that LYNX applies to early exits):
@@ -14,29 +14,25 @@ conformal risk control (the split-conformal recipe that LYNX applies to early ex
    new exchangeable sample is at most ``R`` (Angelopoulos et al., "Conformal Risk Control").
 4. Measure the chosen rule on a separate validation split, with a 95% Wilson interval.
 
-The parameters go to a JSON file (``{"sched": {...}, ...}``) that ``diffexit generate text``, the demo and
-:func:`load_sched` accept. Only margin statistics are scanned (their thresholds are positive and scale).
+The parameters go to a JSON file (``{"sched": {...}, ...}``, :func:`save_sched`) that ``diffexit generate text``, the
+demo and :func:`load_sched` accept. Only margin statistics are scanned (their thresholds are positive and scale).
+The command itself, which records the embedded tasks, is ``diffexit.app.calibrate_sched``.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
-import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
-from tqdm.auto import tqdm
 
-from ..app.reporting import atomic_write_bytes
-from ..samplers.schedules import ThresholdSchedule
+from ..common.results import atomic_write_bytes
+from ..common.schedules import ThresholdSchedule
 from .generate import generate
 from .halting import HaltDecision, HaltingRule, SchED, span_statistic
-from .tasks import DECODE, TASK_NAMES, layout_of, sample
-from .tokenizer import decode_answer, encode_prompts
 
 SCAN_STATS = ("mean", "median", "quantile", "min", "mean_content")
 SCALES = tuple(round(4.0 * 0.9 ** i, 6) for i in range(60))  # 4.0 down to about 0.008
@@ -50,11 +46,13 @@ class Recorder(HaltingRule):
         self.stat, self.q, self.ignore = stat, q, tuple(ignore_token_ids)
         self.steps: list[list[tuple[float, float, torch.Tensor, torch.Tensor]]] = []
 
-    def start(self, batch_size, span_length, device):
+    def start(self, batch_size, span_length, device, total_steps):
+        super().start(batch_size, span_length, device, total_steps)
         self.steps = [[] for _ in range(batch_size)]
 
-    def decide(self, stats, masked, progress, rows):
+    def decide(self, stats, masked, step, rows):
         value = span_statistic(stats, masked, self.stat, self.q, self.ignore)
+        progress = self.progress(step)
         for j, r in enumerate(rows.tolist()):
             self.steps[r].append((float(value[j]), float(progress[j]), masked[j].cpu(), stats.top1_id[j].cpu()))
         none = torch.zeros(len(rows), dtype=torch.bool, device=masked.device)
@@ -78,22 +76,20 @@ class Trajectory:
         return self.full_answer, len(self.values)
 
 
-def record(model, tok, task: str, examples, stat: str, q: float, batch: int = 50) -> list[Trajectory]:
-    """Full-step greedy runs of ``examples`` with the statistic recorded at every step."""
-    layout = layout_of(task)
-    block, steps = DECODE[layout.span_length]
-    ignore = (tok.eos_token_id, tok.pad_token_id)
+def record(model, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor], *, gen_length: int, steps: int,
+           block_length: int, mask_id: int, decode: Callable[[torch.Tensor], str], stat: str, q: float = 0.1,
+           ignore_token_ids: Sequence[int] = ()) -> list[Trajectory]:
+    """Full-step greedy runs of the prompts ``input_ids`` ``[B, P]`` with the statistic recorded at every step.
+
+    ``decode`` turns a span ``[gen_length]`` of token ids into the answer text that halting must not change.
+    """
+    rec = Recorder(stat, q, ignore_token_ids)
+    gen = generate(model, input_ids, attention_mask=attention_mask, gen_length=gen_length, steps=steps,
+                   block_length=block_length, mask_id=mask_id, halting=rec)
     out = []
-    for i in range(0, len(examples), batch):
-        chunk = examples[i:i + batch]
-        ids, attn = encode_prompts(tok, [e.prompt for e in chunk], layout.prompt_length)
-        rec = Recorder(stat, q, ignore)
-        gen = generate(model, ids, attention_mask=attn, gen_length=layout.span_length, steps=steps,
-                       block_length=block, mask_id=tok.mask_token_id, halting=rec)
-        for j, final in enumerate(gen.generated.cpu()):
-            answers = [decode_answer(tok, torch.where(m, a, final)) for _, _, m, a in rec.steps[j]]
-            out.append(Trajectory([s[0] for s in rec.steps[j]], [s[1] for s in rec.steps[j]], answers,
-                                  decode_answer(tok, final)))
+    for j, final in enumerate(gen.generated.cpu()):
+        answers = [decode(torch.where(m, a, final)) for _, _, m, a in rec.steps[j]]
+        out.append(Trajectory([s[0] for s in rec.steps[j]], [s[1] for s in rec.steps[j]], answers, decode(final)))
     return out
 
 
@@ -150,7 +146,7 @@ def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
 
 
 def load_sched(path: Path | str) -> SchED:
-    """The SchED rule saved by ``diffexit calibrate sched``."""
+    """The SchED rule saved by ``diffexit calibrate sched`` (:func:`save_sched`)."""
     path = Path(path)
     try:
         data = json.loads(path.read_text())
@@ -162,57 +158,8 @@ def load_sched(path: Path | str) -> SchED:
     return SchED.from_dict(data["sched"])
 
 
-def main(argv: list[str], prog: str = "diffexit calibrate sched") -> int:
-    p = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--risk", type=float, required=True, help="allowed rate of answer-changing halts, in (0, 1)")
-    p.add_argument("--kind", default="cosine", choices=("linear", "cosine", "exp", "step"))
-    p.add_argument("--stat", default="min", choices=SCAN_STATS)
-    p.add_argument("--q", type=float, default=0.1, help="quantile for --stat quantile")
-    p.add_argument("--tasks", nargs="+", default=list(TASK_NAMES), choices=TASK_NAMES, metavar="TASK")
-    p.add_argument("--n-cal", type=int, default=100, help="calibration examples per task")
-    p.add_argument("--n-val", type=int, default=100, help="validation examples per task")
-    p.add_argument("--model", type=Path, default=None, help="an exported model folder (default: the embedded one)")
-    p.add_argument("--out", type=Path, default=Path("sched.json"), help="parameter file to write")
-    args = p.parse_args(argv)
-    if not 0 < args.risk < 1:
-        p.error(f"--risk must be in (0, 1), got {args.risk}")
-    if args.n_cal <= 0 or args.n_val <= 0:
-        p.error("--n-cal and --n-val must be positive")
-    n_total = args.n_cal * len(args.tasks)
-    if 1 / (n_total + 1) > args.risk:
-        p.error(f"--risk {args.risk} is below 1/(n+1) = {1 / (n_total + 1):.4f} for n = {n_total} calibration "
-                f"examples; use more (--n-cal) or a larger risk")
-
-    from .text_model import load_embedded_text_model, load_text_model
-
-    try:
-        model, tok = load_text_model(args.model) if args.model else load_embedded_text_model()
-    except (FileNotFoundError, OSError, ValueError) as e:
-        print(f"{prog}: cannot load the model: {e}", file=sys.stderr)
-        return 1
-    cal, val = [], []
-    for task in tqdm(args.tasks, desc="recording full-step runs"):
-        # Seeds 1 and 2 of the held-out split: disjoint draws from the benchmark's seed 0.
-        cal += record(model, tok, task, sample(task, "heldout", seed=1, n=args.n_cal), args.stat, args.q)
-        val += record(model, tok, task, sample(task, "heldout", seed=2, n=args.n_val), args.stat, args.q)
-    scale, scan = select_scale(cal, args.kind, args.risk)
-    if scale is None:
-        print(f"{prog}: no scale meets risk {args.risk} on {len(cal)} examples", file=sys.stderr)
-        return 1
-    rule = SchED(family(args.kind, scale), stat=args.stat, q=args.q,
-                 ignore_token_ids=(tok.eos_token_id, tok.pad_token_id) if args.stat == "mean_content" else ())
-    # The guarantee holds for the decoding it was calibrated under: keep that beside the parameters.
-    result = {"sched": rule.to_dict(), "risk": args.risk, "scale": scale, "tasks": args.tasks,
-              "decode": {str(span): {"block_length": b, "steps": st} for span, (b, st) in DECODE.items()},
-              "model": str(args.model) if args.model else "embedded",
-              "calibration": evaluate(cal, rule.schedule), "validation": evaluate(val, rule.schedule),
-              "scan": scan}
-    atomic_write_bytes(args.out, json.dumps(result, indent=2).encode())
-    v = result["validation"]
-    print(f"scale {scale}: {rule.schedule}, stat={args.stat}")
-    print(f"calibration: changed {result['calibration']['rate']:.4f} (risk {args.risk}), "
-          f"NFE speedup {result['calibration']['speedup_nfe']:.2f}x")
-    print(f"validation:  changed {v['rate']:.4f} (95% CI {v['rate_ci95'][0]:.4f}-{v['rate_ci95'][1]:.4f}), "
-          f"NFE speedup {v['speedup_nfe']:.2f}x on {v['n']} examples")
-    print(f"wrote {args.out}")
-    return 0
+def save_sched(path: Path | str, rule: SchED, **record) -> Path:
+    """Write ``rule`` and what it was calibrated for (``record``: risk, figures, decoding...) as the JSON file that
+    :func:`load_sched`, ``diffexit generate text --config`` and the demo read."""
+    atomic_write_bytes(Path(path), json.dumps({"sched": rule.to_dict(), **record}, indent=2).encode())
+    return Path(path)

@@ -13,7 +13,8 @@ last step commits everything left. ``alg`` picks which:
 With ``alg_temp > 0`` the confidence-ordered algorithms sample positions from ``softmax(confidence / alg_temp)``
 instead of taking the top. These follow the public Dream ``diffusion_generate``, with two deliberate
 differences: the transfer count is per sample rather than the batch average (identical when no sample has
-halted), and ``entropy`` uses the exact entropy rather than ``log(p + 1e-10)``.
+halted), and ``entropy`` uses the exact entropy rather than ``log(p + 1e-10)``. Confidences are ranked over prompt
+plus span, as there, so exact ties break the same way.
 """
 
 from __future__ import annotations
@@ -22,9 +23,10 @@ from typing import Optional
 
 import torch
 
-from .decoding import call_model, check_inputs, span_stats
+from ..common.schedules import progress
+from .decoding import call_model, check_inputs, record_trace, span_stats, topk_commit
 from .halting import HaltingRule, aggregate_margin
-from .output import GenerationOutput, TraceStep
+from .output import GenerationOutput
 
 ALGS = ("origin", "maskgit_plus", "topk_margin", "entropy")
 
@@ -114,35 +116,35 @@ def dream_generate(
         attention_mask = None
     timesteps = torch.linspace(1, eps, steps + 1, device=device)
 
-    nfe = torch.zeros(batch, dtype=torch.long)
-    halt_step = torch.full((batch,), -1, dtype=torch.long)
-    done = torch.zeros(batch, dtype=torch.bool)
+    nfe = torch.zeros(batch, dtype=torch.long, device=device)
+    halt_step = torch.full((batch,), -1, dtype=torch.long, device=device)
+    done = torch.zeros(batch, dtype=torch.bool, device=device)
     trace = [[] for _ in range(batch)] if return_trace else None
     if halting is not None:
-        halting.start(batch, gen_length, device)
+        halting.start(batch, gen_length, device, steps)
+    neg_inf = torch.tensor(float("-inf"), device=device)
 
     for i in range(steps):
         rows = (~done).nonzero().flatten()
         if len(rows) == 0:
             break
-        dev_rows = rows.to(device)
-        extra = {} if position_ids is None else {"position_ids": position_ids[dev_rows]}
-        logits = call_model(model, x[dev_rows], None if attention_mask is None else attention_mask[dev_rows],
-                            **extra)
+        extra = {} if position_ids is None else {"position_ids": position_ids[rows]}
+        logits = call_model(model, x[rows], None if attention_mask is None else attention_mask[rows], **extra)
         nfe[rows] += 1
         logits = torch.cat([logits[:, :1], logits[:, :-1]], dim=1)
         span_logits = logits[:, plen:]
-        stats = span_stats(span_logits, i, rows, mask_id)
-        masked = x[dev_rows, plen:] == mask_id
+        step = torch.full((len(rows),), i, dtype=torch.long, device=device)
+        stats = span_stats(span_logits, step, rows, mask_id)
+        span = x[rows, plen:]
+        masked = span == mask_id
         t, s = timesteps[i], timesteps[i + 1]
         last = i == steps - 1
-        prog = torch.full((len(rows),), 0.0 if steps == 1 else i / (steps - 1), device=device)
 
         if halting is not None:
-            decision = halting.decide(stats, masked, prog, dev_rows)
-            halt = decision.halt.cpu()
+            decision = halting.decide(stats, masked, step, rows)
+            halt = decision.halt.to(device)
         else:
-            halt = torch.zeros(len(rows), dtype=torch.bool)
+            halt = torch.zeros(len(rows), dtype=torch.bool, device=device)
 
         if temperature == 0 and top_p is None and top_k is None:
             x0 = stats.top1_id
@@ -164,35 +166,49 @@ def dream_generate(
             else:
                 confidence = probs.gather(-1, x0[..., None]).squeeze(-1)
 
-        for j, r in enumerate(rows.tolist()):
-            masked_j = masked[j]
-            n_masked = int(masked_j.sum())
-            span = x[r, plen:]
-            if halt[j]:
-                span[masked_j] = stats.top1_id[j][masked_j]
-                committed, halt_step[r], done[r] = n_masked, i, True
-            elif alg == "origin":
-                p_transfer = 1.0 if last else float(1 - s / t)
-                pick = masked_j & (torch.rand(gen_length, device=device, generator=generator) < p_transfer)
-                span[pick] = x0[j][pick]
-                committed = int(pick.sum())
+        n_masked = masked.sum(-1)
+        going = ~halt
+        if alg == "origin":
+            p_transfer = 1.0 if last else float(1 - s / t)
+            draw = torch.ones(span.shape, device=device)
+            # One draw per sample still going, in batch order, as the per-sample loop drew them.
+            draw[going] = torch.rand((int(going.sum()), gen_length), device=device, generator=generator)
+            pick = masked & (draw < p_transfer) & going[:, None]
+        else:
+            k = n_masked if last else (n_masked * float(1 - s / t)).long()
+            k = torch.where(going, k, 0)
+            conf = torch.where(masked, confidence.float(), neg_inf)
+            if alg_temp:
+                pick = _sample_positions(conf, k, alg_temp, generator)
             else:
-                k = n_masked if last else int(n_masked * float(1 - s / t))
-                committed = k
-                if k > 0:
-                    conf = torch.where(masked_j, confidence[j].float(), torch.tensor(float("-inf"), device=device))
-                    if alg_temp:
-                        idx = torch.multinomial(torch.softmax(conf / alg_temp, -1), k, generator=generator)
-                    else:
-                        idx = conf.topk(k).indices
-                    span[idx] = x0[j][idx]
-            if trace is not None:
-                value = (decision.value[j] if halting is not None
-                         else aggregate_margin(stats.logit_margin[j:j + 1], masked[j:j + 1], "mean")[0])
-                trace[r].append(TraceStep(
-                    step=i, progress=float(prog[j]), margin=float(value),
-                    threshold=float(decision.threshold[j]) if halting is not None else None,
-                    committed=committed, masked_before=n_masked, halted=bool(halt[j]), tokens=span.tolist(),
-                ))
+                # The reference ranks over prompt plus span, with -inf outside the masks; ranking the same
+                # sequence keeps torch.topk's tie order.
+                full = torch.full((len(rows), plen + gen_length), float("-inf"), device=device)
+                full[:, plen:] = conf
+                pick = topk_commit(full, k)[:, plen:]
+        # A halted sample takes this step's argmax at every remaining mask.
+        fill = pick | (masked & halt[:, None])
+        x[rows, plen:] = torch.where(fill, torch.where(halt[:, None], stats.top1_id, x0), span)
+        halt_step[rows] = torch.where(halt, i, halt_step[rows])
+        done[rows] = halt
 
-    return GenerationOutput(sequences=x, nfe=nfe, halt_step=halt_step, prompt_length=plen, trace=trace)
+        if trace is not None:
+            value = (decision.value if halting is not None
+                     else aggregate_margin(stats.logit_margin, masked, "mean"))
+            record_trace(trace, rows, step, progress(step, steps), value,
+                         decision.threshold if halting is not None else None, fill.sum(-1), n_masked, halt,
+                         x[rows, plen:])
+
+    return GenerationOutput(sequences=x, nfe=nfe.cpu(), halt_step=halt_step.cpu(), prompt_length=plen, trace=trace)
+
+
+def _sample_positions(conf: torch.Tensor, k: torch.Tensor, alg_temp: float, generator) -> torch.Tensor:
+    """``k[j]`` positions of each row drawn from ``softmax(conf / alg_temp)`` without replacement (bool ``[A, L]``);
+    rows asking for the same count share one draw."""
+    pick = torch.zeros_like(conf, dtype=torch.bool)
+    for value in torch.unique(k).tolist():
+        if value > 0:
+            rows = (k == value).nonzero().flatten()
+            index = torch.multinomial(torch.softmax(conf[rows] / alg_temp, -1), value, generator=generator)
+            pick[rows] = pick[rows].scatter(1, index, True)
+    return pick

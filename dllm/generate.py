@@ -1,24 +1,29 @@
-"""LLaDA-style masked-diffusion decoding, with optional halting and parallel commits.
+"""LLaDA-style masked-diffusion decoding, with optional halting, parallel commits and KV caches.
 
-The loop, top to bottom, for every step of every sample still decoding:
+The loop, top to bottom; every step treats all samples still decoding as one batch:
 
-1. run the model on prompt + span (with classifier-free guidance if asked);
+1. run the model on prompt + span (with classifier-free guidance if asked); with a KV cache, a block's later
+   steps run only the part that changes (:mod:`diffexit.dllm.kv_cache`);
 2. ``token_stats`` of the span logits: argmax, its probability, the top-1 minus top-2 margin;
-3. the halting rule (if any) looks at the masked span's margins and progress; a sample that halts gets every
-   remaining mask, in every block, filled with the current argmax, and leaves the batch;
-4. otherwise commit the most confident masked tokens of the current block: the scheduled number (steps split
-   evenly, remainder to the earliest steps), or with ``parallel_threshold`` every token at least that probable
-   if there are more of them;
-5. move to the next block when this one's steps are spent or it has no masks left.
+3. the halting rule (if any) decides per sample; a sample that halts gets every remaining mask, in every block,
+   filled with the current argmax, and leaves the batch;
+4. the others commit the most confident masked tokens of their current block: the scheduled number (steps split
+   evenly, remainder to the earliest steps), or with ``parallel_threshold`` also every token at least that probable;
+5. a sample moves to its next block when this one's steps are spent (or, with parallel commits, its masks).
 
-With ``halting=None``, no ``parallel_threshold`` and no suppressed tokens, greedy ``low_confidence`` decoding
-is token-for-token LLaDA's reference ``generate`` (confidences in float64, as there).
+The bookkeeping is a few batched tensor ops per step on the logits' device, whatever the batch size.
+
+With ``halting=None``, no ``parallel_threshold``, no cache and no suppressed tokens, greedy ``low_confidence``
+decoding is token for token LLaDA's reference ``generate.py`` as of commit d5634da (ML-GSAI/LLaDA, May 2025),
+which ranks confidences in float64. Since f51cb17 ("Remove float64 in softmax") the reference ranks in the model's
+dtype; the two differ only where float32 probabilities tie exactly (margins above about 17 nats), where float64
+still tells the positions apart.
 
 Parallel commits take the larger of the scheduled count and the count above the threshold, so a block never
 needs more than its scheduled steps. Fast-dLLM commits at least one token with no step cap; the two agree
-when ``steps == gen_length``. Like the reference, the loop passes no ``position_ids``: a model whose positions
-should skip left padding must compute them from the attention mask (the embedded model pads prompts to a
-fixed length and uses absolute positions).
+when ``steps == gen_length``. Like the reference, an uncached forward passes no ``position_ids``: a model whose
+positions should skip left padding must compute them from the attention mask (the embedded model pads prompts to
+a fixed length and uses absolute positions).
 """
 
 from __future__ import annotations
@@ -27,9 +32,20 @@ from typing import Optional, Sequence
 
 import torch
 
-from .decoding import add_gumbel_noise, call_model, check_inputs, span_stats, suppress
+from ..common.schedules import progress
+from .decoding import (
+    LatestStats,
+    add_gumbel_noise,
+    call_model,
+    check_inputs,
+    record_trace,
+    span_stats,
+    suppress,
+    topk_commit,
+)
 from .halting import HaltingRule, aggregate_margin
-from .output import GenerationOutput, TraceStep
+from .kv_cache import CACHES, BlockCache
+from .output import GenerationOutput
 
 REMASKING = ("low_confidence", "random")
 
@@ -55,6 +71,20 @@ def _check_blocks(gen_length: int, steps: int, block_length: int) -> int:
     return num_blocks
 
 
+def _check_cache(cache, num_blocks: int, cfg_scale: float) -> None:
+    if cache is None:
+        return
+    if cache not in CACHES:
+        raise ValueError(f"cache must be None or one of {CACHES}, got {cache!r}")
+    if cache == "dual" and num_blocks == 1:
+        raise ValueError("cache='dual' keeps the K/V after the current block, and with one block (block_length == "
+                         "gen_length) there is nothing after it, so it cannot help; use cache='prefix', which keeps "
+                         "the prompt's, or a block_length below gen_length")
+    if cfg_scale > 0:
+        raise ValueError("a KV cache with classifier-free guidance is not supported: decode with cache=None, or "
+                         "cfg_scale=0")
+
+
 @torch.no_grad()
 def generate(
     model,
@@ -71,6 +101,7 @@ def generate(
     cfg_scale: float = 0.0,
     parallel_threshold: Optional[float] = None,
     suppress_token_ids: Sequence[int] = (),
+    cache: Optional[str] = None,
     generator: Optional[torch.Generator] = None,
     return_trace: bool = False,
 ) -> GenerationOutput:
@@ -93,8 +124,10 @@ def generate(
         parallel_threshold: Fast-dLLM-style parallel commits: also commit every masked token of the current
             block whose probability is at least this, so blocks can finish in fewer steps.
         suppress_token_ids: token ids whose logits are set to ``-inf`` (e.g. EOS / EoT) before anything else.
+        cache: None, ``"prefix"`` or ``"dual"``: Fast-dLLM's block-wise approximate KV caches (what the model
+            must support: :mod:`diffexit.dllm.kv_cache`).
         generator: RNG for temperature sampling and random remasking.
-        return_trace: record a :class:`TraceStep` per sample per forward pass.
+        return_trace: record a :class:`~diffexit.dllm.output.TraceStep` per sample per forward pass.
 
     Returns:
         :class:`GenerationOutput` with ``sequences`` ``[B, P + gen_length]`` and ``nfe`` ``[B]``.
@@ -111,10 +144,8 @@ def generate(
         raise ValueError("parallel_threshold compares token probabilities; it needs remasking='low_confidence'")
     block_length = gen_length if block_length is None else block_length
     num_blocks = _check_blocks(gen_length, steps, block_length)
+    _check_cache(cache, num_blocks, cfg_scale)
     steps_per_block = steps // num_blocks
-    # Every span position starts masked and positions after the current block are never committed, so each
-    # block starts with `block_length` masks and the per-step counts are the same for all blocks.
-    schedule = num_transfer_tokens(block_length, steps_per_block)
 
     batch, plen = input_ids.shape
     device = input_ids.device
@@ -123,95 +154,143 @@ def generate(
     if attention_mask is not None:
         attention_mask = torch.cat(
             [attention_mask, torch.ones(batch, gen_length, dtype=attention_mask.dtype, device=device)], dim=1)
+    kv = BlockCache(cache, model, plen, block_length, attention_mask) if cache is not None else None
 
-    block = torch.zeros(batch, dtype=torch.long)       # current block of each sample
-    block_step = torch.zeros(batch, dtype=torch.long)  # step within that block
-    nfe = torch.zeros(batch, dtype=torch.long)
-    halt_step = torch.full((batch,), -1, dtype=torch.long)
-    done = torch.zeros(batch, dtype=torch.bool)
+    # Every span position starts masked and positions after the current block are never committed, so each
+    # block starts with `block_length` masks and the per-step counts are the same for all blocks.
+    schedule = torch.tensor(num_transfer_tokens(block_length, steps_per_block), device=device)
+    span_block = torch.arange(gen_length, device=device) // block_length  # the block of each span position
+    block = torch.zeros(batch, dtype=torch.long, device=device)  # current block of each sample
+    block_step = torch.zeros(batch, dtype=torch.long, device=device)  # step within that block
+    nfe = torch.zeros(batch, dtype=torch.long, device=device)
+    halt_step = torch.full((batch,), -1, dtype=torch.long, device=device)
+    done = torch.zeros(batch, dtype=torch.bool, device=device)
+    latest = LatestStats(batch, gen_length, device)
     trace = [[] for _ in range(batch)] if return_trace else None
     if halting is not None:
-        halting.start(batch, gen_length, device)
+        halting.start(batch, gen_length, device, steps)
     neg_inf = torch.tensor(float("-inf"), dtype=torch.float64, device=device)
 
-    while not done.all():
+    while True:
         rows = (~done).nonzero().flatten()
-        xa = x[rows.to(device)]
-        am = attention_mask[rows.to(device)] if attention_mask is not None else None
-        if cfg_scale > 0:
-            uncond = xa.clone()
-            uncond[:, :plen] = mask_id
-            both = call_model(model, torch.cat([xa, uncond]), None if am is None else torch.cat([am, am]))
-            cond, unc = both.chunk(2)
-            logits = unc + (cfg_scale + 1) * (cond - unc)
-        else:
-            logits = call_model(model, xa, am)
+        if len(rows) == 0:
+            break
         nfe[rows] += 1
-        span_logits = suppress(logits[:, plen:], suppress_token_ids)
-        stats = span_stats(span_logits, int(nfe[rows].max()) - 1, rows, mask_id)
-        masked = xa[:, plen:] == mask_id
+        # x0 and its probability are only needed where this step may commit: the current block.
+        block_cols = block[rows, None] * block_length + torch.arange(block_length, device=device)
+        x0_block, conf_block = _forward(model, x, attention_mask, rows, plen, block, block_step, block_cols, nfe, kv,
+                                        cfg_scale, suppress_token_ids, temperature, generator, latest, mask_id,
+                                        random=remasking == "random")
+        stats = latest.of(rows)
+        span = x[rows, plen:]
+        masked = span == mask_id
+        x0 = span.scatter(1, block_cols, x0_block)
+        step = block[rows] * steps_per_block + block_step[rows]  # nominal: parallel commits move it on too
 
-        if temperature > 0:
-            x0 = add_gumbel_noise(span_logits, temperature, generator).argmax(-1)
-        else:
-            x0 = stats.top1_id
-        rand_conf = torch.rand(x0.shape, device=device, generator=generator) if remasking == "random" else None
-
-        # Progress on the nominal schedule (block * steps_per_block + step), so that parallel commits that
-        # finish a block early also move the threshold on.
-        prog = ((block[rows] * steps_per_block + block_step[rows]).float() / max(steps - 1, 1)).clamp(max=1.0)
         if halting is not None:
-            decision = halting.decide(stats, masked, prog, rows)
-            halt = decision.halt.cpu()
+            decision = halting.decide(stats, masked, step, rows)
+            halt = decision.halt.to(device)
         else:
-            halt = torch.zeros(len(rows), dtype=torch.bool)
+            halt = torch.zeros(len(rows), dtype=torch.bool, device=device)
 
-        for j, r in enumerate(rows.tolist()):
-            masked_j = masked[j]
-            n_masked = int(masked_j.sum())
-            if halt[j]:
-                # Fill every remaining mask, in all remaining blocks, with this step's argmax: no extra pass.
-                x[r, plen:] = torch.where(masked_j, stats.top1_id[j], x[r, plen:])
-                committed, halt_step[r], done[r] = n_masked, nfe[r] - 1, True
-            else:
-                b0 = plen + int(block[r]) * block_length
-                b1 = b0 + block_length
-                blk = slice(b0 - plen, b1 - plen)
-                if rand_conf is not None:
-                    conf = rand_conf[j, blk].double()
-                else:
-                    # The reference's softmax is float64: in float32 every margin above ~17 nats rounds the
-                    # probability to 1.0 and confident positions would tie. Only the current block is ranked.
-                    conf = torch.softmax(span_logits[j, blk].double(), -1).gather(-1, x0[j, blk, None]).squeeze(-1)
-                # The reference ranks confidences over the whole sequence with -inf outside the current
-                # block's masks; doing the same keeps torch.topk's tie order identical.
-                full_conf = torch.full((plen + gen_length,), float("-inf"), dtype=torch.float64, device=device)
-                full_conf[b0:b1] = torch.where(masked_j[blk], conf, neg_inf)
-                available = int(masked_j[blk].sum())
-                k = schedule[int(block_step[r])]
-                if parallel_threshold is not None:
-                    k = max(k, int((full_conf >= parallel_threshold).sum()))
-                k = min(k, available)
-                if k > 0:
-                    _, idx = torch.topk(full_conf, k)
-                    x[r, idx] = x0[j, idx - plen]
-                committed = k
-                block_step[r] += 1
-                # Only parallel commits end a block early: the reference runs every scheduled step, even
-                # ones that commit nothing (steps_per_block > block_length).
-                finished_early = parallel_threshold is not None and available == k
-                if block_step[r] == steps_per_block or finished_early:
-                    block[r] += 1
-                    block_step[r] = 0
-                    done[r] = block[r] == num_blocks
-            if trace is not None:
-                value = (decision.value[j] if halting is not None
-                         else aggregate_margin(stats.logit_margin[j:j + 1], masked[j:j + 1], "mean")[0])
-                trace[r].append(TraceStep(
-                    step=int(nfe[r]) - 1, progress=float(prog[j]), margin=float(value),
-                    threshold=float(decision.threshold[j]) if halting is not None else None,
-                    committed=int(committed), masked_before=n_masked, halted=bool(halt[j]),
-                    tokens=x[r, plen:].tolist(),
-                ))
+        # Commit the most confident masks of each sample's current block.
+        in_block = (span_block[None, :] == block[rows, None]) & masked
+        conf = torch.zeros(span.shape, dtype=torch.float64, device=device).scatter(1, block_cols, conf_block)
+        full_conf = torch.full((len(rows), plen + gen_length), float("-inf"), dtype=torch.float64, device=device)
+        full_conf[:, plen:] = torch.where(in_block, conf, neg_inf)
+        available = in_block.sum(-1)
+        k = torch.minimum(schedule[block_step[rows]], available)
+        pick = topk_commit(full_conf, torch.where(halt, 0, k))[:, plen:]
+        if parallel_threshold is not None:
+            pick |= (full_conf[:, plen:] >= parallel_threshold) & ~halt[:, None]
+        # A halted sample takes this step's argmax at every remaining mask, in all blocks: no extra pass.
+        fill = pick | (masked & halt[:, None])
+        fill_with = torch.where(halt[:, None], stats.top1_id, x0)
+        x[rows, plen:] = torch.where(fill, fill_with, span)
+        committed = fill.sum(-1)
 
-    return GenerationOutput(sequences=x, nfe=nfe, halt_step=halt_step, prompt_length=plen, trace=trace)
+        # Only parallel commits end a block early: the reference runs every scheduled step, even ones that
+        # commit nothing (steps_per_block > block_length).
+        next_step = block_step[rows] + 1
+        finished = next_step == steps_per_block
+        if parallel_threshold is not None:
+            finished |= committed == available
+        block[rows] = block[rows] + finished.long()
+        block_step[rows] = torch.where(finished, 0, next_step)
+        done[rows] = halt | (block[rows] == num_blocks)
+        halt_step[rows] = torch.where(halt, nfe[rows] - 1, halt_step[rows])
+
+        if trace is not None:
+            value = (decision.value if halting is not None
+                     else aggregate_margin(stats.logit_margin, masked, "mean"))
+            record_trace(trace, rows, nfe[rows] - 1, progress(step, steps), value,
+                         decision.threshold if halting is not None else None, committed, masked.sum(-1), halt,
+                         x[rows, plen:])
+
+    return GenerationOutput(sequences=x, nfe=nfe.cpu(), halt_step=halt_step.cpu(), prompt_length=plen, trace=trace)
+
+
+def _groups(rows: torch.Tensor, block: torch.Tensor, block_step: torch.Tensor):
+    """The active samples split by (block, first step of it): each group runs one cached forward pass."""
+    keys = block[rows] * 2 + (block_step[rows] == 0).long()
+    for key in torch.unique(keys).tolist():
+        yield rows[keys == key], key // 2, bool(key % 2)
+
+
+def _forward(model, x, attention_mask, rows, plen, block, block_step, block_cols, nfe, kv, cfg_scale,
+             suppress_token_ids, temperature, generator, latest, mask_id, random):
+    """One forward pass for the samples ``rows``; refreshes ``latest`` where it covered the span.
+
+    Returns ``(x0, confidence)`` at the current block's positions ``block_cols`` ``[A, block]``: the argmax (or
+    Gumbel sample) and its float64 probability (or, with ``random``, a uniform draw).
+    """
+    if kv is None:
+        groups, order = [(rows, None, True)], None
+    else:
+        groups = list(_groups(rows, block, block_step))
+        order = torch.cat([g[0] for g in groups])
+    x0s, confs = [], []
+    for members, blk, first in groups:
+        if kv is None:
+            logits, start = _uncached(model, x, attention_mask, members, plen, cfg_scale, mask_id), 0
+        elif first:
+            logits, start = kv.full(x, members)[:, plen:], 0
+        else:
+            logits, start = kv.later(x, members, blk), kv.window(blk)[0] - plen
+        logits = suppress(logits, suppress_token_ids)
+        stats = span_stats(logits, nfe[members] - 1, members, mask_id)
+        latest.update(members, start, stats)
+        cols = block_cols[(members[:, None] == rows[None, :]).nonzero()[:, 1]] if kv is not None else block_cols
+        in_block = logits.gather(1, (cols - start)[..., None].expand(-1, -1, logits.shape[-1]))
+        if temperature > 0:
+            x0 = add_gumbel_noise(in_block, temperature, generator).argmax(-1)
+        else:
+            x0 = stats.top1_id.gather(1, cols - start)
+        if random:
+            conf = torch.rand(x0.shape, device=x.device, generator=generator).double()
+        else:
+            # The reference's softmax is float64: in float32 every margin above ~17 nats rounds the probability to
+            # 1.0 and confident positions would tie.
+            conf = torch.softmax(in_block.double(), -1).gather(-1, x0[..., None]).squeeze(-1)
+        x0s.append(x0)
+        confs.append(conf)
+    if order is None:
+        return x0s[0], confs[0]
+    # Back into the order of `rows`.
+    back = torch.argsort((order[:, None] == rows[None, :]).nonzero()[:, 1])
+    return torch.cat(x0s)[back], torch.cat(confs)[back]
+
+
+def _uncached(model, x, attention_mask, rows, plen, cfg_scale, mask_id):
+    """Span logits ``[A, L, V]`` of the whole sequence of samples ``rows``, guided when ``cfg_scale > 0``."""
+    xa = x[rows]
+    am = attention_mask[rows] if attention_mask is not None else None
+    if cfg_scale > 0:
+        uncond = xa.clone()
+        uncond[:, :plen] = mask_id
+        both = call_model(model, torch.cat([xa, uncond]), None if am is None else torch.cat([am, am]))
+        cond, unc = both.chunk(2)
+        logits = unc + (cfg_scale + 1) * (cond - unc)
+    else:
+        logits = call_model(model, xa, am)
+    return logits[:, plen:]

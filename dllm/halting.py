@@ -11,8 +11,13 @@ Rules:
   :class:`~diffexit.samplers.ThresholdSchedule` of decoding progress. Beyond the paper, the statistic can be
   the minimum, a quantile, the mean without EOS/padding positions, or an entropy (:func:`span_statistic`):
   the full-span mean can be inflated by easy padding positions and halt too early.
-- :class:`Prophet` -- the Prophet baseline: the mean margin over a small answer window (the ``window`` earliest
-  still-masked positions) against thresholds 7.5 / 5.0 / 2.5 by thirds of progress.
+- :class:`Prophet` -- the Prophet baseline, as its reference ``generate_earlyexit.py`` decides: the mean margin over a
+  fixed answer window of ``window`` positions from ``answer_start`` (decoded ones included) against 7.5 / 5.0 / 2.5
+  by the phase of decoding.
+
+A rule learns the number of steps at :meth:`HaltingRule.start`, and each step sees the 0-based nominal step of every
+sample (block x steps per block + step in block, so parallel commits that end a block early move it on too), from
+which it takes its own progress: SchED's is :func:`diffexit.common.schedules.progress`, ``i / (T - 1)``.
 
 ``halting=None`` in the decoding loops means fixed steps: no rule, every step runs.
 """
@@ -24,7 +29,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from ..samplers.schedules import ThresholdSchedule
+from ..common.schedules import ThresholdSchedule, progress
 
 STATS = ("mean", "median", "quantile", "min", "mean_content", "entropy")
 MARGIN_STATS = ("mean", "median", "quantile", "min")
@@ -104,18 +109,35 @@ def span_statistic(stats, masked: torch.Tensor, stat: str, q: float = 0.1,
 
 
 class HaltingRule:
-    """Base class. Subclasses implement :meth:`decide`; :meth:`start` resets per-sample state."""
+    """Base class. Subclasses implement :meth:`decide`; :meth:`start` resets per-sample state.
 
-    def start(self, batch_size: int, span_length: int, device: torch.device) -> None:
-        """Called once per generation, before the first step."""
+    ``self.total_steps`` holds the run's step count once :meth:`start` ran.
+    """
 
-    def decide(self, stats, masked: torch.Tensor, progress: torch.Tensor, rows: torch.Tensor) -> HaltDecision:
+    total_steps: int = 1
+
+    def start(self, batch_size: int, span_length: int, device: torch.device, total_steps: int) -> None:
+        """Called once per generation, before the first step; subclasses that keep state call ``super().start``."""
+        if not isinstance(total_steps, int) or total_steps < 1:
+            raise ValueError(f"total_steps must be a positive int, got {total_steps!r}")
+        self.total_steps = total_steps
+
+    def progress(self, step: torch.Tensor) -> torch.Tensor:
+        """``step / (T - 1)`` of 0-based nominal steps ``[A]``: float32 in ``[0, 1]``."""
+        return progress(step, self.total_steps)
+
+    def threshold_per_step(self, total_steps: int) -> Optional[list[float]]:
+        """The threshold at each of ``total_steps`` steps (for plots), or None where it is not a function of the step
+        alone."""
+        return None
+
+    def decide(self, stats, masked: torch.Tensor, step: torch.Tensor, rows: torch.Tensor) -> HaltDecision:
         """Decide which of the ``A`` active samples halt.
 
         Args:
             stats: :class:`~diffexit.kernels.TokenStats` of the span logits, fields ``[A, L]``.
             masked: ``[A, L]`` bool, still-masked positions of the span.
-            progress: ``[A]`` float, decoding progress of each sample in ``[0, 1]``.
+            step: ``[A]`` long, each sample's 0-based nominal step out of ``self.total_steps``.
             rows: ``[A]`` long, each active sample's index in the original batch (for per-sample state).
         """
         raise NotImplementedError
@@ -192,13 +214,17 @@ class SchED(HaltingRule):
         d = dict(d)
         return cls(ThresholdSchedule.from_dict(d.pop("schedule")), **d)
 
-    def start(self, batch_size, span_length, device):
+    def threshold_per_step(self, total_steps):
+        return [self.schedule(progress(i, total_steps)) for i in range(total_steps)]
+
+    def start(self, batch_size, span_length, device, total_steps):
+        super().start(batch_size, span_length, device, total_steps)
         self._prev_argmax = torch.full((batch_size, span_length), -1, dtype=torch.long, device=device)
         self._stable = torch.zeros(batch_size, dtype=torch.long, device=device)
 
-    def decide(self, stats, masked, progress, rows):
+    def decide(self, stats, masked, step, rows):
         value = span_statistic(stats, masked, self.stat, self.q, self.ignore_token_ids)
-        progress = progress.to(value.device)
+        progress = self.progress(step.to(value.device))
         threshold = self.schedule.values(progress)
         halt = (value >= threshold) & (progress >= self.min_progress)
         if self.patience > 0:
@@ -216,26 +242,62 @@ class SchED(HaltingRule):
 
 
 class Prophet(HaltingRule):
-    """Prophet: halt once the model is confident about the next few answer tokens.
+    """Prophet: halt once the model is confident about the answer's first few tokens.
 
-    The statistic is the mean logit margin over the ``window`` earliest still-masked positions of the span
-    (the decoding frontier). The threshold is ``schedule`` of progress; the default is Prophet's
-    7.5 / 5.0 / 2.5 by thirds. It is cheap, but blind to the rest of a long answer.
+    The semantics of the reference (``generate_earlyexit.py`` of the Prophet repository): the statistic is the mean
+    top-1 minus top-2 logit margin over the fixed window of ``window`` span positions starting at ``answer_start``
+    (already-decoded positions included; the window is cut at the span's end). The threshold goes by the phase of
+    decoding, ``(i + 1) / T`` for 0-based step ``i`` of ``T``: ``thresholds[0]`` below ``cutoffs[0]``,
+    ``thresholds[1]`` below ``cutoffs[1]``, then ``thresholds[2]``. The defaults are the reference's. It is cheap,
+    but blind to the rest of a long answer.
+
+    Args:
+        window: positions in the answer window.
+        answer_start: where the window starts, as a position of the span (the reference's ``answer_start_pos``
+            minus the prompt length); 0 is the span's start.
+        thresholds: the early, middle and late thresholds, in logits of margin.
+        cutoffs: where the middle and the late phases begin, in ``(i + 1) / T``.
     """
 
-    def __init__(self, window: int = 5, schedule: Optional[ThresholdSchedule] = None):
-        if not isinstance(window, int) or window <= 0:
+    def __init__(self, window: int = 5, answer_start: int = 0, thresholds: Sequence[float] = (7.5, 5.0, 2.5),
+                 cutoffs: Sequence[float] = (0.33, 0.67)):
+        if isinstance(window, bool) or not isinstance(window, int) or window <= 0:
             raise ValueError(f"window must be a positive int, got {window!r}")
-        self.window = window
-        self.schedule = schedule or ThresholdSchedule("step", high=7.5, low=2.5)
+        if isinstance(answer_start, bool) or not isinstance(answer_start, int) or answer_start < 0:
+            raise ValueError(f"answer_start must be a span position >= 0, got {answer_start!r}")
+        thresholds, cutoffs = tuple(float(t) for t in thresholds), tuple(float(c) for c in cutoffs)
+        if len(thresholds) != 3:
+            raise ValueError(f"thresholds are (early, middle, late), three numbers; got {thresholds}")
+        if len(cutoffs) != 2 or not 0 <= cutoffs[0] <= cutoffs[1] <= 1:
+            raise ValueError(f"cutoffs are two phase boundaries 0 <= a <= b <= 1, got {cutoffs}")
+        self.window, self.answer_start, self.thresholds, self.cutoffs = window, answer_start, thresholds, cutoffs
 
     def __repr__(self):
-        return f"Prophet(window={self.window}, schedule={self.schedule})"
+        return (f"Prophet(window={self.window}, answer_start={self.answer_start}, thresholds={self.thresholds}, "
+                f"cutoffs={self.cutoffs})")
 
-    def decide(self, stats, masked, progress, rows):
-        # Rank of each masked position among the masked positions of its row, left to right.
-        rank = masked.long().cumsum(-1)
-        in_window = masked & (rank <= self.window)
-        value = aggregate_margin(stats.logit_margin, in_window, "mean")
-        threshold = self.schedule.values(progress.to(value.device))
+    def to_dict(self) -> dict:
+        """The rule's parameters as JSON-ready values."""
+        return {"window": self.window, "answer_start": self.answer_start, "thresholds": list(self.thresholds),
+                "cutoffs": list(self.cutoffs)}
+
+    def threshold_per_step(self, total_steps):
+        return self.threshold_at(torch.arange(total_steps), total_steps).tolist()
+
+    def threshold_at(self, step: torch.Tensor, total_steps: Optional[int] = None) -> torch.Tensor:
+        """The threshold in force at 0-based steps ``[A]`` (of ``total_steps``, default the run's): float32."""
+        phase = (step.float() + 1) / (total_steps or self.total_steps)
+        early, middle, late = self.thresholds
+        return torch.where(phase < self.cutoffs[0], early, torch.where(phase < self.cutoffs[1], middle, late))
+
+    def start(self, batch_size, span_length, device, total_steps):
+        super().start(batch_size, span_length, device, total_steps)
+        if self.answer_start >= span_length:
+            raise ValueError(f"Prophet's answer window starts at span position {self.answer_start}, beyond the span "
+                             f"of {span_length}; give an answer_start inside the span")
+        self._window = slice(self.answer_start, min(self.answer_start + self.window, span_length))
+
+    def decide(self, stats, masked, step, rows):
+        value = stats.logit_margin[:, self._window].float().mean(-1)
+        threshold = self.threshold_at(step.to(value.device))
         return HaltDecision(halt=value >= threshold, value=value, threshold=threshold)

@@ -37,12 +37,12 @@ from __future__ import annotations
 
 import math
 import numbers
-import os
 from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
+from .interpreter import interpreting
 from .token_stats_torch import token_stats_torch
 
 BACKENDS = ("auto", "torch", "triton")
@@ -102,11 +102,6 @@ def _check(logits, temperature, backend) -> None:
         raise ValueError(f"token_stats: temperature must be a finite number > 0, got {temperature!r}")
     if backend not in BACKENDS:
         raise ValueError(f"token_stats: backend must be one of {BACKENDS}, got {backend!r}")
-
-
-def interpreting() -> bool:
-    """Whether TRITON_INTERPRET=1 asks for Triton kernels to run in its CPU interpreter."""
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def _triton_available() -> bool:

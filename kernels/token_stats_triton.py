@@ -36,7 +36,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .token_stats import interpreting
+from .interpreter import interpreting
 
 # Elements per tile (rows x columns). Each lane holds six 32-bit values of state, so 2048 lanes over 8 warps is
 # 8 lanes and 48 registers of state per thread, leaving room for several programs per SM to hide memory latency.

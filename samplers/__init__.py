@@ -1,10 +1,16 @@
-"""Schedules and diffusers-compatible schedulers.
+"""diffusers swap-ins for both methods: schedulers that a pipeline takes unchanged.
 
-``ThresholdSchedule`` is light and imported eagerly. The diffusers schedulers import diffusers, so they
-load on first access.
+- ``SchEDScheduler`` (sched_scheduler): SchED halting for diffusers' ``LLaDA2Pipeline``, a drop-in
+  ``BlockRefinementScheduler``.
+- ``ExitAwareScheduler`` (exit_scheduler): wraps any diffusers scheduler to tell DeeDiff early exits the sampling
+  progress and to record the depths they ran.
+
+This floor sits above both engines (``diffexit.dllm``, ``diffexit.uem``): each adapter plugs one engine into
+diffusers. ``ThresholdSchedule`` and ``progress`` live in ``diffexit.common.schedules`` and are re-exported here,
+where users have always imported them. The diffusers schedulers load on first access.
 """
 
-from .schedules import KINDS, ThresholdSchedule, progress
+from ..common.schedules import KINDS, ThresholdSchedule, progress
 
 _LAZY = {
     "SchEDScheduler": ".sched_scheduler",

@@ -25,8 +25,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ..common.schedules import progress
 from ..uem.early_exit import EarlyExit
-from .schedules import progress
 
 
 @dataclass(frozen=True)

@@ -18,9 +18,9 @@ from diffusers import BlockRefinementScheduler
 from diffusers.configuration_utils import register_to_config
 from diffusers.schedulers.scheduling_block_refinement import BlockRefinementSchedulerOutput
 
+from ..common.schedules import ThresholdSchedule
 from ..dllm.halting import MARGIN_STATS, SchED
 from ..kernels import token_stats
-from .schedules import ThresholdSchedule
 
 
 class SchEDScheduler(BlockRefinementScheduler):
@@ -75,14 +75,12 @@ class SchEDScheduler(BlockRefinementScheduler):
         step_index = int(timestep.item() if isinstance(timestep, torch.Tensor) else timestep)
         batch, block_length = sample.shape
         if step_index == 0:
-            self.halting.start(batch, block_length, sample.device)
+            self.halting.start(batch, block_length, sample.device, self.num_inference_steps)
             self.halt_steps.append(torch.full((batch,), -1, dtype=torch.long))
         masked = sample == mask_token_id
         stats = token_stats(model_output)
-        total = self.num_inference_steps
-        progress = torch.full((batch,), 0.0 if total == 1 else min(step_index / (total - 1), 1.0),
-                              device=sample.device)
-        decision = self.halting.decide(stats, masked, progress, torch.arange(batch, device=sample.device))
+        step = torch.full((batch,), step_index, dtype=torch.long, device=sample.device)
+        decision = self.halting.decide(stats, masked, step, torch.arange(batch, device=sample.device))
         halt = decision.halt & masked.any(-1)
         prev, transfer = out.prev_sample, out.transfer_index
         if halt.any():

@@ -80,3 +80,56 @@ def tiny_llama():
     with torch.no_grad():
         model.lm_head.weight[TINY_MASK] = 0.0
     return model
+
+
+def make_tiny_dit(*, layers=4, seed=0, sample_size=8, heads=2, head_dim=8, in_channels=1, out_channels=None,
+                  classes=1000):
+    """A tiny random class-conditional ``DiTTransformer2DModel`` (patch 2) in eval mode, seeded.
+
+    ``out_channels=2 * in_channels`` gives the learned-sigma layout of every public DiT checkpoint.
+    """
+    import torch
+    from diffusers import DiTTransformer2DModel
+
+    torch.manual_seed(seed)
+    return DiTTransformer2DModel(num_attention_heads=heads, attention_head_dim=head_dim, in_channels=in_channels,
+                                 out_channels=out_channels, num_layers=layers, sample_size=sample_size, patch_size=2,
+                                 num_embeds_ada_norm=classes).eval()
+
+
+@pytest.fixture(scope="session")
+def tiny_dit():
+    """The factory :func:`make_tiny_dit`: every test builds its tiny DiT the same way."""
+    return make_tiny_dit
+
+
+def make_tiny_text_model(*, layers=2, heads=2, max_positions=64, seed=0, initializer_range=None,
+                         never_predict_mask=False, cls=None):
+    """``(model, tokenizer)``: a tiny random model in the embedded text model's format (``DiffusionLlama`` over the
+    character tokenizer, width 32), seeded, in eval mode; ``cls`` swaps in another class taking the same config
+    (``LlamaForCausalLM``).
+
+    ``never_predict_mask`` zeroes the mask token's output row, as a trained model never predicts ``[MASK]``.
+    """
+    import torch
+
+    from diffexit.dllm.charlm.model import DiffusionLlama, text_model_config
+    from diffexit.dllm.charlm.tokenizer import build_tokenizer
+
+    tok = build_tokenizer()
+    config = text_model_config(len(tok), tok.pad_token_id, hidden_size=32, num_layers=layers, num_heads=heads,
+                               max_positions=max_positions)
+    if initializer_range is not None:
+        config.initializer_range = initializer_range
+    torch.manual_seed(seed)
+    model = (cls or DiffusionLlama)(config).eval()
+    if never_predict_mask:
+        with torch.no_grad():
+            model.lm_head.weight[tok.mask_token_id] = 0.0
+    return model, tok
+
+
+@pytest.fixture(scope="session")
+def tiny_text_model():
+    """The factory :func:`make_tiny_text_model`."""
+    return make_tiny_text_model

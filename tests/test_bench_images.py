@@ -8,11 +8,12 @@ import torch
 from diffexit.app.cli import main as cli_main
 from diffexit.samplers import progress
 from diffexit.uem import StaticDepth, UEMStack
-from diffexit.uem import bench
-from diffexit.uem.bench import FIGURES, image_methods
-from diffexit.uem.classifier import DigitsClassifier, save_classifier
-from diffexit.uem.pipeline import DigitsDiTPipeline
-from diffexit.uem.train_backbone import build_sampling_scheduler, build_transformer
+from diffexit.app.bench import images as bench
+from diffexit.app.bench.image_methods import image_methods
+from diffexit.app.bench.images import FIGURES
+from diffexit.uem.digits.classifier import DigitsClassifier, save_classifier
+from diffexit.uem.digits.pipeline import DigitsDiTPipeline
+from diffexit.uem.digits.model import build_sampling_scheduler, build_transformer
 
 LAYERS = 4
 STEPS = 4  # few steps and samples keep the run short; --quick still picks the timing setup
@@ -112,7 +113,7 @@ def test_layer_ratios_are_the_blocks_each_method_runs(quick_run):
 
 
 def test_without_uem_weights_deediff_rows_say_why(models, tmp_path, monkeypatch):
-    monkeypatch.setattr(bench, "DEFAULT_UEM_DIR", tmp_path / "no-uem-here")
+    monkeypatch.setattr(bench, "UEM_DIR", tmp_path / "no-uem-here")
     out = tmp_path / "out"
     first = {}
     for m in image_methods(LAYERS, STEPS):
@@ -145,7 +146,7 @@ def test_missing_inputs_fail_with_the_fix(models, tmp_path, capsys):
 
 
 def test_heads_of_several_targets_each_get_rows(models, tmp_path):
-    from diffexit.uem.pipeline import DigitsDiTPipeline as Pipe
+    from diffexit.uem.digits.pipeline import DigitsDiTPipeline as Pipe
 
     transformer = Pipe.from_pretrained(str(models / "pipe")).transformer
     dirs = []
@@ -163,7 +164,7 @@ def test_heads_of_several_targets_each_get_rows(models, tmp_path):
 
 
 def test_two_sets_of_heads_on_one_target_are_refused(models, tmp_path, capsys):
-    from diffexit.uem.pipeline import DigitsDiTPipeline as Pipe
+    from diffexit.uem.digits.pipeline import DigitsDiTPipeline as Pipe
 
     transformer = Pipe.from_pretrained(str(models / "pipe")).transformer
     for name in ("a", "b"):

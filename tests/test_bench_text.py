@@ -6,18 +6,14 @@ import pytest
 import torch
 
 from diffexit.app.cli import main as cli
-from diffexit.dllm.bench import all_methods
-from diffexit.dllm.text_model import DiffusionLlama, text_model_config
-from diffexit.dllm.tokenizer import build_tokenizer
+from diffexit.app.bench.text import all_methods
 
 FIELDS = {"task", "method", "params", "score", "full_score", "agreement", "nfe", "speedup_nfe", "speedup_wall", "qps4"}
 
 
-def _bench(tmp_path, tasks):
-    tok = build_tokenizer()
-    cfg = text_model_config(len(tok), tok.pad_token_id, hidden_size=32, num_layers=1, num_heads=2, max_positions=272)
-    torch.manual_seed(0)
-    DiffusionLlama(cfg).save_pretrained(tmp_path / "model")
+def _bench(tmp_path, tiny_text_model, tasks):
+    model, tok = tiny_text_model(layers=1, max_positions=272)
+    model.save_pretrained(tmp_path / "model")
     tok.save_pretrained(tmp_path / "model")
     out = tmp_path / "bench"
     rc = cli(["bench", "text", "--quick", "--n", "2", "--batch", "2", "--tasks", *tasks,
@@ -46,10 +42,10 @@ def _bench(tmp_path, tasks):
     assert (out / "pareto.png").stat().st_size > 0 and (out / "trace.png").stat().st_size > 0
 
 
-def test_bench_text_quick(tmp_path):
-    _bench(tmp_path, ["add"])
+def test_bench_text_quick(tmp_path, tiny_text_model):
+    _bench(tmp_path, tiny_text_model, ["add"])
 
 
 @pytest.mark.slow
-def test_bench_text_quick_long_form(tmp_path):
-    _bench(tmp_path, ["add", "count"])
+def test_bench_text_quick_long_form(tmp_path, tiny_text_model):
+    _bench(tmp_path, tiny_text_model, ["add", "count"])

@@ -9,8 +9,6 @@ import torch
 from diffexit.app.cli import main as cli
 from diffexit.dllm.calibrate import Trajectory, evaluate, family, load_sched, select_scale, wilson
 from diffexit.dllm.halting import SchED
-from diffexit.dllm.text_model import DiffusionLlama, text_model_config
-from diffexit.dllm.tokenizer import build_tokenizer
 
 
 def synthetic(n=200, steps=16, seed=0):
@@ -61,11 +59,9 @@ def test_outcome_and_wilson():
     assert lo == 0.0 and 0.02 < hi < 0.05
 
 
-def test_cli_writes_a_file_that_round_trips(tmp_path):
-    tok = build_tokenizer()
-    cfg = text_model_config(len(tok), tok.pad_token_id, hidden_size=32, num_layers=1, num_heads=2, max_positions=272)
-    torch.manual_seed(0)
-    DiffusionLlama(cfg).save_pretrained(tmp_path / "m")
+def test_cli_writes_a_file_that_round_trips(tmp_path, tiny_text_model):
+    model, tok = tiny_text_model(layers=1, max_positions=272)
+    model.save_pretrained(tmp_path / "m")
     tok.save_pretrained(tmp_path / "m")
     out = tmp_path / "sched.json"
     rc = cli(["calibrate", "sched", "--risk", "0.5", "--tasks", "add", "sort", "--n-cal", "3", "--n-val", "2",

@@ -45,13 +45,11 @@ ADD = "add:000012+000034"
 
 
 @pytest.fixture(scope="module")
-def model_dirs(tmp_path_factory):
+def model_dirs(tmp_path_factory, tiny_text_model):
     """``{"text", "pipe", "uem"}``: tiny random models saved the way the project's commands export them."""
-    from diffexit.dllm.text_model import DiffusionLlama, text_model_config
-    from diffexit.dllm.tokenizer import build_tokenizer
     from diffexit.uem.heads import UEMStack
-    from diffexit.uem.pipeline import DigitsDiTPipeline
-    from diffexit.uem.train_backbone import build_sampling_scheduler, build_transformer
+    from diffexit.uem.digits.pipeline import DigitsDiTPipeline
+    from diffexit.uem.digits.model import build_sampling_scheduler, build_transformer
 
     root = tmp_path_factory.mktemp("demo-models")
     torch.manual_seed(0)
@@ -67,13 +65,7 @@ def model_dirs(tmp_path_factory):
         uem.cond_weight.normal_(0, 0.2)
     uem.save_pretrained(str(root / "uem"))
 
-    tok = build_tokenizer()
-    cfg = text_model_config(len(tok), tok.pad_token_id, hidden_size=32, num_layers=2, num_heads=2,
-                            max_positions=POSITIONS)
-    model = DiffusionLlama(cfg).eval()
-    with torch.no_grad():
-        # A trained model never predicts [MASK]; a zero row keeps the random one from doing so.
-        model.lm_head.weight[tok.mask_token_id] = 0.0
+    model, tok = tiny_text_model(max_positions=POSITIONS, never_predict_mask=True)
     model.save_pretrained(str(root / "text"))
     tok.save_pretrained(str(root / "text"))
     return {"text": root / "text", "pipe": root / "pipe", "uem": root / "uem"}
@@ -191,7 +183,7 @@ def test_image_grid_tiles_in_rows_with_gutters():
 
 
 def test_example_presets_use_the_task_layouts():
-    from diffexit.dllm.tasks import DECODE, TASK_NAMES, layout_of
+    from diffexit.dllm.charlm.tasks import DECODE, TASK_NAMES, layout_of
 
     for task in TASK_NAMES:
         prompt, gen_length, steps, block = example(task, 0)
@@ -330,7 +322,7 @@ def test_text_without_a_rule_runs_every_step(client):
 def test_text_prophet_runs_at_most_full_steps(client):
     _, _, _, _, table, details = run_text(client, halting="Prophet")
     assert 1 <= details["nfe"] <= 16 and len(table["data"]) == details["nfe"]
-    assert details["halting"] == "Prophet, 5-token window, step 7.5 -> 2.5"
+    assert details["halting"] == "Prophet, 5-token window from 0, 7.5 / 5 / 2.5"
     assert [r[3] for r in table["data"]][:1] == [7.5]
 
 
@@ -391,7 +383,7 @@ def test_example_endpoint_fills_the_preset(client):
 
 
 def test_span_text_draws_masks_and_padding(model_dirs):
-    from diffexit.dllm.text_model import load_text_model
+    from diffexit.dllm.charlm.model import load_text_model
 
     _, tok = load_text_model(model_dirs["text"])
     ids = tok("a b", add_special_tokens=False)["input_ids"] + [tok.mask_token_id, tok.eos_token_id]

@@ -7,26 +7,20 @@ import numpy as np
 import pytest
 import torch
 
-from diffexit.uem.classifier import (
+from diffexit.uem.digits.classifier import (
     DigitsClassifier,
     class_agreement,
     extract_features,
     frechet_distance,
     test_accuracy as held_out_accuracy,
 )
-from diffexit.uem.digits import load_digits_dataset, split_indices
-from diffexit.uem.embedded import load_embedded_classifier, load_embedded_pipeline
-from diffexit.uem.pipeline import DigitsDiTPipeline
-from diffexit.uem.train_backbone import (
-    EMA,
-    _schedule_totals,
-    build_noise_scheduler,
-    build_transformer,
-    checkpoints,
-    epsilon_loss,
-    export_pipeline,
-    main as train_main,
-)
+from diffexit.uem.digits.data import load_digits_dataset, split_indices
+from diffexit.uem.digits.embedded import load_embedded_classifier, load_embedded_pipeline
+from diffexit.uem.digits.pipeline import DigitsDiTPipeline
+from diffexit.common.training import EMA
+from diffexit.uem.digits.model import build_noise_scheduler, build_transformer
+from diffexit.uem.digits.train import EMA_MAX_DECAY, _schedule_totals, checkpoints, epsilon_loss, export_pipeline
+from diffexit.uem.digits.train import main as train_main
 
 # The shipped classifier must read at least this share of the 300 held-out real digits correctly.
 CLASSIFIER_ACCURACY_BAR = 0.97
@@ -190,7 +184,7 @@ def _oracle_denoiser(targets):
 
 @pytest.mark.parametrize("guidance_scale", [1.0, 3.0])
 def test_pipeline_loop_recovers_the_image_an_exact_denoiser_points_to(guidance_scale):
-    from diffexit.uem.train_backbone import build_sampling_scheduler
+    from diffexit.uem.digits.model import build_sampling_scheduler
 
     digits, _ = load_digits_dataset(16, "test").tensors
     oracle = _oracle_denoiser(digits[:10])
@@ -213,7 +207,7 @@ def test_pipeline_rejects_bad_arguments(pipe):
 
 
 def test_shipped_cards_state_their_figures():
-    from diffexit.uem.embedded import CLASSIFIER_DIR, DIT_DIR
+    from diffexit.uem.digits.files import CLASSIFIER_DIR, DIT_DIR
 
     dit_card = (DIT_DIR / "MODEL_CARD.md").read_text()
     assert "diffexit train image" in dit_card and "class agreement" in dit_card and "Seed" in dit_card
@@ -244,21 +238,6 @@ def test_new_transformer_is_adaln_zero_and_drops_no_labels():
     x = torch.randn(2, 1, 16, 16)
     out = model.train()(x, timestep=torch.tensor([5, 900]), class_labels=torch.tensor([1, 1000])).sample
     assert out.shape == x.shape and torch.all(out == 0)
-
-
-def test_ema_moves_towards_the_model():
-    model = torch.nn.Linear(2, 2)
-    ema = EMA(model)
-    start = ema.shadow["weight"].clone()
-    with torch.no_grad():
-        model.weight.add_(1.0)
-    ema.update(model)  # first update: decay 1/10
-    assert torch.allclose(ema.shadow["weight"], start + 0.9)
-    restored = EMA(torch.nn.Linear(2, 2))
-    restored.load_state_dict(ema.state_dict())
-    target = torch.nn.Linear(2, 2)
-    restored.copy_to(target)
-    assert torch.equal(target.weight, ema.shadow["weight"])
 
 
 def test_training_lowers_the_loss_and_resume_is_exact(tmp_path):
@@ -334,11 +313,11 @@ def test_trainer_refuses_to_mix_runs(tmp_path, capsys):
 
 
 def test_export_writes_a_loadable_fp16_pipeline(tmp_path):
-    from diffexit.uem.train_backbone import build_sampling_scheduler
+    from diffexit.uem.digits.model import build_sampling_scheduler
 
     torch.manual_seed(0)
     model = build_transformer(16, 2, 2, 16)
-    ema = EMA(model)
+    ema = EMA(model, EMA_MAX_DECAY)
     with torch.no_grad():
         for p in model.parameters():
             p.add_(1.0)  # the export must ship the EMA, not the live weights

@@ -171,13 +171,84 @@ def test_sched_min_progress_and_patience_gate():
     assert out.halt_step.tolist() == [2]
 
 
-def test_prophet_uses_the_answer_window_and_thirds():
+def test_prophet_uses_the_answer_window_and_the_reference_phases():
     model = ScriptedModel({10: [6.0] * 9})
     out = generate(model, torch.tensor([[10]]), gen_length=9, steps=9, mask_id=MASK, halting=Prophet(),
                    return_trace=True)
-    # 7.5 for p < 1/3 (steps 0-2 of 9), then 5.0: a margin of 6 halts at step 3.
-    assert out.halt_step.tolist() == [3]
-    assert [t.threshold for t in out.trace[0][:4]] == [7.5, 7.5, 7.5, 5.0]
+    # The reference's phase is (i + 1) / T with cutoffs 0.33 / 0.67: 7.5 at steps 0-1 of 9, 5.0 from step 2
+    # (3/9 = 0.333), so a margin of 6 halts at step 2.
+    assert out.halt_step.tolist() == [2]
+    assert [t.threshold for t in out.trace[0][:3]] == [7.5, 7.5, 5.0]
+
+
+def reference_prophet(model, prompt, steps, gen_length, block_length, mask_id, answer_start_pos):
+    """Prophet's early exit, re-derived from ``generate_earlyexit.py``: greedy LLaDA steps; before each step's
+    commit, the mean top-1 minus top-2 logit over the 5 positions from ``answer_start_pos`` (decoded or not) is
+    held against 7.5 / 5.0 / 2.5 by ``global_step / steps`` (1-based) below 0.33, below 0.67, above."""
+    x = torch.full((1, prompt.shape[1] + gen_length), mask_id, dtype=torch.long)
+    x[:, :prompt.shape[1]] = prompt
+    num_blocks = gen_length // block_length
+    per_block = steps // num_blocks
+    global_step = 0
+    for nb in range(num_blocks):
+        end = prompt.shape[1] + (nb + 1) * block_length
+        n_masked = int((x[:, end - block_length:end] == mask_id).sum())
+        counts = [n_masked // per_block + (1 if i < n_masked % per_block else 0) for i in range(per_block)]
+        for i in range(per_block):
+            global_step += 1
+            mask_index = x == mask_id
+            logits = model(x).logits
+            x0 = logits.argmax(-1)
+            window = range(answer_start_pos, min(x.shape[1], answer_start_pos + 5))
+            gaps = [float(logits[0, p].topk(2).values[0] - logits[0, p].topk(2).values[1]) for p in window]
+            phase = global_step / steps
+            limit = 7.5 if phase < 0.33 else 5.0 if phase < 0.67 else 2.5
+            if sum(gaps) / len(gaps) >= limit:
+                x[mask_index] = x0[mask_index]
+                return x, global_step
+            p = F.softmax(logits.double(), dim=-1).gather(-1, x0[..., None]).squeeze(-1)
+            p[:, end:] = -float("inf")
+            conf = torch.where(mask_index, p, torch.tensor(-float("inf")))
+            sel = torch.topk(conf[0], k=counts[i]).indices
+            x[0, sel] = x0[0, sel]
+    return x, steps
+
+
+def _prophet_against_reference(steps, block_length, answer_start):
+    """Asserts that six prompts decode as the reference decodes them; returns whether each halted early."""
+    # A model whose margins grow with the committed tokens, so Prophet halts part-way (or never).
+    torch.manual_seed(answer_start + steps)
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=64, is_causal=False,
+                         initializer_range=1.0)
+    llama = LlamaForCausalLM(config).eval()
+    with torch.no_grad():
+        llama.lm_head.weight.mul_(1.2)
+
+    def model(x, attention_mask=None):
+        # A trained model never predicts the mask token.
+        logits = llama(x).logits.clone()
+        logits[..., MASK] = -1e4
+        return SimpleNamespace(logits=logits)
+
+    halted = []
+    for trial in range(6):
+        prompt = torch.randint(0, MASK, (1, 4), generator=torch.Generator().manual_seed(trial))
+        want, nfe = reference_prophet(model, prompt, steps, 12, block_length, MASK, 4 + answer_start)
+        out = generate(model, prompt, gen_length=12, steps=steps, block_length=block_length, mask_id=MASK,
+                       halting=Prophet(answer_start=answer_start))
+        assert torch.equal(out.sequences, want) and out.nfe.tolist() == [nfe]
+        halted.append(nfe < steps)
+    return halted
+
+
+def test_prophet_matches_its_reference():
+    runs = [h for steps, block in [(12, 12), (12, 4), (6, 4)] for start in (0, 3, 6)
+            for h in _prophet_against_reference(steps, block, start)]
+    # The equivalence only means something if the reference halts part-way in some runs and not in others.
+    assert any(runs) and not all(runs)
 
 
 def test_parallel_commits_finish_blocks_early(tiny_model):

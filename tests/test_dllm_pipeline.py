@@ -6,7 +6,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from diffexit.dllm import SchED, generate
 from diffexit.dllm.pipeline import MaskedDiffusionPipeline
-from diffexit.dllm.tokenizer import build_tokenizer
+from diffexit.dllm.charlm.tokenizer import build_tokenizer
 from diffexit.samplers import ThresholdSchedule
 
 

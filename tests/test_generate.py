@@ -31,18 +31,14 @@ TIME_FIELDS = ("seconds",)
 # Tiny models ----------------------------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def image_models(tmp_path_factory):
+def image_models(tmp_path_factory, tiny_dit):
     """``(pipeline folder, UEM folder)``: a 4-block DigitsDiTPipeline and UEMs whose uncertainties spread around 0.5."""
-    from diffusers import DiTTransformer2DModel
-
     from diffexit.uem import UEMStack
-    from diffexit.uem.pipeline import DigitsDiTPipeline
-    from diffexit.uem.train_backbone import build_sampling_scheduler
+    from diffexit.uem.digits.pipeline import DigitsDiTPipeline
+    from diffexit.uem.digits.model import build_sampling_scheduler
 
     root = tmp_path_factory.mktemp("image-models")
-    torch.manual_seed(0)
-    transformer = DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=1, out_channels=1,
-                                        num_layers=4, sample_size=8, patch_size=2, num_embeds_ada_norm=1000).eval()
+    transformer = tiny_dit(layers=4)
     DigitsDiTPipeline(transformer=transformer, scheduler=build_sampling_scheduler()).save_pretrained(root / "pipe")
     uem = UEMStack.for_model(transformer)
     with torch.no_grad():
@@ -53,24 +49,14 @@ def image_models(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def text_models(tmp_path_factory):
+def text_models(tmp_path_factory, tiny_text_model):
     """``(embedded-format folder, transformers folder)``: tiny random bidirectional Llamas, character tokenizer."""
     from transformers import LlamaForCausalLM
 
-    from diffexit.dllm.text_model import DiffusionLlama, text_model_config
-    from diffexit.dllm.tokenizer import build_tokenizer
-
     root = tmp_path_factory.mktemp("text-models")
-    tok = build_tokenizer()
-    config = text_model_config(len(tok), tok.pad_token_id, hidden_size=32, num_layers=2, num_heads=2,
-                               max_positions=300)
-    config.initializer_range = 0.5  # margins of about 0.1-1.5 logits, so a threshold halts some samples only
-    torch.manual_seed(0)
-    for name, cls in (("embedded-format", DiffusionLlama), ("transformers", LlamaForCausalLM)):
-        model = cls(config).eval()
-        with torch.no_grad():
-            # A trained model never predicts the mask token; a zero row keeps it below the random logits.
-            model.lm_head.weight[tok.mask_token_id] = 0.0
+    for name, cls in (("embedded-format", None), ("transformers", LlamaForCausalLM)):
+        # initializer_range 0.5: margins of about 0.1-1.5 logits, so a threshold halts some samples only.
+        model, tok = tiny_text_model(max_positions=300, initializer_range=0.5, never_predict_mask=True, cls=cls)
         model.save_pretrained(root / name)
         tok.save_pretrained(root / name)
     return root / "embedded-format", root / "transformers"
@@ -83,7 +69,7 @@ def image_args(image_models, *extra):
 
 
 def write_prompts(path: Path) -> Path:
-    from diffexit.dllm.tasks import sample
+    from diffexit.dllm.charlm.tasks import sample
 
     examples = sample("sort", "heldout", 0, 3)
     rows = [{"id": f"sort-{i}", "prompt": ex.prompt, "task": "sort"} for i, ex in enumerate(examples)]
@@ -345,8 +331,8 @@ def test_text_outputs_in_input_order_with_nfe_and_halting_step(text_reference, c
 
 
 def test_embedded_format_decodes_each_prompt_in_its_tasks_layout(text_models):
-    from diffexit.dllm.tasks import LAYOUTS, TASKS, sample
-    from diffexit.dllm.text_model import load_text_model
+    from diffexit.dllm.charlm.tasks import LAYOUTS, TASKS, sample
+    from diffexit.dllm.charlm.model import load_text_model
 
     model, tok = load_text_model(text_models[0])
     engine = generate_text.EmbeddedEngine(model, tok, "full", None)

@@ -42,11 +42,11 @@ def test_eos_padding_trap():
     assert span_statistic(stats, masked, "quantile", q=0.1).item() == 0.5
     assert span_statistic(stats, masked, "mean_content", ignore_token_ids=[EOS]).item() == pytest.approx(0.5)
     rule = dict(schedule=ThresholdSchedule("constant", 7.5, 7.5))
-    progress, rows = torch.zeros(1), torch.zeros(1, dtype=torch.long)
-    assert SchED(stat="mean", **rule).decide(stats, masked, progress, rows).halt.item()
+    step, rows = torch.zeros(1, dtype=torch.long), torch.zeros(1, dtype=torch.long)
+    assert SchED(stat="mean", **rule).decide(stats, masked, step, rows).halt.item()
     for stat in ("min", "quantile"):
-        assert not SchED(stat=stat, **rule).decide(stats, masked, progress, rows).halt.item()
-    assert not SchED(stat="mean_content", ignore_token_ids=[EOS], **rule).decide(stats, masked, progress, rows).halt.item()
+        assert not SchED(stat=stat, **rule).decide(stats, masked, step, rows).halt.item()
+    assert not SchED(stat="mean_content", ignore_token_ids=[EOS], **rule).decide(stats, masked, step, rows).halt.item()
 
 
 def test_mean_content_falls_back_when_everything_is_padding():
@@ -61,7 +61,7 @@ def test_entropy_statistic_is_minus_the_worst_entropy():
     assert span_statistic(stats, masked, "entropy").item() == pytest.approx(-0.7)
     tight = SchED(ThresholdSchedule("constant", -0.5, -0.5), stat="entropy")
     loose = SchED(ThresholdSchedule("constant", -0.8, -0.8), stat="entropy")
-    args = (stats, masked, torch.zeros(1), torch.zeros(1, dtype=torch.long))
+    args = (stats, masked, torch.zeros(1, dtype=torch.long), torch.zeros(1, dtype=torch.long))
     assert not tight.decide(*args).halt.item() and loose.decide(*args).halt.item()
 
 

@@ -9,12 +9,12 @@ from safetensors.torch import load_file
 from transformers import PreTrainedTokenizerFast
 
 from diffexit.dllm import generate
-from diffexit.dllm import train as train_mod
-from diffexit.dllm.tasks import DECODE, LAYOUTS, TASK_NAMES, TASKS, layout_of, sample, score, split_of
-from diffexit.dllm.text_model import (
+from diffexit.dllm.charlm import train as train_mod
+from diffexit.dllm.charlm.tasks import DECODE, LAYOUTS, TASK_NAMES, TASKS, layout_of, sample, score, split_of
+from diffexit.dllm.charlm.model import (
     DiffusionLlama, load_embedded_text_model, load_text_model, text_model_config,
 )
-from diffexit.dllm.tokenizer import (
+from diffexit.dllm.charlm.tokenizer import (
     EOS, MASK, PAD, UNK, build_tokenizer, decode_answer, encode_answers, encode_prompts,
 )
 
@@ -286,12 +286,6 @@ def test_split_counts_follow_the_shares():
     counts = train_mod.split_counts(total, train_mod.SHORT_TASKS)
     assert counts == {t: per_share * train_mod.TASK_SHARES[t] for t in train_mod.SHORT_TASKS}
     assert sum(train_mod.split_counts(total - 3, train_mod.SHORT_TASKS).values()) == total - 3
-
-
-def test_lr_schedule_warms_up_then_decays_to_the_floor():
-    f = [train_mod.lr_factor(s, 10, 100) for s in range(100)]
-    assert f[0] == 0.1 and f[9] == 1.0 and all(a >= b for a, b in zip(f[9:], f[10:]))
-    assert train_mod.lr_factor(100, 10, 100) == pytest.approx(train_mod.LR_FLOOR)
 
 
 def test_a_few_steps_lower_the_loss(tmp_path, tok):

@@ -11,7 +11,7 @@ import torch
 
 import diffexit.kernels.token_stats_torch as torch_backend
 from diffexit.kernels import TokenStats, token_stats
-from diffexit.kernels.bench import main as bench_main
+from diffexit.app.bench.kernels import main as bench_main
 
 # `diffexit.kernels.token_stats` is the function (the public name); the module behind it is reached by path.
 ts_module = importlib.import_module("diffexit.kernels.token_stats")

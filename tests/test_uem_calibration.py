@@ -4,24 +4,15 @@ import json
 
 import pytest
 import torch
-from diffusers import DDIMScheduler, DiTTransformer2DModel
+from diffusers import DDIMScheduler
 
 from diffexit.app.cli import main as cli_main
 from diffexit.uem import UEMStack, enable_early_exit
-from diffexit.uem.calibration import (
-    Calibration,
-    ExitRecord,
-    calibrate,
-    calibration_path,
-    calibrations_in,
-    exit_outcome,
-    exit_path,
-    main,
-    record_exits,
-    within_budget,
-)
+from diffexit.app.calibrate_uem import main
+from diffexit.uem.calibration import ExitRecord, calibrate, exit_outcome, exit_path, record_exits, within_budget
+from diffexit.uem.calibration_file import Calibration, calibration_path, calibrations_in
 from diffexit.uem.exit_rules import CalibratedThreshold, MinDepth, UncertaintyThreshold
-from diffexit.uem.pipeline import DigitsDiTPipeline
+from diffexit.uem.digits.pipeline import DigitsDiTPipeline
 
 BLOCKS = 4
 
@@ -149,12 +140,6 @@ def test_min_depth_can_vary_per_step():
 
 # End to end on a tiny random DiT.
 
-def tiny_dit(seed=0, layers=BLOCKS):
-    torch.manual_seed(seed)
-    return DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=1, num_layers=layers,
-                                 sample_size=8, patch_size=2, num_embeds_ada_norm=1000).eval()
-
-
 def spread_uem(model, seed=1, target="exit-cost"):
     """UEMs whose mean uncertainty differs clearly between samples and blocks."""
     torch.manual_seed(seed)
@@ -172,9 +157,9 @@ def ddim():
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
+def tiny(tiny_dit, tmp_path_factory):
     root = tmp_path_factory.mktemp("tiny")
-    model = tiny_dit()
+    model = tiny_dit(layers=BLOCKS)
     DigitsDiTPipeline(transformer=model, scheduler=ddim()).save_pretrained(root / "pipe")
     uem = spread_uem(model)
     uem.save_pretrained(root / "uem")
@@ -203,7 +188,7 @@ def test_the_rule_decides_as_the_recording_predicts(tiny):
     assert depths[0].tolist() == want.tolist()
 
 
-def test_calibrate_writes_files_that_round_trip_and_refuse_other_weights(tiny, tmp_path, capsys):
+def test_calibrate_writes_files_that_round_trip_and_refuse_other_weights(tiny_dit, tiny, tmp_path, capsys):
     root, model, uem = tiny
     argv = ["calibrate", "uem", "--uem", str(root / "uem"), "--model", str(root / "pipe"), "--budget", "0.02",
             "0.002", "--min-depth", "auto", "2", "--steps", "3", "--samples", "10", "--held-out", "10",
@@ -227,18 +212,18 @@ def test_calibrate_writes_files_that_round_trip_and_refuse_other_weights(tiny, t
     small = Calibration.load(files[0.002])
     assert sum(small.rule().min_depths) >= sum(loaded.rule().min_depths)
 
-    rule = CalibratedThreshold.from_file(files[0.02], model, uem)
+    rule = Calibration.load(files[0.02]).matched_rule(model, uem)
     assert rule.thresholds == tuple(loaded.thresholds) and rule.budget == 0.02
-    assert CalibratedThreshold.from_file(files[0.02], model.half().float(), uem).budget == 0.02  # fp16 round trip
+    assert Calibration.load(files[0.02]).matched_rule(model.half().float(), uem).budget == 0.02  # fp16 round trip
 
     with pytest.raises(ValueError, match="3 blocks"):
-        CalibratedThreshold.from_file(files[0.02], tiny_dit(layers=3), uem)
+        Calibration.load(files[0.02]).matched_rule(tiny_dit(layers=3), uem)
     with pytest.raises(ValueError, match="model's weights differ"):
-        CalibratedThreshold.from_file(files[0.02], tiny_dit(seed=9), uem)
+        Calibration.load(files[0.02]).matched_rule(tiny_dit(seed=9, layers=BLOCKS), uem)
     with pytest.raises(ValueError, match="UEM weights differ"):
-        CalibratedThreshold.from_file(files[0.02], model, spread_uem(model, seed=2))
+        Calibration.load(files[0.02]).matched_rule(model, spread_uem(model, seed=2))
     with pytest.raises(ValueError, match="trained on 'paper'"):
-        CalibratedThreshold.from_file(files[0.02], model, spread_uem(model, target="paper"))
+        Calibration.load(files[0.02]).matched_rule(model, spread_uem(model, target="paper"))
     (tmp_path / "other.json").write_text(json.dumps({"sched": {}}))
     with pytest.raises(ValueError, match="not a UEM calibration file"):
         Calibration.load(tmp_path / "other.json")

@@ -32,14 +32,6 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-def tiny_dit(seed=0, layers=LAYERS):
-    torch.manual_seed(seed)
-    return DiTTransformer2DModel(
-        num_attention_heads=2, attention_head_dim=8, in_channels=1, num_layers=layers, sample_size=8,
-        patch_size=2, num_embeds_ada_norm=1000,
-    ).eval()
-
-
 def spread_uem(model, seed=1):
     """UEMs whose mean uncertainty differs clearly between samples and blocks."""
     torch.manual_seed(seed)
@@ -90,8 +82,8 @@ def spreading_tau(mean_u):
 
 
 @torch.no_grad()
-def test_threshold_that_never_fires_equals_original_forward():
-    m = tiny_dit()
+def test_threshold_that_never_fires_equals_original_forward(tiny_dit):
+    m = tiny_dit(layers=LAYERS)
     x, t, y = inputs(5)
     ref = m(x, timestep=t, class_labels=y).sample
     early = enable_early_exit(m, spread_uem(m), UncertaintyThreshold(0.0))
@@ -103,8 +95,8 @@ def test_threshold_that_never_fires_equals_original_forward():
 
 
 @torch.no_grad()
-def test_scalar_timestep_is_broadcast_like_the_model_does():
-    m = tiny_dit()
+def test_scalar_timestep_is_broadcast_like_the_model_does(tiny_dit):
+    m = tiny_dit(layers=LAYERS)
     x, _, y = inputs(3)
     t = torch.tensor([417])
     ref = m(x, timestep=t, class_labels=y).sample
@@ -114,8 +106,8 @@ def test_scalar_timestep_is_broadcast_like_the_model_does():
 
 @torch.no_grad()
 @pytest.mark.parametrize("k", range(1, LAYERS + 1))
-def test_exit_after_block_k_is_prefix_plus_own_head(k):
-    m = tiny_dit()
+def test_exit_after_block_k_is_prefix_plus_own_head(tiny_dit, k):
+    m = tiny_dit(layers=LAYERS)
     x, t, y = inputs(3)
     want = prefix_and_head(m, x, t, y, k)
     early = enable_early_exit(m, None, StaticDepth([k]))
@@ -126,8 +118,8 @@ def test_exit_after_block_k_is_prefix_plus_own_head(k):
 
 
 @torch.no_grad()
-def test_compacted_batch_equals_each_sample_run_alone():
-    m = tiny_dit()
+def test_compacted_batch_equals_each_sample_run_alone(tiny_dit):
+    m = tiny_dit(layers=LAYERS)
     uem = spread_uem(m)
     x, t, y = inputs(6)
     mean_u = exit_predictions(m, uem, x, timestep=t, class_labels=y).uncertainty.mean(-1)
@@ -145,8 +137,8 @@ def test_compacted_batch_equals_each_sample_run_alone():
 
 
 @torch.no_grad()
-def test_guided_pairs_exit_together_on_the_more_uncertain_row():
-    m = tiny_dit()
+def test_guided_pairs_exit_together_on_the_more_uncertain_row(tiny_dit):
+    m = tiny_dit(layers=LAYERS)
     uem = spread_uem(m)
     x, t, y = inputs(4)
     xx, tt, yy = torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, torch.full_like(y, NULL_CLASS)])
@@ -170,8 +162,8 @@ def test_guided_pairs_exit_together_on_the_more_uncertain_row():
     assert early.last_depths.tolist() == rowwise.tolist()
 
 
-def test_cfg_true_needs_an_even_batch():
-    m = tiny_dit()
+def test_cfg_true_needs_an_even_batch(tiny_dit):
+    m = tiny_dit(layers=LAYERS)
     enable_early_exit(m, None, FullDepth(), cfg=True)
     x, t, y = inputs(3)
     with pytest.raises(ValueError, match="odd batch"):
@@ -179,8 +171,8 @@ def test_cfg_true_needs_an_even_batch():
 
 
 @torch.no_grad()
-def test_disable_restores_the_original_model_exactly():
-    m = tiny_dit()
+def test_disable_restores_the_original_model_exactly(tiny_dit):
+    m = tiny_dit(layers=LAYERS)
     x, t, y = inputs(3)
     ref = m(x, timestep=t, class_labels=y).sample
     state = {k: v.clone() for k, v in m.state_dict().items()}
@@ -195,18 +187,18 @@ def test_disable_restores_the_original_model_exactly():
     enable_early_exit(m, None, FullDepth())  # and it can be enabled again
 
 
-def test_signature_seen_by_pipelines_is_the_original():
+def test_signature_seen_by_pipelines_is_the_original(tiny_dit):
     import inspect
 
-    m = tiny_dit()
+    m = tiny_dit(layers=LAYERS)
     before = inspect.signature(m.forward)
     enable_early_exit(m, None, FullDepth())
     assert inspect.signature(m.forward) == before
 
 
 @torch.no_grad()
-def test_threshold_schedule_follows_progress():
-    m = tiny_dit()
+def test_threshold_schedule_follows_progress(tiny_dit):
+    m = tiny_dit(layers=LAYERS)
     uem = spread_uem(m)
     x, t, y = inputs(4)
     mean_u = exit_predictions(m, uem, x, timestep=t, class_labels=y).uncertainty.mean(-1)
@@ -224,8 +216,8 @@ def test_threshold_schedule_follows_progress():
 
 
 @torch.no_grad()
-def test_min_depth_holds_samples_back():
-    m = tiny_dit()
+def test_min_depth_holds_samples_back(tiny_dit):
+    m = tiny_dit(layers=LAYERS)
     x, t, y = inputs(3)
     early = enable_early_exit(m, spread_uem(m), MinDepth(UncertaintyThreshold(1.0), 3))
     out = m(x, timestep=t, class_labels=y).sample
@@ -233,8 +225,8 @@ def test_min_depth_holds_samples_back():
     torch.testing.assert_close(out, prefix_and_head(m, x, t, y, 3), rtol=0, atol=1e-5)
 
 
-def test_static_depth_per_stretch_of_progress():
-    m = tiny_dit()
+def test_static_depth_per_stretch_of_progress(tiny_dit):
+    m = tiny_dit(layers=LAYERS)
     x, t, y = inputs(2)
     early = enable_early_exit(m, None, StaticDepth((1, 2, 4)))
     for p, d in ((0.0, 1), (0.34, 2), (0.7, 4), (1.0, 4)):
@@ -244,8 +236,8 @@ def test_static_depth_per_stretch_of_progress():
         assert early.last_depths.tolist() == [d, d]
 
 
-def test_frozen_backbone_gets_no_gradient():
-    m = tiny_dit()
+def test_frozen_backbone_gets_no_gradient(tiny_dit):
+    m = tiny_dit(layers=LAYERS)
     uem = spread_uem(m)
     x, t, y = inputs(2)
     pred = exit_predictions(m, uem, x, timestep=t, class_labels=y, backbone_grad=False)
@@ -260,16 +252,16 @@ def test_frozen_backbone_gets_no_gradient():
 # --- errors ---------------------------------------------------------------------------------------------------
 
 
-def test_enabling_twice_is_refused():
-    m = tiny_dit()
+def test_enabling_twice_is_refused(tiny_dit):
+    m = tiny_dit(layers=LAYERS)
     enable_early_exit(m, None, FullDepth())
     with pytest.raises(ValueError, match="already enabled"):
         enable_early_exit(m, None, FullDepth())
 
 
-def test_disable_without_enable_is_refused():
+def test_disable_without_enable_is_refused(tiny_dit):
     with pytest.raises(ValueError, match="not enabled"):
-        disable_early_exit(tiny_dit())
+        disable_early_exit(tiny_dit(layers=LAYERS))
 
 
 def test_unsupported_model_names_the_supported_ones():
@@ -284,13 +276,13 @@ def test_unsupported_model_names_the_supported_ones():
 
 
 @pytest.mark.parametrize("bad", [1.5, -0.1, float("nan"), True, "0.5", ThresholdSchedule("linear", 1.2, 0.1)])
-def test_threshold_outside_unit_interval_is_refused(bad):
+def test_threshold_outside_unit_interval_is_refused(tiny_dit, bad):
     with pytest.raises(ValueError, match=r"threshold"):
-        enable_early_exit(tiny_dit(), spread_uem(tiny_dit()), bad)
+        enable_early_exit(tiny_dit(layers=LAYERS), spread_uem(tiny_dit(layers=LAYERS)), bad)
 
 
-def test_depth_schedule_longer_than_the_model_is_refused():
-    m = tiny_dit()
+def test_depth_schedule_longer_than_the_model_is_refused(tiny_dit):
+    m = tiny_dit(layers=LAYERS)
     with pytest.raises(ValueError, match="only 4"):
         enable_early_exit(m, None, StaticDepth((2, 4, 6)))
     with pytest.raises(ValueError, match="exceeds"):
@@ -298,8 +290,8 @@ def test_depth_schedule_longer_than_the_model_is_refused():
     assert not hasattr(m, "_diffusers_hook")
 
 
-def test_uems_of_another_model_are_refused():
-    m = tiny_dit()
+def test_uems_of_another_model_are_refused(tiny_dit):
+    m = tiny_dit(layers=LAYERS)
     with pytest.raises(ValueError, match="built for a DiTTransformer2DModel with 6 blocks"):
         enable_early_exit(m, UEMStack.for_model(tiny_dit(layers=6)), 0.5)
     with pytest.raises(ValueError, match="reads the UEMs"):
@@ -308,6 +300,6 @@ def test_uems_of_another_model_are_refused():
         enable_early_exit(m, torch.nn.Linear(2, 2), 0.5)
 
 
-def test_bad_cfg_value_is_refused():
+def test_bad_cfg_value_is_refused(tiny_dit):
     with pytest.raises(ValueError, match="cfg"):
-        enable_early_exit(tiny_dit(), None, FullDepth(), cfg="yes")
+        enable_early_exit(tiny_dit(layers=LAYERS), None, FullDepth(), cfg="yes")

@@ -9,12 +9,6 @@ from diffusers import DiTTransformer2DModel
 from diffexit.uem import UEMStack, token_uncertainty
 
 
-def tiny_dit(layers=3, heads=2):
-    torch.manual_seed(0)
-    return DiTTransformer2DModel(num_attention_heads=heads, attention_head_dim=4, in_channels=1, num_layers=layers,
-                                 sample_size=4, patch_size=2, num_embeds_ada_norm=10)
-
-
 def random_stack(seed=0, blocks=3, d=8):
     torch.manual_seed(seed)
     uem = UEMStack(num_blocks=blocks, hidden_size=d, model_class="DiTTransformer2DModel")
@@ -24,15 +18,15 @@ def random_stack(seed=0, blocks=3, d=8):
     return uem
 
 
-def test_config_records_the_base_model_shape():
-    uem = UEMStack.for_model(tiny_dit())
+def test_config_records_the_base_model_shape(tiny_dit):
+    uem = UEMStack.for_model(tiny_dit(layers=3, head_dim=4, sample_size=4, classes=10))
     assert (uem.config.num_blocks, uem.config.hidden_size, uem.config.model_class, uem.config.target) == (
         3, 8, "DiTTransformer2DModel", "paper")
     assert uem.cond_weight.shape == (3, 9, 8) and uem.token_weight.shape == (3, 8) and uem.token_bias.shape == (3,)
 
 
-def test_untrained_heads_ignore_the_conditioning():
-    uem = UEMStack.for_model(tiny_dit())
+def test_untrained_heads_ignore_the_conditioning(tiny_dit):
+    uem = UEMStack.for_model(tiny_dit(layers=3, head_dim=4, sample_size=4, classes=10))
     h = torch.randn(3, 2, 5, 8)
     assert torch.equal(uem(h, torch.randn(2, 8)), uem(h, torch.randn(2, 8)))
 
@@ -79,10 +73,10 @@ def test_save_and_load_round_trip(tmp_path):
         assert torch.equal(p, q), name
 
 
-def test_uems_for_another_shape_are_refused():
-    model = tiny_dit()
+def test_uems_for_another_shape_are_refused(tiny_dit):
+    model = tiny_dit(layers=3, head_dim=4, sample_size=4, classes=10)
     UEMStack.for_model(model).check_matches(model)
-    for other in (tiny_dit(layers=4), tiny_dit(heads=3)):
+    for other in (tiny_dit(layers=4, head_dim=4, sample_size=4, classes=10), tiny_dit(layers=3, heads=3, head_dim=4, sample_size=4, classes=10)):
         with pytest.raises(ValueError, match="built for a DiTTransformer2DModel"):
             UEMStack.for_model(other).check_matches(model)
     wrong_class = UEMStack(num_blocks=3, hidden_size=8, model_class="PixArtTransformer2DModel")

@@ -4,7 +4,7 @@ import inspect
 
 import pytest
 import torch
-from diffusers import AutoencoderKL, DDIMScheduler, DiTPipeline, DiTTransformer2DModel, DPMSolverMultistepScheduler
+from diffusers import AutoencoderKL, DDIMScheduler, DiTPipeline, DPMSolverMultistepScheduler
 
 from diffexit.samplers import ExitAwareScheduler, ThresholdSchedule
 from diffexit.uem import (
@@ -29,12 +29,8 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-def tiny_pipe(scheduler_cls=DDIMScheduler):
-    torch.manual_seed(0)
-    transformer = DiTTransformer2DModel(
-        num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=8, num_layers=LAYERS,
-        sample_size=8, patch_size=2, num_embeds_ada_norm=1000,
-    )
+def tiny_pipe(tiny_dit, scheduler_cls=DDIMScheduler):
+    transformer = tiny_dit(layers=LAYERS, in_channels=4, out_channels=8)
     vae = AutoencoderKL(
         in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",), up_block_types=("UpDecoderBlock2D",),
         block_out_channels=(8,), layers_per_block=1, latent_channels=4, norm_num_groups=8, sample_size=8,
@@ -57,8 +53,8 @@ def run(pipe, labels=(3, 7, 999), **kwargs):
                 **kwargs).images
 
 
-def test_full_depth_swap_in_reproduces_the_pipeline_and_counts_every_block():
-    pipe = tiny_pipe()
+def test_full_depth_swap_in_reproduces_the_pipeline_and_counts_every_block(tiny_dit):
+    pipe = tiny_pipe(tiny_dit)
     ref = run(pipe)
     early = enable_early_exit(pipe, None, FullDepth())
     pipe.scheduler = ExitAwareScheduler(pipe.scheduler, early)
@@ -71,8 +67,8 @@ def test_full_depth_swap_in_reproduces_the_pipeline_and_counts_every_block():
     assert stats.depth_counts[:, -1].tolist() == [3] * STEPS and stats.depth_counts[:, :-1].sum() == 0
 
 
-def test_static_schedule_uses_the_step_progress():
-    pipe = tiny_pipe()
+def test_static_schedule_uses_the_step_progress(tiny_dit):
+    pipe = tiny_pipe(tiny_dit)
     early = enable_early_exit(pipe, None, StaticDepth((1, 2, 4)))
     pipe.scheduler = ExitAwareScheduler(pipe.scheduler, early)
     run(pipe)
@@ -86,8 +82,8 @@ def test_static_schedule_uses_the_step_progress():
     assert pipe.scheduler.statistics.depths.shape == (STEPS, 1)
 
 
-def test_uncertainty_threshold_in_a_pipeline_with_dpm_solver():
-    pipe = tiny_pipe(DPMSolverMultistepScheduler)
+def test_uncertainty_threshold_in_a_pipeline_with_dpm_solver(tiny_dit):
+    pipe = tiny_pipe(tiny_dit, DPMSolverMultistepScheduler)
     ref = run(pipe)
     rule = UncertaintyThreshold(ThresholdSchedule("linear", 0.9, 0.0))
     early = enable_early_exit(pipe, spread_uem(pipe.transformer), rule)
@@ -103,8 +99,8 @@ def test_uncertainty_threshold_in_a_pipeline_with_dpm_solver():
     torch.testing.assert_close(run(pipe), ref, rtol=0, atol=0)
 
 
-def test_wrapper_reads_through_to_the_scheduler():
-    pipe = tiny_pipe()
+def test_wrapper_reads_through_to_the_scheduler(tiny_dit):
+    pipe = tiny_pipe(tiny_dit)
     inner = pipe.scheduler
     early = enable_early_exit(pipe, None, FullDepth())
     wrapped = ExitAwareScheduler(inner, early)
@@ -122,8 +118,8 @@ def test_wrapper_reads_through_to_the_scheduler():
         wrapped.statistics.layer_ratio
 
 
-def test_begin_index_moves_progress_to_the_tail():
-    pipe = tiny_pipe(DPMSolverMultistepScheduler)
+def test_begin_index_moves_progress_to_the_tail(tiny_dit):
+    pipe = tiny_pipe(tiny_dit, DPMSolverMultistepScheduler)
     early = enable_early_exit(pipe, None, FullDepth())
     wrapped = ExitAwareScheduler(pipe.scheduler, early)
     wrapped.set_timesteps(5)

@@ -4,10 +4,9 @@ import math
 
 import pytest
 import torch
-from diffusers import DiTTransformer2DModel
 
 from diffexit.uem import TARGETS, UEMStack, deediff_loss
-from diffexit.uem.train import main as train_main
+from diffexit.app.train_uem import main as train_main
 
 
 def test_every_target_is_per_token_in_the_unit_interval_and_detached():
@@ -56,10 +55,8 @@ def test_the_uem_config_records_the_target(tmp_path):
 
 
 @pytest.mark.parametrize("target", ["exit-cost", "normalized"])
-def test_train_uem_takes_the_target(tmp_path, target):
-    torch.manual_seed(0)
-    DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=1, num_layers=2, sample_size=8,
-                          patch_size=2, num_embeds_ada_norm=1000).save_pretrained(tmp_path / "dit")
+def test_train_uem_takes_the_target(tmp_path, tiny_dit, target):
+    tiny_dit(layers=2).save_pretrained(tmp_path / "dit")
     out = tmp_path / "run"
     assert train_main(["--out", str(out), "--model", str(tmp_path / "dit"), "--target", target, "--steps", "2",
                        "--batch-size", "4"]) == 0

@@ -9,7 +9,8 @@ from diffusers import DiTTransformer2DModel, PixArtTransformer2DModel
 
 from diffexit.app.cli import main as cli_main
 from diffexit.uem import UEMStack
-from diffexit.uem.train import batch_indices, main
+from diffexit.app.train_uem import main
+from diffexit.uem.train import batch_indices
 
 COMMON = ["--batch-size", "32", "--checkpoint-every", "10", "--lr", "1e-2"]
 
@@ -24,11 +25,9 @@ def one_thread():
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    torch.manual_seed(0)
+def model_dir(tmp_path_factory, tiny_dit):
     path = tmp_path_factory.mktemp("dit")
-    DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=1, num_layers=4, sample_size=8,
-                          patch_size=2, num_embeds_ada_norm=1000).save_pretrained(path)
+    tiny_dit(layers=4).save_pretrained(path)
     return path
 
 
@@ -58,7 +57,7 @@ def test_frozen_training_lowers_the_loss_and_resumes_identically(tmp_path, model
 
 
 def test_the_default_target_is_the_benchmark_winner():
-    from diffexit.uem.train import _parser
+    from diffexit.app.train_uem import _parser
 
     assert _parser("diffexit train uem").parse_args(["--out", "o"]).target == "exit-cost"
 
@@ -113,3 +112,28 @@ def test_the_cli_dispatches_to_the_trainer(capsys):
         cli_main(["train", "uem", "--help"])
     assert exit_.value.code == 0
     assert "--mode {frozen,full}" in capsys.readouterr().out
+
+
+def test_a_kill_during_a_checkpoint_save_resumes_cleanly(tmp_path, model_dir, monkeypatch):
+    from accelerate import Accelerator
+
+    run = ["--model", str(model_dir), "--steps", "20", "--target", "paper", *COMMON]
+    straight, broken = tmp_path / "straight", tmp_path / "broken"
+    assert main(["--out", str(straight), *run]) == 0
+    real_save, calls = Accelerator.save_state, []
+
+    def dies_in_the_second_save(self, output_dir=None, **kwargs):
+        calls.append(output_dir)
+        if len(calls) == 2:
+            real_save(self, output_dir, **kwargs)  # the files are written, but the save never completes
+            raise KeyboardInterrupt("killed while saving the step-20 checkpoint")
+        return real_save(self, output_dir, **kwargs)
+
+    monkeypatch.setattr(Accelerator, "save_state", dies_in_the_second_save)
+    with pytest.raises(KeyboardInterrupt):
+        main(["--out", str(broken), *run])
+    monkeypatch.setattr(Accelerator, "save_state", real_save)
+    assert [p.name for p in (broken / "checkpoints").iterdir()] and not (broken / "uem").exists()
+    assert main(["--out", str(broken), "--resume", *run]) == 0  # resumes from step 10, not the partial step 20
+    assert all(torch.equal(a, b) for a, b in zip(weights(straight / "uem"), weights(broken / "uem")))
+    assert log(straight) == log(broken)

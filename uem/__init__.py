@@ -6,6 +6,12 @@
 - Exit rules (exit_rules): ``UncertaintyThreshold``, ``StaticDepth``, ``MinDepth``, ``FullDepth``, and
   ``CalibratedThreshold`` (per-step thresholds from ``diffexit calibrate uem``).
 - ``deediff_loss`` (losses): ``L_simple + lambda * L_u + beta * L_UAL``; UEM targets by name in ``TARGETS``.
+- ``Calibration`` and ``find_calibration`` (calibration_file): the files ``diffexit calibrate uem`` writes, and the
+  rule each gives for the weights and sampling setup it was made for; the algorithm is ``calibration``.
+- ``exit_rule`` / ``describe_exit_rule`` (rule_spec): rules from user parameters, as every surface builds them.
+- ``train``: the DeeDiff trainer (frozen backbone, or the paper's full fine-tune).
+
+The embedded digits models live apart, in ``diffexit.uem.digits``.
 
 The scheduler side is ``diffexit.samplers.ExitAwareScheduler``. Names load on first access, so importing the
 package stays cheap until diffusers is needed.
@@ -26,6 +32,10 @@ _LAZY = {
     "MinDepth": ".exit_rules",
     "FullDepth": ".exit_rules",
     "CalibratedThreshold": ".exit_rules",
+    "Calibration": ".calibration_file",
+    "find_calibration": ".calibration_file",
+    "exit_rule": ".rule_spec",
+    "describe_exit_rule": ".rule_spec",
     "TARGETS": ".losses",
     "DeeDiffLoss": ".losses",
     "deediff_loss": ".losses",

@@ -5,12 +5,8 @@
     images = pipe(...).images                                                # called exactly as before
     disable_early_exit(pipe)
 
-An exit after block ``k`` runs ``pos_embed -> blocks[:k] -> the model's own output head``: for
-``DiTTransformer2DModel`` the adaLN-zero conditioning of the first block's embedder, the final norm, ``proj_out_1``,
-``proj_out_2`` and unpatchify; for ``PixArtTransformer2DModel`` its ``scale_shift_table`` modulation, ``norm_out``
-and ``proj_out``; for ``SD3Transformer2DModel`` its ``AdaLayerNormContinuous`` and ``proj_out``. Each model's
-preamble (patch embedding, conditioning, caption projection, mask-to-bias conversion) is that of its own
-``forward`` in diffusers 0.42, restated here so the block loop can stop and shrink part-way.
+An exit after block ``k`` runs ``pos_embed -> blocks[:k] -> the model's own output head``; how each supported
+model's preamble, blocks and head are called is in :mod:`diffexit.uem.block_adapters`.
 
 Decisions are per sample. After each block the exit rule (:mod:`diffexit.uem.exit_rules`) says which samples stop;
 those rows go through the output head and leave the batch, so the remaining blocks run on fewer rows. With
@@ -33,212 +29,19 @@ exit forward computes the conditioning once per call, so it equals the original 
 
 from __future__ import annotations
 
-import inspect
-from dataclasses import dataclass
-from typing import Any, Callable, NamedTuple, Optional, Union
+from typing import Callable, NamedTuple, Optional, Union
 
 import torch
-import torch.nn.functional as F
-from diffusers import DiTTransformer2DModel, PixArtTransformer2DModel, SD3Transformer2DModel
 from diffusers.hooks import HookRegistry, ModelHook
 from diffusers.models.modeling_outputs import Transformer2DModelOutput
 from torch import nn
 
-from ..samplers.schedules import ThresholdSchedule
+from ..common.schedules import ThresholdSchedule
+from .block_adapters import SUPPORTED, adapter_for
 from .exit_rules import ExitRule, UncertaintyThreshold
 from .heads import UEMStack, token_uncertainty
 
 HOOK_NAME = "diffexit_early_exit"
-
-
-@dataclass
-class _Pass:
-    """One forward call, prepared for the block loop.
-
-    ``rows`` holds every tensor the blocks and the head read per row (batch dimension first), so dropping rows is
-    one index over it; ``fixed`` holds what all rows share.
-    """
-
-    hidden: torch.Tensor  # [B, N, D] tokens after the patch embedding
-    cond: torch.Tensor  # [B, D] the conditioning vector the UEMs read
-    rows: dict[str, Optional[torch.Tensor]]
-    fixed: dict[str, Any]
-    grid: tuple[int, int]  # tokens per column and per row of the image
-    return_dict: bool
-
-
-def _per_row(t: Optional[torch.Tensor], batch: int, name: str) -> Optional[torch.Tensor]:
-    """``t`` with one entry per row: a scalar or a batch of one is broadcast (the models broadcast it too)."""
-    if t is None:
-        return None
-    if not torch.is_tensor(t):
-        t = torch.tensor(t)
-    if t.dim() == 0:
-        return t.expand(batch)
-    if t.shape[0] == batch:
-        return t
-    if t.shape[0] == 1:
-        return t.expand(batch, *t.shape[1:])
-    raise ValueError(f"{name} has {t.shape[0]} rows but the batch has {batch}")
-
-
-def _unpatchify(tokens: torch.Tensor, grid: tuple[int, int], patch: int, channels: int) -> torch.Tensor:
-    """``[b, gh * gw, p * p * C]`` patch tokens -> ``[b, C, gh * p, gw * p]`` images."""
-    gh, gw = grid
-    x = tokens.reshape(-1, gh, gw, patch, patch, channels)
-    return x.permute(0, 5, 1, 3, 2, 4).reshape(-1, channels, gh * patch, gw * patch)
-
-
-def _bind(model: nn.Module, args: tuple, kwargs: dict) -> dict:
-    bound = inspect.signature(type(model).forward).bind(model, *args, **kwargs)
-    bound.apply_defaults()
-    return bound.arguments
-
-
-class _DiT:
-    """``DiTTransformer2DModel``: class-conditional adaLN-zero blocks, each with its own timestep+class embedder."""
-
-    def begin(self, model, args, kwargs) -> _Pass:
-        a = _bind(model, args, kwargs)
-        x = a["hidden_states"]
-        batch, p = x.shape[0], model.config.patch_size
-        timestep = _per_row(a["timestep"], batch, "timestep")
-        labels = _per_row(a["class_labels"], batch, "class_labels")
-        hidden = model.pos_embed(x)
-        # The output head conditions on the first block's embedder; the UEMs read the same vector.
-        cond = model.transformer_blocks[0].norm1.emb(timestep, labels, hidden_dtype=hidden.dtype)
-        return _Pass(
-            hidden=hidden,
-            cond=cond,
-            rows={"timestep": timestep, "class_labels": labels, "cond": cond},
-            fixed={"cross_attention_kwargs": a["cross_attention_kwargs"]},
-            grid=(x.shape[-2] // p, x.shape[-1] // p),
-            return_dict=a["return_dict"],
-        )
-
-    def block(self, model, index, hidden, rows, fixed):
-        return model.transformer_blocks[index](
-            hidden,
-            attention_mask=None,
-            encoder_hidden_states=None,
-            encoder_attention_mask=None,
-            timestep=rows["timestep"],
-            cross_attention_kwargs=fixed["cross_attention_kwargs"],
-            class_labels=rows["class_labels"],
-        )
-
-    def head(self, model, hidden, rows, fixed, grid):
-        shift, scale = model.proj_out_1(F.silu(rows["cond"])).chunk(2, dim=1)
-        hidden = model.norm_out(hidden) * (1 + scale[:, None]) + shift[:, None]
-        return _unpatchify(model.proj_out_2(hidden), grid, model.config.patch_size, model.out_channels)
-
-
-class _PixArt:
-    """``PixArtTransformer2DModel``: adaLN-single blocks with cross-attention to a caption."""
-
-    def begin(self, model, args, kwargs) -> _Pass:
-        a = _bind(model, args, kwargs)
-        if model.use_additional_conditions and a["added_cond_kwargs"] is None:
-            raise ValueError("`added_cond_kwargs` cannot be None when using additional conditions for `adaln_single`.")
-        x = a["hidden_states"]
-        batch, p = x.shape[0], model.config.patch_size
-        masks = {}
-        for name in ("attention_mask", "encoder_attention_mask"):
-            mask = a[name]
-            if mask is not None and mask.ndim == 2:
-                # A keep/discard mask becomes an additive bias with a singleton query axis, as in the model.
-                mask = ((1 - mask.to(x.dtype)) * -10000.0).unsqueeze(1)
-            masks[name] = _per_row(mask, batch, name)
-        hidden = model.pos_embed(x)
-        timestep, embedded = model.adaln_single(
-            a["timestep"], a["added_cond_kwargs"], batch_size=batch, hidden_dtype=hidden.dtype
-        )
-        text = a["encoder_hidden_states"]
-        if model.caption_projection is not None:
-            text = model.caption_projection(text).view(batch, -1, hidden.shape[-1])
-        return _Pass(
-            hidden=hidden,
-            cond=embedded,
-            rows={
-                "timestep": _per_row(timestep, batch, "timestep"),
-                "embedded_timestep": _per_row(embedded, batch, "timestep"),
-                "encoder_hidden_states": _per_row(text, batch, "encoder_hidden_states"),
-                **masks,
-            },
-            fixed={"cross_attention_kwargs": a["cross_attention_kwargs"]},
-            grid=(x.shape[-2] // p, x.shape[-1] // p),
-            return_dict=a["return_dict"],
-        )
-
-    def block(self, model, index, hidden, rows, fixed):
-        return model.transformer_blocks[index](
-            hidden,
-            attention_mask=rows["attention_mask"],
-            encoder_hidden_states=rows["encoder_hidden_states"],
-            encoder_attention_mask=rows["encoder_attention_mask"],
-            timestep=rows["timestep"],
-            cross_attention_kwargs=fixed["cross_attention_kwargs"],
-            class_labels=None,
-        )
-
-    def head(self, model, hidden, rows, fixed, grid):
-        table = model.scale_shift_table
-        shift, scale = (table[None] + rows["embedded_timestep"][:, None].to(table.device)).chunk(2, dim=1)
-        hidden = model.norm_out(hidden) * (1 + scale.to(hidden.device)) + shift.to(hidden.device)
-        return _unpatchify(model.proj_out(hidden), grid, model.config.patch_size, model.out_channels)
-
-
-class _SD3:
-    """``SD3Transformer2DModel``: joint (MM-DiT) blocks; the text stream is per-row state that evolves per block."""
-
-    def begin(self, model, args, kwargs) -> _Pass:
-        a = _bind(model, args, kwargs)
-        unsupported = [n for n in ("block_controlnet_hidden_states", "skip_layers") if a[n] is not None]
-        joint = dict(a["joint_attention_kwargs"] or {})
-        if "ip_adapter_image_embeds" in joint:
-            unsupported.append("joint_attention_kwargs['ip_adapter_image_embeds']")
-        if joint.pop("scale", 1.0) != 1.0:
-            unsupported.append("a LoRA scale in joint_attention_kwargs (fuse the LoRA first: pipe.fuse_lora)")
-        if unsupported:
-            raise ValueError(f"early exits on SD3Transformer2DModel do not support {', '.join(unsupported)}")
-        x = a["hidden_states"]
-        batch, p = x.shape[0], model.config.patch_size
-        hidden = model.pos_embed(x).contiguous()
-        temb = model.time_text_embed(a["timestep"], a["pooled_projections"])
-        text = model.context_embedder(a["encoder_hidden_states"])
-        return _Pass(
-            hidden=hidden,
-            cond=temb,
-            rows={"temb": _per_row(temb, batch, "timestep"), "encoder_hidden_states": _per_row(text, batch, "text")},
-            fixed={"joint_attention_kwargs": joint},
-            grid=(x.shape[-2] // p, x.shape[-1] // p),
-            return_dict=a["return_dict"],
-        )
-
-    def block(self, model, index, hidden, rows, fixed):
-        text, hidden = model.transformer_blocks[index](
-            hidden_states=hidden,
-            encoder_hidden_states=rows["encoder_hidden_states"],
-            temb=rows["temb"],
-            joint_attention_kwargs=fixed["joint_attention_kwargs"],
-        )
-        rows["encoder_hidden_states"] = text
-        return hidden
-
-    def head(self, model, hidden, rows, fixed, grid):
-        hidden = model.proj_out(model.norm_out(hidden, rows["temb"]))
-        return _unpatchify(hidden, grid, model.config.patch_size, model.out_channels)
-
-
-_ADAPTERS = {DiTTransformer2DModel: _DiT(), PixArtTransformer2DModel: _PixArt(), SD3Transformer2DModel: _SD3()}
-SUPPORTED = tuple(cls.__name__ for cls in _ADAPTERS)
-
-
-def _adapter_for(model: nn.Module):
-    for cls, adapter in _ADAPTERS.items():
-        if isinstance(model, cls):
-            return adapter
-    raise ValueError(f"early exits support {', '.join(SUPPORTED)}; got {type(model).__name__}")
 
 
 def _transformer_of(pipe_or_transformer) -> nn.Module:
@@ -282,7 +85,7 @@ class EarlyExit:
         self.progress: Optional[float] = None
         self.depth_listener: Optional[Callable[[torch.Tensor], None]] = None
         self.last_depths: Optional[torch.Tensor] = None
-        self._adapter = _adapter_for(transformer)
+        self._adapter = adapter_for(transformer)
 
     @property
     def rule(self) -> ExitRule:
@@ -414,7 +217,7 @@ def enable_early_exit(
         The :class:`EarlyExit` controller: set ``.progress`` or hand it to ``ExitAwareScheduler``; swap ``.rule``.
     """
     model = _transformer_of(pipe_or_transformer)
-    _adapter_for(model)
+    adapter_for(model)
     if _hook_of(model) is not None:
         raise ValueError(
             f"early exits are already enabled on this {type(model).__name__}; call disable_early_exit first, "
@@ -463,7 +266,7 @@ def exit_predictions(
     ``args`` / ``kwargs`` are the transformer's forward arguments. With ``backbone_grad=False`` the backbone runs
     without autograd (a frozen backbone: only the UEMs learn, and its activations are not kept).
     """
-    adapter = _adapter_for(transformer)
+    adapter = adapter_for(transformer)
     uem.check_matches(transformer)
     with torch.set_grad_enabled(backbone_grad and torch.is_grad_enabled()):
         run = adapter.begin(transformer, args, kwargs)

@@ -23,7 +23,7 @@ from typing import Callable, Optional, Sequence, Union
 
 import torch
 
-from ..samplers.schedules import ThresholdSchedule
+from ..common.schedules import ThresholdSchedule
 
 Uncertainty = Callable[[], torch.Tensor]
 
@@ -190,8 +190,9 @@ class CalibratedThreshold(ExitRule):
     """Per-step uncertainty thresholds and minimum depths chosen by ``diffexit calibrate uem``.
 
     At step ``i`` (stretch ``i`` of sampling, see the module docstring) a sample stops after the first block
-    ``k >= min_depths[i]`` whose mean uncertainty is below ``thresholds[i]``. Load one with :meth:`from_file`,
-    which refuses a calibration made for another model or other UEMs.
+    ``k >= min_depths[i]`` whose mean uncertainty is below ``thresholds[i]``. A calibration file gives one:
+    ``Calibration.load(path).checked_rule(transformer, uem, ...)`` (:mod:`diffexit.uem.calibration_file`), which
+    refuses a calibration made for another model, other UEMs or another sampling setup.
 
     Args:
         thresholds: one threshold in ``[0, 1]`` per step (``0`` never fires: that step runs at full depth).
@@ -217,18 +218,6 @@ class CalibratedThreshold(ExitRule):
         self.thresholds = thresholds
         self.min_depths = min_depths
         self.budget = budget
-
-    @classmethod
-    def from_file(cls, path, transformer, uem) -> "CalibratedThreshold":
-        """The rule saved by ``diffexit calibrate uem`` at ``path`` (a JSON file), checked against the model.
-
-        Raises ``ValueError`` when the file was made for a model or UEMs other than ``transformer`` and ``uem``.
-        """
-        from .calibration import Calibration
-
-        calibration = Calibration.load(path)
-        calibration.check_matches(transformer, uem)
-        return calibration.rule()
 
     def check(self, num_blocks):
         if max(self.min_depths) > num_blocks:

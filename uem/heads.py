@@ -25,11 +25,16 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
 
+from .block_adapters import adapter_for
 from .losses import TARGETS
 
 
 def describe_model(transformer: nn.Module) -> dict:
-    """The shape a UEM stack must match: ``{"model_class", "num_blocks", "hidden_size"}``."""
+    """The shape a UEM stack must match: ``{"model_class", "num_blocks", "hidden_size"}``.
+
+    Raises ``ValueError`` naming the supported models for any other (early exits could not run on it).
+    """
+    adapter_for(transformer)
     return {
         "model_class": type(transformer).__name__,
         "num_blocks": len(transformer.transformer_blocks),

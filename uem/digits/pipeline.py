@@ -6,7 +6,7 @@ the same way (a wrapped ``transformer`` forward, a swapped ``pipe.scheduler``):
 - classifier-free guidance stacks the conditional rows over the unconditional ones, ``[cond; uncond]``,
   as two halves of one batch; the null class is ``transformer.config.num_embeds_ada_norm`` (1000);
 - each step calls ``self.transformer(x, timestep=t_batch, class_labels=labels).sample`` once and
-  ``self.scheduler.step(eps, t, x)`` once.
+  ``self.scheduler.step(eps, t, x)`` once; a learned-sigma transformer's variance channels are dropped first.
 
 Two deliberate differences: the scheduler steps the guided half only (DiTPipeline steps both identical
 halves and throws one away), and it gets the ``generator`` when it takes one, so stochastic schedulers
@@ -21,9 +21,11 @@ import torch
 from diffusers import DiffusionPipeline, ImagePipelineOutput
 from diffusers.utils.torch_utils import randn_tensor
 
-from .digits import NUM_CLASSES
+from .data import NUM_CLASSES
 
 OUTPUT_TYPES = ("pil", "np", "pt")
+# The default classifier-free guidance weight; the shipped DiT's cards and calibrations were measured at it.
+GUIDANCE_SCALE = 2.0
 
 
 class DigitsDiTPipeline(DiffusionPipeline):
@@ -45,7 +47,7 @@ class DigitsDiTPipeline(DiffusionPipeline):
     def __call__(
         self,
         class_labels: list[int] | torch.Tensor,
-        guidance_scale: float = 2.0,
+        guidance_scale: float = GUIDANCE_SCALE,
         generator: torch.Generator | list[torch.Generator] | None = None,
         num_inference_steps: int = 50,
         output_type: str = "pil",
@@ -100,6 +102,8 @@ class DigitsDiTPipeline(DiffusionPipeline):
 
             noise_pred = self.transformer(model_input, timestep=timesteps, class_labels=labels_input).sample
 
+            # A learned-sigma transformer appends a variance half; the sampler steps the noise, as in DiTPipeline.
+            noise_pred = noise_pred[:, :channels]
             if guided:
                 cond_eps, uncond_eps = noise_pred.chunk(2)
                 noise_pred = uncond_eps + guidance_scale * (cond_eps - uncond_eps)

@@ -3,14 +3,15 @@
 ``DiffusionLlama`` is ``LlamaForCausalLM`` with ``config.is_causal = False`` (every position attends to every
 other, which transformers turns into a bidirectional mask) plus a learned absolute position embedding added
 to the token embeddings. RoPE alone gives a bidirectional model only relative positions, and then it cannot
-reverse or add (DESIGN.md, "What a first CPU experiment measured (text)").
+reverse or add (docs/design.md, "What a first CPU experiment measured (text)").
 
 It takes what diffusers' ``LLaDA2Pipeline`` and ``diffexit.dllm.generate`` pass: ``input_ids`` ``[B, N]``, a 2-D
 ``attention_mask`` (0 = not attended) and ``position_ids`` (default ``arange(N)``), and returns ``.logits``
 ``[B, N, V]``. ``[PAD]`` tokens are never attended, whatever mask the caller passes, because prompts are
-left-padded with them and the model was trained that way.
+left-padded with them and the model was trained that way. It also takes a transformers ``cache`` (``use_cache``),
+so :func:`diffexit.dllm.generate`'s KV caches work with it.
 
-``load_embedded_text_model()`` loads the shipped weights from the package's ``dllm/weights/``.
+``load_embedded_text_model()`` loads the shipped weights from the package's ``dllm/charlm/weights/``.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
-TRAIN_COMMAND = "diffexit train text --threads 1 --out runs/text --export dllm/weights"
+TRAIN_COMMAND = "diffexit train text --threads 1 --out runs/text --export dllm/charlm/weights"
 
 
 def text_model_config(
@@ -68,26 +69,39 @@ class DiffusionLlama(LlamaForCausalLM):
         input_ids: Optional[torch.LongTensor] = None,
         attention_mask: Optional[torch.Tensor] = None,
         position_ids: Optional[torch.LongTensor] = None,
+        cache=None,
+        use_cache: bool = False,
         **kwargs,
     ):
-        """``input_ids`` int64 ``[B, N]`` -> output with ``.logits`` float ``[B, N, V]``.
+        """``input_ids`` int64 ``[B, N]`` -> output with ``.logits`` float ``[B, N, V]`` (and ``.cache``).
 
-        ``attention_mask`` is 2-D ``[B, N]`` (0 = not attended); ``position_ids`` ``[B, N]`` or ``[1, N]``.
+        ``attention_mask`` is 2-D (0 = not attended): ``[B, N]``, or with a ``cache`` holding ``C`` positions,
+        ``[B, C + N]`` over the cached keys and then the new tokens. ``position_ids`` ``[B, N]`` or ``[1, N]``;
+        with a cache they must be given (the new tokens' places in the sequence). ``use_cache=True`` returns the
+        keys and values of every layer in ``.cache``, which the KV-cached decoding loop
+        (:mod:`diffexit.dllm.kv_cache`) reuses.
         """
         if input_ids is None:
             raise ValueError("DiffusionLlama needs input_ids: the position embedding is added to token embeddings")
         length = input_ids.shape[1]
         if position_ids is None:
+            if cache is not None and cache.get_seq_length() > 0:
+                raise ValueError("with a cache, pass position_ids: the new tokens' places in the sequence")
             position_ids = torch.arange(length, device=input_ids.device).unsqueeze(0)
         if int(position_ids.max()) >= self.config.max_position_embeddings:
             raise ValueError(f"position id {int(position_ids.max())} is beyond the model's "
                              f"{self.config.max_position_embeddings} positions; use a shorter prompt or span")
         not_pad = input_ids != self.config.pad_token_id
-        attention_mask = not_pad if attention_mask is None else attention_mask.bool() & not_pad
+        if attention_mask is None:
+            attention_mask = not_pad
+        else:
+            # The trailing columns are the new tokens; cached keys keep the mask the caller gave them.
+            attention_mask = attention_mask.bool().clone()
+            attention_mask[:, -length:] &= not_pad
         embeds = self.model.embed_tokens(input_ids) + self.position_embedding(position_ids)
         return super().forward(
-            inputs_embeds=embeds, attention_mask=attention_mask.long(), position_ids=position_ids, use_cache=False,
-            **kwargs,
+            inputs_embeds=embeds, attention_mask=attention_mask.long(), position_ids=position_ids, cache=cache,
+            use_cache=use_cache, **kwargs,
         )
 
 
@@ -102,7 +116,7 @@ def load_text_model(path: str | Path, *, dtype: torch.dtype = torch.float32) -> 
 
 
 def load_embedded_text_model(*, dtype: torch.dtype = torch.float32) -> tuple[DiffusionLlama, PreTrainedTokenizerFast]:
-    """The shipped model and tokenizer from ``diffexit/dllm/weights``, offline, in eval mode (fp32 by default)."""
+    """The shipped model and tokenizer from ``diffexit/dllm/charlm/weights``, offline, in eval mode (fp32 by default)."""
     if not (WEIGHTS_DIR / "model.safetensors").is_file():
         raise FileNotFoundError(f"no embedded text model in {WEIGHTS_DIR}; train and export it with `{TRAIN_COMMAND}` "
                                 f"from the repository root")

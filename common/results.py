@@ -1,4 +1,8 @@
-"""Benchmark reporting shared by ``diffexit bench ...``: the results.json layout, markdown tables, atomic writes."""
+"""Writing results: atomic file writes (a reader or a crash never sees half a file), ``results.json``, markdown tables.
+
+Everything diffexit writes for a user goes through :func:`atomic_write_bytes`: benchmark results, calibrations, model
+cards, batch outputs. Files get the mode a plain ``open(path, "w")`` would give them (``0666`` less the umask).
+"""
 
 from __future__ import annotations
 
@@ -17,6 +21,8 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        # mkstemp creates the file 0600; give it what open() would, so other users of the folder can read it.
+        os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
@@ -26,6 +32,21 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def _umask() -> int:
+    """The process's umask. Linux shows it in /proc; elsewhere it can only be read by setting it, so it is set
+    straight back (a file another thread creates in between gets umask 022)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def write_results(out_dir: Path, benchmark: str, quick: bool, rows: list[dict], **extra: Any) -> Path:

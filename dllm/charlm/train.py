@@ -25,7 +25,7 @@ per step) and at one step, and prints the accuracy of each.
 
 Export: ``--export DIR`` writes ``model.safetensors`` (fp16), ``config.json``, ``tokenizer.json`` and
 ``training.json`` (the command, seed, steps and time), loadable by
-``diffexit.dllm.text_model.load_text_model``.
+``diffexit.dllm.charlm.model.load_text_model``.
 """
 
 from __future__ import annotations
@@ -33,9 +33,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import math
-import os
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -43,15 +40,16 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from ...common.model_card import model_card, write_model_card
+from ...common.training import save_checkpoint, warmup_cosine
 from .tasks import DECODE, LAYOUTS, TASK_NAMES, TASKS, Example, Layout, sample, score
-from .text_model import DiffusionLlama, load_text_model, text_model_config
+from .model import DiffusionLlama, load_text_model, text_model_config
 from .tokenizer import build_tokenizer, decode_answer, encode_answers, encode_prompts
 
 MASK_EPS = 1e-3
 TRUNCATE_QUANTUM = 4  # pipelines' block lengths are multiples of this, so their windows end on such positions
 EVAL_MASK_RATES = (0.15, 0.5, 1.0)
 EVAL_EXAMPLES = 64
-LR_FLOOR = 0.1  # the cosine schedule ends at this fraction of the peak learning rate
 # Relative weight of each task in the data and the loss.
 TASK_SHARES = {"add": 3, "sort": 1, "reverse": 1, "count": 2, "sum_pair": 2, "permute": 3, "spell": 3}
 SHORT_TASKS = tuple(t for t in TASK_NAMES if TASKS[t].layout == "short")
@@ -103,14 +101,6 @@ def _check_args(args: argparse.Namespace) -> None:
                          f"every short task is in each step")
     if args.threads is not None and args.threads <= 0:
         raise ValueError(f"--threads must be positive, got {args.threads}")
-
-
-def lr_factor(step: int, warmup: int, total: int) -> float:
-    """Multiplier of the peak learning rate at ``step``: linear warm-up, then cosine down to ``LR_FLOOR``."""
-    if step < warmup:
-        return (step + 1) / warmup
-    progress = (step - warmup) / max(total - warmup, 1)
-    return LR_FLOOR + (1 - LR_FLOOR) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
 
 
 def encode_examples(tokenizer, examples: list[Example], layout: Layout) -> tuple[torch.Tensor, torch.Tensor]:
@@ -217,7 +207,7 @@ def decode_accuracy(model, tokenizer, task: str, examples: list[Example], *, one
 
     Full steps use the span's ``DECODE`` setup (one token per step); ``one_step`` fills the span in one pass.
     """
-    from .generate import generate
+    from ..generate import generate
 
     layout = LAYOUTS[TASKS[task].layout]
     block, steps = (layout.span_length, 1) if one_step else DECODE[layout.span_length]
@@ -232,21 +222,6 @@ def decode_accuracy(model, tokenizer, task: str, examples: list[Example], *, one
         for e, span in zip(chunk, out.generated.cpu()):
             right += score(task, e.prompt, decode_answer(tokenizer, span))
     return right / len(examples)
-
-
-def _save_checkpoint(accelerator, out: Path, step: int, elapsed: float, run: dict) -> None:
-    # Write to a fresh directory and swap it in, so an interruption never leaves a half-written checkpoint.
-    tmp, final = out / "checkpoint.tmp", out / "checkpoint"
-    if accelerator.is_main_process and tmp.exists():
-        shutil.rmtree(tmp)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
-    if accelerator.is_main_process:
-        (tmp / "state.json").write_text(json.dumps({"step": step, "elapsed_s": elapsed, "run": run}, indent=1))
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-    accelerator.wait_for_everyone()
 
 
 def export(model: DiffusionLlama, tokenizer, directory: Path, record: dict) -> None:
@@ -291,7 +266,7 @@ def main(argv: list[str], prog: str = "diffexit train text") -> int:
                                              num_layers=args.layers, num_heads=args.heads,
                                              max_positions=max_positions))
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, args.warmup, args.steps))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: warmup_cosine(s, args.warmup, args.steps))
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
 
     start, elapsed = 0, 0.0
@@ -330,7 +305,8 @@ def main(argv: list[str], prog: str = "diffexit train text") -> int:
             with log.open("a") as f:
                 f.write(json.dumps(record) + "\n")
         if done % args.checkpoint_every == 0 or done == args.steps:
-            _save_checkpoint(accelerator, out, done, elapsed + time.perf_counter() - t0, run)
+            state = {"step": done, "elapsed_s": elapsed + time.perf_counter() - t0, "run": run}
+            save_checkpoint(accelerator, ckpt, {"state.json": json.dumps(state, indent=1)})
     bar.close()
     elapsed += time.perf_counter() - t0
 
@@ -357,37 +333,34 @@ def main(argv: list[str], prog: str = "diffexit train text") -> int:
                 lines.append(f"| {task} | {full:.3f} | {one:.3f} |")
                 print(lines[-1], flush=True)
             if args.export:
-                write_model_card(Path(args.export), f"{prog} " + " ".join(argv), args, n_params, elapsed, lines)
+                write_text_card(Path(args.export), f"{prog} " + " ".join(argv), args, n_params, elapsed, lines)
     return 0
 
 
-def write_model_card(directory: Path, command: str, args, n_params: int, seconds: float, table: list[str]) -> None:
+def write_text_card(directory: Path, command: str, args, n_params: int, seconds: float, table: list[str]) -> None:
     """``MODEL_CARD.md`` beside the exported weights: how they were made and their held-out decoding accuracy."""
-    from ..app.reporting import atomic_write_bytes
-
-    card = f"""# The embedded masked-diffusion text model
-
-A bidirectional `LlamaForCausalLM` (`DiffusionLlama`: `is_causal=False`, learned absolute positions),
+    resumed = " (the last leg of a run resumed from its checkpoints; resuming continues bit for bit)" if args.resume else ""
+    card = model_card(
+        "The embedded masked-diffusion text model",
+        f"""A bidirectional `LlamaForCausalLM` (`DiffusionLlama`: `is_causal=False`, learned absolute positions),
 {args.layers} layers x {args.hidden} wide, {args.heads} heads, {n_params / 1e6:.2f}M parameters, stored in fp16; a
 character-level tokenizer (`tokenizer.json`, `[MASK]`, `[EOS]`, `[PAD]`). Load it with
-`diffexit.dllm.text_model.load_embedded_text_model()`.
+`diffexit.dllm.charlm.model.load_embedded_text_model()`.""",
+        {
+            "Data": f"""The generated tasks of `diffexit.dllm.charlm.tasks` ({", ".join(TASK_NAMES)}), training split (a
+  CRC32 of the prompt decides the split, so held-out prompts are never trained on).""",
+            "Objective": """LLaDA's masked-diffusion loss: `t ~ U(eps, 1)`, each answer-span token masked with
+  probability `t`, cross-entropy on the masked tokens weighted by `1/t`; a quarter of the batches cut after a block
+  boundary so the model also decodes in `LLaDA2Pipeline`'s block windows.""",
+            "Training": f"""{args.steps} steps, AdamW peak lr {args.lr:g} ({args.warmup} warm-up steps, cosine decay),
+  batches of {args.batch_short} short and {args.batch_long} long examples, seed {args.seed}, {seconds / 60:.0f} min on a
+  2-core CPU shared with other jobs. `training.json` has the full settings.""",
+            "Command": f"`{command}`{resumed}.",
+        },
+        [("Held-out accuracy", f"""{args.decode_eval} held-out examples per task, greedy, low-confidence remasking; "full steps"
+commits one token per step (short spans: one block of 16; `count`: 4 blocks of 34), "one step" fills the span in one
+forward pass. Coupled tasks (`sum_pair`, `permute`, `spell`) are scored for validity, the others for equality.
 
-- **Data.** The generated tasks of `diffexit.dllm.tasks` ({", ".join(TASK_NAMES)}), training split (a CRC32 of
-  the prompt decides the split, so held-out prompts are never trained on).
-- **Objective.** LLaDA's masked-diffusion loss: `t ~ U(eps, 1)`, each answer-span token masked with probability
-  `t`, cross-entropy on the masked tokens weighted by `1/t`; a quarter of the batches cut after a block boundary
-  so the model also decodes in `LLaDA2Pipeline`'s block windows.
-- **Training.** {args.steps} steps, AdamW peak lr {args.lr:g} ({args.warmup} warm-up steps, cosine decay), batches
-  of {args.batch_short} short and {args.batch_long} long examples, seed {args.seed}, {seconds / 60:.0f} min on a
-  2-core CPU shared with other jobs. `training.json` has the full settings.
-- **Command.** `{command}`{" (the last leg of a run resumed from its checkpoints; resuming continues bit for bit)" if args.resume else ""}.
-
-## Held-out accuracy
-
-{args.decode_eval} held-out examples per task, greedy, low-confidence remasking; "full steps" commits one token per
-step (short spans: one block of 16; `count`: 4 blocks of 34), "one step" fills the span in one forward pass. Coupled
-tasks (`sum_pair`, `permute`, `spell`) are scored for validity, the others for equality.
-
-{chr(10).join(table)}
-"""
-    atomic_write_bytes(directory / "MODEL_CARD.md", card.encode())
+{chr(10).join(table)}""")],
+    )
+    write_model_card(directory, card)

@@ -6,7 +6,7 @@ what makes it right. Each prompt starts with the task's tag, so one model serves
 Deterministic tasks (one right answer; the output must equal it):
 
 - ``add``: ``add:012345+000678`` -> ``0013023``. Operands of 1-6 digits, zero-padded to 6; the sum to 7.
-  Fixed width is what a small bidirectional model learns (DESIGN.md).
+  Fixed width is what a small bidirectional model learns (docs/design.md).
 - ``sort``: ``sort:5281746`` -> ``1245678``. 6-10 digits, repeats allowed.
 - ``reverse``: ``rev:kbtqzea`` -> ``aezqtbk``. 6-10 lowercase letters.
 - ``count``: ``count:0417`` -> ``0417 0418 ... 0442``, 26 four-digit numbers counting up from the start (129
@@ -17,7 +17,7 @@ Deterministic tasks (one right answer; the output must equal it):
 Coupled tasks (several valid answers whose tokens must agree; the scorer checks validity). Training answers
 are drawn uniformly from the valid ones, so with every position masked each token's marginal is spread over
 several choices: filling all masks at once mixes answers, and only committing a few tokens at a time keeps
-them consistent (DESIGN.md, "What a first CPU experiment measured (text)"):
+them consistent (docs/design.md, "What a first CPU experiment measured (text)"):
 
 - ``sum_pair``: ``pair:58`` -> ``23+35``, any two 2-digit (zero-padded) numbers that sum to N (0-99).
 - ``permute``: ``perm:dcbae`` -> ``bdeac``, any permutation of 4-6 distinct lowercase letters.

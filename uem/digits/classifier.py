@@ -9,7 +9,8 @@ judged by their shape rather than rejected for their texture.
 Images in this module are ``[N, 1, 16, 16]`` float tensors in [0, 1], as pipelines return them with
 ``output_type="pt"``; :func:`load_digits_dataset` images (in [-1, 1]) map there by ``(x + 1) / 2``.
 
-Train and export the shipped weights with ``python -m diffexit.uem.classifier --export uem/weights/classifier``.
+Train and export the shipped weights with
+``python -m diffexit.uem.digits.classifier --export uem/digits/weights/classifier``.
 """
 
 from __future__ import annotations
@@ -27,12 +28,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .digits import NUM_CLASSES, load_digits_dataset
+from ...common.model_card import model_card, write_model_card
+from .data import NUM_CLASSES, load_digits_dataset
+from .files import CLASSIFIER_DIR
 
 IMAGE_SIZE = 16
 FEATURE_DIM = 64
 WEIGHTS_NAME = "classifier.safetensors"
-CARD_NAME = "MODEL_CARD.md"
 # Inputs below this are taken for [-1, 1] images passed by mistake; a real [0, 1] image never goes there.
 RANGE_SLACK = 0.05
 
@@ -103,16 +105,14 @@ def class_agreement(
     Args:
         images: ``[N, 1, 16, 16]`` in [0, 1].
         labels: the requested classes, ``N`` ints in 0..9.
-        classifier: defaults to the shipped one (``load_embedded_classifier()``).
+        classifier: defaults to the shipped one (``uem/digits/weights/classifier``).
     """
     labels = torch.as_tensor(labels, dtype=torch.long).reshape(-1)
     if len(labels) != len(images) or len(labels) == 0:
         raise ValueError(f"class_agreement needs one label per image and at least one image, "
                          f"got {len(images)} images and {len(labels)} labels")
     if classifier is None:
-        from .embedded import load_embedded_classifier
-
-        classifier = load_embedded_classifier()
+        classifier = load_classifier(CLASSIFIER_DIR)
     return (predict(classifier, images).cpu() == labels.cpu()).float().mean().item()
 
 
@@ -231,7 +231,7 @@ def load_classifier(directory: str | Path, device: str | torch.device = "cpu") -
     if not path.is_file():
         raise FileNotFoundError(
             f"no digits classifier weights at {path}; make them with "
-            f"`python -m diffexit.uem.classifier --export {Path(directory)}`"
+            f"`python -m diffexit.uem.digits.classifier --export {Path(directory)}`"
         )
     classifier = DigitsClassifier()
     classifier.load_state_dict(load_file(str(path)))
@@ -240,27 +240,28 @@ def load_classifier(directory: str | Path, device: str | torch.device = "cpu") -
 
 def _card(command: str, seed: int, epochs: int, seconds: float, accuracy: float) -> str:
     params = sum(p.numel() for p in DigitsClassifier().parameters())
-    return f"""# Digits classifier (quality yardstick for the embedded DiT)
-
-A small CNN ({params:,} parameters, float32 safetensors) that reads 16x16 digits in [0, 1]. The image
+    return model_card(
+        "Digits classifier (quality yardstick for the embedded DiT)",
+        f"""A small CNN ({params:,} parameters, float32 safetensors) that reads 16x16 digits in [0, 1]. The image
 benchmark uses it for class agreement (is a generated digit the requested one?) and for a Frechet distance
-on its {FEATURE_DIM}-d penultimate features (`diffexit.uem.classifier`).
-
-- **Data.** `sklearn.datasets.load_digits` (1797 images, 8x8, 0..16), bilinearly upsampled to 16x16
-  (`diffexit.uem.digits.load_digits_dataset`). Trained on the fixed "train" split (1497 images);
-  the 300-image "test" split is held out.
-- **Training.** {epochs} epochs, batch 64, AdamW (lr 2e-3 one-cycle, weight decay 1e-4), random rotation,
+on its {FEATURE_DIM}-d penultimate features (`diffexit.uem.digits.classifier`).""",
+        {
+            "Data": """`sklearn.datasets.load_digits` (1797 images, 8x8, 0..16), bilinearly upsampled to 16x16
+  (`diffexit.uem.digits.data.load_digits_dataset`). Trained on the fixed "train" split (1497 images);
+  the 300-image "test" split is held out.""",
+            "Training": f"""{epochs} epochs, batch 64, AdamW (lr 2e-3 one-cycle, weight decay 1e-4), random rotation,
   scale, shift, shear, blur, contrast and noise on every batch. Seed {seed}. {seconds:.0f} s on CPU
-  (1 thread, shared 2-core machine).
-- **Command.** `{command}`
-- **Held-out accuracy** on the 300 test digits: **{accuracy * 100:.2f}%**.
-"""
+  (1 thread, shared 2-core machine).""",
+            "Command": f"`{command}`",
+            "Held-out accuracy": f"on the 300 test digits: **{accuracy * 100:.2f}%**.",
+        },
+    )
 
 
-def main(argv: Optional[Sequence[str]] = None, prog: str = "python -m diffexit.uem.classifier") -> int:
+def main(argv: Optional[Sequence[str]] = None, prog: str = "python -m diffexit.uem.digits.classifier") -> int:
     parser = argparse.ArgumentParser(prog=prog, description="Train the digits classifier that judges generated digits.")
     parser.add_argument("--export", required=True, metavar="DIR",
-                        help="write classifier.safetensors and MODEL_CARD.md here (shipped: uem/weights/classifier)")
+                        help="write classifier.safetensors and MODEL_CARD.md here (shipped: uem/digits/weights/classifier)")
     parser.add_argument("--epochs", type=int, default=60)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (the machine is shared)")
@@ -272,8 +273,8 @@ def main(argv: Optional[Sequence[str]] = None, prog: str = "python -m diffexit.u
     accuracy = test_accuracy(classifier)
     path = save_classifier(classifier, args.export)
     command = " ".join([prog, *map(shlex.quote, argv if argv is not None else sys.argv[1:])])
-    (Path(args.export) / CARD_NAME).write_text(_card(command, args.seed, args.epochs, seconds, accuracy))
-    print(f"held-out accuracy {accuracy:.4f}; wrote {path} and {Path(args.export) / CARD_NAME} ({seconds:.0f} s)")
+    card = write_model_card(Path(args.export), _card(command, args.seed, args.epochs, seconds, accuracy))
+    print(f"held-out accuracy {accuracy:.4f}; wrote {path} and {card} ({seconds:.0f} s)")
     return 0
 
 

@@ -27,12 +27,12 @@ from typing import Callable, Optional
 import torch
 from tqdm.auto import tqdm
 
-from ..app.reporting import markdown_table, write_results
-from ..samplers.schedules import ThresholdSchedule
-from .generate import generate
-from .halting import HaltingRule, Prophet, SchED
-from .tasks import DECODE, TASK_NAMES, layout_of, sample, score
-from .tokenizer import decode_answer, encode_prompts
+from ...common.results import markdown_table, write_results
+from ...common.schedules import ThresholdSchedule
+from ...dllm.charlm.tasks import DECODE, TASK_NAMES, layout_of, sample, score
+from ...dllm.charlm.tokenizer import decode_answer, encode_prompts
+from ...dllm.generate import generate
+from ...dllm.halting import HaltingRule, Prophet, SchED
 
 PIPELINE_BLOCK = 8
 PIPELINE_THRESHOLD = 0.95  # BlockRefinementScheduler's default: it also commits every token this probable
@@ -96,7 +96,7 @@ def all_methods(ignore_token_ids: tuple[int, ...]) -> list[Method]:
         Method("one-step", {"steps": 1}, one_step=True),
         *sched_methods(),
         *stat_methods(ignore_token_ids),
-        Method("prophet", {"window": 5, "thresholds": [7.5, 5.0, 2.5]}, halting=lambda: Prophet()),
+        Method("prophet", Prophet().to_dict(), halting=lambda: Prophet()),
         Method("parallel", {"threshold": PARALLEL_THRESHOLD}, parallel_threshold=PARALLEL_THRESHOLD),
         Method("sched-cosine+parallel", {"schedule": cosine.to_dict(), "threshold": PARALLEL_THRESHOLD},
                halting=lambda: SchED(cosine), parallel_threshold=PARALLEL_THRESHOLD),
@@ -121,7 +121,7 @@ def _run_generate(model, tok, method: Method, ids, attn, span: int):
 def _run_pipeline(model, tok, method: Method, ids, attn, span: int):
     from diffusers import BlockRefinementScheduler, LLaDA2Pipeline
 
-    from ..samplers.sched_scheduler import SchEDScheduler
+    from ...samplers.sched_scheduler import SchEDScheduler
 
     stock = BlockRefinementScheduler(block_length=PIPELINE_BLOCK, num_inference_steps=PIPELINE_BLOCK,
                                      threshold=PIPELINE_THRESHOLD)
@@ -293,11 +293,11 @@ def main(argv: list[str], prog: str = "diffexit bench text") -> int:
     if n <= 0 or args.batch <= 0:
         p.error("--n and --batch must be positive")
 
-    from .text_model import load_embedded_text_model, load_text_model
+    from ..models import load_text_model_or_embedded
 
     try:
-        model, tok = load_text_model(args.model) if args.model else load_embedded_text_model()
-    except (FileNotFoundError, OSError, ValueError) as e:
+        model, tok = load_text_model_or_embedded(args.model)
+    except ValueError as e:
         print(f"{prog}: cannot load the model: {e}", file=sys.stderr)
         return 1
     methods = all_methods((tok.eos_token_id, tok.pad_token_id))

@@ -30,9 +30,9 @@ from pathlib import Path
 
 import torch
 
-from ..app.reporting import write_results
-from .token_stats import token_stats
-from .token_stats_torch import CHUNK_ELEMENTS
+from ...common.results import write_results
+from ...kernels import token_stats
+from ...kernels.token_stats_torch import CHUNK_ELEMENTS
 
 FULL_SHAPES = [(1, 2048, 126464), (8, 256, 152064)]
 QUICK_SHAPES = [(1, 64, 126464), (2, 16, 152064)]

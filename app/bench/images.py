@@ -1,0 +1,211 @@
+"""``diffexit bench images``: DeeDiff early exits against full depth, static depth schedules, fewer sampling steps
+and diffusers' FirstBlockCache, side by side on the embedded digits DiT.
+
+Every method draws the same digits (``--per-class`` of each class, in batches seeded ``seed, seed + 1, ...``) from
+the same initial noise, with the pipeline's default guidance scale, so every image has a full-depth twin. Per method:
+
+- ``layer_ratio``: transformer blocks run over what full depth at full steps runs on the same samples. Hooks on the
+  blocks count image rows per block call, so rows that exited early, steps not taken and blocks FirstBlockCache
+  skipped all count as not run.
+- ``speedup_wall_b1``, ``speedup_wall_b16``: full depth's wall-clock over the method's, generating one image per
+  call and 16 per call. All methods are timed in the same rounds, each round bracketed by two full-depth timings;
+  the figure is the median over rounds of full / method.
+- ``psnr`` (dB): of the mean squared error against the full-depth images from the same noise, pixels in [0, 1];
+  null where the images are bit-identical to full depth's (``identical_to_full``), the full-depth row included.
+- ``class_agreement``: the fraction the digits classifier reads as the requested digit.
+- ``frechet``: Frechet distance of the classifier's features against the 300 held-out real digits.
+
+The methods are :func:`image_methods`, one :class:`Method` entry per row; an entry names a builder that sets up a
+:class:`Session` (a pipeline configured for that method). A builder that cannot run (no UEM weights, say) raises
+:class:`MethodSkipped`, and the row says why instead of carrying figures.
+
+When the UEM folder holds a fine-tuned backbone (``diffexit train uem --mode full`` trains one), every method runs on
+that backbone, so they all differ only in how they save compute; a ``full-base`` row then measures the backbone the
+pipeline shipped with, against the same full-depth reference.
+
+Writes ``DIR/results.json``, ``DIR/pareto.png`` (quality against layer ratio and speedup), ``DIR/samples.png`` (full
+depth next to the early-exit methods), ``DIR/exit_depths.png`` (share of samples exiting at each depth, per sampling
+step) and prints a markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from ...common.results import markdown_table, write_results
+from ...uem.digits.classifier import class_agreement, extract_features, frechet_distance, load_classifier
+from ...uem.digits.data import load_digits_dataset
+from ...uem.digits.files import CLASSIFIER_DIR, DIT_DIR, UEM_DIR
+from ...uem.image_quality import psnr
+from .image_methods import Bench, Heads, Method, image_methods
+from .image_plots import plot_exit_depths, plot_pareto, plot_samples
+from .image_runs import B16, Quality, run_methods
+
+FIGURES = ("layer_ratio", "speedup_wall_b1", "speedup_wall_b16", "psnr", "class_agreement", "frechet")
+COLUMNS = [("method", "method", ""), ("layer_ratio", "layer ratio", ".3f"), ("speedup_wall_b1", "speedup b1", ".2f"),
+           ("speedup_wall_b16", "speedup b16", ".2f"), ("psnr", "PSNR dB", ".1f"),
+           ("class_agreement", "class agr.", ".3f"), ("frechet", "Frechet", ".2f")]
+
+
+
+def _row(method: Method, **figures) -> dict:
+    return {"method": method.name, "family": method.family, "params": method.params,
+            **{k: figures.get(k) for k in FIGURES}, **{k: v for k, v in figures.items() if k not in FIGURES}}
+
+
+def figures_row(method: Method, got, full: Quality, timing: Optional[dict], labels: torch.Tensor, classifier,
+                real_features: torch.Tensor) -> dict:
+    """The results.json row of ``method``: its figures, or the reason it was skipped (``got`` is then a string).
+
+    Full depth is the timing reference, so its speedups are 1 by definition (``timing`` is ``None`` for it).
+    """
+    if isinstance(got, str):
+        return _row(method, skipped=got)
+    identical = torch.equal(got.images, full.images)
+    return _row(
+        method,
+        layer_ratio=got.block_rows / full.block_rows,
+        psnr=psnr(got.images, full.images),
+        identical_to_full=identical,
+        class_agreement=class_agreement(got.images, labels, classifier),
+        frechet=frechet_distance(extract_features(classifier, got.images), real_features),
+        **(timing if timing is not None else {"speedup_wall_b1": 1.0, "speedup_wall_b16": 1.0}),
+    )
+
+
+def _load(args):
+    """``(bench, classifier)`` from the command's arguments."""
+    from ...uem.calibration_file import calibration_label, calibrations_in
+    from ..models import default_guidance_scale, load_dit_pipeline, load_uem
+
+    pipe = load_dit_pipeline(args.pipeline)
+    classifier = load_classifier(args.classifier)
+    heads, uem_missing, base_pipe = {}, "", None
+    # The shipped heads belong to the embedded DiT; another pipeline needs its own (--uem).
+    embedded = args.pipeline is None or Path(args.pipeline).resolve() == DIT_DIR.resolve()
+    directories = args.uem if args.uem is not None else (shipped_uem_dirs() if embedded else [])
+    if not directories:
+        uem_missing = (f"no UEM weights: none were passed (--uem) and {UEM_DIR} holds none yet; train "
+                       f"them with `diffexit train uem`" if embedded else
+                       f"no UEM weights: pass --uem DIR with heads trained on {args.pipeline} (`diffexit train uem "
+                       f"--model {args.pipeline}`)")
+    for directory in directories:
+        uem, tuned, heads_folder = load_uem(directory)
+        target = uem.config.target
+        if target in heads:
+            raise ValueError(f"--uem {heads[target].directory} and {directory} both hold heads trained on the "
+                             f"{target!r} target; the rows are named by target, so pass one of each")
+        if tuned is not None:
+            if len(directories) > 1:
+                raise ValueError(f"{directory} brings a fine-tuned backbone; benchmark it on its own (one --uem), "
+                                 f"since the other heads were trained on another backbone")
+            base_pipe = pipe
+            pipe = type(pipe)(**{**pipe.components, "transformer": tuned})
+            pipe.set_progress_bar_config(disable=True)
+        uem.check_matches(pipe.transformer)
+        found = [(calibration_label(p), p) for p in calibrations_in(heads_folder)]
+        heads[target] = Heads(target, uem, Path(directory), found)
+    bench = Bench(pipe, heads, uem_missing, args.steps, default_guidance_scale(pipe), base_pipe)
+    return bench, classifier
+
+
+def shipped_uem_dirs() -> list[Path]:
+    """The UEM folders that ship in ``uem/digits/weights/uem-digits``: one per target, each a ``UEMStack`` folder."""
+    if not UEM_DIR.is_dir():
+        return []
+    return sorted(d for d in UEM_DIR.iterdir() if (d / "config.json").is_file())
+
+
+def main(argv: list[str], prog: str = "diffexit bench images") -> int:
+    p = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="few samples, few steps, one timing round: a few minutes")
+    p.add_argument("--out", type=Path, default=Path("runs/bench-images"), help="output folder (default: %(default)s)")
+    p.add_argument("--pipeline", type=Path, default=None,
+                   help="a DigitsDiTPipeline folder (default: the embedded one)")
+    p.add_argument("--uem", type=Path, nargs="+", default=None,
+                   help=f"UEM folders (`diffexit train uem --out` layout, or bare UEMStack weights), one per target; "
+                        f"the calibration files beside each add rows; default: those in {UEM_DIR}, or none "
+                        f"(the DeeDiff rows are then skipped)")
+    p.add_argument("--classifier", type=Path, default=CLASSIFIER_DIR,
+                   help="digits classifier folder (default: the embedded one)")
+    p.add_argument("--per-class", type=int, default=None, help="samples per digit (default 10, quick 2)")
+    p.add_argument("--steps", type=int, default=None, help="full sampling steps (default 25, quick 10)")
+    p.add_argument("--batch", type=int, default=50,
+                   help="images per pipeline call in the quality runs (default: %(default)s)")
+    p.add_argument("--rounds", type=int, default=None, help="timing rounds (default 3, quick 1)")
+    p.add_argument("--b1-images", type=int, default=None,
+                   help="images timed one per call, per round (default 4, quick 1)")
+    p.add_argument("--methods", nargs="+", default=None, metavar="NAME",
+                   help="run only these rows (full depth, the reference, always runs); default: all")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch CPU threads (default 1: at these sizes more threads only add hand-offs on shared cores)")
+    args = p.parse_args(argv)
+    args.per_class = args.per_class if args.per_class is not None else (2 if args.quick else 10)
+    args.steps = args.steps if args.steps is not None else (10 if args.quick else 25)
+    args.rounds = args.rounds if args.rounds is not None else (1 if args.quick else 3)
+    args.b1_images = args.b1_images if args.b1_images is not None else (1 if args.quick else 4)
+    for name in ("per_class", "steps", "batch", "rounds", "b1_images", "threads"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    torch.set_num_threads(args.threads)
+
+    try:
+        bench, classifier = _load(args)
+    except (FileNotFoundError, OSError, ValueError) as e:
+        print(f"{prog}: {e}", file=sys.stderr)
+        return 1
+    size = bench.pipe.transformer.config.sample_size
+    real, _ = load_digits_dataset(size, "test").tensors
+    real_features = extract_features(classifier, (real + 1) / 2)
+    labels = torch.arange(10).repeat(args.per_class)
+    methods = image_methods(bench.num_blocks, bench.steps, list(bench.heads.values()))
+    if args.methods is not None:
+        unknown = sorted(set(args.methods) - {m.name for m in methods})
+        if unknown:
+            p.error(f"unknown --methods {unknown}; with {bench.num_blocks} blocks and {bench.steps} steps the rows are "
+                    f"{[m.name for m in methods]}")
+        methods = [m for m in methods if m.name == "full" or m.name in args.methods]
+
+    results, timing = run_methods(bench, methods, labels, batch=args.batch, b1_images=args.b1_images,
+                                  rounds=args.rounds, seed=args.seed)
+    rows = [figures_row(m, results[m.name], results["full"], timing.get(m.name), labels, classifier, real_features)
+            for m in methods]
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    train, _ = load_digits_dataset(size, "train").tensors
+    reference = frechet_distance(extract_features(classifier, (train[: len(real)] + 1) / 2), real_features)
+    path = write_results(
+        args.out, "images", args.quick, rows, samples=len(labels), per_class=args.per_class, steps=bench.steps,
+        guidance_scale=bench.guidance_scale, seed=args.seed, batch=args.batch, timing_rounds=args.rounds,
+        b1_images=args.b1_images, b16_images=B16, torch_threads=torch.get_num_threads(),
+        pipeline=str(args.pipeline or "embedded"), uem={h.target: str(h.directory) for h in bench.heads.values()} or None,
+        fine_tuned_backbone=bench.base_pipe is not None, real_frechet_train_vs_test=reference,
+    )
+    ran = [r for r in rows if r.get("skipped") is None]
+    plot_pareto(ran, args.out / "pareto.png",
+                f"{len(labels)} digits, {bench.steps} steps of {type(bench.pipe.scheduler).__name__}, "
+                f"{bench.num_blocks} blocks")
+    exit_rows = [m for m in methods
+                 if isinstance(results[m.name], Quality) and results[m.name].depth_counts is not None]
+    by_name = {r["method"]: r for r in rows}
+    plot_samples([("full depth", results["full"].images)] + [
+        (f"{m.name}\nlayers {by_name[m.name]['layer_ratio']:.2f}", results[m.name].images) for m in exit_rows
+    ], args.per_class, args.out / "samples.png")
+    plot_exit_depths([(f"{m.name} (layers {by_name[m.name]['layer_ratio']:.2f})", results[m.name].depth_counts,
+                       results[m.name].timesteps) for m in exit_rows], args.out / "exit_depths.png")
+    print(markdown_table(rows, COLUMNS))
+    for r in rows:
+        if r.get("skipped"):
+            print(f"- {r['method']} skipped: {r['skipped']}")
+        elif r["identical_to_full"] and r["method"] != "full":
+            print(f"- {r['method']}: images identical to full depth (no PSNR)")
+    print(f"\n{len(labels)} samples, {bench.steps} steps, guidance {bench.guidance_scale:g}; real digits train vs test "
+          f"Frechet {reference:.2f}\nresults, plots: {path}, {args.out / 'pareto.png'}, {args.out / 'samples.png'}, "
+          f"{args.out / 'exit_depths.png'}")
+    return 0

@@ -1,0 +1,128 @@
+"""``diffexit calibrate uem``: per-step exit thresholds, and minimum depths, that keep the exit error within a budget.
+
+Records full-depth sampling runs of ``--model`` (default: the embedded digits DiT) with every exit of the UEMs in
+``--uem``, then, per budget, picks each step's rule (:mod:`diffexit.uem.calibration` has the method and the units)
+and saves it beside the UEMs (or in ``--out``) as ``calibration-<budget>.json``
+(:mod:`diffexit.uem.calibration_file`). ``diffexit generate images --method deediff --budget B``, the demo and
+``diffexit bench images`` read those files; a file holds only for the sampler, steps and guidance it was made with.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from ..uem.calibration import calibrate, record_exits
+from ..uem.calibration_file import Calibration, calibration_path, weights_digest
+from ..uem.heads import describe_model
+from .models import class_count, default_guidance_scale, load_dit_pipeline, load_uem
+
+# The step count every shipped calibration, bench and README command uses.
+DEFAULT_STEPS = 25
+
+
+def _parser(prog: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--uem", required=True, help="directory of the UEM weights (UEMStack.save_pretrained); the "
+                                                "calibrations are saved there unless --out says otherwise")
+    p.add_argument("--budget", type=float, nargs="+", required=True,
+                   help="bound(s) on the mean exit error per step, in the sampler's state units (pixels in [-1, 1] "
+                        "for the digits DiT); one file per budget")
+    p.add_argument("--model", default=None,
+                   help="a DiT pipeline directory, or a bare DiTTransformer2DModel directory (sampled with the "
+                        "embedded pipeline's scheduler); default: the embedded digits DiT")
+    p.add_argument("--steps", type=int, default=DEFAULT_STEPS,
+                   help="sampling steps, as the pipeline will use them (default: %(default)s)")
+    p.add_argument("--guidance-scale", type=float, default=None,
+                   help="classifier-free guidance weight (default: the pipeline's default)")
+    p.add_argument("--min-depth", nargs="+", default=["auto"],
+                   help="'auto': choose a minimum depth per step along with the threshold; N >= 1: a fixed minimum "
+                        "at every step (1: none). Several values calibrate each from the same recording")
+    p.add_argument("--samples", type=int, default=128, help="calibration samples (digit labels round-robin)")
+    p.add_argument("--held-out", type=int, default=128, help="held-out samples measured with the chosen rules")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--seed", type=int, default=0, help="noise seed of the calibration samples (held out: seed + 1)")
+    p.add_argument("--out", default=None, help="directory for the calibration files (default: --uem)")
+    return p
+
+
+def _check_args(args) -> list[Optional[int]]:
+    """Validate the arguments; return the minimum-depth modes (an int for a fixed depth, None for 'auto')."""
+    for name in ("steps", "samples", "held_out", "batch_size"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    bad = [b for b in args.budget if not b > 0]
+    if bad:
+        raise ValueError(f"--budget must be > 0, got {bad[0]}")
+    if args.guidance_scale is not None and args.guidance_scale < 0:
+        raise ValueError(f"--guidance-scale must be >= 0, got {args.guidance_scale}")
+    modes = []
+    for value in args.min_depth:
+        if value == "auto":
+            modes.append(None)
+            continue
+        try:
+            fixed = int(value)
+        except ValueError:
+            raise ValueError(f"--min-depth must be 'auto' or an int >= 1, got {value!r}") from None
+        if fixed < 1:
+            raise ValueError(f"--min-depth must be 'auto' or an int >= 1, got {fixed}")
+        modes.append(fixed)
+    return list(dict.fromkeys(modes))
+
+
+def main(argv: list[str], prog: str = "diffexit calibrate uem") -> int:
+    parser = _parser(prog)
+    args = parser.parse_args(argv)
+    try:
+        modes = _check_args(args)
+        pipe = load_dit_pipeline(Path(args.model) if args.model else None)
+        transformer, scheduler = pipe.transformer, pipe.scheduler
+        uem, _, heads = load_uem(Path(args.uem))
+        uem.check_matches(transformer)
+        blocks = uem.config.num_blocks
+        deepest = max((m for m in modes if m is not None), default=0)
+        if deepest > blocks:
+            raise ValueError(f"--min-depth {deepest} exceeds the model's {blocks} blocks")
+    except (OSError, ValueError) as err:
+        parser.error(str(err))
+    guidance = default_guidance_scale(pipe) if args.guidance_scale is None else args.guidance_scale
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    transformer.to(device)
+    uem.to(device)
+
+    num_classes = class_count(pipe)
+
+    def labels(n):
+        return torch.arange(n) % num_classes
+
+    kw = dict(steps=args.steps, guidance_scale=guidance, batch_size=args.batch_size)
+    print(f"{prog}: recording {args.samples} calibration and {args.held_out} held-out samples at full depth "
+          f"({args.steps} steps, guidance {guidance:g}, {type(scheduler).__name__})", file=sys.stderr)
+    record = record_exits(transformer, uem, scheduler, labels(args.samples), seed=args.seed, **kw)
+    held_out = record_exits(transformer, uem, scheduler, labels(args.held_out), seed=args.seed + 1, **kw)
+
+    model = {**describe_model(transformer), "weights_sha256": weights_digest(transformer),
+             "path": str(args.model or "embedded")}
+    uem_info = {"target": uem.config.target, "weights_sha256": weights_digest(uem), "path": str(heads)}
+    sampler = {"scheduler": type(scheduler).__name__, "steps": args.steps, "guidance_scale": guidance}
+    out_dir = Path(args.out) if args.out else heads
+    print("| min depth | budget | layer ratio (cal) | layer ratio (held out) | mean error (held out) | "
+          "worst step (held out) | file |\n|---|---|---|---|---|---|---|")
+    for mode in modes:
+        provenance = {"command": f"{prog} {shlex.join(argv)}", "seed": args.seed, "samples": args.samples,
+                      "held_out": args.held_out, "min_depth": "auto" if mode is None else mode}
+        for r in calibrate(record, sorted(args.budget), mode, held_out):
+            calibration = Calibration(r["budget"], r["thresholds"], r["min_depths"], model, uem_info, sampler,
+                                      r["figures"], provenance)
+            path = calibration.save(calibration_path(out_dir, r["budget"], mode))
+            cal, held = r["figures"]["calibration"], r["figures"]["held_out"]
+            mean_err = sum(held["error_per_step"]) / len(held["error_per_step"])
+            print(f"| {provenance['min_depth']} | {r['budget']:g} | {cal['layer_ratio']:.3f} | "
+                  f"{held['layer_ratio']:.3f} | {mean_err:.5f} | {held['max_error']:.5f} | {path} |")
+    return 0

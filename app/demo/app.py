@@ -1,0 +1,260 @@
+"""``diffexit demo``: a Gradio app that shows what early exits buy, on the embedded models or your own.
+
+- **Images (DeeDiff).** One batch of digits sampled with early exits, beside the same noise at full depth; the
+  layer ratio, wall time and speedup, PSNR against full depth, and the exit-depth heatmap (sampling step by
+  depth). The rule is off (every block, through the same hook), an uncertainty threshold (constant or a schedule
+  over sampling progress; it reads the UEMs) or a static depth schedule (no UEMs).
+- **Text (SchED).** One prompt decoded under a halting rule (SchED, Prophet, or none), streamed forward pass by
+  forward pass while it decodes; then the answer, its NFE, the speedup against full steps (decoded as well, for the
+  comparison), the margin against the threshold at every step, and the span after every step.
+
+Local and offline by design: the server binds 127.0.0.1 unless told otherwise, never opens a public share link,
+sends no analytics, and the page uses system fonts, so it fetches nothing from the internet. Models load on first
+use and stay cached, one copy shared by every request. Requests queue: text decodes run ``TEXT_CONCURRENCY`` at a
+time; image runs one at a time, because early exits are a hook on the one shared transformer; at most
+``MAX_QUEUE`` requests wait, so a burst of users cannot exhaust memory.
+
+Bad input raises ``gr.Error`` naming the problem and the fix; the app keeps serving. This module lays out the page:
+``build_app`` makes the ``gr.Blocks`` and ``launch`` serves it with those settings; ``main`` is the command line.
+The handlers are in ``images`` and ``text``, the models' cache in ``models``, the form checks in ``forms``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+from typing import Optional, Sequence
+
+import gradio as gr
+
+from .forms import MAX_IMAGE_STEPS, MAX_IMAGES, SCHEDULE_KINDS
+from .images import IMAGE_RULES, RULE_CALIBRATED, RULE_SCHEDULE, RULE_STATIC, RULE_THRESHOLD, SAMPLERS, run_images
+from .models import Models
+from .text import HALT_SCHED, HALTING, SPAN_COLORS, TRACE_HEADERS, example, run_text
+
+TEXT_CONCURRENCY = 2
+MAX_QUEUE = 16
+
+
+class Demo:
+    """The request handlers, bound to one set of models (what :func:`build_app` wires to the page)."""
+
+    def __init__(self, models: Models):
+        self.models = models
+
+    def images(self, digits, count, steps, sampler, guidance, rule, threshold, kind, high, low, k, depths, seed,
+               budget=None, progress=gr.Progress()):
+        """Sample with the chosen exit rule, then the same noise at full depth (:func:`.images.run_images`)."""
+        return run_images(self.models, digits, count, steps, sampler, guidance, rule, threshold, kind, high, low, k,
+                          depths, seed, budget, progress)
+
+    def text(self, prompt, gen_length, steps, block_length, halting, kind, high, low, k, stat):
+        """Decode ``prompt`` under the halting rule, streaming; then full steps (:func:`.text.run_text`)."""
+        yield from run_text(self.models, prompt, gen_length, steps, block_length, halting, kind, high, low, k, stat)
+
+
+INTRO = """# diffexit demo
+Cheaper diffusion sampling by stopping work that no longer changes the answer.
+**Images:** DeeDiff early exits skip the last transformer blocks once the model is certain enough.
+**Text:** SchED halts a masked-diffusion LM's decoding once the span's logit margin clears a falling threshold.
+Everything runs locally on CPU; nothing leaves this machine."""
+
+
+def build_app(text_model: Optional[str | Path] = None, image_pipeline: Optional[str | Path] = None,
+              uem: Optional[str | Path] = None) -> gr.Blocks:
+    """The demo as a ``gr.Blocks`` with its queue set up; nothing is loaded until a request needs it.
+
+    Args: as :class:`Models` (paths; None means the embedded model). Serve it with :func:`launch`.
+
+    API endpoints (``gradio_client``): ``/images``, ``/text`` (a generator: intermediate results stream) and
+    ``/example``.
+    """
+    from ...dllm.charlm.tasks import TASK_NAMES
+
+    # Gradio reads this at every analytics call; the demo must never phone home, whoever builds it.
+    os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
+    path = lambda p: None if p is None else Path(p)
+    models = Models(path(text_model), path(image_pipeline), path(uem))
+    demo = Demo(models)
+    first_task = TASK_NAMES[0]
+    first = example(first_task)
+
+    # Number fields carry no minimum/maximum: gradio's own bound check does not say which field is wrong, and the
+    # handlers' checks do. Sliders keep their bounds, which the page enforces.
+    with gr.Blocks(title="diffexit demo", analytics_enabled=False) as app:
+        gr.Markdown(INTRO)
+        gr.Markdown(models.describe())
+        with gr.Tab("Images: DeeDiff early exits", id="images"):
+            with gr.Row():
+                with gr.Column(scale=1, min_width=300):
+                    digits = gr.CheckboxGroup([(str(d), d) for d in range(10)], value=[0, 1, 2, 3, 4, 5, 6, 7],
+                                              label="digit classes", info="images cycle through these")
+                    count = gr.Slider(1, MAX_IMAGES, value=8, step=1, label="number of images")
+                    steps = gr.Slider(1, MAX_IMAGE_STEPS, value=25, step=1, label="sampling steps")
+                    sampler = gr.Dropdown(list(SAMPLERS), value="DDIM", label="sampler")
+                    guidance = gr.Slider(0.0, 8.0, value=2.0, step=0.5, label="guidance scale",
+                                         info="classifier-free guidance is on above 1")
+                    # Without UEMs the DeeDiff rules can only fail, so the page opens on one that runs.
+                    budgets = list(models.calibrations())
+                    first_rule = (RULE_CALIBRATED if budgets else RULE_SCHEDULE) if models.uem_path is not None \
+                        else RULE_STATIC
+                    rule = gr.Radio(list(IMAGE_RULES), value=first_rule, label="early-exit rule",
+                                    info="DeeDiff rules read the uncertainty heads (UEMs)")
+                    threshold = gr.Slider(0.0, 1.0, value=0.1, step=0.01, label="uncertainty threshold",
+                                          info="a sample exits after the first block whose mean uncertainty is "
+                                               "below this", visible=first_rule == RULE_THRESHOLD)
+                    with gr.Group(visible=first_rule == RULE_SCHEDULE) as schedule_group:
+                        kind = gr.Dropdown(list(SCHEDULE_KINDS), value="linear", label="threshold schedule",
+                                           info="over sampling progress, from 'high' (noisy) to 'low' (clean)")
+                        with gr.Row():
+                            high = gr.Number(0.3, label="high")
+                            low = gr.Number(0.05, label="low")
+                            k = gr.Number(4.0, label="k (exp only)")
+                    # The middle budget: the shipped heads' 0.02, the best trade-off in `diffexit bench images`.
+                    budget = gr.Dropdown(budgets, value=budgets[(len(budgets) - 1) // 2] if budgets else None,
+                                         label="exit-error budget", visible=first_rule == RULE_CALIBRATED,
+                                         info="mean change per step of the sample (pixels in [-1, 1]) that the "
+                                              "calibrated thresholds allow", elem_id="budget")
+                    depths = gr.Textbox("4 8 12", label="static depths", visible=first_rule == RULE_STATIC,
+                                        info="blocks to run per equal stretch of sampling, noisiest first",
+                                        elem_id="depths")
+                    seed = gr.Number(0, precision=0, label="seed")
+                    run_images = gr.Button("Generate", variant="primary", elem_id="run-images")
+                with gr.Column(scale=2):
+                    with gr.Row():
+                        early_grid = gr.Image(label="early exits", format="png", type="numpy",
+                                              interactive=False, elem_id="early-grid")
+                        full_grid = gr.Image(label="full depth, same noise", format="png", type="numpy",
+                                             interactive=False, elem_id="full-grid")
+                    image_summary = gr.Markdown(elem_id="image-summary")
+                    heatmap = gr.Plot(label="exit depth by sampling step", format="png", elem_id="heatmap")
+                    with gr.Accordion("measurements", open=False):
+                        image_details = gr.JSON(label="details")
+
+            def show_rule_inputs(choice):
+                return (gr.update(visible=choice == RULE_THRESHOLD), gr.update(visible=choice == RULE_SCHEDULE),
+                        gr.update(visible=choice == RULE_STATIC), gr.update(visible=choice == RULE_CALIBRATED))
+
+            rule.change(show_rule_inputs, rule, [threshold, schedule_group, depths, budget], queue=False,
+                        api_visibility="private")
+            run_images.click(
+                demo.images,
+                [digits, count, steps, sampler, guidance, rule, threshold, kind, high, low, k, depths, seed, budget],
+                [early_grid, full_grid, image_summary, heatmap, image_details],
+                api_name="images", concurrency_limit=1, concurrency_id="images",
+            )
+
+        with gr.Tab("Text: SchED halting", id="text"):
+            with gr.Row():
+                with gr.Column(scale=1, min_width=300):
+                    with gr.Row():
+                        task = gr.Dropdown(list(TASK_NAMES), value=first_task, label="task preset",
+                                           info="fills the prompt and its decode settings")
+                        another = gr.Button("another example", size="sm")
+                    index = gr.State(0)
+                    prompt = gr.Textbox(first[0], label="prompt", info="a task prompt, or anything in ASCII",
+                                        elem_id="prompt")
+                    with gr.Row():
+                        gen_length = gr.Number(first[1], precision=0, label="generation length")
+                        text_steps = gr.Number(first[2], precision=0, label="steps")
+                        block_length = gr.Number(first[3], precision=0, label="block length")
+                    halting = gr.Radio(list(HALTING), value=HALT_SCHED, label="halting rule",
+                                       info="Prophet: 5-token window, thresholds 7.5 / 5 / 2.5 by thirds")
+                    with gr.Group() as sched_group:
+                        sched_kind = gr.Dropdown(list(SCHEDULE_KINDS), value="cosine", label="SchED schedule",
+                                                 info="margin threshold over decoding progress")
+                        with gr.Row():
+                            sched_high = gr.Number(7.5, label="high", elem_id="sched-high")
+                            sched_low = gr.Number(2.5, label="low", elem_id="sched-low")
+                            sched_k = gr.Number(4.0, label="k (exp only)", elem_id="sched-k")
+                        stat = gr.Dropdown(["mean", "median", "quantile", "min"], value="mean",
+                                           label="statistic over the masked span",
+                                           info="mean: the paper's; quantile: the 10% quantile")
+                    run_text = gr.Button("Decode", variant="primary", elem_id="run-text")
+                with gr.Column(scale=2):
+                    answer = gr.Textbox(label="answer", interactive=False, elem_id="answer")
+                    text_summary = gr.Markdown(elem_id="text-summary")
+                    span = gr.HighlightedText(label="span (streams while decoding)", color_map=SPAN_COLORS,
+                                              show_legend=True, combine_adjacent=False, elem_id="span")
+                    trace = gr.Plot(label="margin against threshold", format="png", elem_id="trace")
+                    with gr.Accordion("the span after every forward pass", open=False):
+                        steps_table = gr.Dataframe(headers=TRACE_HEADERS, label="decoding trace", wrap=True,
+                                                   interactive=False)
+                    with gr.Accordion("measurements", open=False):
+                        text_details = gr.JSON(label="details")
+
+            def preset(task_name, i=0):
+                return (i, *example(task_name, i))
+
+            preset_outputs = [index, prompt, gen_length, text_steps, block_length]
+            task.change(preset, task, preset_outputs, api_name="example")
+            another.click(lambda t, i: preset(t, i + 1), [task, index], preset_outputs, api_visibility="private")
+            halting.change(lambda h: gr.update(visible=h == HALT_SCHED), halting, sched_group, queue=False,
+                           api_visibility="private")
+            run_text.click(
+                demo.text,
+                [prompt, gen_length, text_steps, block_length, halting, sched_kind, sched_high, sched_low, sched_k,
+                 stat],
+                [answer, text_summary, span, trace, steps_table, text_details],
+                api_name="text",
+            )
+
+    app.queue(default_concurrency_limit=TEXT_CONCURRENCY, max_size=MAX_QUEUE)
+    return app
+
+
+THEME_FONTS = ["ui-sans-serif", "system-ui", "DejaVu Sans", "sans-serif"]
+THEME_MONO = ["ui-monospace", "DejaVu Sans Mono", "monospace"]
+
+
+def launch(app: gr.Blocks, host: str = "127.0.0.1", port: Optional[int] = None, *, block: bool = True):
+    """Serve ``app`` on ``host:port``: never shared publicly, client-side rendering, system fonts (no font CDN).
+
+    With ``block=False`` it returns once the server is up (``app.close()`` stops it).
+    """
+    theme = gr.themes.Default(font=THEME_FONTS, font_mono=THEME_MONO)
+    return app.launch(
+        server_name=host, server_port=port, share=False, prevent_thread_lock=not block, inbrowser=False,
+        quiet=not block, ssr_mode=False, mcp_server=False, enable_monitoring=False, pwa=False, theme=theme,
+    )
+
+
+def _model_dir(parser: argparse.ArgumentParser, flag: str, value: Optional[str], marker: str, hint: str):
+    if value is None:
+        return None
+    path = Path(value)
+    if not (path / marker).is_file():
+        parser.error(f"{flag} {value}: no {marker} there; {hint}")
+    return path
+
+
+def main(argv: Sequence[str], prog: str = "diffexit demo") -> int:
+    p = argparse.ArgumentParser(
+        prog=prog,
+        description="The Gradio demo: DeeDiff early exits on images and SchED halting on text, side by side with "
+                    "full depth / full steps. Local only: binds 127.0.0.1 by default, never shares publicly, "
+                    "sends no analytics.",
+    )
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to bind (default: %(default)s; 0.0.0.0 exposes the demo to your network)")
+    p.add_argument("--port", type=int, default=7860, help="port (default: %(default)s)")
+    p.add_argument("--text-model", metavar="PATH",
+                   help="an exported text model folder (from `diffexit train text --export`); default: embedded")
+    p.add_argument("--image-pipeline", metavar="DIR",
+                   help="a DigitsDiTPipeline folder (from `diffexit train image --export`); default: embedded")
+    p.add_argument("--uem", metavar="DIR",
+                   help="UEM weights for the image pipeline's transformer (RUN/uem from `diffexit train uem "
+                        "--out RUN`); needed by the DeeDiff rules")
+    args = p.parse_args(list(argv))
+    if not 0 < args.port < 65536:
+        p.error(f"--port must be in 1..65535, got {args.port}")
+    text = _model_dir(p, "--text-model", args.text_model, "config.json",
+                      "give the folder that `diffexit train text --export DIR` wrote")
+    image = _model_dir(p, "--image-pipeline", args.image_pipeline, "model_index.json",
+                       "give a DigitsDiTPipeline folder (`diffexit train image --export DIR`)")
+    uem = _model_dir(p, "--uem", args.uem, "config.json",
+                     "give the uem/ folder inside the run (`diffexit train uem --out RUN` writes RUN/uem)")
+    app = build_app(text, image, uem)
+    launch(app, args.host, args.port, block=True)
+    return 0

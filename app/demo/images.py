@@ -1,0 +1,197 @@
+"""The demo's image tab: one batch sampled with an exit rule, beside the same noise at full depth."""
+
+from __future__ import annotations
+
+import math
+import time
+
+import numpy as np
+import torch
+
+from ...uem.calibration_file import Calibration
+from ...uem.image_quality import psnr
+from ...uem.rule_spec import check_exit_params, describe_exit_rule, exit_rule
+from .forms import MAX_IMAGE_STEPS, MAX_IMAGES, _as_float, _as_int, _choice, _error, _schedule
+from .models import Models
+
+GRID_COLUMNS = 4  # two grids side by side: four columns keep each about square
+GRID_CELL_PIXELS = 96  # digits are 16x16: upscaled (nearest) so their pixels stay visible
+# Samplers whose initial noise is the unit Gaussian the pipeline draws (it does not scale by init_noise_sigma,
+# as DiTPipeline does not), so Euler-family samplers are left out.
+SAMPLERS = {"DDIM": "DDIMScheduler", "DPM-Solver++": "DPMSolverMultistepScheduler", "DDPM": "DDPMScheduler"}
+RULE_OFF, RULE_THRESHOLD, RULE_SCHEDULE, RULE_STATIC = "off", "DeeDiff: threshold", "DeeDiff: schedule", "static depth"
+RULE_CALIBRATED = "DeeDiff: calibrated"
+IMAGE_RULES = (RULE_OFF, RULE_THRESHOLD, RULE_SCHEDULE, RULE_CALIBRATED, RULE_STATIC)
+
+
+def _labels(digits, count: int) -> list[int]:
+    """``count`` labels cycling through the chosen digits."""
+    if not digits:
+        raise _error("pick at least one digit class (0-9)")
+    chosen = [_as_int("digit class", d, 0, 9) for d in digits]
+    return [chosen[i % len(chosen)] for i in range(count)]
+
+
+def exit_rule_from_form(models: Models, rule: str, threshold, kind, high, low, k, depths: str, budget,
+                        setup: dict):
+    """``(ExitRule, UEMStack or None)`` from the form, through :mod:`diffexit.uem.rule_spec`; ``setup``: the
+    sampler, steps and guidance scale chosen."""
+    rule = _choice("early-exit rule", rule, IMAGE_RULES)
+    if rule == RULE_CALIBRATED:
+        return _calibrated_rule(models, budget, setup), models.uem()
+    if rule == RULE_OFF:
+        method, params = "full", {}
+    elif rule == RULE_STATIC:
+        try:
+            parsed = [int(d) for d in str(depths).replace(",", " ").split()]
+        except ValueError:
+            raise _error(f"static depths must be whole numbers of blocks separated by spaces, like '4 8 12'; "
+                         f"got {depths!r}") from None
+        method, params = "static", {"depths": parsed}
+    elif rule == RULE_THRESHOLD:
+        method, params = "deediff", {"threshold": _as_float("uncertainty threshold", threshold, 0.0, 1.0)}
+    else:
+        schedule = _schedule(kind, high, low, k, what="uncertainty", bounds=(0.0, 1.0))
+        method, params = "deediff", {"threshold": schedule.to_dict()}
+    try:
+        built = exit_rule(method, check_exit_params(method, params))
+    except ValueError as e:
+        raise _error(str(e)) from e
+    return built, (models.uem() if built.needs_uem else None)
+
+
+def _calibrated_rule(models: Models, budget, setup: dict):
+    files = models.calibrations()
+    if not files:
+        raise _error("the UEMs have no calibration files beside them; make some with `diffexit calibrate uem --uem "
+                     "DIR --budget B`, or pick another rule")
+    budget = _choice("exit-error budget", str(budget), tuple(files))
+    try:
+        return Calibration.load(files[budget]).checked_rule(
+            models.pipeline().transformer, models.uem(), steps=setup["steps"], guidance_scale=setup["guidance_scale"],
+            scheduler=SAMPLERS[setup["sampler"]])
+    except ValueError as e:
+        raise _error(str(e)) from e
+
+
+def _scheduler(pipe, sampler: str):
+    import diffusers
+
+    return getattr(diffusers, SAMPLERS[sampler]).from_config(pipe.scheduler.config)
+
+
+def _sample(pipe, labels: list[int], steps: int, guidance: float, seed: int) -> tuple[torch.Tensor, float]:
+    """``(images [B, C, S, S] in [0, 1], seconds)``; the seed fixes the initial noise (and DDPM's step noise)."""
+    generator = torch.Generator("cpu").manual_seed(seed)
+    start = time.perf_counter()
+    images = pipe(labels, guidance_scale=guidance, generator=generator, num_inference_steps=steps,
+                  output_type="pt").images
+    return images.cpu(), time.perf_counter() - start
+
+
+def image_grid(images: torch.Tensor, columns: int = GRID_COLUMNS, cell: int = GRID_CELL_PIXELS) -> np.ndarray:
+    """Tile ``images`` ``[B, C, S, S]`` in [0, 1] into one uint8 RGB picture ``[H, W, 3]``.
+
+    Rows of ``columns`` images, each upscaled by an integer factor (nearest) to about ``cell`` pixels, with a
+    2-pixel white gutter.
+    """
+    b, c, s, _ = images.shape
+    scale = max(1, cell // s)
+    tiles = images.clamp(0, 1).repeat_interleave(scale, -1).repeat_interleave(scale, -2)
+    tiles = tiles.expand(b, 3, *tiles.shape[-2:]) if c == 1 else tiles[:, :3]
+    cols, size, gap = min(columns, b), s * scale, 2
+    rows = math.ceil(b / cols)
+    grid = torch.ones(3, rows * (size + gap) + gap, cols * (size + gap) + gap)
+    for i, tile in enumerate(tiles):
+        r, q = divmod(i, cols)
+        y, x = gap + r * (size + gap), gap + q * (size + gap)
+        grid[:, y:y + size, x:x + size] = tile
+    return (grid.permute(1, 2, 0) * 255).round().to(torch.uint8).numpy()
+
+
+def depth_heatmap(depth_counts: torch.Tensor, timesteps: torch.Tensor, title: str):
+    """A matplotlib figure: sampling step (rows, labelled by timestep) by blocks run (columns), shaded by samples.
+
+    ``depth_counts`` is ``ExitStatistics.depth_counts`` ``[S, L]``; ``timesteps`` is ``[S]``.
+    """
+    from matplotlib.figure import Figure
+
+    counts = depth_counts.numpy()
+    steps, blocks = counts.shape
+    fig = Figure(figsize=(6.4, 3.6), dpi=100)
+    ax = fig.subplots()
+    image = ax.imshow(counts, aspect="auto", cmap="viridis", interpolation="nearest")
+    ax.set_xticks(range(blocks), [str(d) for d in range(1, blocks + 1)])
+    every = max(1, math.ceil(steps / 10))
+    rows = list(range(0, steps, every))
+    ax.set_yticks(rows, [f"{i + 1} (t={int(timesteps[i])})" for i in rows])
+    ax.set_xlabel("blocks run before exiting")
+    ax.set_ylabel("sampling step (timestep)")
+    ax.set_title(title, fontsize=10)
+    fig.colorbar(image, ax=ax, label="samples")
+    fig.tight_layout()
+    return fig
+
+
+def run_images(models: Models, digits, count, steps, sampler, guidance, rule, threshold, kind, high, low, k, depths,
+               seed, budget=None, progress=None):
+    """Sample with the chosen exit rule, then the same noise at full depth.
+
+    Returns ``(early-exit grid, full-depth grid, summary markdown, heatmap figure, details dict)``.
+    """
+    from ...samplers.exit_scheduler import ExitAwareScheduler
+    from ...uem.early_exit import disable_early_exit, enable_early_exit
+
+    count = _as_int("number of images", count, 1, MAX_IMAGES)
+    labels = _labels(digits, count)
+    steps = _as_int("sampling steps", steps, 1, MAX_IMAGE_STEPS)
+    sampler = _choice("sampler", sampler, tuple(SAMPLERS))
+    guidance = _as_float("guidance scale", guidance, 0.0, 20.0)
+    seed = _as_int("seed", seed, 0, 2**63 - 1)
+    exit_rule, uem = exit_rule_from_form(models, rule, threshold, kind, high, low, k, depths, budget,
+                                {"steps": steps, "guidance_scale": guidance, "sampler": sampler})
+    pipe = models.pipeline()
+
+    with models.image_run_lock:
+        original = pipe.scheduler
+        try:
+            early_exit = enable_early_exit(pipe, uem, exit_rule)
+        except ValueError as e:
+            raise _error(str(e)) from e
+        try:
+            if progress is not None:
+                progress(0.0, desc="sampling with early exits")
+            pipe.scheduler = ExitAwareScheduler(_scheduler(pipe, sampler), early_exit)
+            # Early exits run first, so the first call's warm-up counts against them, not for them.
+            early, early_s = _sample(pipe, labels, steps, guidance, seed)
+            stats = pipe.scheduler.statistics
+        finally:
+            pipe.scheduler = original
+            disable_early_exit(pipe)
+        if progress is not None:
+            progress(0.5, desc="sampling at full depth")
+        pipe.scheduler = _scheduler(pipe, sampler)
+        try:
+            full, full_s = _sample(pipe, labels, steps, guidance, seed)
+        finally:
+            pipe.scheduler = original
+
+    blocks_run, available = int(stats.depths.sum()), stats.num_blocks * stats.depths.numel()
+    quality = psnr(early, full)
+    details = {
+        "labels": labels, "steps": steps, "sampler": sampler, "guidance_scale": guidance, "seed": seed,
+        "rule": describe_exit_rule(exit_rule), "num_blocks": stats.num_blocks,
+        "layer_ratio": stats.layer_ratio, "blocks_run": blocks_run, "blocks_available": available,
+        "seconds_early_exit": early_s, "seconds_full_depth": full_s, "speedup_wall": full_s / early_s,
+        "psnr_db": quality, "timesteps": stats.timesteps.tolist(), "depth_counts": stats.depth_counts.tolist(),
+    }
+    verdict = "identical to full depth" if quality is None else f"PSNR {quality:.1f} dB against full depth"
+    summary = (
+        f"**Layer ratio {stats.layer_ratio:.3f}**: {blocks_run} of {available} blocks "
+        f"({steps} steps x {count} images x {stats.num_blocks} blocks). "
+        f"Early exits {early_s:.2f} s, full depth {full_s:.2f} s: **{full_s / early_s:.2f}x** wall-clock. "
+        f"{verdict}."
+    )
+    figure = depth_heatmap(stats.depth_counts, stats.timesteps,
+                           f"{describe_exit_rule(exit_rule)}: layer ratio {stats.layer_ratio:.2f}")
+    return image_grid(early), image_grid(full), summary, figure, details

@@ -1,0 +1,119 @@
+"""The demo's models: each loaded on first use through the shared loaders (:mod:`diffexit.app.models`), then shared
+by every request."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+from typing import Optional
+
+from .forms import _error
+
+
+class Models:
+    """Where the demo's models come from; each is loaded on first use and then shared by every request.
+
+    Args:
+        text_model: an exported text model directory (``diffexit train text --export``); None: the embedded one.
+        image_pipeline: a ``DigitsDiTPipeline`` or ``DiTPipeline`` directory; None: the embedded digits DiT.
+        uem: a UEM folder (``UEMStack`` weights, or a ``diffexit train uem --out RUN`` folder) for that pipeline's
+            transformer; None: the shipped heads for the embedded DiT, and none for a pipeline of your own (the
+            DeeDiff rules are then unavailable).
+    """
+
+    def __init__(self, text_model: Optional[Path] = None, image_pipeline: Optional[Path] = None,
+                 uem: Optional[Path] = None):
+        if uem is None and image_pipeline is None:
+            from ...uem.digits.embedded import embedded_uem_dir
+
+            try:
+                uem = embedded_uem_dir()
+            except FileNotFoundError:
+                pass
+        self.text_path, self.image_path, self.uem_path = text_model, image_pipeline, uem
+        self._text = self._pipe = self._uem = None
+        self._text_lock, self._image_load_lock = threading.Lock(), threading.Lock()
+        # Held for a whole image run: the early-exit hook and the scheduler swap live on the shared pipeline.
+        self.image_run_lock = threading.Lock()
+
+    def describe(self) -> str:
+        """One markdown line per model, from the paths alone (nothing is loaded)."""
+        text = f"`{self.text_path}`" if self.text_path else "the embedded character-level model (`dllm/charlm/weights`)"
+        image = (f"`{self.image_path}`" if self.image_path
+                 else "the embedded digits DiT (`uem/digits/weights/dit-digits`)")
+        uem = (f"`{self.uem_path}`" if self.uem_path else
+               "none loaded, so the DeeDiff rules are unavailable (start with `--uem DIR`)")
+        return f"**Text model:** {text}  \n**Image pipeline:** {image}  \n**UEMs:** {uem}"
+
+    def text(self):
+        """``(model, tokenizer)``, loaded once."""
+        from ..models import load_text_model_or_embedded
+
+        with self._text_lock:
+            if self._text is None:
+                try:
+                    model, tok = load_text_model_or_embedded(self.text_path)
+                except ValueError as e:
+                    raise _error(str(e)) from e
+                _warm_up_text(model, tok)
+                self._text = model, tok
+            return self._text
+
+    def pipeline(self):
+        """The image pipeline on CPU in float32, loaded once."""
+        from ..models import load_dit_pipeline
+
+        with self._image_load_lock:
+            if self._pipe is None:
+                try:
+                    pipe = load_dit_pipeline(self.image_path)
+                except ValueError as e:
+                    raise _error(f"cannot load the image pipeline: {e}") from e
+                # The first call pays one-off costs (allocations, first dispatch); paying them now keeps them out
+                # of the timed comparison.
+                pipe([0], guidance_scale=1.0, num_inference_steps=1, output_type="pt")
+                self._pipe = pipe
+            return self._pipe
+
+    def heads_dir(self) -> Optional[Path]:
+        """The folder the UEM heads (and their calibration files) sit in, or None without UEMs."""
+        from ..models import uem_heads_dir
+
+        return None if self.uem_path is None else uem_heads_dir(self.uem_path)
+
+    def calibrations(self) -> dict[str, Path]:
+        """The ``diffexit calibrate uem`` files beside the UEMs, by budget label (``"0.02"``); nothing is loaded."""
+        from ...uem.calibration_file import calibration_label, calibrations_in
+
+        if self.uem_path is None:
+            return {}
+        return {calibration_label(p): p for p in calibrations_in(self.heads_dir())}
+
+    def uem(self):
+        """The ``UEMStack`` for the pipeline's transformer, loaded once; gr.Error when there is none."""
+        from ..models import load_uem
+
+        if self.uem_path is None:
+            source = "the embedded digits DiT ships without them" if self.image_path is None else \
+                f"none were given for {self.image_path}"
+            raise _error(
+                f"The DeeDiff rules read uncertainty heads (UEMs), and {source}. Start the demo with --uem DIR "
+                f"(the uem/ folder that `diffexit train uem --out RUN` writes), or pick the rule 'off' or "
+                f"'static depth'."
+            )
+        with self._image_load_lock:
+            if self._uem is None:
+                try:
+                    self._uem = load_uem(self.uem_path)[0]
+                except ValueError as e:
+                    raise _error(str(e)) from e
+            return self._uem
+
+
+def _warm_up_text(model, tokenizer) -> None:
+    """One short decode, so the first request's timings do not include one-off costs."""
+    from ...dllm.charlm.tokenizer import encode_prompts
+    from ...dllm.generate import generate
+
+    ids, attn = encode_prompts(tokenizer, ["a"], 1)
+    generate(model, ids, attention_mask=attn, gen_length=2, steps=1, mask_id=tokenizer.mask_token_id)

@@ -1,0 +1,111 @@
+"""Streaming a text decode to the page: the decode runs in a worker thread, and every forward pass reports the span it
+is about to read, so the page can show decoding as it happens."""
+
+from __future__ import annotations
+
+import contextlib
+import queue
+import threading
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Generator
+
+if TYPE_CHECKING:
+    from ...dllm.output import GenerationOutput
+
+STREAM_INTERVAL = 0.2  # seconds between streamed updates: smooth to the eye, and each update costs gradio work
+
+
+@dataclass
+class Decoded:
+    """One timed decode of one prompt."""
+
+    out: GenerationOutput
+    seconds: float
+
+
+class _Cancelled(Exception):
+    """The request went away; the decode stops at its next forward pass."""
+
+
+class Tap:
+    """The model as ``generate`` sees it: every forward pass first reports the span it is about to read.
+
+    Args:
+        model: the text model (``model(input_ids, attention_mask=...)`` -> ``.logits``).
+        prompt_length: where the span starts in ``input_ids``.
+        events: gets the span token ids ``list[int]`` of every forward pass (batch of one).
+        cancelled: set when nobody is listening any more; the next forward raises ``_Cancelled``.
+    """
+
+    def __init__(self, model, prompt_length: int, events: queue.Queue, cancelled: threading.Event):
+        self.model, self.config = model, model.config
+        self.prompt_length, self.events, self.cancelled = prompt_length, events, cancelled
+
+    def __call__(self, input_ids, **kwargs):
+        if self.cancelled.is_set():
+            raise _Cancelled
+        self.events.put(input_ids[0, self.prompt_length:].tolist())
+        return self.model(input_ids, **kwargs)
+
+
+_DONE = object()
+
+
+def decode_streaming(run) -> Generator[tuple[int, list[int]], None, Decoded]:
+    """Run ``run(tap_events, cancelled)`` in a worker thread; yield ``(forward passes so far, latest span)``.
+
+    The first forward pass is reported at once, later ones at most every ``STREAM_INTERVAL`` seconds: spans that
+    arrive in between are coalesced into the latest one, so neither the page nor gradio's per-update cost slows
+    the decode down. Returns (``yield from``) the worker's result, or raises its exception. When the consumer
+    stops early (the request was cancelled), the decode stops at its next forward pass.
+    """
+    events: queue.Queue = queue.Queue()
+    cancelled = threading.Event()
+    result: dict = {}
+
+    def work():
+        try:
+            result["value"] = run(events, cancelled)
+        except BaseException as e:  # handed to the consumer, which re-raises it
+            result["error"] = e
+        finally:
+            events.put(_DONE)
+
+    worker = threading.Thread(target=work, name="diffexit-demo-decode", daemon=True)
+    worker.start()
+    passes, finished = 0, False
+    try:
+        while not finished:
+            batch = [events.get()]
+            # The first pass shows at once; later ones are coalesced into the latest.
+            while passes:
+                try:
+                    batch.append(events.get_nowait())
+                except queue.Empty:
+                    break
+            finished = batch[-1] is _DONE
+            spans = [b for b in batch if b is not _DONE]
+            if spans:
+                passes += len(spans)
+                sent_at = time.monotonic()
+                yield passes, spans[-1]
+                if not finished:
+                    time.sleep(max(0.0, STREAM_INTERVAL - (time.monotonic() - sent_at)))
+    finally:
+        cancelled.set()
+        worker.join()
+    if "error" in result:
+        raise result["error"]
+    return result["value"]
+
+
+def relay(updates, render):
+    """Yield ``render(*update)`` for every update of the generator ``updates``; return what it returns."""
+    with contextlib.closing(updates):
+        while True:
+            try:
+                update = next(updates)
+            except StopIteration as stop:
+                return stop.value
+            yield render(*update)

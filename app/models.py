@@ -1,0 +1,183 @@
+"""One loader per kind of model, shared by every command, the demo, the benches and batch generation.
+
+Each takes a folder (or None for the embedded model) and raises ``ValueError`` with one line that names the folder,
+what is wrong with it and what to pass instead; each surface turns that into its own kind of error.
+
+- :func:`load_dit_pipeline`: a DiT pipeline to sample with (``DigitsDiTPipeline``, ``DiTPipeline``, or a bare
+  ``DiTTransformer2DModel`` folder such as a full fine-tune's ``transformer/``, sampled with the embedded
+  pipeline's scheduler).
+- :func:`load_dit_backbone`: the same folders, as what training needs: transformer, VAE, noise schedule.
+- :func:`load_uem`: UEM heads, from ``UEMStack.save_pretrained`` or a ``diffexit train uem --out`` run folder
+  (which may bring its fine-tuned backbone).
+- :func:`load_text_model_or_embedded`: the embedded text model's format.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+PIPELINES = ("DigitsDiTPipeline", "DiTPipeline")
+
+
+def _folder(path, what: str) -> Path:
+    path = Path(path)
+    if not path.exists():
+        raise ValueError(f"no such folder {path}; pass the folder that holds the {what}")
+    if not path.is_dir():
+        raise ValueError(f"{path} is a file, not a folder; pass the folder that holds the {what}")
+    return path
+
+
+def _class_name(config_file: Path) -> Optional[str]:
+    try:
+        return json.loads(config_file.read_text()).get("_class_name")
+    except (OSError, ValueError) as e:
+        raise ValueError(f"cannot read {config_file}: {e}") from e
+
+
+def _transformer(folder: Path):
+    from diffusers import DiTTransformer2DModel
+
+    name = _class_name(folder / "config.json")
+    if name != "DiTTransformer2DModel":
+        raise ValueError(f"{folder} holds a {name}; DeeDiff's trainer, calibration and batch generation run a "
+                         f"class-conditional DiTTransformer2DModel (PixArt and SD3 need captions)")
+    # Computed in fp32 whatever the stored dtype (the embedded model ships fp16).
+    return DiTTransformer2DModel.from_pretrained(folder, dtype=torch.float32).eval()
+
+
+def load_dit_pipeline(path: Optional[Path], device="cpu"):
+    """The pipeline in ``path``, or the embedded digits DiT when it is None, in float32 with its progress bar off."""
+    from ..uem.digits.embedded import load_embedded_pipeline
+    from ..uem.digits.files import DIT_DIR
+    from ..uem.digits.pipeline import DigitsDiTPipeline
+
+    if path is None:
+        try:
+            pipe = load_embedded_pipeline(device)
+        except FileNotFoundError as e:
+            raise ValueError(str(e)) from None
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
+    folder = _folder(path, "a diffusers DiT pipeline (model_index.json) or a DiTTransformer2DModel (config.json)")
+    try:
+        if (folder / "model_index.json").is_file():
+            name = _class_name(folder / "model_index.json")
+            if name not in PIPELINES:
+                raise ValueError(f"{folder} holds a {name}; this runs {' or '.join(PIPELINES)}")
+            if name == "DiTPipeline":
+                from diffusers import DiTPipeline as cls
+            else:
+                cls = DigitsDiTPipeline
+            pipe = cls.from_pretrained(str(folder), dtype=torch.float32, local_files_only=True)
+        elif (folder / "config.json").is_file():
+            from diffusers import DDIMScheduler
+
+            scheduler = DDIMScheduler.from_pretrained(DIT_DIR / "scheduler")
+            pipe = DigitsDiTPipeline(transformer=_transformer(folder), scheduler=scheduler)
+        else:
+            raise ValueError(f"{folder} is not a diffusers pipeline folder (no model_index.json) nor a model folder "
+                             f"(no config.json); pass the folder that pipe.save_pretrained (or `diffexit train image "
+                             f"--export DIR`) wrote")
+    except ValueError:
+        raise
+    except Exception as e:  # a broken or partial folder: say which, and why
+        raise ValueError(f"cannot load the image pipeline from {folder}: {e}") from e
+    pipe.transformer.eval()
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device)
+
+
+def load_dit_backbone(path: Optional[Path]):
+    """``(transformer, vae or None, noise scheduler)`` for training on the DiT in ``path`` (None: the embedded one).
+
+    The noise scheduler is DDPM on the pipeline's own training schedule; a bare transformer folder carries none, so
+    it gets diffusers' DDPM default, the one DiT trains with.
+    """
+    from diffusers import AutoencoderKL, DDPMScheduler
+
+    from ..uem.digits.files import DIT_COMMAND, DIT_DIR
+
+    if path is None and not (DIT_DIR / "model_index.json").is_file():
+        raise ValueError(f"the embedded digits DiT is missing from {DIT_DIR}; make it with `{DIT_COMMAND}`, or "
+                         f"pass --model")
+    folder = DIT_DIR if path is None else _folder(path, "a DiT pipeline or DiTTransformer2DModel")
+    if (folder / "model_index.json").exists():
+        transformer = _transformer(folder / "transformer")
+        vae = AutoencoderKL.from_pretrained(folder / "vae", dtype=torch.float32) if (folder / "vae").is_dir() else None
+        sched_dir = folder / "scheduler"
+        scheduler = DDPMScheduler.from_config(DDPMScheduler.load_config(sched_dir)) if sched_dir.is_dir() else None
+    elif (folder / "config.json").exists():
+        transformer, vae, scheduler = _transformer(folder), None, None
+    else:
+        raise ValueError(f"{folder} is neither a diffusers model directory (config.json) nor a pipeline "
+                         f"directory (model_index.json)")
+    scheduler = scheduler or DDPMScheduler()
+    if scheduler.config.prediction_type != "epsilon":
+        raise ValueError(f"the DeeDiff loss is on predicted noise, but the model predicts "
+                         f"{scheduler.config.prediction_type!r}")
+    return transformer, vae, scheduler
+
+
+def uem_heads_dir(directory: Path) -> Path:
+    """Where the heads of a UEM folder sit: ``DIR/uem`` in a ``diffexit train uem --out DIR`` run, else ``DIR``."""
+    directory = Path(directory)
+    return directory / "uem" if (directory / "uem" / "config.json").is_file() else directory
+
+
+def load_uem(directory: Path):
+    """``(UEMStack, fine-tuned transformer or None, heads folder)`` from a UEM folder, in float32, eval mode.
+
+    The folder is what ``diffexit train uem --out DIR`` writes (and what ships in ``uem/digits/weights/uem-digits``):
+    ``DIR/uem`` holds the heads and, after a full fine-tune, ``DIR/transformer`` the backbone they were trained
+    with. A bare ``UEMStack.save_pretrained`` folder works too. The calibration files sit beside the heads.
+    """
+    from ..uem.heads import UEMStack
+
+    directory = _folder(directory, "UEM heads (`diffexit train uem --out DIR` writes DIR/uem)")
+    heads = uem_heads_dir(directory)
+    if not (heads / "config.json").is_file():
+        raise ValueError(f"cannot load the UEMs: {directory} has no config.json (nor uem/config.json); pass the "
+                         f"uem/ folder that `diffexit train uem --out RUN` writes")
+    try:
+        uem = UEMStack.from_pretrained(str(heads), dtype=torch.float32).eval()
+    except Exception as e:  # a broken folder: say which, and why
+        raise ValueError(f"cannot load the UEMs from {heads}: {e}") from e
+    backbone = directory / "transformer"
+    tuned = _transformer(backbone) if heads != directory and (backbone / "config.json").is_file() else None
+    return uem, tuned, heads
+
+
+def default_guidance_scale(pipe) -> float:
+    """The ``guidance_scale`` that ``pipe``'s ``__call__`` uses when none is given."""
+    return float(inspect.signature(type(pipe).__call__).parameters["guidance_scale"].default)
+
+
+def load_text_model_or_embedded(path: Optional[Path], dtype: torch.dtype = torch.float32):
+    """``(model, tokenizer)``: the exported model folder ``path`` (``diffexit train text --export``), or the embedded
+    model when it is None."""
+    from ..dllm.charlm.model import load_embedded_text_model, load_text_model
+
+    try:
+        if path is None:
+            return load_embedded_text_model(dtype=dtype)
+        return load_text_model(_folder(path, "an exported text model (`diffexit train text --export DIR`)"),
+                               dtype=dtype)
+    except ValueError:
+        raise
+    except Exception as e:  # missing files, a broken config: say which folder, and why
+        raise ValueError(f"cannot load the text model from {path or 'the package'}: {e}") from e
+
+
+def class_count(pipe) -> int:
+    """How many classes ``pipe`` draws: the digits for ``DigitsDiTPipeline``; for ``DiTPipeline``, the rows of its
+    label table (it keeps one more, the null class that guidance uses)."""
+    from ..uem.digits.data import NUM_CLASSES
+    from ..uem.digits.pipeline import DigitsDiTPipeline
+
+    return NUM_CLASSES if isinstance(pipe, DigitsDiTPipeline) else int(pipe.transformer.config.num_embeds_ada_norm)

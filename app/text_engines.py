@@ -1,0 +1,107 @@
+"""What ``diffexit generate text`` runs a batch with: the embedded model's format, or a transformers model.
+
+An engine decodes one batch of items into one record per item (``id``, ``prompt``, ``output``, ``method``, ``nfe``,
+``halt_step``, and ``task`` / ``correct`` for prompts of an embedded task); see :mod:`diffexit.app.jobs`.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+from .jobs import Item, JobError
+
+
+def is_embedded_format(path: Path) -> bool:
+    config = path / "config.json"
+    if not config.is_file():
+        return False
+    try:
+        return "DiffusionLlama" in (json.loads(config.read_text()).get("architectures") or [])
+    except (OSError, ValueError):
+        return False
+
+
+class EmbeddedEngine:
+    """The embedded model's format: each batch shares a task layout; prompts are left-padded to it."""
+
+    def __init__(self, model, tokenizer, method: str, make_rule: Optional[Callable]):
+        self.model, self.tokenizer, self.method, self.make_rule = model, tokenizer, method, make_rule
+
+    def layout(self, item: Item):
+        """The item's task's layout; the short one for a prompt without a task."""
+        from ..dllm.charlm.tasks import LAYOUTS, layout_of
+
+        return layout_of(item.payload["task"]) if "task" in item.payload else LAYOUTS["short"]
+
+    group = layout  # items of one batch share a layout
+
+    def check(self, items: Sequence[Item]) -> None:
+        from ..dllm.charlm.tokenizer import encode_prompts
+
+        for item in items:
+            try:
+                ids, _ = encode_prompts(self.tokenizer, [item.payload["prompt"]], self.layout(item).prompt_length)
+            except ValueError as e:
+                raise JobError(f"{item.source}: {e}") from e
+            if (ids == self.tokenizer.mask_token_id).any():
+                raise JobError(f"{item.source}: the prompt contains the mask token; prompts must be fully known")
+
+    def files(self, item: Item) -> list[str]:
+        return []
+
+    def run(self, items: Sequence[Item]) -> list[tuple[dict, dict[str, bytes]]]:
+        from ..dllm.charlm.tasks import DECODE
+        from ..dllm.charlm.tokenizer import decode_answer, encode_prompts
+        from ..dllm.generate import generate
+
+        layout = self.layout(items[0])
+        prompts = [item.payload["prompt"] for item in items]
+        ids, attention = encode_prompts(self.tokenizer, prompts, layout.prompt_length)
+        device = next(self.model.parameters()).device
+        block_length, steps = DECODE[layout.span_length]
+        out = generate(self.model, ids.to(device), attention_mask=attention.to(device), gen_length=layout.span_length,
+                       steps=steps, block_length=block_length, mask_id=self.tokenizer.mask_token_id,
+                       halting=self.make_rule() if self.make_rule else None)
+        texts = [decode_answer(self.tokenizer, span) for span in out.generated.cpu()]
+        return _records(items, texts, out, self.method)
+
+
+class TransformersEngine:
+    """A model loaded through transformers, decoded by :class:`~diffexit.dllm.pipeline.MaskedDiffusionPipeline`."""
+
+    def __init__(self, pipe, method: str, make_rule: Optional[Callable], gen_length: int, steps: int,
+                 block_length: Optional[int]):
+        self.pipe, self.method, self.make_rule = pipe, method, make_rule
+        self.decode = {"gen_length": gen_length, "steps": steps}
+        if block_length is not None:
+            self.decode["block_length"] = block_length
+
+    def group(self, item: Item) -> None:
+        """Any prompts can share a batch: the pipeline pads them to the longest."""
+
+    def check(self, items: Sequence[Item]) -> None:
+        """Prompts are tokenized per batch by the pipeline; nothing to check ahead."""
+
+    def files(self, item: Item) -> list[str]:
+        return []
+
+    def run(self, items: Sequence[Item]) -> list[tuple[dict, dict[str, bytes]]]:
+        halting = self.make_rule() if self.make_rule else None
+        out = self.pipe([item.payload["prompt"] for item in items], halting=halting, **self.decode)
+        return _records(items, out.texts, out.generation, self.method)
+
+
+def _records(items: Sequence[Item], texts: Sequence[str], generation, method: str) -> list[tuple[dict, dict]]:
+    from ..dllm.charlm.tasks import score
+
+    out = []
+    for item, text, nfe, halt in zip(items, texts, generation.nfe.tolist(), generation.halt_step.tolist()):
+        record = {"id": item.id, "prompt": item.payload["prompt"], "output": text, "method": method, "nfe": nfe,
+                  "halt_step": halt if halt >= 0 else None}
+        if "task" in item.payload:
+            record["task"] = item.payload["task"]
+            record["correct"] = score(item.payload["task"], item.payload["prompt"], text)
+        out.append((record, {}))
+    return out

@@ -1,0 +1,125 @@
+"""What the three trainers (text model, digits DiT, DeeDiff heads) share: the learning-rate schedule, an EMA of the
+weights, and checkpoints that an interruption can never leave half-written.
+
+Checkpoints are ``accelerate``'s ``save_state`` folders. :func:`save_checkpoint` writes one into ``<final>.partial``
+and renames it into place only once it is complete, so ``--resume`` never loads a checkpoint that a kill cut short;
+a stale ``.partial`` from such a kill is simply written over. :func:`save_numbered_checkpoint` keeps a rolling set
+``ROOT/step-NNNNNN``, newest last.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import shutil
+from pathlib import Path
+from typing import Iterator, Optional
+
+import torch
+from torch import nn
+
+LR_FLOOR = 0.1  # the cosine ends at this fraction of the peak learning rate
+
+
+def warmup_cosine(step: int, warmup: int, total: int, floor: float = LR_FLOOR) -> float:
+    """Multiplier of the peak learning rate at 0-based ``step``: linear warm-up over ``warmup`` steps (``(step + 1) /
+    warmup``), then a cosine from 1 down to ``floor`` at ``total``."""
+    if step < warmup:
+        return (step + 1) / warmup
+    done = (step - warmup) / max(total - warmup, 1)
+    return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(done, 1.0)))
+
+
+class EMA:
+    """Exponential moving average of a module's parameters, kept in float32.
+
+    Update ``n`` (0-based) uses decay ``min(max_decay, (1 + n) / (10 + n))``: the average follows the model closely
+    early in training and settles to a window of about ``1 / (1 - max_decay)`` steps. It tracks
+    ``module.named_parameters()``, so parameters held outside the module (a frozen backbone) are left out.
+    ``state_dict`` / ``load_state_dict`` let ``accelerator.register_for_checkpointing`` save it.
+    """
+
+    def __init__(self, module: nn.Module, max_decay: float):
+        if not 0.0 <= max_decay < 1.0:
+            raise ValueError(f"the EMA decay must be in [0, 1), got {max_decay}")
+        self.max_decay = max_decay
+        self.updates = 0
+        self.shadow = {name: p.detach().float().clone() for name, p in module.named_parameters()}
+
+    @torch.no_grad()
+    def update(self, module: nn.Module) -> None:
+        decay = min(self.max_decay, (1 + self.updates) / (10 + self.updates))
+        for name, p in module.named_parameters():
+            self.shadow[name].lerp_(p.detach().float(), 1.0 - decay)
+        self.updates += 1
+
+    @torch.no_grad()
+    def copy_to(self, module: nn.Module) -> None:
+        for name, p in module.named_parameters():
+            p.copy_(self.shadow[name].to(p.device, p.dtype))
+
+    @contextlib.contextmanager
+    def applied(self, module: nn.Module) -> Iterator[nn.Module]:
+        """``module`` with the averaged weights for the duration of the block (to export them); then its own again."""
+        saved = {name: p.detach().clone() for name, p in module.named_parameters()}
+        self.copy_to(module)
+        try:
+            yield module
+        finally:
+            with torch.no_grad():
+                for name, p in module.named_parameters():
+                    p.copy_(saved[name])
+
+    def state_dict(self) -> dict:
+        return {"max_decay": self.max_decay, "updates": self.updates, "shadow": self.shadow}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.max_decay, self.updates = state["max_decay"], state["updates"]
+        self.shadow = {name: tensor.float().clone() for name, tensor in state["shadow"].items()}
+
+
+def save_checkpoint(accelerator, final: Path, extra_files: Optional[dict[str, str]] = None) -> None:
+    """``accelerator.save_state`` into ``final`` (replacing what is there), never leaving a partial one behind.
+
+    ``extra_files`` (name -> text) are written into the checkpoint before it is swapped in. Every process calls
+    this; the main one writes.
+    """
+    final = Path(final)
+    partial = final.with_name(final.name + ".partial")
+    if accelerator.is_main_process and partial.exists():
+        shutil.rmtree(partial)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(partial))
+    if accelerator.is_main_process:
+        for name, text in (extra_files or {}).items():
+            (partial / name).write_text(text)
+        if final.exists():
+            # A kill between these two lines loses the previous checkpoint but leaves the complete new one as
+            # `.partial`; numbered checkpoints never hit this (each step has a new name).
+            shutil.rmtree(final)
+        partial.rename(final)
+    accelerator.wait_for_everyone()
+
+
+def numbered_checkpoints(root: Path) -> list[Path]:
+    """The complete ``ROOT/step-NNNNNN`` checkpoints, oldest first (``.partial`` ones are not complete)."""
+    root = Path(root)
+    found = [p for p in root.glob("step-*") if p.is_dir() and p.name[5:].isdigit()] if root.is_dir() else []
+    return sorted(found, key=lambda p: int(p.name[5:]))
+
+
+def checkpoint_step(path: Path) -> int:
+    """The step a numbered checkpoint was saved at."""
+    return int(Path(path).name[5:])
+
+
+def save_numbered_checkpoint(accelerator, root: Path, step: int, keep: int = 2) -> Path:
+    """Save ``ROOT/step-NNNNNN`` atomically and keep only the newest ``keep``; returns its path."""
+    final = Path(root) / f"step-{step:06d}"
+    if not final.exists():
+        save_checkpoint(accelerator, final)
+    if accelerator.is_main_process:
+        for old in numbered_checkpoints(root)[:-keep]:
+            shutil.rmtree(old)
+    accelerator.wait_for_everyone()
+    return final

@@ -1,0 +1,84 @@
+"""Halting rules from what users write, and back: the one door that the command line, the demo, the benchmark and
+batch generation all go through, so they cannot disagree.
+
+A rule is named by a method and its parameters, JSON-ready::
+
+    full                                               every step, no rule
+    sched    {"schedule": "cosine:7.5:2.5", "stat": "min", ...}   SchED (parameters of SchED.to_dict)
+    prophet  {"window": 5, "answer_start": 0, "thresholds": [7.5, 5.0, 2.5]}   Prophet (its reference's rule)
+
+A schedule is written ``KIND:HIGH:LOW[:K]``, as a number (a constant threshold) or as a ``ThresholdSchedule`` dict.
+:func:`check_halting_params` validates and normalises parameters, :func:`halting_rule` builds a fresh rule (rules
+keep per-run state, so each decode needs its own), and :func:`describe_halting` says in a few words what one does.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+from ..common.schedules import ThresholdSchedule, parse_threshold
+from .halting import HaltingRule, Prophet, SchED
+
+METHODS = ("full", "sched", "prophet")
+PARAMS = {
+    "full": (),
+    "sched": ("schedule", "stat", "q", "ignore_token_ids", "min_progress", "patience", "max_change_ratio"),
+    "prophet": ("window", "answer_start", "thresholds"),
+}
+
+
+def schedule_dict(value) -> dict:
+    """A schedule as users give it (``KIND:HIGH:LOW[:K]``, a number, a dict) in its dict form."""
+    threshold = parse_threshold(value)
+    if not isinstance(threshold, ThresholdSchedule):
+        threshold = ThresholdSchedule("constant", threshold, threshold)
+    return threshold.to_dict()
+
+
+def check_halting_params(method: str, params: dict, ignore_token_ids: Sequence[int] = ()) -> dict:
+    """``params`` checked against ``method`` and completed: the schedule as a dict, and for SchED every parameter
+    (``SchED.to_dict``), with ``ignore_token_ids`` (the tokenizer's EOS and padding) filled in for
+    ``stat="mean_content"`` when not given. Raises ``ValueError`` naming the parameter and the fix."""
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; choose one of {list(METHODS)}")
+    for key in params:
+        if key not in PARAMS[method]:
+            owners = [m for m, keys in PARAMS.items() if key in keys]
+            if not owners:
+                raise ValueError(f"unknown parameter {key!r}; the parameters are "
+                                 f"{sorted({k for v in PARAMS.values() for k in v})}")
+            raise ValueError(f"{key} is a parameter of method {' and '.join(map(repr, owners))}, not of {method!r}; "
+                             f"drop it or pick --method {owners[0]}")
+    params = dict(params)
+    if "schedule" in params:
+        params["schedule"] = schedule_dict(params["schedule"])
+    if method == "sched" and params.get("stat") == "mean_content" and not params.get("ignore_token_ids"):
+        params["ignore_token_ids"] = sorted(set(ignore_token_ids))
+    rule = halting_rule(method, params)
+    return params if rule is None else rule.to_dict()
+
+
+def halting_rule(method: str, params: dict) -> Optional[HaltingRule]:
+    """A fresh rule for ``method`` and ``params`` (see the module docstring); None for full steps."""
+    if method == "full":
+        return None
+    params = dict(params)
+    try:
+        if method == "prophet":
+            return Prophet(**params)
+        schedule = ThresholdSchedule.from_dict(schedule_dict(params.pop("schedule"))) if "schedule" in params else None
+        return SchED(schedule=schedule, **params)
+    except TypeError as e:  # a parameter of the wrong type reaches the constructor
+        raise ValueError(f"method {method!r}: {e}") from e
+
+
+def describe_halting(rule: Optional[HaltingRule]) -> str:
+    """A halting rule in a few words: ``"SchED, cosine 7.5 -> 2.5, mean"``; None is ``"full steps"``."""
+    if rule is None:
+        return "full steps"
+    if isinstance(rule, SchED):
+        return f"SchED, {rule.schedule.describe()}, {rule.stat}"
+    if isinstance(rule, Prophet):
+        thresholds = " / ".join(f"{t:g}" for t in rule.thresholds)
+        return f"Prophet, {rule.window}-token window from {rule.answer_start}, {thresholds}"
+    return repr(rule)
