@@ -15,6 +15,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from ..common.cli_help import HelpFormatter
 from ..dllm.calibrate import SCAN_STATS, evaluate, family, record, save_sched, select_scale
 from ..dllm.charlm.tasks import DECODE, TASK_NAMES, layout_of, sample
 from ..dllm.charlm.tokenizer import decode_answer, encode_prompts
@@ -39,7 +40,7 @@ def record_task(model, tok, task: str, seed: int, n: int, stat: str, q: float):
 
 
 def main(argv: list[str], prog: str = "diffexit calibrate sched") -> int:
-    p = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--risk", type=float, required=True, help="allowed rate of answer-changing halts, in (0, 1)")
     p.add_argument("--kind", default="cosine", choices=("linear", "cosine", "exp", "step"),
                    help="threshold schedule kind (default: %(default)s)")

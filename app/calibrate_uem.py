@@ -17,6 +17,7 @@ from typing import Optional
 
 import torch
 
+from ..common.cli_help import HelpFormatter
 from ..uem.calibration import calibrate, record_exits
 from ..uem.calibration_file import Calibration, calibration_path, weights_digest
 from ..uem.heads import describe_model
@@ -27,7 +28,7 @@ DEFAULT_STEPS = 25
 
 
 def _parser(prog: str) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--uem", required=True, help="directory of the UEM weights (UEMStack.save_pretrained); the "
                                                 "calibrations are saved there unless --out says otherwise")
     p.add_argument("--budget", type=float, nargs="+", required=True,

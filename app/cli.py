@@ -29,12 +29,17 @@ SINGLE = {"demo": ("diffexit.app.demo", "the Gradio demo on 127.0.0.1")}
 
 
 def _parser() -> argparse.ArgumentParser:
+    width = max(len(f"{g} {n}") for g, n in COMMANDS)
+    listing = "\n".join(f"  diffexit {f'{g} {n}':<{width}}  {help_}" for (g, n), (_, help_) in COMMANDS.items())
+    listing += "".join(f"\n  diffexit {name:<{width}}  {help_}" for name, (_, help_) in SINGLE.items())
     p = argparse.ArgumentParser(
         prog="diffexit",
+        usage="diffexit COMMAND [NAME] [options]",
         description="Cheaper diffusion sampling: DeeDiff early exits (images), SchED halting (diffusion LMs).",
-        epilog="Run `diffexit GROUP NAME --help` for a command's own options.",
+        epilog=f"commands:\n{listing}\n\nRun `diffexit COMMAND NAME --help` for a command's own options.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    sub = p.add_subparsers(dest="group", metavar="COMMAND")
+    sub = p.add_subparsers(dest="group", metavar="COMMAND", help=argparse.SUPPRESS)
     groups: dict[str, argparse._SubParsersAction] = {}
     for (group, name), (_, help_) in COMMANDS.items():
         if group not in groups:

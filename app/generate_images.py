@@ -37,6 +37,7 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
+from ..common.cli_help import HelpFormatter
 from ..uem.rule_spec import CALIBRATED, METHODS, PARAMS, check_exit_params
 from .job_inputs import check_keys, read_config, read_jsonl
 from .jobs import (
@@ -61,7 +62,7 @@ DEFAULT_STEPS = 25
 
 
 def _parser(prog: str) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=HelpFormatter)
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--per-class", type=int, metavar="N", help="N images of each class")
     src.add_argument("--requests", type=Path, metavar="FILE", help="JSONL of {id?, class, seed?} requests")

@@ -46,6 +46,7 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
+from ..common.cli_help import HelpFormatter
 from ..dllm.rule_spec import METHODS, PARAMS, check_halting_params, halting_rule
 from .job_inputs import check_keys, read_config, read_jsonl
 from .jobs import (
@@ -74,7 +75,7 @@ TRANSFORMERS_DEFAULTS = {"gen_length": 128, "steps": 128, "block_length": None, 
 def _parser(prog: str) -> argparse.ArgumentParser:
     from ..dllm.charlm.tasks import TASK_NAMES
 
-    p = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=HelpFormatter)
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompts", type=Path, metavar="FILE", help="JSONL of {id?, prompt, task?}")
     src.add_argument("--task", choices=TASK_NAMES, help="held-out prompts of an embedded task (with --n)")

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from ..common.cli_help import HelpFormatter
 from ..uem.losses import TARGETS
 from ..uem.train import DEFAULT_LR, MODES, UEMTraining, train_uem
 from .models import load_dit_backbone
@@ -25,7 +26,7 @@ def _parser(prog: str) -> argparse.ArgumentParser:
         prog=prog,
         description="Train DeeDiff uncertainty heads (UEMs) on a class-conditional diffusers DiT; seeded, resumable, "
                     "runs under `accelerate launch`.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     p.add_argument("--out", required=True, help="output directory (checkpoints, UEM weights, log)")
     p.add_argument("--model", default=None,

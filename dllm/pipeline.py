@@ -8,6 +8,16 @@
 Text in, text out: prompts are tokenized as given (left-padded; apply an instruct model's chat template to
 them first), decoded by :func:`~diffexit.dllm.generate` (LLaDA style) or
 :func:`~diffexit.dllm.dream_generate` (Dream style), and cut at the first EOS.
+
+The embedded model is built by hand, with the prompt layout it was trained on (prompts left-padded to 24)::
+
+    model, tok = load_embedded_text_model()              # diffexit.dllm.charlm.model
+    pipe = MaskedDiffusionPipeline(model, tok, prompt_length=24, halting=SchED(stat="min"))
+    pipe.save_pretrained("my-pipe")                      # model, tokenizer, loop, mask id, layout, halting rule
+    MaskedDiffusionPipeline.from_pretrained("my-pipe")
+
+``from_transformers`` refuses a checkpoint whose weights the transformers class it resolves to would drop (the
+embedded model's learned positions, say), naming the weights.
 """
 
 from __future__ import annotations
@@ -24,6 +34,7 @@ from .dream import dream_generate
 from .generate import generate
 from .halting import HaltingRule
 from .output import GenerationOutput
+from .rule_spec import halting_from_spec, halting_spec
 
 LOOPS = ("llada", "dream")
 
@@ -47,35 +58,51 @@ class MaskedDiffusionPipeline(DiffusionPipeline):
         mask_id: the mask token id, for tokenizers that don't declare one (LLaDA: 126336).
     """
 
-    def __init__(self, model, tokenizer, halting: Optional[HaltingRule] = None, loop: str = "llada",
-                 mask_id: Optional[int] = None):
+    def __init__(self, model, tokenizer, halting: Union[HaltingRule, dict, None] = None, loop: str = "llada",
+                 mask_id: Optional[int] = None, prompt_length: Optional[int] = None):
         super().__init__()
         if loop not in LOOPS:
             raise ValueError(f"loop must be one of {LOOPS}, got {loop!r}")
+        if prompt_length is not None and (isinstance(prompt_length, bool) or not isinstance(prompt_length, int)
+                                          or prompt_length < 1):
+            raise ValueError(f"prompt_length must be a positive int (or None: pad to the longest), got "
+                             f"{prompt_length!r}")
         self.register_modules(model=model, tokenizer=tokenizer)
         mask_id = mask_id if mask_id is not None else getattr(tokenizer, "mask_token_id", None)
         if mask_id is None:
             raise ValueError("the tokenizer declares no mask_token_id; pass mask_id= (LLaDA uses 126336)")
-        # In the config, so that save_pretrained / from_pretrained keep the loop and the mask id.
-        self.register_to_config(loop=loop, mask_id=mask_id)
-        self.halting, self.loop, self.mask_id = halting, loop, mask_id
+        # A saved pipeline loads its halting rule back from this dict form.
+        halting = halting_from_spec(halting) if isinstance(halting, dict) else halting
+        # In the config, so that save_pretrained / from_pretrained keep them.
+        self.register_to_config(loop=loop, mask_id=mask_id, prompt_length=prompt_length,
+                                halting=None if halting is None else halting_spec(halting))
+        self.halting, self.loop, self.mask_id, self.prompt_length = halting, loop, mask_id, prompt_length
 
     @classmethod
     def from_transformers(cls, model_id_or_path: str, *, trust_remote_code: bool = False, loop: str = "llada",
                           halting: Optional[HaltingRule] = None, mask_id: Optional[int] = None,
-                          torch_dtype: Optional[torch.dtype] = None, device: Union[str, torch.device] = "cpu"):
+                          torch_dtype: Optional[torch.dtype] = None, device: Union[str, torch.device] = "cpu",
+                          prompt_length: Optional[int] = None):
         """Load a model and tokenizer with transformers (``trust_remote_code=True`` for LLaDA / Dream)."""
         from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(model_id_or_path, trust_remote_code=trust_remote_code)
+        kw = dict(trust_remote_code=trust_remote_code, dtype=torch_dtype, output_loading_info=True)
         try:
-            model = AutoModelForCausalLM.from_pretrained(model_id_or_path, trust_remote_code=trust_remote_code,
-                                                         dtype=torch_dtype)
+            model, info = AutoModelForCausalLM.from_pretrained(model_id_or_path, **kw)
         except ValueError:
             # LLaDA and Dream register their classes under AutoModel only.
-            model = AutoModel.from_pretrained(model_id_or_path, trust_remote_code=trust_remote_code,
-                                              dtype=torch_dtype)
-        return cls(model.to(device).eval(), tokenizer, halting=halting, loop=loop, mask_id=mask_id)
+            model, info = AutoModel.from_pretrained(model_id_or_path, **kw)
+        unused = sorted(info.get("unexpected_keys") or [])
+        if unused:
+            declared = getattr(model.config, "architectures", None) or ["?"]
+            raise ValueError(
+                f"{model_id_or_path} declares a {declared[0]}, but transformers loaded it as a "
+                f"{type(model).__name__}, which drops its weights {unused[:4]}; load the model with its own class "
+                f"and build the pipeline from it: MaskedDiffusionPipeline(model, tokenizer) (for the embedded "
+                f"model: diffexit.dllm.charlm.model.load_text_model(path), and prompt_length=24)")
+        return cls(model.to(device).eval(), tokenizer, halting=halting, loop=loop, mask_id=mask_id,
+                   prompt_length=prompt_length)
 
     @torch.no_grad()
     def __call__(self, prompt: Union[str, list[str]], *, gen_length: int, steps: int,
@@ -91,10 +118,16 @@ class MaskedDiffusionPipeline(DiffusionPipeline):
         if not prompts or any(not isinstance(p, str) or not p for p in prompts):
             raise ValueError("prompt must be a non-empty string or a list of non-empty strings")
         side, self.tokenizer.padding_side = self.tokenizer.padding_side, "left"
+        padding = {"padding": True} if self.prompt_length is None else {"padding": "max_length",
+                                                                        "max_length": self.prompt_length}
         try:
-            enc = self.tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+            enc = self.tokenizer(prompts, return_tensors="pt", add_special_tokens=False, **padding)
         finally:
             self.tokenizer.padding_side = side
+        if enc["input_ids"].shape[1] > (self.prompt_length or enc["input_ids"].shape[1]):
+            longest = max(len(self.tokenizer(p, add_special_tokens=False)["input_ids"]) for p in prompts)
+            raise ValueError(f"a prompt is {longest} tokens, longer than this pipeline's prompt_length="
+                             f"{self.prompt_length}; shorten it (the model was trained on that layout)")
         device = next(self.model.parameters()).device
         input_ids, attention_mask = enc["input_ids"].to(device), enc["attention_mask"].to(device)
         if attention_mask.all():

@@ -82,3 +82,20 @@ def describe_halting(rule: Optional[HaltingRule]) -> str:
         thresholds = " / ".join(f"{t:g}" for t in rule.thresholds)
         return f"Prophet, {rule.window}-token window from {rule.answer_start}, {thresholds}"
     return repr(rule)
+
+
+def halting_spec(rule: HaltingRule) -> dict:
+    """``{"method", "params"}`` of a rule built from parameters (SchED, Prophet), JSON-ready; :func:`halting_from_spec`
+    rebuilds it. Raises ``ValueError`` for a rule of another class (it has no parameters to save)."""
+    for method, cls in (("sched", SchED), ("prophet", Prophet)):
+        if type(rule) is cls:
+            return {"method": method, "params": rule.to_dict()}
+    raise ValueError(f"a {type(rule).__name__} has no saved form; only SchED and Prophet rules are saved with a "
+                     f"pipeline (pass halting= to each call instead)")
+
+
+def halting_from_spec(spec: dict) -> Optional[HaltingRule]:
+    """The rule :func:`halting_spec` describes."""
+    if not isinstance(spec, dict) or set(spec) != {"method", "params"}:
+        raise ValueError(f"a halting spec is {{'method': ..., 'params': {{...}}}}, got {spec!r}")
+    return halting_rule(spec["method"], spec["params"])

@@ -15,7 +15,10 @@ every other attribute reads through to it, so ``pipe.scheduler.config`` and the 
   moves the progress on. Progress is ``diffexit.samplers.progress(i, len(timesteps))``, where ``i`` counts steps
   from the scheduler's ``begin_index`` (so img2img's partial runs sit at the tail of the schedule).
 
-To save the pipeline, put the wrapped scheduler back first: ``pipe.scheduler = pipe.scheduler.scheduler``.
+Saving: to diffusers it is the wrapped scheduler (``__class__`` and ``__module__`` are the wrapped one's, the way
+``unittest.mock`` presents a spec), so ``pipe.save_pretrained(dir)`` writes the wrapped scheduler's config and
+``from_pretrained`` gives it back, unwrapped; early exits are a runtime setting, so wrap it again after loading.
+``isinstance(pipe.scheduler, ExitAwareScheduler)`` stays true.
 """
 
 from __future__ import annotations
@@ -86,6 +89,7 @@ class ExitAwareScheduler:
                 f"early_exit must be the EarlyExit that enable_early_exit returned, got {type(early_exit).__name__}"
             )
         self.scheduler = scheduler
+        self.__module__ = type(scheduler).__module__  # what diffusers records for the component when it saves
         self.early_exit = early_exit
         self._records: list[tuple[float, torch.Tensor]] = []
         self._pending: list[torch.Tensor] = []
@@ -95,6 +99,11 @@ class ExitAwareScheduler:
         self.step = _with_signature_of(scheduler.step, self._step)
         if callable(getattr(scheduler, "set_begin_index", None)):
             self.set_begin_index = _with_signature_of(scheduler.set_begin_index, self._set_begin_index)
+
+    @property
+    def __class__(self):
+        # Pipelines save and type-check their components by class: they see the wrapped scheduler.
+        return type(self.__dict__["scheduler"])
 
     def __getattr__(self, name):
         inner = self.__dict__.get("scheduler")

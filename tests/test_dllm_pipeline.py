@@ -67,3 +67,31 @@ def test_errors(saved_model):
     tok.mask_token = None
     with pytest.raises(ValueError, match="pass mask_id="):
         MaskedDiffusionPipeline(pipe.model, tok)
+
+
+def test_the_embedded_format_saves_loads_and_decodes_as_generate(tmp_path, tiny_text_model):
+    from diffexit.dllm.charlm.tokenizer import decode_answer, encode_prompts
+
+    model, tok = tiny_text_model(max_positions=48, never_predict_mask=True)
+    rule = SchED(ThresholdSchedule("cosine", 3.0, 1.0), stat="min")
+    MaskedDiffusionPipeline(model, tok, prompt_length=24, halting=rule).save_pretrained(tmp_path / "pipe")
+    pipe = MaskedDiffusionPipeline.from_pretrained(tmp_path / "pipe")
+    assert type(pipe.model).__name__ == "DiffusionLlama" and pipe.prompt_length == 24
+    assert pipe.halting.to_dict() == rule.to_dict()
+    prompts = ["rev:abcdef", "sort:3142"]
+    out = pipe(prompts, gen_length=16, steps=16)
+    ids, attention = encode_prompts(tok, prompts, 24)
+    want = generate(model, ids, attention_mask=attention, gen_length=16, steps=16, mask_id=tok.mask_token_id,
+                    halting=SchED(ThresholdSchedule("cosine", 3.0, 1.0), stat="min"))
+    assert torch.equal(out.generation.sequences, want.sequences)
+    assert out.texts == [decode_answer(tok, s).replace("[PAD]", "") for s in want.generated]
+    with pytest.raises(ValueError, match="longer than this pipeline's prompt_length=24"):
+        pipe(["rev:" + "a" * 30], gen_length=16, steps=16)
+
+
+def test_from_transformers_refuses_a_checkpoint_whose_weights_it_would_drop(tmp_path, tiny_text_model):
+    model, tok = tiny_text_model(max_positions=48)
+    model.save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match=r"drops its weights \['position_embedding.weight'\]"):
+        MaskedDiffusionPipeline.from_transformers(str(tmp_path))

@@ -37,6 +37,7 @@ from typing import Optional
 
 import torch
 
+from ...common.cli_help import HelpFormatter
 from ...common.results import markdown_table, write_results
 from ...uem.digits.classifier import class_agreement, extract_features, frechet_distance, load_classifier
 from ...uem.digits.data import load_digits_dataset
@@ -122,7 +123,7 @@ def shipped_uem_dirs() -> list[Path]:
 
 
 def main(argv: list[str], prog: str = "diffexit bench images") -> int:
-    p = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--quick", action="store_true", help="few samples, few steps, one timing round: a few minutes")
     p.add_argument("--out", type=Path, default=Path("runs/bench-images"), help="output folder (default: %(default)s)")
     p.add_argument("--pipeline", type=Path, default=None,

@@ -30,6 +30,7 @@ from pathlib import Path
 
 import torch
 
+from ...common.cli_help import HelpFormatter
 from ...common.results import write_results
 from ...kernels import token_stats
 from ...kernels.token_stats_torch import CHUNK_ELEMENTS
@@ -46,7 +47,7 @@ MEMORY_FRACTION = 0.6
 
 def main(argv: list[str], prog: str) -> int:
     parser = argparse.ArgumentParser(
-        prog=prog, description="Time token_stats backends against torch eager, side by side in one run."
+        prog=prog, formatter_class=HelpFormatter, description="Time token_stats backends against torch eager, side by side in one run."
     )
     parser.add_argument("--quick", action="store_true", help=f"small shapes {QUICK_SHAPES}, for a smoke run")
     parser.add_argument("--out", type=Path, default=Path("runs/bench_kernels"), help="output folder")

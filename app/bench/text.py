@@ -27,6 +27,7 @@ from typing import Callable, Optional
 import torch
 from tqdm.auto import tqdm
 
+from ...common.cli_help import HelpFormatter
 from ...common.results import markdown_table, write_results
 from ...common.schedules import ThresholdSchedule
 from ...dllm.charlm.tasks import DECODE, TASK_NAMES, layout_of, sample, score
@@ -280,7 +281,7 @@ COLUMNS = [("task", "task", ""), ("method", "method", ""), ("score", "acc", ".3f
 
 
 def main(argv: list[str], prog: str = "diffexit bench text") -> int:
-    p = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--quick", action="store_true", help="a few examples per task: minutes, not an hour")
     p.add_argument("--out", type=Path, default=Path("runs/bench-text"), help="output folder (default: %(default)s)")
     p.add_argument("--n", type=int, default=None, help="held-out examples per task (default 200, quick 8)")

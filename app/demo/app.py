@@ -28,12 +28,15 @@ from typing import Optional, Sequence
 
 import gradio as gr
 
+from ...common.cli_help import HelpFormatter
+from ...dllm.halting import STATS
 from .forms import MAX_IMAGE_STEPS, MAX_IMAGES, SCHEDULE_KINDS
 from .images import IMAGE_RULES, RULE_CALIBRATED, RULE_SCHEDULE, RULE_STATIC, RULE_THRESHOLD, SAMPLERS, run_images
 from .models import Models
 from .text import HALT_SCHED, HALTING, SPAN_COLORS, TRACE_HEADERS, example, run_text
 
 TEXT_CONCURRENCY = 2
+MAX_CLASS_BOXES = 20  # beyond this, a text field of class ids
 MAX_QUEUE = 16
 
 
@@ -88,12 +91,19 @@ def build_app(text_model: Optional[str | Path] = None, image_pipeline: Optional[
         with gr.Tab("Images: DeeDiff early exits", id="images"):
             with gr.Row():
                 with gr.Column(scale=1, min_width=300):
-                    digits = gr.CheckboxGroup([(str(d), d) for d in range(10)], value=[0, 1, 2, 3, 4, 5, 6, 7],
-                                              label="digit classes", info="images cycle through these")
+                    num_classes = models.num_classes()
+                    if num_classes <= MAX_CLASS_BOXES:
+                        digits = gr.CheckboxGroup([(str(d), d) for d in range(num_classes)],
+                                                  value=list(range(min(8, num_classes))), label="classes",
+                                                  info="images cycle through these", elem_id="classes")
+                    else:
+                        digits = gr.Textbox(", ".join(map(str, range(4))), label=f"classes (0-{num_classes - 1})",
+                                            info="class ids, separated by commas; images cycle through them",
+                                            elem_id="classes")
                     count = gr.Slider(1, MAX_IMAGES, value=8, step=1, label="number of images")
                     steps = gr.Slider(1, MAX_IMAGE_STEPS, value=25, step=1, label="sampling steps")
                     sampler = gr.Dropdown(list(SAMPLERS), value="DDIM", label="sampler")
-                    guidance = gr.Slider(0.0, 8.0, value=2.0, step=0.5, label="guidance scale",
+                    guidance = gr.Slider(0.0, 8.0, value=models.default_guidance(), step=0.5, label="guidance scale",
                                          info="classifier-free guidance is on above 1")
                     # Without UEMs the DeeDiff rules can only fail, so the page opens on one that runs.
                     budgets = list(models.calibrations())
@@ -111,8 +121,8 @@ def build_app(text_model: Optional[str | Path] = None, image_pipeline: Optional[
                             high = gr.Number(0.3, label="high")
                             low = gr.Number(0.05, label="low")
                             k = gr.Number(4.0, label="k (exp only)")
-                    # The middle budget: the shipped heads' 0.02, the best trade-off in `diffexit bench images`.
-                    budget = gr.Dropdown(budgets, value=budgets[(len(budgets) - 1) // 2] if budgets else None,
+                    # The smallest budget: the one that keeps quality (the README's image results).
+                    budget = gr.Dropdown(budgets, value=budgets[0] if budgets else None,
                                          label="exit-error budget", visible=first_rule == RULE_CALIBRATED,
                                          info="mean change per step of the sample (pixels in [-1, 1]) that the "
                                               "calibrated thresholds allow", elem_id="budget")
@@ -127,7 +137,7 @@ def build_app(text_model: Optional[str | Path] = None, image_pipeline: Optional[
                                               interactive=False, elem_id="early-grid")
                         full_grid = gr.Image(label="full depth, same noise", format="png", type="numpy",
                                              interactive=False, elem_id="full-grid")
-                    image_summary = gr.Markdown(elem_id="image-summary")
+                    image_summary = gr.Markdown(label="summary", elem_id="image-summary")
                     heatmap = gr.Plot(label="exit depth by sampling step", format="png", elem_id="heatmap")
                     with gr.Accordion("measurements", open=False):
                         image_details = gr.JSON(label="details")
@@ -168,13 +178,14 @@ def build_app(text_model: Optional[str | Path] = None, image_pipeline: Optional[
                             sched_high = gr.Number(7.5, label="high", elem_id="sched-high")
                             sched_low = gr.Number(2.5, label="low", elem_id="sched-low")
                             sched_k = gr.Number(4.0, label="k (exp only)", elem_id="sched-k")
-                        stat = gr.Dropdown(["mean", "median", "quantile", "min"], value="mean",
-                                           label="statistic over the masked span",
-                                           info="mean: the paper's; quantile: the 10% quantile")
+                        stat = gr.Dropdown(list(STATS), value="mean", label="statistic over the masked span",
+                                           info="mean: the paper's; quantile: the 10% quantile; mean_content: "
+                                                "EOS padding left out; entropy: minus the worst position's "
+                                                "entropy (give thresholds <= 0)")
                     run_text = gr.Button("Decode", variant="primary", elem_id="run-text")
                 with gr.Column(scale=2):
                     answer = gr.Textbox(label="answer", interactive=False, elem_id="answer")
-                    text_summary = gr.Markdown(elem_id="text-summary")
+                    text_summary = gr.Markdown(label="summary", elem_id="text-summary")
                     span = gr.HighlightedText(label="span (streams while decoding)", color_map=SPAN_COLORS,
                                               show_legend=True, combine_adjacent=False, elem_id="span")
                     trace = gr.Plot(label="margin against threshold", format="png", elem_id="trace")
@@ -231,7 +242,7 @@ def _model_dir(parser: argparse.ArgumentParser, flag: str, value: Optional[str],
 
 def main(argv: Sequence[str], prog: str = "diffexit demo") -> int:
     p = argparse.ArgumentParser(
-        prog=prog,
+        prog=prog, formatter_class=HelpFormatter,
         description="The Gradio demo: DeeDiff early exits on images and SchED halting on text, side by side with "
                     "full depth / full steps. Local only: binds 127.0.0.1 by default, never shares publicly, "
                     "sends no analytics.",

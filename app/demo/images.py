@@ -24,11 +24,18 @@ RULE_CALIBRATED = "DeeDiff: calibrated"
 IMAGE_RULES = (RULE_OFF, RULE_THRESHOLD, RULE_SCHEDULE, RULE_CALIBRATED, RULE_STATIC)
 
 
-def _labels(digits, count: int) -> list[int]:
-    """``count`` labels cycling through the chosen digits."""
-    if not digits:
-        raise _error("pick at least one digit class (0-9)")
-    chosen = [_as_int("digit class", d, 0, 9) for d in digits]
+def _labels(classes, count: int, num_classes: int) -> list[int]:
+    """``count`` labels cycling through the chosen classes: a list (the digits' check boxes) or a text of class ids
+    separated by commas or spaces (a model with many classes)."""
+    if isinstance(classes, str):
+        try:
+            classes = [int(c) for c in classes.replace(",", " ").split()]
+        except ValueError:
+            raise _error(f"classes must be whole numbers separated by commas, like '1, 207, 360'; got "
+                         f"{classes!r}") from None
+    if not classes:
+        raise _error(f"pick at least one class (0-{num_classes - 1})")
+    chosen = [_as_int("class", c, 0, num_classes - 1) for c in classes]
     return [chosen[i % len(chosen)] for i in range(count)]
 
 
@@ -143,7 +150,7 @@ def run_images(models: Models, digits, count, steps, sampler, guidance, rule, th
     from ...uem.early_exit import disable_early_exit, enable_early_exit
 
     count = _as_int("number of images", count, 1, MAX_IMAGES)
-    labels = _labels(digits, count)
+    labels = _labels(digits, count, models.num_classes())
     steps = _as_int("sampling steps", steps, 1, MAX_IMAGE_STEPS)
     sampler = _choice("sampler", sampler, tuple(SAMPLERS))
     guidance = _as_float("guidance scale", guidance, 0.0, 20.0)

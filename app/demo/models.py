@@ -75,6 +75,44 @@ class Models:
                 self._pipe = pipe
             return self._pipe
 
+    def num_classes(self) -> int:
+        """How many classes the image pipeline draws, from its files alone (nothing is loaded)."""
+        import json
+
+        if self.image_path is None:
+            from ...uem.digits.data import NUM_CLASSES
+
+            return NUM_CLASSES
+        try:
+            index = json.loads((Path(self.image_path) / "model_index.json").read_text())
+            if index.get("_class_name") == "DigitsDiTPipeline":
+                from ...uem.digits.data import NUM_CLASSES
+
+                return NUM_CLASSES
+            config = json.loads((Path(self.image_path) / "transformer" / "config.json").read_text())
+            return int(config["num_embeds_ada_norm"])
+        except (OSError, ValueError, KeyError) as e:
+            raise _error(f"cannot read the classes of the image pipeline in {self.image_path}: {e}") from e
+
+    def default_guidance(self) -> float:
+        """The image pipeline's own default guidance scale, from its class (nothing is loaded)."""
+        import inspect
+        import json
+
+        from ...uem.digits.pipeline import GUIDANCE_SCALE
+
+        if self.image_path is None:
+            return GUIDANCE_SCALE
+        try:
+            name = json.loads((Path(self.image_path) / "model_index.json").read_text()).get("_class_name")
+        except (OSError, ValueError):
+            return GUIDANCE_SCALE
+        if name != "DiTPipeline":
+            return GUIDANCE_SCALE
+        from diffusers import DiTPipeline
+
+        return float(inspect.signature(DiTPipeline.__call__).parameters["guidance_scale"].default)
+
     def heads_dir(self) -> Optional[Path]:
         """The folder the UEM heads (and their calibration files) sit in, or None without UEMs."""
         from ..models import uem_heads_dir

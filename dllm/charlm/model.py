@@ -21,7 +21,11 @@ from typing import Optional
 
 import torch
 from torch import nn
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedModel, PreTrainedTokenizerFast
+
+# diffusers loads a custom pipeline component by looking its base class up in the component's module: with
+# PreTrainedModel importable here, MaskedDiffusionPipeline.from_pretrained can load a DiffusionLlama.
+__all__ = ["DiffusionLlama", "PreTrainedModel", "text_model_config", "load_text_model", "load_embedded_text_model"]
 
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 TRAIN_COMMAND = "diffexit train text --threads 1 --out runs/text --export dllm/charlm/weights"

@@ -40,6 +40,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from ...common.cli_help import HelpFormatter
 from ...common.model_card import model_card, write_model_card
 from ...common.training import save_checkpoint, warmup_cosine
 from .tasks import DECODE, LAYOUTS, TASK_NAMES, TASKS, Example, Layout, sample, score
@@ -61,7 +62,7 @@ RUN_KEYS = ("seed", "steps", "lr", "warmup", "weight_decay", "batch_short", "bat
 
 def _parser(prog: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=HelpFormatter)
     p.add_argument("--out", required=True, help="run directory: checkpoint, state.json, metrics.jsonl")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
     p.add_argument("--export", metavar="DIR", help="after training, write the shipped model files to DIR")

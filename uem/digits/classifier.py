@@ -28,6 +28,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ...common.cli_help import HelpFormatter
 from ...common.model_card import model_card, write_model_card
 from .data import NUM_CLASSES, load_digits_dataset
 from .files import CLASSIFIER_DIR
@@ -259,7 +260,7 @@ on its {FEATURE_DIM}-d penultimate features (`diffexit.uem.digits.classifier`)."
 
 
 def main(argv: Optional[Sequence[str]] = None, prog: str = "python -m diffexit.uem.digits.classifier") -> int:
-    parser = argparse.ArgumentParser(prog=prog, description="Train the digits classifier that judges generated digits.")
+    parser = argparse.ArgumentParser(prog=prog, formatter_class=HelpFormatter, description="Train the digits classifier that judges generated digits.")
     parser.add_argument("--export", required=True, metavar="DIR",
                         help="write classifier.safetensors and MODEL_CARD.md here (shipped: uem/digits/weights/classifier)")
     parser.add_argument("--epochs", type=int, default=60)

@@ -31,6 +31,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ...common.cli_help import HelpFormatter
 from ...common.model_card import write_model_card
 from ...common.training import EMA, numbered_checkpoints, save_numbered_checkpoint, warmup_cosine
 from .data import load_digits_dataset
@@ -256,7 +257,7 @@ def export_pipeline(model: nn.Module, ema: EMA, directory: str | Path) -> Path:
 def main(argv: Optional[Sequence[str]] = None, prog: str = "diffexit train image") -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = argparse.ArgumentParser(
-        prog=prog,
+        prog=prog, formatter_class=HelpFormatter,
         description="Train the embedded digits DiT (DDPM epsilon, EMA), resumable; --export writes the shipped files.",
     )
     parser.add_argument("--out", default=DEFAULT_OUT, help=f"run directory for checkpoints and logs (default {DEFAULT_OUT})")

@@ -1,0 +1,39 @@
+"""How every ``diffexit`` command prints ``--help``: plain text, with each option's default.
+
+Descriptions come from module docstrings, which are written for Sphinx; :func:`plain` drops the markup
+(````code````, ``:func:`~pkg.name``` ...) so a terminal shows ``code`` and ``name``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+
+_ROLE = re.compile(r":[a-z]+:`~?([^`<]*?)(?:\s*<[^>]*>)?`")
+
+
+def plain(text: str) -> str:
+    """``text`` without reStructuredText markup: roles keep their target's last part, literals lose their quotes."""
+    def role(match):
+        target = match.group(1).strip()
+        return target.rsplit(".", 1)[-1] if match.group(0).startswith((":func:`~", ":class:`~", ":meth:`~",
+                                                                         ":mod:`~", ":attr:`~")) else target
+
+    return _ROLE.sub(role, text).replace("``", "")
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Keeps the description's layout, shows every default that is not None or False, and prints plain text."""
+
+    def _format_text(self, text: str) -> str:
+        return super()._format_text(plain(text))
+
+    def _get_help_string(self, action) -> str:
+        text = action.help or ""
+        if ("%(default)" not in text and action.option_strings and action.default not in (None, False)
+                and action.default is not argparse.SUPPRESS):
+            text += " (default: %(default)s)"
+        return text
+
+    def _expand_help(self, action) -> str:
+        return plain(super()._expand_help(action))
