@@ -68,7 +68,7 @@ def image_rows(root: Path, uem: Path, n: int, steps: int, threshold: str, num_bl
 def text_rows(root: Path, model_args: list[str], n: int, schedule: str) -> list[dict]:
     from diffexit.app import generate_text
 
-    base = ["--task", "sort", "--n", str(n), *model_args]
+    base = ["--task", "pick", "--n", str(n), *model_args]
     methods = [("full", []), ("sched", ["--method", "sched", "--schedule", schedule])]
     return sweep(generate_text, "text", base, methods, root, "nfe")
 

@@ -48,4 +48,4 @@ def test_bench_text_quick(tmp_path, tiny_text_model):
 
 @pytest.mark.slow
 def test_bench_text_quick_long_form(tmp_path, tiny_text_model):
-    _bench(tmp_path, tiny_text_model, ["add", "count"])
+    _bench(tmp_path, tiny_text_model, ["add", "chain"])

@@ -64,7 +64,7 @@ def test_cli_writes_a_file_that_round_trips(tmp_path, tiny_text_model):
     model.save_pretrained(tmp_path / "m")
     tok.save_pretrained(tmp_path / "m")
     out = tmp_path / "sched.json"
-    rc = cli(["calibrate", "sched", "--risk", "0.5", "--tasks", "add", "sort", "--n-cal", "3", "--n-val", "2",
+    rc = cli(["calibrate", "sched", "--risk", "0.5", "--tasks", "add", "pick", "--n-cal", "3", "--n-val", "2",
               "--model", str(tmp_path / "m"), "--stat", "mean_content", "--out", str(out)])
     assert rc == 0
     data = json.loads(out.read_text())

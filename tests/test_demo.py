@@ -194,13 +194,23 @@ def test_example_presets_use_the_task_layouts():
 
 
 def test_build_app_loads_nothing_and_sets_up_the_queue(tmp_path):
-    # Paths that hold nothing: building must not touch them (models load on first use).
-    app = build_app(text_model=tmp_path / "none", image_pipeline=tmp_path / "none", uem=tmp_path / "none")
+    # Folders with configs and no weights: building reads the class count and nothing else (models load on first
+    # use).
+    image = tmp_path / "image"
+    (image / "transformer").mkdir(parents=True)
+    (image / "model_index.json").write_text('{"_class_name": "DiTPipeline"}')
+    (image / "transformer" / "config.json").write_text('{"num_embeds_ada_norm": 12}')
+    app = build_app(text_model=tmp_path / "none", image_pipeline=image, uem=tmp_path / "none")
     assert app._queue.max_size == MAX_QUEUE
     limits = {fn.api_name: (fn.concurrency_limit, fn.concurrency_id) for fn in app.fns.values() if fn.api_name}
     assert limits["images"] == (1, "images")
     assert limits["text"][0] in (TEXT_CONCURRENCY, "default")
     assert app._queue.default_concurrency_limit == TEXT_CONCURRENCY
+
+
+def test_build_app_names_an_image_pipeline_folder_it_cannot_read(tmp_path):
+    with pytest.raises(Exception, match="cannot read the classes of the image pipeline in .*none"):
+        build_app(image_pipeline=tmp_path / "none")
 
 
 # --- image tab ----------------------------------------------------------------------------------------------------
@@ -254,7 +264,7 @@ def test_images_other_samplers_keep_one_noise_per_seed(client, sampler):
 
 
 BAD_IMAGE_INPUT = [
-    (dict(digits=[]), "pick at least one digit"),
+    (dict(digits=[]), "pick at least one class (0-9)"),
     # Sliders: gradio enforces their bounds itself.
     (dict(count=0), "Value 0 is less than minimum value 1"),
     (dict(steps=201), "Value 201 is greater than maximum value 200"),
@@ -379,7 +389,9 @@ def test_closing_the_stream_stops_the_decode(model_dirs):
 
 def test_example_endpoint_fills_the_preset(client):
     prompt, gen_length, steps, block = client.predict("reverse", api_name="/example")
-    assert prompt.startswith("rev:") and (gen_length, steps, block) == (16, 16, 16)
+    from diffexit.dllm.charlm.tasks import DECODE
+
+    assert prompt.startswith("rev:") and (gen_length, steps, block) == (16, DECODE[16][1], DECODE[16][0])
 
 
 def test_span_text_draws_masks_and_padding(model_dirs):
@@ -394,7 +406,7 @@ def test_span_text_draws_masks_and_padding(model_dirs):
 
 @pytest.mark.slow
 def test_simultaneous_requests_all_complete_with_their_own_results(client):
-    prompts = [ADD, "sort:5281746", "rev:kbtqzea"]
+    prompts = [ADD, "pick:ceah,jlon,wxrq", "rev:kbtqzea"]
     text_args = [dict(prompt=p, halting="none (full steps)") for p in prompts]
     image_args = [dict(rule="DeeDiff: threshold", threshold=0.5, seed=s) for s in (0, 1)]
     alone_text = [run_text(client, **a)[5] for a in text_args]

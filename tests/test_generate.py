@@ -71,8 +71,8 @@ def image_args(image_models, *extra):
 def write_prompts(path: Path) -> Path:
     from diffexit.dllm.charlm.tasks import sample
 
-    examples = sample("sort", "heldout", 0, 3)
-    rows = [{"id": f"sort-{i}", "prompt": ex.prompt, "task": "sort"} for i, ex in enumerate(examples)]
+    examples = sample("pick", "heldout", 0, 3)
+    rows = [{"id": f"pick-{i}", "prompt": ex.prompt, "task": "pick"} for i, ex in enumerate(examples)]
     rows.insert(1, {"prompt": "hello"})  # no task, no id: id line00002
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
@@ -315,7 +315,7 @@ def test_unknown_method_flag_exits_nonzero(image_models, tmp_path, capsys):
 def test_text_outputs_in_input_order_with_nfe_and_halting_step(text_reference, capsys):
     prompts, out = text_reference
     records = [json.loads(line) for line in (out / "outputs.jsonl").read_text().splitlines()]
-    assert [r["id"] for r in records] == ["sort-0", "line00002", "sort-1", "sort-2"]
+    assert [r["id"] for r in records] == ["pick-0", "line00002", "pick-1", "pick-2"]
     full = {r["id"]: r for r in map(json.loads, (out / "full" / "outputs.jsonl").read_text().splitlines())}
     assert [full[r["id"]]["nfe"] for r in records] == [16] * 4
     for r in records:
@@ -351,7 +351,7 @@ def test_transformers_model_path_matches_the_pipeline(text_models, tmp_path):
     from diffexit.samplers import ThresholdSchedule
 
     prompts = tmp_path / "prompts.jsonl"
-    texts = ["sort:5281", "rev:abc", "hello there"]
+    texts = ["pick:ceah,jlon,wxrq", "rev:abc", "hello there"]
     prompts.write_text("".join(json.dumps({"id": f"p{i}", "prompt": t}) + "\n" for i, t in enumerate(texts)))
     result, _ = run_ok(generate_text, ["--prompts", str(prompts), "--model", str(text_models[1]), "--gen-length", "8",
                                        "--steps", "8", "--block-length", "4", "--method", "sched", "--schedule",
@@ -369,7 +369,7 @@ def test_calibrated_sched_file_is_accepted(text_models, tmp_path):
     rule = SchED(ThresholdSchedule("exp", 6.0, 1.0, k=4.0), stat="min")
     config = tmp_path / "sched.json"
     config.write_text(json.dumps({"sched": rule.to_dict(), "risk": 0.05, "scale": 0.8}))
-    run_ok(generate_text, ["--task", "sort", "--n", "2", "--model", str(text_models[0]), "--config", str(config)],
+    run_ok(generate_text, ["--task", "pick", "--n", "2", "--model", str(text_models[0]), "--config", str(config)],
            tmp_path / "out")
     spec = json.loads((tmp_path / "out" / "job.json").read_text())
     assert spec["method"] == "sched" and spec["params"] == rule.to_dict()
@@ -390,13 +390,13 @@ def _bad_text_inputs(tmp_path, model):
         "missing input file": (["--prompts", str(tmp_path / "nope.jsonl"), *base], "does not exist"),
         "malformed line": (["--prompts", str(malformed), *base], "malformed.jsonl line 3: not valid JSON"),
         "unknown task": (["--prompts", str(bad_task), *base], "bad-task.jsonl line 1: unknown task 'sorting'"),
-        "unknown method": (["--task", "sort", "--n", "1", "--config", str(bad_method), *base],
+        "unknown method": (["--task", "pick", "--n", "1", "--config", str(bad_method), *base],
                            "unknown method 'bogus'"),
-        "parameter of another method": (["--task", "sort", "--n", "1", "--method", "full", "--window", "3", *base],
+        "parameter of another method": (["--task", "pick", "--n", "1", "--method", "full", "--window", "3", *base],
                                         "window is a parameter of method 'prophet'"),
-        "model that cannot be loaded": (["--task", "sort", "--n", "1", "--model", str(broken)],
+        "model that cannot be loaded": (["--task", "pick", "--n", "1", "--model", str(broken)],
                                         "cannot load the text model"),
-        "missing model": (["--task", "sort", "--n", "1", "--model", str(tmp_path / "no-such-model")],
+        "missing model": (["--task", "pick", "--n", "1", "--model", str(tmp_path / "no-such-model")],
                           "cannot load the text model"),
     }
 
@@ -415,7 +415,7 @@ def test_bad_text_input_names_the_problem_and_touches_nothing(case, text_models,
 def test_text_unwritable_output_folder_is_refused(text_models, tmp_path, capsys):
     blocker = tmp_path / "blocker"
     blocker.write_text("keep me")
-    argv = ["--task", "sort", "--n", "1", "--model", str(text_models[0]), "--out", str(blocker / "sub")]
+    argv = ["--task", "pick", "--n", "1", "--model", str(text_models[0]), "--out", str(blocker / "sub")]
     assert generate_text.main(argv) == 2
     assert "cannot write to output folder" in capsys.readouterr().err
     assert blocker.read_text() == "keep me"

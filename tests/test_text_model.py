@@ -10,7 +10,11 @@ from transformers import PreTrainedTokenizerFast
 
 from diffexit.dllm import generate
 from diffexit.dllm.charlm import train as train_mod
-from diffexit.dllm.charlm.tasks import DECODE, LAYOUTS, TASK_NAMES, TASKS, layout_of, sample, score, split_of
+from diffexit.dllm.charlm.data import SHORT_TASKS, TASK_SHARES, split_counts, step_examples
+from diffexit.dllm.charlm.objective import corrupt, training_loss
+from diffexit.dllm.charlm.tasks import (
+    CONTROLS, DECODE, LAYOUTS, TASK_NAMES, TASKS, layout_of, sample, score, split_of,
+)
 from diffexit.dllm.charlm.model import (
     DiffusionLlama, load_embedded_text_model, load_text_model, text_model_config,
 )
@@ -98,12 +102,17 @@ def test_splits_are_disjoint_and_examples_fit_the_layout(task, tok):
         encode_answers(tok, [e.answer for e in examples], layout.span_length)
 
 
-def test_count_answer_is_long_form():
-    assert all(len(e.answer) >= 128 for e in sample("count", "train", 0, 20))
-    assert LAYOUTS["long"].span_length > 128
-    assert score("count", "count:9974", " ".join(str(n) for n in range(9974, 10000)))
-    with pytest.raises(ValueError, match="start at most 9974"):
-        score("count", "count:9975", "")
+def test_chain_answer_is_long_form():
+    examples = sample("chain", "train", 0, 20)
+    assert all(len(e.answer) == 129 for e in examples)
+    assert LAYOUTS["long"].span_length > 129  # room for at least one [EOS]
+    words = examples[0].prompt[len("chain:"):].split(",")
+    assert score("chain", examples[0].prompt, " ".join([words[0]] * 26))
+    assert not score("chain", examples[0].prompt, " ".join([words[0]] * 25))
+
+
+def test_controls_are_the_tasks_with_one_right_answer():
+    assert CONTROLS == tuple(t for t in TASK_NAMES if not TASKS[t].coupled) == ("reverse", "add")
 
 
 def test_every_layout_decodes_one_token_per_step_in_whole_blocks():
@@ -120,21 +129,20 @@ def test_sample_rejects_bad_arguments():
     with pytest.raises(ValueError, match="malformed"):
         score("add", "add:12+34", "46")
     with pytest.raises(ValueError, match="task tag"):
-        score("sort", "rev:abc", "cba")
+        score("pick", "rev:abc", "cba")
 
 
+CHAIN_AB = " ".join(["cjbe", "ouyx"] * 13)
 SCORER_CASES = {
     "add": ("add:000123+004567", ["0004690"], ["4690", "0004691", "00004690", " 0004690"]),
-    "sort": ("sort:5281746", ["1245678"], ["8765421", "124567", "12456788"]),
     "reverse": ("rev:kbtqzea", ["aezqtbk"], ["kbtqzea", "aezqtb", "aezqtbk "]),
-    "count": ("count:0098", [" ".join(f"{n:04d}" for n in range(98, 124))],
-              [" ".join(f"{n:04d}" for n in range(98, 123)), " ".join(str(n) for n in range(98, 124)),
-               " ".join(f"{n:04d}" for n in range(98, 125)), " ".join(f"{n:04d}" for n in range(98, 124)) + " "]),
-    "sum_pair": ("pair:58", ["23+35", "00+58", "58+00", "29+29", "5+53", "058+000"],
-                 ["23+36", "23-35", "58", "+58", "23+35+0", "2o+35", ""]),
-    "permute": ("perm:dcbae", ["dcbae", "abcde", "eadcb"], ["abcd", "abcdef", "aabcd", "abcdd", "ABCDE"]),
-    "spell": ("spell:kovr,tuma,zepi", ["k-o-v-r", "t-u-m-a", "z-e-p-i"],
-              ["kovr", "t-u-m", "k-o-v-r-", "z-e-p-i-k-o-v-r", "t-u-m-a,z-e-p-i", "i-p-e-z", "k-o-m-a"]),
+    "pick": ("pick:ceah,jlon,wxrq", ["ceah", "jlon", "wxrq"], ["jlo", "jlonw", "ceaj", "", "JLON", "jlon ", "ceah,jlon"]),
+    "zip": ("zip:cjbe,ouyx", ["cojubyex", "ocujybxe"], ["cjbeouyx", "cojubye", "cojuybex", "cojubyexx", "ocujybex"]),
+    "trio": ("trio:cjb,rou", ["rou-cjb-rou", "cjb-cjb-cjb", "rou-rou-rou"],
+             ["rou-cjb", "rou-cjb-rou-cjb", "roucjbrou", "rou-cjb-ruo", "rou-cjb-rou-", "rou cjb rou"]),
+    "chain": ("chain:cjbe,ouyx", [CHAIN_AB, " ".join(["ouyx"] * 26)],
+              [CHAIN_AB + " ", " ".join(["cjbe", "ouyx"] * 12 + ["cjbe"]), CHAIN_AB + " cjbe",
+               CHAIN_AB.replace("ouyx", "ouxy", 1), CHAIN_AB.replace(" ", "-")]),
 }
 
 
@@ -147,22 +155,33 @@ def test_scorer_accepts_every_valid_answer_and_nothing_else(task):
         assert not score(task, prompt, output), output
 
 
-# Where, in [0, 1), the generator's answer falls among the valid ones: a/(N+1) of the pair, the place of the
-# prompt's first letter in the permutation, which word of the three was spelled.
+# Which of the valid answers the generator drew, as (index, number of choices): the word picked; which word was
+# interleaved first; which word comes first and which last.
 CHOICE = {
-    "sum_pair": lambda p, a: int(a.split("+")[0]) / (int(p[5:]) + 1),
-    "permute": lambda p, a: a.index(p[5]) / len(a),
-    "spell": lambda p, a: p[6:].split(",").index(a.replace("-", "")) / 3,
+    "pick": lambda p, a: (p[5:].split(",").index(a), 3),
+    "zip": lambda p, a: (int(a[0] != p[4]), 2),
+    "trio": lambda p, a: (p[5:].split(",").index(a.split("-")[0]) * 2 + p[5:].split(",").index(a.split("-")[-1]), 4),
+    "chain": lambda p, a: (p[6:].split(",").index(a.split(" ")[0]) * 2 + p[6:].split(",").index(a.split(" ")[-1]), 4),
 }
 
 
 @pytest.mark.parametrize("task", [t for t in TASK_NAMES if TASKS[t].coupled])
 def test_coupled_tasks_train_on_answers_spread_over_the_valid_ones(task):
-    # If the generator favoured one valid answer (say the first word, or 000+N), the model would learn it and
-    # one-step decoding would have a single answer to copy: the task would measure nothing.
-    choices = [CHOICE[task](e.prompt, e.answer) for e in sample(task, "train", 0, 600)]
-    thirds = [sum(lo <= c < lo + 1 / 3 for c in choices) / len(choices) for lo in (0, 1 / 3, 2 / 3)]
-    assert min(thirds) > 0.2, thirds
+    # If the generator favoured one valid answer (say the first word), the model would learn it and one-step
+    # decoding would have a single answer to copy: the task would measure nothing.
+    draws = [CHOICE[task](e.prompt, e.answer) for e in sample(task, "train", 0, 800)]
+    k = draws[0][1]
+    shares = [sum(i == c for i, _ in draws) / len(draws) for c in range(k)]
+    assert min(shares) > 0.7 / k, shares
+
+
+def test_choices_come_from_disjoint_alphabets():
+    # Once one letter of a choice is committed it tells which word is being written, so the rest is a copy.
+    for task, tag in (("pick", "pick:"), ("zip", "zip:"), ("trio", "trio:"), ("chain", "chain:")):
+        for e in sample(task, "train", 1, 50):
+            words = e.prompt[len(tag):].split(",")
+            assert all(len(set(w)) == len(w) for w in words)
+            assert all(not set(a) & set(b) for i, a in enumerate(words) for b in words[i + 1:]), e.prompt
 
 
 # model ----------------------------------------------------------------------------------------------------------
@@ -248,13 +267,13 @@ def test_saved_model_loads_back_exactly_and_fp16_export_stays_close(tok, tmp_pat
 # training -------------------------------------------------------------------------------------------------------
 
 TINY_RUN = ["--hidden", "32", "--layers", "2", "--heads", "4", "--batch-short", "16", "--batch-long", "2",
-            "--eval-every", "1000", "--checkpoint-every", "3", "--warmup", "2", "--lr", "3e-3", "--threads", "1"]
+            "--eval-every", "1000", "--decode-every", "0", "--checkpoint-every", "3", "--warmup", "2", "--lr", "3e-3", "--threads", "1"]
 
 
 def _fixed_loss(model, tok, args):
     """The training loss of one fixed, never-trained-on step's data and masks."""
     with torch.no_grad():
-        return train_mod.training_loss(model, tok, 10 ** 6, args, 0).item()
+        return training_loss(model, tok, 10 ** 6, args, 0).item()
 
 
 def _checkpoint_model(run_dir, tok):
@@ -265,27 +284,27 @@ def _checkpoint_model(run_dir, tok):
 
 def test_corrupt_masks_only_the_span_at_rate_t():
     ids = torch.arange(4 * 200).reshape(4, 200)
-    noisy, masked = train_mod.corrupt(ids, 40, torch.tensor([0.0, 0.25, 0.75, 1.0]), -1, torch.Generator().manual_seed(0))
+    noisy, masked = corrupt(ids, 40, torch.tensor([0.0, 0.25, 0.75, 1.0]), -1, torch.Generator().manual_seed(0))
     assert not masked[:, :40].any() and not masked[0].any() and masked[3, 40:].all()
     assert (noisy[masked] == -1).all() and torch.equal(noisy[~masked], ids[~masked])
     assert 0.15 < masked[1, 40:].float().mean() < 0.35 and 0.65 < masked[2, 40:].float().mean() < 0.85
 
 
 def test_step_examples_cover_every_task_and_differ_by_step_and_rank():
-    groups = train_mod.step_examples(0, 0, 0, 13, 2)
+    groups = step_examples(0, 0, 0, 13, 2)
     assert len(groups["short"]) == 13 and len(groups["long"]) == 2
-    assert {e.task for e in groups["short"]} == set(train_mod.SHORT_TASKS)
-    assert groups == train_mod.step_examples(0, 0, 0, 13, 2)
-    assert groups != train_mod.step_examples(1, 0, 0, 13, 2) and groups != train_mod.step_examples(0, 0, 1, 13, 2)
-    assert "long" not in train_mod.step_examples(0, 0, 0, 13, 0)
+    assert {e.task for e in groups["short"]} == set(SHORT_TASKS)
+    assert groups == step_examples(0, 0, 0, 13, 2)
+    assert groups != step_examples(1, 0, 0, 13, 2) and groups != step_examples(0, 0, 1, 13, 2)
+    assert "long" not in step_examples(0, 0, 0, 13, 0)
 
 
 def test_split_counts_follow_the_shares():
     per_share = 10
-    total = per_share * sum(train_mod.TASK_SHARES[t] for t in train_mod.SHORT_TASKS)
-    counts = train_mod.split_counts(total, train_mod.SHORT_TASKS)
-    assert counts == {t: per_share * train_mod.TASK_SHARES[t] for t in train_mod.SHORT_TASKS}
-    assert sum(train_mod.split_counts(total - 3, train_mod.SHORT_TASKS).values()) == total - 3
+    total = per_share * sum(TASK_SHARES[t] for t in SHORT_TASKS)
+    counts = split_counts(total, SHORT_TASKS)
+    assert counts == {t: per_share * TASK_SHARES[t] for t in SHORT_TASKS}
+    assert sum(split_counts(total - 3, SHORT_TASKS).values()) == total - 3
 
 
 def test_a_few_steps_lower_the_loss(tmp_path, tok):
@@ -328,9 +347,27 @@ def test_resume_guards(tmp_path):
     with pytest.raises(ValueError, match="already exists"):
         train_mod.main(["--out", str(tmp_path), "--steps", "3", *TINY_RUN])
     with pytest.raises(ValueError, match="different settings"):
-        train_mod.main(["--out", str(tmp_path), "--resume", "--steps", "4", *TINY_RUN])
+        train_mod.main(["--out", str(tmp_path), "--resume", "--steps", "3", *TINY_RUN, "--lr", "1e-3"])
+    with pytest.raises(ValueError, match="below the run's 3"):
+        train_mod.main(["--out", str(tmp_path), "--resume", "--steps", "2", *TINY_RUN])
     with pytest.raises(ValueError, match="--truncate-prob"):
         train_mod.main(["--out", str(tmp_path / "x"), "--truncate-prob", "2", *TINY_RUN])
+
+
+def test_a_larger_steps_on_resume_adds_a_leg(tmp_path):
+    from diffexit.common.training import warmup_cosine
+
+    train_mod.main(["--out", str(tmp_path), "--steps", "3", *TINY_RUN])
+    train_mod.main(["--out", str(tmp_path), "--resume", "--steps", "6", *TINY_RUN])
+    legs = json.loads((tmp_path / "checkpoint" / "state.json").read_text())["legs"]
+    assert [(leg["from_step"], leg["steps"]) for leg in legs] == [(0, 3), (3, 6)]
+    assert "--resume --steps 6" in legs[1]["command"]
+    # Steps before the new leg keep the first cosine; later ones follow the stretched one.
+    totals = train_mod.schedule_totals(legs)
+    assert [totals(s) for s in range(6)] == [3, 3, 3, 6, 6, 6]
+    lrs = [json.loads(line)["lr"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    # The rate logged after update s is the one update s + 1 uses; the first leg logged its own end at step 3.
+    assert lrs == pytest.approx([3e-3 * warmup_cosine(s, 2, 3 if s <= 3 else 6) for s in range(1, 7)])
 
 
 # the shipped model ----------------------------------------------------------------------------------------------

@@ -312,7 +312,7 @@ def main(argv: list[str], prog: str = "diffexit bench text") -> int:
     path = write_results(args.out, "text", args.quick, rows, n_per_task=n, torch_threads=torch.get_num_threads())
     plot_pareto(rows, args.out / "pareto.png")
     # The long-form task shows the most: its span is long and its margins rise slowly.
-    plot_trace(model, tok, "count" if "count" in args.tasks else args.tasks[0], args.out / "trace.png")
+    plot_trace(model, tok, "chain" if "chain" in args.tasks else args.tasks[0], args.out / "trace.png")
     print(markdown_table([r for r in rows if r["task"] == "all"], COLUMNS))
     flagged = sorted({r["task"] for r in rows if r["task"] != "all" and r["one_step_matches_full"]})
     if flagged:

@@ -1,0 +1,125 @@
+"""How well an embedded text model does: held-out masked-token accuracy, and decoding accuracy at full steps and at
+one step, which is what tells a discriminating task from a control (masked accuracy against one reference answer
+cannot show a task with several valid answers being learned). And the model's card.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from ...common.model_card import model_card, write_model_card
+from .data import TASK_SHARES, encode_examples
+from .objective import corrupt
+from .tasks import CONTROLS, DECODE, LAYOUTS, TASK_NAMES, TASKS, Example, sample, score
+from .tokenizer import decode_answer, encode_prompts
+
+EVAL_MASK_RATES = (0.15, 0.5, 1.0)
+
+
+@torch.no_grad()
+def masked_accuracy(model, tokenizer, heldout: dict[str, list[Example]]) -> dict[str, dict[float, float]]:
+    """Per task and mask rate, the argmax accuracy on masked span tokens of held-out examples (fixed masks)."""
+    model.eval()
+    device = next(model.parameters()).device
+    out: dict[str, dict[float, float]] = {}
+    for ti, (task, examples) in enumerate(heldout.items()):
+        layout = LAYOUTS[TASKS[task].layout]
+        ids, attn = encode_examples(tokenizer, examples, layout)
+        out[task] = {}
+        for ri, rate in enumerate(EVAL_MASK_RATES):
+            gen = torch.Generator().manual_seed(1_000 * ti + ri)
+            noisy, masked = corrupt(ids, layout.prompt_length, torch.full((len(examples),), rate),
+                                    tokenizer.mask_token_id, gen)
+            pred = model(noisy.to(device), attention_mask=attn.to(device)).logits.argmax(-1).cpu()
+            out[task][rate] = float((pred[masked] == ids[masked]).float().mean()) if masked.any() else float("nan")
+    model.train()
+    return out
+
+
+@torch.no_grad()
+def decode_accuracy(model, tokenizer, task: str, examples: list[Example], *, one_step: bool, batch: int = 64) -> float:
+    """Fraction of ``examples`` that ``diffexit.dllm.generate`` gets right, greedy with low-confidence remasking.
+
+    Full steps use the span's ``DECODE`` setup (one token per step); ``one_step`` fills the span in one pass.
+    """
+    from ..generate import generate
+
+    layout = LAYOUTS[TASKS[task].layout]
+    block, steps = (layout.span_length, 1) if one_step else DECODE[layout.span_length]
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    right = 0
+    for i in range(0, len(examples), batch):
+        chunk = examples[i:i + batch]
+        ids, attn = encode_prompts(tokenizer, [e.prompt for e in chunk], layout.prompt_length)
+        out = generate(model, ids.to(device), attention_mask=attn.to(device), gen_length=layout.span_length,
+                       steps=steps, block_length=block, mask_id=tokenizer.mask_token_id)
+        for e, span in zip(chunk, out.generated.cpu()):
+            right += score(task, e.prompt, decode_answer(tokenizer, span))
+    model.train(was_training)
+    return right / len(examples)
+
+
+def decode_table(model, tokenizer, n: int, tasks: Sequence[str] = TASK_NAMES, seed: int = 0) -> dict[str, dict]:
+    """``{task: {"full": accuracy, "one_step": accuracy}}`` on ``n`` held-out examples of each task (draw ``seed``)."""
+    out = {}
+    for task in tasks:
+        examples = sample(task, "heldout", seed, n)
+        out[task] = {"full": decode_accuracy(model, tokenizer, task, examples, one_step=False),
+                     "one_step": decode_accuracy(model, tokenizer, task, examples, one_step=True)}
+    return out
+
+
+def format_decodes(table: dict[str, dict]) -> str:
+    return " ".join(f"{task}={v['full']:.2f}/{v['one_step']:.2f}" for task, v in table.items())
+
+
+def format_accuracy(acc: dict[str, dict[float, float]]) -> str:
+    return " ".join(f"{task}=" + "/".join(f"{v:.2f}" for v in rates.values()) for task, rates in acc.items())
+
+
+def accuracy_table(table: dict[str, dict]) -> str:
+    """The card's markdown table: full-step and one-step accuracy per task, and which tasks are controls."""
+    lines = ["| task | full steps | one step | role |", "| --- | --- | --- | --- |"]
+    for task, v in table.items():
+        role = "control" if task in CONTROLS else "discriminating"
+        lines.append(f"| {task} | {v['full']:.3f} | {v['one_step']:.3f} | {role} |")
+    return "\n".join(lines)
+
+
+def write_text_card(directory: Path, command: str, args, n_params: int, seconds: float, table: dict[str, dict],
+                    n: int, legs: Sequence[str] = ()) -> None:
+    """``MODEL_CARD.md`` beside the exported weights: how they were made and their held-out decoding accuracy."""
+    shares = ", ".join(f"{t} {s}" for t, s in TASK_SHARES.items())
+    commands = "".join(f", then `{c}`" for c in legs)
+    card = model_card(
+        "The embedded masked-diffusion text model",
+        f"""A bidirectional `LlamaForCausalLM` (`DiffusionLlama`: `is_causal=False`, learned absolute positions),
+{args.layers} layers x {args.hidden} wide, {args.heads} heads, {n_params / 1e6:.2f}M parameters, stored in fp16; a
+character-level tokenizer (`tokenizer.json`, `[MASK]`, `[EOS]`, `[PAD]`). Load it with
+`diffexit.dllm.charlm.model.load_embedded_text_model()`.""",
+        {
+            "Data": f"""The generated tasks of `diffexit.dllm.charlm.tasks` ({", ".join(TASK_NAMES)}), training split (a
+  CRC32 of the prompt decides the split, so held-out prompts are never trained on). Task shares: {shares}.""",
+            "Objective": """LLaDA's masked-diffusion loss: `t ~ U(eps, 1)`, each answer-span token masked with
+  probability `t`, cross-entropy on the masked tokens weighted by `1/t`; a quarter of the batches cut after a block
+  boundary so the model also decodes in `LLaDA2Pipeline`'s block windows.""",
+            "Training": f"""{args.steps} steps, AdamW peak lr {args.lr:g} ({args.warmup} warm-up steps, cosine decay to
+  a tenth), batches of {args.batch_short} short and {args.batch_long} long examples, seed {args.seed},
+  {seconds / 60:.0f} min of training on a 2-core CPU shared with other jobs. `training.json` has the settings,
+  `metrics.jsonl` of the run the learning curves.""",
+            "Commands": f"`{command}`{commands}" + (" (legs resumed from checkpoints continue bit for bit)"
+                                                     if legs else ""),
+        },
+        [("Held-out accuracy", f"""{n} held-out examples per task, greedy, low-confidence remasking; "full steps"
+commits one token per step (short spans: 4 blocks of 4; `chain`: 4 blocks of 34), "one step" fills the span in one
+forward pass. Discriminating tasks are scored for validity (any consistent answer), controls for equality; one-step
+decoding solves the controls, so they are left out of the benchmark's headline average.
+
+{accuracy_table(table)}""")],
+    )
+    write_model_card(directory, card)
