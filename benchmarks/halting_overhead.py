@@ -1,66 +1,81 @@
-"""Halting-rule overhead per decoding step, as a fraction of one forward pass, measured side by side.
+"""What a decoding step costs beside the model's forward pass, as a fraction of that pass, measured side by side.
 
-    python benchmarks/halting_overhead.py [--repeats 20] [--vocab V]
+    python benchmarks/halting_overhead.py [--repeats 5] [--batches 1 32 64]
 
-Per step, a halting rule costs ``token_stats`` over the span logits plus the rule's aggregation. This times
-both against the model's forward pass at batch 1 and 32, on a bidirectional Llama shaped like the embedded
-text model (hidden 256, 4 layers, 4 heads), for the short (24 + 16) and long (136 + 136) layouts.
-``--vocab`` lets you see how the ratio moves with a large vocabulary (the stats scale with V, the forward
-pass mostly does not until the head dominates).
+Times ``diffexit.dllm.generate`` twice per setting on the same prompts: once with the shipped text model, and
+once with a stand-in that returns that model's logits, precomputed, at no cost. The second run is everything a step
+does besides the forward pass: token statistics, the halting rule, the commit and the batch bookkeeping. Rows:
+no halting rule (the commit alone) and SchED that never halts (the rule decides at every step, the worst case), for
+the short (24 + 16, 4 blocks of 4) and long (24 + 136, 4 blocks of 34) layouts.
 """
 
 from __future__ import annotations
 
 import argparse
 import time
+from types import SimpleNamespace
 
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
 
-from diffexit.dllm import SchED
-from diffexit.kernels import token_stats
+from diffexit.common.schedules import ThresholdSchedule
+from diffexit.dllm import SchED, generate
+from diffexit.dllm.charlm.model import load_embedded_text_model
+from diffexit.dllm.charlm.tasks import DECODE, LAYOUTS
 
 
-def _time(fn, repeats: int) -> float:
+class Replay(torch.nn.Module):
+    """Returns fixed logits ``[B, N, V]`` for the rows it is given: a model whose forward pass costs nothing.
+
+    The loop runs the active rows only; which rows they are does not matter for timing, so it returns the first
+    ``A`` rows of the table.
+    """
+
+    def __init__(self, logits: torch.Tensor):
+        super().__init__()
+        self.logits = logits
+        self.config = SimpleNamespace(vocab_size=logits.shape[-1])
+
+    def forward(self, input_ids, attention_mask=None, **kwargs):
+        return SimpleNamespace(logits=self.logits[: input_ids.shape[0], : input_ids.shape[1]])
+
+
+def _seconds(fn, repeats: int) -> float:
     fn()  # warm-up
     start = time.perf_counter()
     for _ in range(repeats):
         fn()
-    return (time.perf_counter() - start) / repeats * 1e3
+    return (time.perf_counter() - start) / repeats
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--repeats", type=int, default=20)
-    p.add_argument("--vocab", type=int, default=100)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--batches", type=int, nargs="+", default=[1, 32, 64])
     args = p.parse_args()
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=args.vocab, hidden_size=256, intermediate_size=1024, num_hidden_layers=4,
-                      num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=512, is_causal=False)
-    model = LlamaForCausalLM(cfg).eval()
-    rule = SchED()
-    print(f"threads={torch.get_num_threads()} vocab={args.vocab}")
-    print("| layout | batch | forward ms | stats + rule ms | overhead |")
-    print("| --- | --- | --- | --- | --- |")
-    for name, (plen, span) in {"short": (24, 16), "long": (136, 136)}.items():
-        for batch in (1, 32):
-            x = torch.randint(0, args.vocab, (batch, plen + span))
+    model, tok = load_embedded_text_model()
+    never = ThresholdSchedule("constant", 1e9, 1e9)
+    n_params = sum(p.numel() for p in model.parameters())
+    print(f"threads={torch.get_num_threads()} model={n_params / 1e6:.2f}M parameters, vocab={len(tok)}")
+    print("| layout | batch | rule | forward ms / step | rest ms / step | rest / forward |")
+    print("| --- | --- | --- | --- | --- | --- |")
+    for name, layout in LAYOUTS.items():
+        block, steps = DECODE[layout.span_length]
+        for batch in args.batches:
+            gen = torch.Generator().manual_seed(0)
+            ids = torch.randint(4, len(tok), (batch, layout.prompt_length), generator=gen)
             with torch.no_grad():
-                logits = model(x).logits
-            masked = torch.ones(batch, span, dtype=torch.bool)
-            progress = torch.full((batch,), 0.5)
-            rows = torch.arange(batch)
-            rule.start(batch, span, x.device)
+                table = model(torch.cat([ids, torch.full((batch, layout.span_length), tok.mask_token_id)], 1)).logits
+            replay = Replay(table)
+            for label, rule in (("none", None), ("SchED, never halts", lambda: SchED(never))):
+                def decode(m):
+                    return lambda: generate(m, ids, gen_length=layout.span_length, steps=steps, block_length=block,
+                                            mask_id=tok.mask_token_id, halting=rule() if rule else None)
 
-            def forward():
-                with torch.no_grad():
-                    model(x)
-
-            def halting():
-                rule.decide(token_stats(logits[:, plen:]), masked, progress, rows)
-
-            f_ms, h_ms = _time(forward, args.repeats), _time(halting, args.repeats)
-            print(f"| {name} | {batch} | {f_ms:.2f} | {h_ms:.3f} | {100 * h_ms / f_ms:.2f}% |")
+                whole = _seconds(decode(model), args.repeats) / steps
+                rest = _seconds(decode(replay), args.repeats) / steps
+                forward = whole - rest
+                print(f"| {name} | {batch} | {label} | {1e3 * forward:.2f} | {1e3 * rest:.3f} | "
+                      f"{100 * rest / forward:.1f}% |", flush=True)
 
 
 if __name__ == "__main__":

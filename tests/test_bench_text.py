@@ -22,9 +22,13 @@ def _bench(tmp_path, tiny_text_model, tasks):
     result = json.loads((out / "results.json").read_text())
     assert result["benchmark"] == "text" and result["quick"] is True
     names = {m.name for m in all_methods((tok.eos_token_id, tok.pad_token_id))}
-    stats = {r["params"].get("stat") for r in result["rows"] if r["task"] == "all"}
+    groups = ["controls"] + (["discriminating"] if set(tasks) - {"reverse", "add"} else [])
+    assert {r["task"] for r in result["rows"]} == {*tasks, *groups}
+    stats = {r["params"].get("stat") for r in result["rows"] if r["task"] == "controls"}
     assert {"mean", "median", "quantile", "min", "mean_content", "entropy"} <= stats
-    for task in (*tasks, "all"):
+    caches = {r["params"]["cache"] for r in result["rows"] if "cache" in r["params"]}
+    assert caches == {"prefix", "dual"}
+    for task in (*tasks, *groups):
         rows = [r for r in result["rows"] if r["task"] == task]
         assert {r["method"] for r in rows} == names
         for r in rows:
@@ -39,7 +43,19 @@ def _bench(tmp_path, tiny_text_model, tasks):
         # The flag compares one step with generate()'s full steps, not with the pipeline's baseline.
         want = by["one-step"]["score"] >= by["full"]["score"]
         assert all(r["one_step_matches_full"] == want for r in by.values())
-    assert (out / "pareto.png").stat().st_size > 0 and (out / "trace.png").stat().st_size > 0
+    # A cache changes how much each pass runs, not how many passes full steps take.
+    for cache in ("prefix", "dual"):
+        cached = [r for r in result["rows"] if r["method"] == f"full+{cache}" and r["task"] == "add"][0]
+        assert cached["nfe"] == 16 and cached["baseline"] == "full"
+    for summary in groups:
+        rows = [r for r in result["rows"] if r["task"] == summary]
+        members = [t for t in tasks if (t in ("reverse", "add")) == (summary == "controls")]
+        assert all(r["tasks"] == sorted(members) for r in rows)
+        by = {(r["task"], r["method"]): r for r in result["rows"]}
+        for r in rows:
+            assert r["score"] == pytest.approx(sum(by[(t, r["method"])]["score"] for t in members) / len(members))
+    for plot in ("pareto.png", "wall.png", "trace.png"):
+        assert (out / plot).stat().st_size > 0
 
 
 def test_bench_text_quick(tmp_path, tiny_text_model):

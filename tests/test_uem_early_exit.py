@@ -9,6 +9,7 @@ from diffusers import DiTTransformer2DModel, UNet2DModel
 
 from diffexit.samplers import ThresholdSchedule
 from diffexit.uem import (
+    CalibratedThreshold,
     FullDepth,
     MinDepth,
     StaticDepth,
@@ -92,6 +93,54 @@ def test_threshold_that_never_fires_equals_original_forward(tiny_dit):
     assert early.last_depths.tolist() == [LAYERS] * 5
     tup = m(x, timestep=t, class_labels=y, return_dict=False)
     assert isinstance(tup, tuple) and torch.equal(tup[0], out)
+
+
+def test_a_step_where_nothing_can_exit_is_the_models_own_forward(tiny_dit, monkeypatch):
+    # No per-block bookkeeping when the rule cannot fire: the output is bit-identical to no hook, the UEMs are
+    # never evaluated, and the depths are still reported (guided pairs counted once).
+    import diffexit.uem.early_exit as early_exit_module
+
+    m = tiny_dit(layers=LAYERS)
+    x, t, y = inputs(3)
+    x, t, y = torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, torch.full_like(y, NULL_CLASS)])
+    with torch.no_grad():
+        ref = m(x, timestep=t, class_labels=y).sample
+    monkeypatch.setattr(early_exit_module, "token_uncertainty", lambda *a: pytest.fail("the UEMs were evaluated"))
+    for rule in (UncertaintyThreshold(0.0), FullDepth(), MinDepth(UncertaintyThreshold(0.5), LAYERS),
+                 StaticDepth((LAYERS,))):
+        early = enable_early_exit(m, spread_uem(m), rule)
+        with torch.no_grad():
+            out = m(x, timestep=t, class_labels=y).sample
+        disable_early_exit(m)
+        assert torch.equal(out, ref), rule
+        assert early.last_depths.tolist() == [LAYERS] * 3
+
+
+def test_the_rule_is_not_asked_before_its_first_exit(tiny_dit):
+    m = tiny_dit(layers=LAYERS)
+    x, t, y = inputs(2)
+    asked = []
+
+    class Recording(UncertaintyThreshold):
+        def exits(self, depth, progress, uncertainty):
+            asked.append(depth)
+            return super().exits(depth, progress, uncertainty)
+
+    enable_early_exit(m, spread_uem(m), MinDepth(Recording(1e-9), 3))
+    with torch.no_grad():
+        m(x, timestep=t, class_labels=y)
+    assert asked == [3]  # blocks 1 and 2 run without asking; after block 4 every sample stops anyway
+
+
+@pytest.mark.parametrize("rule, progress, first", [
+    (UncertaintyThreshold(0.3), 0.5, 1), (UncertaintyThreshold(0.0), 0.5, LAYERS),
+    (UncertaintyThreshold(ThresholdSchedule("linear", 0.5, 0.0)), 1.0, LAYERS),
+    (StaticDepth((1, 3)), 0.9, 3), (MinDepth(UncertaintyThreshold(0.3), (2, 3)), 0.2, 2),
+    (MinDepth(UncertaintyThreshold(0.0), 2), 0.2, LAYERS), (FullDepth(), None, LAYERS),
+    (CalibratedThreshold([0.0, 0.2], [1, 3]), 0.0, LAYERS), (CalibratedThreshold([0.0, 0.2], [1, 3]), 1.0, 3),
+])
+def test_first_exit_per_rule(rule, progress, first):
+    assert rule.first_exit(progress, LAYERS) == first
 
 
 @torch.no_grad()

@@ -112,14 +112,22 @@ class EarlyExit:
             return False
         return torch.equal(tokens[: batch // 2], tokens[batch // 2 :])
 
-    def _forward(self, model: nn.Module, args: tuple, kwargs: dict):
+    def _forward(self, model: nn.Module, args: tuple, kwargs: dict, original: Callable):
         adapter, num_blocks = self._adapter, self.num_blocks
+        rule, progress = self._rule, self.progress
+        first = rule.first_exit(progress, num_blocks)
+        if first >= num_blocks:
+            # Nothing can exit at this step: the model's own forward, with no per-block bookkeeping.
+            out = original(*args, **kwargs)
+            x = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+            self._report(torch.full((x.shape[0] // 2 if self._paired(x) else x.shape[0],), num_blocks,
+                                    dtype=torch.long, device=x.device))
+            return out
         run = adapter.begin(model, args, kwargs)
         hidden, rows = run.hidden, run.rows
         batch, device = hidden.shape[0], hidden.device
         paired = self._paired(hidden)
         groups = batch // 2 if paired else batch
-        rule, progress = self._rule, self.progress
         head_w = head_b = None
         if rule.needs_uem:
             uem = self.uem
@@ -135,6 +143,8 @@ class EarlyExit:
             depth = index + 1
             if depth == num_blocks:
                 break
+            if depth < first:
+                continue
 
             def uncertainty(hidden=hidden, index=index):
                 if head_w is None:
@@ -172,10 +182,13 @@ class EarlyExit:
             out = y
         else:
             out[row_ids] = y
+        self._report(depths)
+        return Transformer2DModelOutput(sample=out) if run.return_dict else (out,)
+
+    def _report(self, depths: torch.Tensor) -> None:
         self.last_depths = depths
         if self.depth_listener is not None:
             self.depth_listener(depths)
-        return Transformer2DModelOutput(sample=out) if run.return_dict else (out,)
 
 
 class _EarlyExitHook(ModelHook):
@@ -186,7 +199,7 @@ class _EarlyExitHook(ModelHook):
         self.had_forward_attr = had_forward_attr
 
     def new_forward(self, module, *args, **kwargs):
-        return self.early_exit._forward(module, args, kwargs)
+        return self.early_exit._forward(module, args, kwargs, self.fn_ref.original_forward)
 
 
 def _hook_of(model: nn.Module) -> Optional[_EarlyExitHook]:

@@ -11,6 +11,11 @@ The early-exit forward (:mod:`diffexit.uem.early_exit`) runs the blocks and asks
 The answer is a bool tensor ``[G]`` (True: that sample stops here) or one bool for every sample. After the last
 block every sample stops, so rules are never asked there. A new rule subclasses :class:`ExitRule`.
 
+Before the blocks run, ``rule.first_exit(progress, num_blocks)`` says the shallowest depth at which the rule could
+stop a sample at this step; the forward does not ask before it, and at ``num_blocks`` (nothing can exit: a zero
+threshold, a minimum depth of every block) it runs the model's own forward, so a step at full depth costs what it
+costs without early exits.
+
 Rules that vary over sampling (``StaticDepth``, a per-step ``MinDepth``, ``CalibratedThreshold``) hold one entry
 per stretch: progress is cut into ``n`` equal stretches and stretch ``min(floor(progress * n), n - 1)`` applies.
 With ``n`` sampling steps, step ``i`` (progress ``i / (n - 1)``) falls exactly in stretch ``i``.
@@ -73,6 +78,11 @@ class ExitRule:
     def exits(self, depth: int, progress: Optional[float], uncertainty: Uncertainty) -> Union[torch.Tensor, bool]:
         raise NotImplementedError
 
+    def first_exit(self, progress: Optional[float], num_blocks: int) -> int:
+        """The shallowest depth (1-based) at which this rule could stop a sample at ``progress``; ``num_blocks``
+        when none can stop before the last block."""
+        return 1
+
 
 class UncertaintyThreshold(ExitRule):
     """DeeDiff's rule: a sample stops after the first block whose mean uncertainty is below the threshold.
@@ -114,6 +124,9 @@ class UncertaintyThreshold(ExitRule):
     def exits(self, depth, progress, uncertainty):
         return uncertainty() < self.threshold_at(progress)
 
+    def first_exit(self, progress, num_blocks):
+        return num_blocks if self.threshold_at(progress) <= 0.0 else 1
+
     def __repr__(self):
         return f"UncertaintyThreshold({self.threshold!r})"
 
@@ -148,6 +161,9 @@ class StaticDepth(ExitRule):
     def exits(self, depth, progress, uncertainty):
         return depth >= self.depth_at(progress)
 
+    def first_exit(self, progress, num_blocks):
+        return min(self.depth_at(progress), num_blocks)
+
     def __repr__(self):
         return f"StaticDepth({self.depths})"
 
@@ -181,6 +197,9 @@ class MinDepth(ExitRule):
         if depth < self.depth_at(progress):
             return False
         return self.rule.exits(depth, progress, uncertainty)
+
+    def first_exit(self, progress, num_blocks):
+        return min(max(self.depth_at(progress), self.rule.first_exit(progress, num_blocks)), num_blocks)
 
     def __repr__(self):
         return f"MinDepth({self.rule!r}, {self.depths[0] if len(self.depths) == 1 else self.depths})"
@@ -223,11 +242,18 @@ class CalibratedThreshold(ExitRule):
         if max(self.min_depths) > num_blocks:
             raise ValueError(f"minimum depth {max(self.min_depths)} exceeds the model's {num_blocks} blocks")
 
+    def _in_force(self, progress):
+        return _in_force(tuple(zip(self.thresholds, self.min_depths)), progress, f"{self!r}")
+
     def exits(self, depth, progress, uncertainty):
-        threshold, min_depth = _in_force(tuple(zip(self.thresholds, self.min_depths)), progress, f"{self!r}")
+        threshold, min_depth = self._in_force(progress)
         if depth < min_depth:
             return False
         return uncertainty() < threshold
+
+    def first_exit(self, progress, num_blocks):
+        threshold, min_depth = self._in_force(progress)
+        return num_blocks if threshold <= 0.0 else min(min_depth, num_blocks)
 
     def __repr__(self):
         budget = "" if self.budget is None else f"budget={self.budget:g}, "
@@ -241,6 +267,9 @@ class FullDepth(ExitRule):
 
     def exits(self, depth, progress, uncertainty):
         return False
+
+    def first_exit(self, progress, num_blocks):
+        return num_blocks
 
     def __repr__(self):
         return "FullDepth()"

@@ -1,18 +1,24 @@
-"""``diffexit bench text``: SchED against full steps, one step, Prophet and parallel commits, side by side.
+"""``diffexit bench text``: SchED against full steps, one step, Prophet, parallel commits and KV caches, side by side.
 
 Every method decodes the same held-out examples of every task with the embedded model (or ``--model DIR``),
 greedy. Per task and method it reports accuracy, mean NFE (forward passes per sample), the NFE and wall-clock
 speedups over full steps measured in the same run, ``QPS_4 = speedup_nfe * (score / full_score)^4``, and
 ``agreement``, the share of answers identical to full steps' (one minus the rate of answer-changing halts).
-Rows run inside ``LLaDA2Pipeline`` are measured against the stock pipeline instead (field ``baseline``).
+Rows run inside ``LLaDA2Pipeline`` are measured against the stock pipeline instead (field ``baseline``). Cached
+rows (Fast-dLLM's ``prefix`` and ``dual`` caches, alone and with parallel commits and SchED) are measured against
+uncached full steps: their NFE counts forward passes, each of which runs fewer tokens.
 
-Decoding setup per layout (see ``diffexit.dllm.tasks``): short tasks decode their 16-token span in one block
-at 16 steps; ``count`` decodes 136 tokens in 4 blocks of 34 at 136 steps; "full" is one token per step.
-The embedded model also runs inside diffusers' ``LLaDA2Pipeline`` (blocks of 8, one token per step), with
-the stock ``BlockRefinementScheduler`` and with ``SchEDScheduler``.
+Decoding setup per layout (``diffexit.dllm.charlm.tasks.DECODE``): short tasks decode their 16-token span in 4
+blocks of 4 at 16 steps; ``chain`` decodes 136 tokens in 4 blocks of 34 at 136 steps; "full" is one token per step.
+The embedded model also runs inside diffusers' ``LLaDA2Pipeline`` (blocks of 8, one token per step), with the stock
+``BlockRefinementScheduler`` and with ``SchEDScheduler``.
 
-Writes ``DIR/results.json``, ``DIR/pareto.png`` (speedup against accuracy) and ``DIR/trace.png`` (one
-decoding run's margin against SchED's threshold), and prints a markdown table.
+Averages: the controls (``reverse``, ``add``), which one-step decoding solves, cannot tell rules apart, so the
+headline row (``task="discriminating"``) averages the other tasks; ``task="controls"`` averages the controls.
+
+Writes ``DIR/results.json``, ``DIR/pareto.png`` (NFE speedup against accuracy), ``DIR/wall.png`` (wall-clock
+speedup against the share of answers the same as full steps) and ``DIR/trace.png`` (one decoding run's margin
+against SchED's threshold), and prints a markdown table.
 """
 
 from __future__ import annotations
@@ -30,10 +36,11 @@ from tqdm.auto import tqdm
 from ...common.cli_help import HelpFormatter
 from ...common.results import markdown_table, write_results
 from ...common.schedules import ThresholdSchedule
-from ...dllm.charlm.tasks import DECODE, TASK_NAMES, layout_of, sample, score
+from ...dllm.charlm.tasks import CONTROLS, DECODE, TASK_NAMES, layout_of, sample, score
 from ...dllm.charlm.tokenizer import decode_answer, encode_prompts
 from ...dllm.generate import generate
 from ...dllm.halting import HaltingRule, Prophet, SchED
+from .text_plots import plot_pareto, plot_trace, plot_wall
 
 PIPELINE_BLOCK = 8
 PIPELINE_THRESHOLD = 0.95  # BlockRefinementScheduler's default: it also commits every token this probable
@@ -50,6 +57,7 @@ class Method:
     halting: Optional[Callable[[], HaltingRule]] = None
     parallel_threshold: Optional[float] = None
     one_step: bool = False
+    cache: Optional[str] = None
     # Run inside LLaDA2Pipeline instead of generate(): "stock" (BlockRefinementScheduler), "sched"
     # (SchEDScheduler, cosine) or "sched-off" (SchEDScheduler that never halts: isolates the pass it saves at
     # each block end from what halting saves).
@@ -89,6 +97,20 @@ def stat_methods(ignore_token_ids: tuple[int, ...]) -> list[Method]:
     return out
 
 
+def cache_methods(schedule: ThresholdSchedule) -> list[Method]:
+    """Each cache alone, with parallel commits, with SchED (``schedule``), and with both."""
+    out = []
+    for cache in ("prefix", "dual"):
+        for name, halting, parallel in (("full", False, None), ("parallel", False, PARALLEL_THRESHOLD),
+                                        ("sched-cosine", True, None),
+                                        ("sched-cosine+parallel", True, PARALLEL_THRESHOLD)):
+            params = {"cache": cache, **({"schedule": schedule.to_dict()} if halting else {}),
+                      **({"threshold": parallel} if parallel else {})}
+            out.append(Method(f"{name}+{cache}", params, halting=(lambda: SchED(schedule)) if halting else None,
+                              parallel_threshold=parallel, cache=cache))
+    return out
+
+
 def all_methods(ignore_token_ids: tuple[int, ...]) -> list[Method]:
     """Every row of the benchmark; ``ignore_token_ids`` (EOS, padding) feed the ``mean_content`` statistic."""
     cosine = ThresholdSchedule("cosine", 7.5, 2.5)
@@ -101,6 +123,7 @@ def all_methods(ignore_token_ids: tuple[int, ...]) -> list[Method]:
         Method("parallel", {"threshold": PARALLEL_THRESHOLD}, parallel_threshold=PARALLEL_THRESHOLD),
         Method("sched-cosine+parallel", {"schedule": cosine.to_dict(), "threshold": PARALLEL_THRESHOLD},
                halting=lambda: SchED(cosine), parallel_threshold=PARALLEL_THRESHOLD),
+        *cache_methods(cosine),
         Method("llada2-stock", {"block_length": PIPELINE_BLOCK, "scheduler": "BlockRefinementScheduler",
                                 "threshold": PIPELINE_THRESHOLD}, pipeline="stock"),
         Method("llada2-sched-off", {"block_length": PIPELINE_BLOCK, "scheduler": "SchEDScheduler",
@@ -115,7 +138,7 @@ def _run_generate(model, tok, method: Method, ids, attn, span: int):
     steps, block_length = (1, span) if method.one_step else (full_steps, block)
     out = generate(model, ids, attention_mask=attn, gen_length=span, steps=steps, block_length=block_length,
                    mask_id=tok.mask_token_id, halting=method.halting() if method.halting else None,
-                   parallel_threshold=method.parallel_threshold)
+                   parallel_threshold=method.parallel_threshold, cache=method.cache)
     return out.generated, out.nfe.float()
 
 
@@ -193,85 +216,26 @@ def run_task(model, tok, task: str, methods: list[Method], n: int, batch: int, b
 
 
 def summarise(rows: list[dict], methods: list[Method]) -> list[dict]:
-    """Per method, the ``task="all"`` row: means over tasks (wall speedup: total full time / total time)."""
+    """Per method, a ``task="discriminating"`` row (means over the tasks that are not controls) and a
+    ``task="controls"`` row, for the groups the run has (wall speedup: total full time / total time)."""
     out = []
-    for m in methods:
-        per = [r for r in rows if r["method"] == m.name]
-        full = [r for r in rows if r["method"] == per[0]["baseline"]]
-        qps = [r["qps4"] for r in per if r["qps4"] is not None]
-        mean = lambda key: sum(r[key] for r in per) / len(per)
-        out.append({
-            "task": "all", "method": m.name, "params": m.params, "baseline": per[0]["baseline"],
-            "score": mean("score"), "full_score": mean("full_score"), "agreement": mean("agreement"),
-            "nfe": mean("nfe"), "speedup_nfe": mean("speedup_nfe"),
-            "speedup_wall": sum(r["seconds"] for r in full) / sum(r["seconds"] for r in per),
-            "qps4": sum(qps) / len(qps) if qps else None, "seconds": sum(r["seconds"] for r in per),
-        })
+    for group in ("discriminating", "controls"):
+        tasks = {r["task"] for r in rows if (r["task"] in CONTROLS) == (group == "controls")}
+        if not tasks:
+            continue
+        for m in methods:
+            per = [r for r in rows if r["method"] == m.name and r["task"] in tasks]
+            full = [r for r in rows if r["method"] == per[0]["baseline"] and r["task"] in tasks]
+            qps = [r["qps4"] for r in per if r["qps4"] is not None]
+            mean = lambda key: sum(r[key] for r in per) / len(per)
+            out.append({
+                "task": group, "method": m.name, "params": m.params, "baseline": per[0]["baseline"],
+                "tasks": sorted(tasks), "score": mean("score"), "full_score": mean("full_score"),
+                "agreement": mean("agreement"), "nfe": mean("nfe"), "speedup_nfe": mean("speedup_nfe"),
+                "speedup_wall": sum(r["seconds"] for r in full) / sum(r["seconds"] for r in per),
+                "qps4": sum(qps) / len(qps) if qps else None, "seconds": sum(r["seconds"] for r in per),
+            })
     return out
-
-
-def plot_pareto(rows: list[dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    tasks = sorted({r["task"] for r in rows}, key=lambda t: (t != "all", t))
-    fig, axes = plt.subplots(1, len(tasks), figsize=(3.2 * len(tasks), 3.4), squeeze=False)
-    for ax, task in zip(axes[0], tasks):
-        for r in (r for r in rows if r["task"] == task):
-            stat = r["params"].get("stat", "mean")
-            family = r["method"]
-            if r["method"].startswith("sched-") and "+" not in r["method"]:
-                family = "sched" if stat == "mean" else f"sched ({stat})"
-            color = {"sched": "tab:blue", "full": "black", "one-step": "tab:red", "prophet": "tab:orange",
-                     "parallel": "tab:green", "sched-cosine+parallel": "tab:purple", "sched (min)": "tab:cyan",
-                     "sched (quantile)": "tab:olive", "sched (median)": "tab:pink",
-                     "sched (mean_content)": "tab:brown", "sched (entropy)": "navy"}.get(family, "tab:gray")
-            ax.scatter(r["speedup_nfe"], 100 * r["score"], color=color, s=18, label=family)
-        ax.set_title(task)
-        ax.set_xscale("log")
-        ax.set_xlabel("NFE speedup")
-        ax.grid(alpha=0.3)
-    axes[0][0].set_ylabel("accuracy (%)")
-    handles, labels = axes[0][0].get_legend_handles_labels()
-    uniq = dict(zip(labels, handles))
-    fig.legend(uniq.values(), uniq.keys(), loc="lower center", ncol=len(uniq), fontsize=8)
-    fig.tight_layout(rect=(0, 0.08, 1, 1))
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-def plot_trace(model, tok, task: str, path: Path) -> None:
-    """One held-out run of ``task`` under SchED (cosine): the masked span's mean margin against the threshold."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    ex = sample(task, "heldout", seed=0, n=1)[0]
-    layout = layout_of(task)
-    ids, attn = encode_prompts(tok, [ex.prompt], layout.prompt_length)
-    block, steps = DECODE[layout.span_length]
-    out = generate(model, ids, attention_mask=attn, gen_length=layout.span_length, steps=steps, block_length=block,
-                   mask_id=tok.mask_token_id, halting=SchED(ThresholdSchedule("cosine", 7.5, 2.5)), return_trace=True)
-    full = generate(model, ids, attention_mask=attn, gen_length=layout.span_length, steps=steps, block_length=block,
-                    mask_id=tok.mask_token_id, halting=SchED(ThresholdSchedule("constant", 1e9, 1e9)),
-                    return_trace=True)
-    fig, ax = plt.subplots(figsize=(6, 3.4))
-    ax.plot([t.step for t in full.trace[0]], [t.margin for t in full.trace[0]], color="gray", label="mean margin (full run)")
-    ax.plot([t.step for t in out.trace[0]], [t.margin for t in out.trace[0]], color="tab:blue", label="mean margin (SchED)")
-    ax.plot([t.step for t in full.trace[0]], [ThresholdSchedule("cosine", 7.5, 2.5)(t.progress) for t in full.trace[0]],
-            color="tab:red", linestyle="--", label="cosine threshold")
-    if out.halt_step[0] >= 0:
-        ax.axvline(int(out.halt_step[0]), color="tab:blue", alpha=0.4)
-    ax.set_xlabel("step")
-    ax.set_ylabel("logit margin")
-    ax.set_title(f"{task}: halted at step {int(out.halt_step[0])} of {steps}")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 COLUMNS = [("task", "task", ""), ("method", "method", ""), ("score", "acc", ".3f"), ("full_score", "full acc", ".3f"),
@@ -311,11 +275,15 @@ def main(argv: list[str], prog: str = "diffexit bench text") -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     path = write_results(args.out, "text", args.quick, rows, n_per_task=n, torch_threads=torch.get_num_threads())
     plot_pareto(rows, args.out / "pareto.png")
+    plot_wall(rows, args.out / "wall.png")
     # The long-form task shows the most: its span is long and its margins rise slowly.
     plot_trace(model, tok, "chain" if "chain" in args.tasks else args.tasks[0], args.out / "trace.png")
-    print(markdown_table([r for r in rows if r["task"] == "all"], COLUMNS))
-    flagged = sorted({r["task"] for r in rows if r["task"] != "all" and r["one_step_matches_full"]})
+    headline = "discriminating" if any(r["task"] == "discriminating" for r in rows) else "controls"
+    print(f"averaged over the {headline} tasks ({', '.join(next(r for r in rows if r['task'] == headline)['tasks'])}):")
+    print(markdown_table([r for r in rows if r["task"] == headline], COLUMNS))
+    flagged = sorted({r["task"] for r in rows if r.get("one_step_matches_full")})
     if flagged:
         print(f"\none-step decoding matches full steps on: {', '.join(flagged)} (these tasks cannot tell rules apart)")
-    print(f"\nper-task rows, plots: {path}, {args.out / 'pareto.png'}, {args.out / 'trace.png'}")
+    print(f"\nper-task rows, plots: {path}, {args.out / 'pareto.png'}, {args.out / 'wall.png'}, "
+          f"{args.out / 'trace.png'}")
     return 0
