@@ -96,18 +96,40 @@ def write_text_card(directory: Path, command: str, args, n_params: int, seconds:
     """``MODEL_CARD.md`` beside the exported weights: how they were made and their held-out decoding accuracy."""
     shares = ", ".join(f"{t} {s}" for t, s in TASK_SHARES.items())
     commands = "".join(f", then `{c}`" for c in legs)
-    card = model_card(
-        "The embedded masked-diffusion text model",
-        f"""A bidirectional `LlamaForCausalLM` (`DiffusionLlama`: `is_causal=False`, learned absolute positions),
+    if getattr(args, "arch", "llama") == "llama":
+        title = "The embedded masked-diffusion text model"
+        about = f"""A bidirectional `LlamaForCausalLM` (`DiffusionLlama`: `is_causal=False`, learned absolute positions),
 {args.layers} layers x {args.hidden} wide, {args.heads} heads, {n_params / 1e6:.2f}M parameters, stored in fp16; a
 character-level tokenizer (`tokenizer.json`, `[MASK]`, `[EOS]`, `[PAD]`). Load it with
-`diffexit.dllm.charlm.model.load_embedded_text_model()`.""",
+`diffexit.dllm.charlm.model.load_embedded_text_model()`."""
+        objective = """LLaDA's masked-diffusion loss: `t ~ U(eps, 1)`, each answer-span token masked with
+  probability `t`, cross-entropy on the masked tokens weighted by `1/t`; a quarter of the batches cut after a block
+  boundary so the model also decodes in `LLaDA2Pipeline`'s block windows."""
+        decoding = """greedy, low-confidence remasking; "full steps"
+commits one token per step (short spans: 4 blocks of 4; `chain`: 4 blocks of 34), "one step" fills the span in one
+forward pass"""
+    else:
+        title = "The embedded DiffusionGemma text model"
+        about = f"""A `DiffusionGemmaForBlockDiffusion` (transformers' own class: a causal encoder over the prompt and
+the canvases before, a bidirectional decoder over a 16-token canvas), {args.layers} layers x {args.hidden} wide,
+{args.heads} heads, {args.experts} experts per layer (one active), a one-layer 16-wide vision tower the tasks never
+use; {n_params / 1e6:.2f}M parameters, stored in fp16; the character-level tokenizer with a pass-through chat
+template. Load it with `DiffusionGemmaForBlockDiffusion.from_pretrained`; it runs in `DiffusionGemmaPipeline`."""
+        objective = """What the model's sampler implies (`diffexit.dllm.charlm.gemma_objective`): each canvas
+  token redrawn uniformly from the vocabulary with probability `t ~ U(eps, 1)`, cross-entropy against the clean
+  canvas at every position; self-conditioning as the modeling code trains it, for half of the examples a first pass
+  without it (no gradient) whose raw logits the second pass reads through `self_conditioning_logits`, for the
+  others `self_conditioning_mask=False`. At inference the logits fed back are temperature-scaled (0.8 to 0.4); in
+  training they are raw. `chain`'s span is nine canvases; each step trains one, after the clean ones before it."""
+        decoding = """the model's own `generate` (its sampler and temperature schedule, seeded); "full steps" runs
+16 denoising steps per canvas with no adaptive stopping, "one step" one step per canvas"""
+    card = model_card(
+        title,
+        about,
         {
             "Data": f"""The generated tasks of `diffexit.dllm.charlm.tasks` ({", ".join(TASK_NAMES)}), training split (a
   CRC32 of the prompt decides the split, so held-out prompts are never trained on). Task shares: {shares}.""",
-            "Objective": """LLaDA's masked-diffusion loss: `t ~ U(eps, 1)`, each answer-span token masked with
-  probability `t`, cross-entropy on the masked tokens weighted by `1/t`; a quarter of the batches cut after a block
-  boundary so the model also decodes in `LLaDA2Pipeline`'s block windows.""",
+            "Objective": objective,
             "Training": f"""{args.steps} steps, AdamW peak lr {args.lr:g} ({args.warmup} warm-up steps, cosine decay to
   a tenth), batches of {args.batch_short} short and {args.batch_long} long examples, seed {args.seed},
   {seconds / 60:.0f} min of training on a 2-core CPU shared with other jobs. `training.json` has the settings,
@@ -115,9 +137,7 @@ character-level tokenizer (`tokenizer.json`, `[MASK]`, `[EOS]`, `[PAD]`). Load i
             "Commands": f"`{command}`{commands}" + (" (legs resumed from checkpoints continue bit for bit)"
                                                      if legs else ""),
         },
-        [("Held-out accuracy", f"""{n} held-out examples per task, greedy, low-confidence remasking; "full steps"
-commits one token per step (short spans: 4 blocks of 4; `chain`: 4 blocks of 34), "one step" fills the span in one
-forward pass. Discriminating tasks are scored for validity (any consistent answer), controls for equality; one-step
+        [("Held-out accuracy", f"""{n} held-out examples per task, {decoding}. Discriminating tasks are scored for validity (any consistent answer), controls for equality; one-step
 decoding solves the controls, so they are left out of the benchmark's headline average.
 
 {accuracy_table(table)}""")],

@@ -1,5 +1,6 @@
 """The embedded text tasks in DiffusionGemma's format: a small ``DiffusionGemmaForBlockDiffusion`` config over the
-character tokenizer, and that tokenizer with a chat template, as ``DiffusionGemmaPipeline`` encodes prompts.
+character tokenizer, that tokenizer with a chat template (as ``DiffusionGemmaPipeline`` encodes prompts), the span
+layout in whole canvases, loading, and decoding the tasks with the model's own ``generate``.
 
 DiffusionGemma is an encoder-decoder over one set of weights: a causal encoder reads the prompt into a KV cache, a
 bidirectional decoder denoises a canvas of ``canvas_length`` tokens that starts as uniform random tokens. Its config
@@ -10,12 +11,18 @@ appear in text.
 
 from __future__ import annotations
 
-from transformers import DiffusionGemmaConfig
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+from transformers import DiffusionGemmaConfig, PreTrainedTokenizerFast
 from transformers.models.diffusion_gemma.configuration_diffusion_gemma import DiffusionGemmaTextConfig
 from transformers.models.gemma4.configuration_gemma4 import Gemma4VisionConfig
 
-from .tokenizer import build_tokenizer
+from .tasks import Layout
+from .tokenizer import build_tokenizer, decode_answer, encode_prompts
 
+CANVAS_LENGTH = 16  # one short answer span; the long-form span is nine
 IMAGE_TOKENS = 3  # boi, eoi, image: ids len(tokenizer) .. len(tokenizer) + 2
 # The prompt as the user wrote it: the tasks' prompts carry their own tag, so the template adds nothing.
 CHAT_TEMPLATE = "{% for message in messages %}{{ message['content'] }}{% endfor %}"
@@ -29,7 +36,7 @@ def chat_tokenizer():
 
 
 def gemma_config(tokenizer, *, hidden_size: int = 64, num_layers: int = 2, num_heads: int = 2, head_dim: int = 32,
-                 num_experts: int = 2, canvas_length: int = 16, max_positions: int = 512) -> DiffusionGemmaConfig:
+                 num_experts: int = 2, canvas_length: int = CANVAS_LENGTH, max_positions: int = 512) -> DiffusionGemmaConfig:
     """A DiffusionGemma config for ``tokenizer``: ``num_layers`` full-attention layers of width ``hidden_size``, each
     with a dense MLP and ``num_experts`` experts (one active), one key-value head, and a one-layer vision tower."""
     if hidden_size <= 0 or num_layers <= 0 or num_heads <= 0 or head_dim <= 0 or num_experts <= 0:
@@ -47,3 +54,61 @@ def gemma_config(tokenizer, *, hidden_size: int = 64, num_layers: int = 2, num_h
                                 num_key_value_heads=1, head_dim=16)
     return DiffusionGemmaConfig(text_config=text, vision_config=vision, boi_token_id=vocab, eoi_token_id=vocab + 1,
                                 image_token_id=vocab + 2, canvas_length=canvas_length)
+
+
+def gemma_span(layout: Layout, canvas_length: int) -> int:
+    """The answer span in whole canvases: ``layout.span_length`` rounded up to a multiple of ``canvas_length``."""
+    return -(-layout.span_length // canvas_length) * canvas_length
+
+
+def load_gemma_model(path, *, dtype: torch.dtype = torch.float32):
+    """An exported DiffusionGemma folder (``diffexit train text --arch diffusion-gemma --export``): ``(model,
+    tokenizer)``, the model in eval mode."""
+    from transformers import DiffusionGemmaForBlockDiffusion
+
+    path = Path(path)
+    model = DiffusionGemmaForBlockDiffusion.from_pretrained(path, dtype=dtype).eval()
+    return model, PreTrainedTokenizerFast.from_pretrained(path)
+
+
+@torch.no_grad()
+def gemma_decode(model, tokenizer, prompts: Sequence[str], layout: Layout, steps: int, *, seed: int = 0,
+                 **generate_kwargs) -> tuple[list[str], torch.Tensor]:
+    """Decode ``prompts`` with the model's own ``generate``: ``(answers, decoder passes per sample [B])``.
+
+    ``steps`` is ``max_denoising_steps`` per canvas. Without ``generate_kwargs`` every step runs
+    (``confidence_threshold=None``); pass the stock thresholds, or enable SchED on the model
+    (``diffexit.dllm.diffusion_gemma.enable_sched``), to stop early. Sampling is the model's (seeded ``seed``).
+    """
+    from ..diffusion_gemma import decoder_forward_passes
+
+    canvas_length = model.config.canvas_length
+    ids, mask = encode_prompts(tokenizer, list(prompts), layout.prompt_length)
+    device = next(model.parameters()).device
+    if not generate_kwargs and getattr(model, "_diffexit_stopping", None) is None:
+        generate_kwargs = {"confidence_threshold": None}
+    torch.manual_seed(seed)
+    out = model.generate(ids.to(device), attention_mask=mask.to(device),
+                         max_new_tokens=gemma_span(layout, canvas_length), max_denoising_steps=steps,
+                         return_dict_in_generate=True, **generate_kwargs)
+    answers = [decode_answer(tokenizer, row) for row in out.sequences[:, layout.prompt_length:].cpu()]
+    return answers, decoder_forward_passes(out, layout.prompt_length, tokenizer.pad_token_id).cpu()
+
+
+def gemma_decode_table(model, tokenizer, n: int, tasks: Optional[Sequence[str]] = None, seed: int = 0) -> dict:
+    """``{task: {"full": accuracy, "one_step": accuracy}}`` on ``n`` held-out examples of each task: every one of
+    ``canvas_length`` denoising steps per canvas (one token's worth each), and one step per canvas."""
+    from .tasks import TASK_NAMES, layout_of, sample, score
+
+    was_training = model.training
+    model.eval()
+    out = {}
+    for task in tasks or TASK_NAMES:
+        examples = sample(task, "heldout", seed, n)
+        row = {}
+        for key, steps in (("full", model.config.canvas_length), ("one_step", 1)):
+            answers, _ = gemma_decode(model, tokenizer, [e.prompt for e in examples], layout_of(task), steps)
+            row[key] = sum(score(task, e.prompt, a) for e, a in zip(examples, answers)) / n
+        out[task] = row
+    model.train(was_training)
+    return out

@@ -1,6 +1,9 @@
 """``diffexit train text``: train the embedded masked-diffusion text model on the generated tasks.
 
-The objective is LLaDA's masked diffusion (:mod:`.objective`), on each step's examples (:mod:`.data`).
+``--arch llama`` (the default) trains the bidirectional Llama with LLaDA's masked diffusion (:mod:`.objective`);
+``--arch diffusion-gemma`` trains a small ``DiffusionGemmaForBlockDiffusion`` (:mod:`.gemma`) with the uniform
+corruption and self-conditioning its sampler implies (:mod:`.gemma_objective`). Both see each step's examples from
+:mod:`.data`.
 
 Determinism and resuming: the data and masks of step ``s`` are drawn from generators seeded with ``(--seed, s,
 process index)``, so the step number is the whole random state of the data stream. A checkpoint (``accelerate``'s
@@ -47,10 +50,14 @@ from .objective import training_loss
 from .tasks import LAYOUTS, TASK_NAMES, sample
 from .tokenizer import build_tokenizer
 
+ARCHS = ("llama", "diffusion-gemma")
+# What a run checkpointed before --arch and --experts existed was trained with.
+SETTINGS_BEFORE_ARCH = {"arch": "llama", "experts": 2}
+
 EVAL_EXAMPLES = 64
 # Arguments that change the trajectory: a resumed run must use the same values (`steps` may grow: a new leg).
-RUN_KEYS = ("seed", "lr", "warmup", "weight_decay", "batch_short", "batch_long", "truncate_prob", "hidden", "layers",
-            "heads")
+RUN_KEYS = ("arch", "seed", "lr", "warmup", "weight_decay", "batch_short", "batch_long", "truncate_prob", "hidden",
+            "layers", "heads", "experts")
 
 
 def _parser(prog: str) -> argparse.ArgumentParser:
@@ -58,6 +65,9 @@ def _parser(prog: str) -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="run directory: checkpoint, metrics.jsonl")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
     p.add_argument("--export", metavar="DIR", help="after training, write the shipped model files to DIR")
+    p.add_argument("--arch", choices=ARCHS, default="llama",
+                   help="llama: the bidirectional Llama (LLaDA's objective); diffusion-gemma: a small "
+                        "DiffusionGemmaForBlockDiffusion (uniform corruption, self-conditioning)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--steps", type=int, default=4000,
                    help="optimizer steps in the whole run; with --resume, a larger value adds a leg")
@@ -71,6 +81,7 @@ def _parser(prog: str) -> argparse.ArgumentParser:
     p.add_argument("--hidden", type=int, default=256, help="model width")
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--heads", type=int, default=8)
+    p.add_argument("--experts", type=int, default=2, help="diffusion-gemma: experts per layer (one active)")
     p.add_argument("--eval-every", type=int, default=200, help="steps between held-out masked-token accuracies")
     p.add_argument("--decode-every", type=int, default=500,
                    help="steps between held-out decoding accuracies, full steps and one step (0: never)")
@@ -83,8 +94,8 @@ def _parser(prog: str) -> argparse.ArgumentParser:
 
 
 def _check_args(args: argparse.Namespace) -> None:
-    positive = ("steps", "lr", "batch_short", "hidden", "layers", "heads", "eval_every", "checkpoint_every",
-                "decode_n")
+    positive = ("steps", "lr", "batch_short", "hidden", "layers", "heads", "experts", "eval_every",
+                "checkpoint_every", "decode_n")
     for name in positive:
         if getattr(args, name) <= 0:
             raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
@@ -99,6 +110,30 @@ def _check_args(args: argparse.Namespace) -> None:
                          f"every short task is in each step")
     if args.threads is not None and args.threads <= 0:
         raise ValueError(f"--threads must be positive, got {args.threads}")
+    if args.hidden % args.heads:
+        raise ValueError(f"--hidden {args.hidden} must be a multiple of --heads {args.heads}")
+
+
+def _build(args):
+    """``(model, tokenizer, loss_fn, decode_fn, load_fn)`` of ``args.arch``."""
+    max_positions = max(layout.seq_length for layout in LAYOUTS.values())
+    if args.arch == "llama":
+        tokenizer = build_tokenizer()
+        model = DiffusionLlama(text_model_config(len(tokenizer), tokenizer.pad_token_id, hidden_size=args.hidden,
+                                                 num_layers=args.layers, num_heads=args.heads,
+                                                 max_positions=max_positions))
+        return model, tokenizer, training_loss, decode_table, load_text_model
+    from transformers import DiffusionGemmaForBlockDiffusion
+
+    from .gemma import CANVAS_LENGTH, chat_tokenizer, gemma_config, gemma_decode_table, gemma_span, load_gemma_model
+    from .gemma_objective import gemma_training_loss
+
+    tokenizer = chat_tokenizer()
+    model = DiffusionGemmaForBlockDiffusion(gemma_config(
+        tokenizer, hidden_size=args.hidden, num_layers=args.layers, num_heads=args.heads,
+        head_dim=args.hidden // args.heads, num_experts=args.experts,
+        max_positions=max(gemma_span(layout, CANVAS_LENGTH) + layout.prompt_length for layout in LAYOUTS.values())))
+    return model, tokenizer, gemma_training_loss, gemma_decode_table, load_gemma_model
 
 
 def schedule_totals(legs: list[dict]):
@@ -120,7 +155,8 @@ def _resume_state(args, ckpt: Path, run: dict, command: str) -> tuple[dict, list
     if not (ckpt / "state.json").is_file():
         raise ValueError(f"--resume: no checkpoint in {ckpt}; start the run without --resume")
     state = json.loads((ckpt / "state.json").read_text())
-    changed = {k: (state["run"][k], v) for k, v in run.items() if state["run"].get(k) != v}
+    saved = {**SETTINGS_BEFORE_ARCH, **state["run"]}
+    changed = {k: (saved.get(k), v) for k, v in run.items() if saved.get(k) != v}
     if changed:
         raise ValueError(f"--resume with different settings {changed} (saved, given); rerun with the saved "
                          f"values, or start a new run in another --out")
@@ -152,12 +188,8 @@ def main(argv: list[str], prog: str = "diffexit train text") -> int:
         legs = [{"from_step": 0, "steps": args.steps, "command": command}]
 
     accelerator = Accelerator()
-    tokenizer = build_tokenizer()
-    max_positions = max(layout.seq_length for layout in LAYOUTS.values())
     torch.manual_seed(args.seed)
-    model = DiffusionLlama(text_model_config(len(tokenizer), tokenizer.pad_token_id, hidden_size=args.hidden,
-                                             num_layers=args.layers, num_heads=args.heads,
-                                             max_positions=max_positions))
+    model, tokenizer, loss_fn, decode_fn, load_fn = _build(args)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     totals = schedule_totals(legs)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: warmup_cosine(s, args.warmup, totals(s)))
@@ -179,7 +211,7 @@ def main(argv: list[str], prog: str = "diffexit train text") -> int:
     t0 = time.perf_counter()
     log = out / "metrics.jsonl"
     for step in range(start, args.steps):
-        loss = training_loss(model, tokenizer, step, args, accelerator.process_index)
+        loss = loss_fn(model, tokenizer, step, args, accelerator.process_index)
         accelerator.backward(loss)
         accelerator.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
@@ -190,13 +222,13 @@ def main(argv: list[str], prog: str = "diffexit train text") -> int:
         done = step + 1
         record = {"step": done, "loss": loss.item(), "lr": scheduler.get_last_lr()[0]}
         if accelerator.is_main_process:
-            if done % args.eval_every == 0 or done == args.steps:
+            if args.arch == "llama" and (done % args.eval_every == 0 or done == args.steps):
                 acc = masked_accuracy(accelerator.unwrap_model(model), tokenizer, heldout)
                 record["masked_accuracy"] = acc
                 bar.write(f"step {done} loss {record['loss']:.4f} | held-out masked acc at t={EVAL_MASK_RATES}: "
                           f"{format_accuracy(acc)}")
             if args.decode_every and (done % args.decode_every == 0 or done == args.steps):
-                record["decode"] = decode_table(accelerator.unwrap_model(model), tokenizer, args.decode_n)
+                record["decode"] = decode_fn(accelerator.unwrap_model(model), tokenizer, args.decode_n)
                 bar.write(f"step {done} | held-out decoding, full steps/one step: {format_decodes(record['decode'])}")
             record["elapsed_s"] = elapsed + time.perf_counter() - t0
             with log.open("a") as f:
@@ -220,8 +252,8 @@ def main(argv: list[str], prog: str = "diffexit train text") -> int:
             print(f"{prog}: exported to {args.export}", file=sys.stderr)
         if args.decode_eval:
             # Score what ships: the exported fp16 weights, when there are any.
-            scored = load_text_model(args.export)[0] if args.export else unwrapped
-            table = decode_table(scored, tokenizer, args.decode_eval)
+            scored = load_fn(args.export)[0] if args.export else unwrapped
+            table = decode_fn(scored, tokenizer, args.decode_eval)
             for task, v in table.items():
                 print(f"| {task} | {v['full']:.3f} | {v['one_step']:.3f} |", flush=True)
             if args.export:

@@ -1,0 +1,143 @@
+"""The embedded tasks in DiffusionGemma's format: layout, the training forward against what generate's denoiser
+sees, decoding, and training (``diffexit train text --arch diffusion-gemma``)."""
+
+import argparse
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from diffexit.dllm.charlm import train as train_mod
+from diffexit.dllm.charlm.gemma import CANVAS_LENGTH, chat_tokenizer, gemma_config, gemma_decode, gemma_span
+from diffexit.dllm.charlm.gemma_objective import denoiser_logits, gemma_batch, gemma_training_loss
+from diffexit.dllm.charlm.tasks import LAYOUTS, sample
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return chat_tokenizer()
+
+
+def tiny(tok, seed=0):
+    from transformers import DiffusionGemmaForBlockDiffusion
+
+    torch.manual_seed(seed)
+    return DiffusionGemmaForBlockDiffusion(gemma_config(tok, hidden_size=32, num_heads=2, head_dim=16)).eval()
+
+
+def test_spans_are_whole_canvases_and_the_chat_template_passes_prompts_through(tok):
+    assert gemma_span(LAYOUTS["short"], CANVAS_LENGTH) == 16 and gemma_span(LAYOUTS["long"], CANVAS_LENGTH) == 144
+    ids = tok.apply_chat_template([{"role": "user", "content": "rev:abc"}], tokenize=True, return_dict=True)
+    assert tok.decode(ids["input_ids"]) == "rev:abc"
+
+
+def test_a_later_canvas_sees_the_clean_answer_before_it(tok):
+    examples = sample("chain", "train", 0, 2)
+    ids, mask, target = gemma_batch(tok, examples, LAYOUTS["long"], 3, CANVAS_LENGTH)
+    assert ids.shape == (2, 24 + 48) and mask[:, 24:].all() and target.shape == (2, 16)
+    assert tok.decode(ids[0, 24:]) == examples[0].answer[:48]
+    assert tok.decode(target[0]) == examples[0].answer[48:64]
+
+
+def test_the_training_forward_is_what_generates_denoiser_sees(tok):
+    # The first denoising step of generate, from a given canvas and no self-conditioning, against one training
+    # forward over the same prompt and canvas: the positions, masks and left padding must agree.
+    model = tiny(tok)
+    examples = sample("reverse", "heldout", 0, 3)
+    ids, mask, _ = gemma_batch(tok, examples, LAYOUTS["short"], 0, CANVAS_LENGTH)
+    canvas = torch.randint(4, 90, (3, CANVAS_LENGTH), generator=torch.Generator().manual_seed(0))
+    seen = []
+    original = model.forward
+
+    def recording(*args, **kwargs):
+        out = original(*args, **kwargs)
+        if kwargs.get("decoder_input_ids") is not None and not seen:
+            seen.append(out.logits)
+        return out
+
+    model.forward = recording
+    with torch.no_grad():
+        model.generate(ids, attention_mask=mask, decoder_input_ids=canvas, max_new_tokens=16, max_denoising_steps=2,
+                       confidence_threshold=None)
+        direct = denoiser_logits(model, ids, mask, canvas)
+    torch.testing.assert_close(direct, seen[0], rtol=1e-5, atol=1e-5)
+
+
+def test_decoding_returns_answers_and_the_models_pass_counts(tok):
+    model = tiny(tok)
+    prompts = [e.prompt for e in sample("chain", "heldout", 0, 2)]
+    answers, passes = gemma_decode(model, tok, prompts, LAYOUTS["long"], 3)
+    assert len(answers) == 2 and all(isinstance(a, str) for a in answers)
+    # Nine canvases of three steps, unless an EOS ended a sequence early.
+    assert passes.shape == (2,) and (passes <= 27).all() and (passes >= 3).all()
+    again, again_passes = gemma_decode(model, tok, prompts, LAYOUTS["long"], 3)  # seeded
+    assert again == answers and torch.equal(again_passes, passes)
+
+
+def test_the_loss_is_deterministic_per_step_and_self_conditions_half_the_batch(tok, monkeypatch):
+    model = tiny(tok)
+    args = argparse.Namespace(seed=0, batch_short=16, batch_long=2)
+    with torch.no_grad():
+        a, b = gemma_training_loss(model, tok, 5, args, 0), gemma_training_loss(model, tok, 5, args, 0)
+        c = gemma_training_loss(model, tok, 6, args, 0)
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    masks = []
+    real = denoiser_logits
+
+    def spy(model, ids, mask, canvas, logits=None, sc_mask=None):
+        masks.append(sc_mask)
+        return real(model, ids, mask, canvas, logits, sc_mask)
+
+    import diffexit.dllm.charlm.gemma_objective as objective
+
+    monkeypatch.setattr(objective, "denoiser_logits", spy)
+    with torch.no_grad():
+        gemma_training_loss(model, tok, 5, args, 0)
+    chosen = [m for m in masks if m is not None]
+    assert chosen and 0 < sum(int(m.sum()) for m in chosen) < sum(m.numel() for m in chosen)
+
+
+TINY_GEMMA = ["--arch", "diffusion-gemma", "--hidden", "32", "--layers", "2", "--heads", "2", "--batch-short", "16",
+              "--batch-long", "2", "--decode-every", "0", "--checkpoint-every", "3", "--warmup", "2", "--lr", "3e-3",
+              "--threads", "1"]
+
+
+@pytest.mark.slow
+def test_gemma_training_lowers_the_loss_and_resumes_exactly(tmp_path, tok, monkeypatch):
+    import diffexit.dllm.charlm.gemma_objective as objective
+    from transformers import DiffusionGemmaForBlockDiffusion
+
+    args = argparse.Namespace(seed=0, batch_short=24, batch_long=2)
+    config = gemma_config(tok, hidden_size=32, num_heads=2, head_dim=16, max_positions=168)  # as the trainer does
+
+    def fixed_loss(state=None):
+        torch.manual_seed(0)
+        model = DiffusionGemmaForBlockDiffusion(config).eval()
+        if state is not None:
+            # The checkpoint keeps one copy of the weights the encoder and decoder share.
+            missing, unexpected = model.load_state_dict(state, strict=False)
+            assert not unexpected and all(k.startswith(("model.decoder.", "lm_head.")) for k in missing)
+        with torch.no_grad():
+            return gemma_training_loss(model, tok, 10 ** 6, args, 0).item()
+
+    straight, broken = tmp_path / "straight", tmp_path / "broken"
+    train_mod.main(["--out", str(straight), "--steps", "12", *TINY_GEMMA])
+    trained = load_file(straight / "checkpoint" / "model.safetensors")
+    assert fixed_loss(trained) < 0.9 * fixed_loss()
+
+    original = objective.gemma_training_loss
+
+    def interrupted(model, tokenizer, step, a, rank):
+        if step == 4:
+            raise KeyboardInterrupt  # after the checkpoint at step 3
+        return original(model, tokenizer, step, a, rank)
+
+    monkeypatch.setattr(objective, "gemma_training_loss", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        train_mod.main(["--out", str(broken), "--steps", "12", *TINY_GEMMA])
+    monkeypatch.setattr(objective, "gemma_training_loss", original)
+    assert json.loads((broken / "checkpoint" / "state.json").read_text())["step"] == 3
+    train_mod.main(["--out", str(broken), "--resume", "--steps", "12", *TINY_GEMMA])
+    resumed = load_file(broken / "checkpoint" / "model.safetensors")
+    assert trained.keys() == resumed.keys() and all(torch.equal(trained[k], resumed[k]) for k in trained)
