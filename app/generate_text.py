@@ -15,6 +15,11 @@ Models: the embedded model by default, or ``--model``:
 - a folder holding the embedded model's format (``DiffusionLlama``, as ``diffexit train text --export`` writes):
   each prompt is left-padded to its task's layout (the short one when it has no task) and decoded with that
   layout's blocks and steps (``diffexit.dllm.tasks.DECODE``), as in ``diffexit bench text``;
+- a ``DiffusionGemmaForBlockDiffusion`` folder (``diffexit train text --arch diffusion-gemma --export`` writes one):
+  decoded by the model's own ``generate``, each item alone and seeded by its id; ``--steps`` sets the denoising
+  steps per canvas and ``--gen-length`` the tokens of a prompt without a task; methods ``full`` and ``sched``
+  (``schedule``, ``stat`` in mean/median/quantile/min/mean_entropy, ``q``, ``patience``); ``nfe`` counts decoder
+  passes and ``halt_step`` is null (each canvas stops on its own);
 - anything else goes through transformers (``--trust-remote-code`` for LLaDA and Dream), decoded with
   ``--gen-length``, ``--steps``, ``--block-length`` and ``--loop`` (``llada`` or ``dream``); ``--mask-id`` for
   tokenizers that declare no mask token (LLaDA: 126336).
@@ -62,7 +67,7 @@ from .jobs import (
     run_job,
     wall_speedup,
 )
-from .text_engines import EmbeddedEngine, TransformersEngine, is_embedded_format
+from .text_engines import EmbeddedEngine, GemmaEngine, TransformersEngine, is_diffusion_gemma, is_embedded_format
 OUTPUTS = "outputs.jsonl"
 FULL_DIR = "full"
 DTYPES = ("float32", "bfloat16", "float16")
@@ -194,7 +199,7 @@ def transformers_options(args) -> dict:
 
 
 def load_model(args, device):
-    """``(kind, model_or_pipeline, tokenizer)``; kind is ``"embedded"`` or ``"transformers"``."""
+    """``(kind, model_or_pipeline, tokenizer)``; kind is ``"embedded"``, ``"gemma"`` or ``"transformers"``."""
     import torch
 
     dtype = getattr(torch, args.dtype)
@@ -205,6 +210,11 @@ def load_model(args, device):
 
             model, tokenizer = load_text_model_or_embedded(Path(args.model) if args.model else None, dtype=dtype)
             return "embedded", model.to(device), tokenizer
+        if is_diffusion_gemma(Path(args.model)):
+            from ..dllm.charlm.gemma import load_gemma_model
+
+            model, tokenizer = load_gemma_model(Path(args.model), dtype=dtype)
+            return "gemma", model.to(device), tokenizer
         local = Path(args.model).is_absolute() or args.model.startswith((".", "~"))
         if local and not Path(args.model).expanduser().exists():
             # Said here: transformers would call a missing path a malformed hub id.
@@ -247,9 +257,28 @@ def run(argv: Sequence[str], prog: str = "diffexit generate text") -> tuple[JobR
 
     state = process_state()
     kind, model, tokenizer = load_model(args, state.device)
-    params = checked_params(method, params, tokenizer)
-    make_rule = None if method == "full" else (lambda: halting_rule(method, params))
-    if kind == "embedded":
+    if kind == "gemma":
+        from ..dllm.rule_spec import gemma_stopping
+
+        try:
+            rule = gemma_stopping(method, params)
+        except ValueError as e:
+            raise JobError(f"{args.model}: {e}") from e
+        params = {} if rule is None else rule.to_dict()
+        make_rule = None if rule is None else (lambda: gemma_stopping(method, params))
+    else:
+        params = checked_params(method, params, tokenizer)
+        make_rule = None if method == "full" else (lambda: halting_rule(method, params))
+    if kind == "gemma":
+        given = [f"--{k.replace('_', '-')}" for k in TRANSFORMERS_ONLY
+                 if k not in ("gen_length", "steps") and getattr(args, k) is not None]
+        if given:
+            raise JobError(f"{', '.join(given)}: not for a DiffusionGemma model, which decodes with its own generate "
+                           f"(--steps per canvas, --gen-length)")
+        decode = {"gen_length": args.gen_length, "steps": args.steps}
+        engine = GemmaEngine(model, tokenizer, method, make_rule, args.steps, args.gen_length)
+        full_engine = GemmaEngine(model, tokenizer, "full", None, args.steps, args.gen_length)
+    elif kind == "embedded":
         given = [f"--{k.replace('_', '-')}" for k in TRANSFORMERS_ONLY if getattr(args, k) is not None]
         if given:
             raise JobError(f"{', '.join(given)} apply to models loaded through transformers; the embedded model's "

@@ -1,4 +1,5 @@
-"""What ``diffexit generate text`` runs a batch with: the embedded model's format, or a transformers model.
+"""What ``diffexit generate text`` runs a batch with: the embedded model's format, a DiffusionGemma model, or a
+transformers model.
 
 An engine decodes one batch of items into one record per item (``id``, ``prompt``, ``output``, ``method``, ``nfe``,
 ``halt_step``, and ``task`` / ``correct`` for prompts of an embedded task); see :mod:`diffexit.app.jobs`.
@@ -21,6 +22,106 @@ def is_embedded_format(path: Path) -> bool:
         return "DiffusionLlama" in (json.loads(config.read_text()).get("architectures") or [])
     except (OSError, ValueError):
         return False
+
+
+def is_diffusion_gemma(path: Path) -> bool:
+    config = path / "config.json"
+    if not config.is_file():
+        return False
+    try:
+        data = json.loads(config.read_text())
+    except (OSError, ValueError):
+        return False
+    return data.get("model_type") == "diffusion_gemma" or "DiffusionGemmaForBlockDiffusion" in (
+        data.get("architectures") or [])
+
+
+class GemmaEngine:
+    """A ``DiffusionGemmaForBlockDiffusion``, decoded by its own ``generate`` with an optional SchED stopping rule.
+
+    The model samples, so each item is decoded alone, seeded by its id (``diffexit.app.jobs.item_seed``): an
+    answer depends on neither its batch nor the process. A prompt of an embedded task is left-padded to its
+    layout and decodes its span in whole canvases, ``steps`` denoising steps each (default: one per canvas token);
+    any other prompt goes through the tokenizer's chat template and decodes ``gen_length`` tokens (default 128) at
+    ``steps`` per canvas (default: the model's ``max_denoising_steps``).
+    """
+
+    def __init__(self, model, tokenizer, method: str, make_rule: Optional[Callable], steps: Optional[int],
+                 gen_length: Optional[int]):
+        self.model, self.tokenizer, self.method, self.make_rule = model, tokenizer, method, make_rule
+        self.steps, self.gen_length = steps, gen_length
+
+    def group(self, item: Item) -> None:
+        """Items are decoded one at a time; any can share a batch."""
+
+    def check(self, items: Sequence[Item]) -> None:
+        from ..dllm.charlm.tasks import layout_of
+        from ..dllm.charlm.tokenizer import encode_prompts
+
+        for item in items:
+            try:
+                if "task" in item.payload:
+                    encode_prompts(self.tokenizer, [item.payload["prompt"]], layout_of(item.payload["task"]).prompt_length)
+                else:
+                    self._chat_ids(item.payload["prompt"])
+            except ValueError as e:
+                raise JobError(f"{item.source}: {e}") from e
+
+    def files(self, item: Item) -> list[str]:
+        return []
+
+    def _chat_ids(self, prompt: str):
+        if getattr(self.tokenizer, "chat_template", None) is None:
+            raise ValueError("the tokenizer has no chat template, so only prompts of an embedded task can be decoded")
+        return self.tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                                  tokenize=True, return_dict=True, return_tensors="pt")["input_ids"]
+
+    def run(self, items: Sequence[Item]) -> list[tuple[dict, dict[str, bytes]]]:
+        import torch
+
+        from ..dllm.charlm.gemma import gemma_span
+        from ..dllm.charlm.tasks import layout_of, score
+        from ..dllm.charlm.tokenizer import decode_answer, encode_prompts
+        from ..dllm.diffusion_gemma import decoder_forward_passes, disable_sched, enable_sched
+        from .jobs import item_seed
+
+        device = next(self.model.parameters()).device
+        canvas = self.model.config.canvas_length
+        out = []
+        for item in items:
+            prompt = item.payload["prompt"]
+            if "task" in item.payload:
+                layout = layout_of(item.payload["task"])
+                ids, mask = encode_prompts(self.tokenizer, [prompt], layout.prompt_length)
+                new_tokens, steps = gemma_span(layout, canvas), self.steps or canvas
+            else:
+                ids = self._chat_ids(prompt)
+                mask = torch.ones_like(ids)
+                new_tokens = self.gen_length or 128
+                steps = self.steps or self.model.generation_config.max_denoising_steps or 48
+            rule = self.make_rule() if self.make_rule else None
+            kwargs = {} if rule is not None else {"confidence_threshold": None}
+            if rule is not None:
+                enable_sched(self.model, rule)
+            try:
+                torch.manual_seed(item_seed(item.id))
+                result = self.model.generate(ids.to(device), attention_mask=mask.to(device),
+                                             max_new_tokens=new_tokens, max_denoising_steps=steps,
+                                             return_dict_in_generate=True, **kwargs)
+            finally:
+                if rule is not None:
+                    disable_sched(self.model)
+            new = result.sequences[0, ids.shape[1]:].cpu()
+            text = decode_answer(self.tokenizer, new) if "task" in item.payload else self.tokenizer.decode(
+                new, skip_special_tokens=True)
+            record = {"id": item.id, "prompt": prompt, "output": text, "method": self.method,
+                      "nfe": int(decoder_forward_passes(result, ids.shape[1], self.tokenizer.pad_token_id)[0]),
+                      "halt_step": None}
+            if "task" in item.payload:
+                record["task"] = item.payload["task"]
+                record["correct"] = score(item.payload["task"], prompt, text)
+            out.append((record, {}))
+        return out
 
 
 class EmbeddedEngine:

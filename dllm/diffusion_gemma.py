@@ -77,6 +77,11 @@ class SchEDStopping(DiffusionGemmaAdaptiveStopping):
     def __repr__(self):
         return f"SchEDStopping({self.schedule.describe()}, stat={self.stat!r}, patience={self.patience})"
 
+    def to_dict(self) -> dict:
+        """The parameters, JSON-ready: ``SchEDStopping(**params)`` with the schedule as a ``ThresholdSchedule``
+        dict (``diffexit.dllm.rule_spec.gemma_stopping`` builds one from this)."""
+        return {"schedule": self.schedule.to_dict(), "stat": self.stat, "q": self.q, "patience": self.patience}
+
     def begin(self, total_steps: int) -> None:
         """A new generation of ``total_steps`` denoising steps per canvas (the loops call this)."""
         if total_steps <= 0:

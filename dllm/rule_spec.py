@@ -10,6 +10,10 @@ A rule is named by a method and its parameters, JSON-ready::
 A schedule is written ``KIND:HIGH:LOW[:K]``, as a number (a constant threshold) or as a ``ThresholdSchedule`` dict.
 :func:`check_halting_params` validates and normalises parameters, :func:`halting_rule` builds a fresh rule (rules
 keep per-run state, so each decode needs its own), and :func:`describe_halting` says in a few words what one does.
+
+DiffusionGemma's loop takes its own kind of rule (a ``DiffusionGemmaAdaptiveStopping``); :func:`gemma_stopping`
+builds it from the same method names: ``full`` (every denoising step), ``sched`` with the parameters of
+:meth:`diffexit.dllm.diffusion_gemma.SchEDStopping.to_dict` (``schedule``, ``stat``, ``q``, ``patience``).
 """
 
 from __future__ import annotations
@@ -99,3 +103,29 @@ def halting_from_spec(spec: dict) -> Optional[HaltingRule]:
     if not isinstance(spec, dict) or set(spec) != {"method", "params"}:
         raise ValueError(f"a halting spec is {{'method': ..., 'params': {{...}}}}, got {spec!r}")
     return halting_rule(spec["method"], spec["params"])
+
+
+GEMMA_PARAMS = {"full": (), "sched": ("schedule", "stat", "q", "patience")}
+
+
+def gemma_stopping(method: str, params: dict):
+    """A fresh stopping rule for ``DiffusionGemmaForBlockDiffusion.generate``: None for ``full``, a
+    ``SchEDStopping`` for ``sched`` (default schedule: SchED's, cosine 7.5 -> 2.5). Raises ``ValueError`` naming the
+    method or parameter that DiffusionGemma does not take."""
+    from .diffusion_gemma import SchEDStopping
+
+    if method not in GEMMA_PARAMS:
+        raise ValueError(f"method {method!r} decodes LLaDA-style loops; a DiffusionGemma model takes "
+                         f"{' or '.join(GEMMA_PARAMS)}")
+    extra = [k for k in params if k not in GEMMA_PARAMS[method]]
+    if extra:
+        raise ValueError(f"{', '.join(extra)}: not a parameter of {method!r} on a DiffusionGemma model; its "
+                         f"parameters are {list(GEMMA_PARAMS[method]) or 'none'}")
+    if method == "full":
+        return None
+    params = dict(params)
+    schedule = ThresholdSchedule.from_dict(schedule_dict(params.pop("schedule", "cosine:7.5:2.5")))
+    try:
+        return SchEDStopping(schedule, **params)
+    except TypeError as e:
+        raise ValueError(f"method {method!r}: {e}") from e

@@ -362,6 +362,46 @@ def test_transformers_model_path_matches_the_pipeline(text_models, tmp_path):
     assert [r["nfe"] for r in result.records] == want.generation.nfe.tolist()
 
 
+@pytest.fixture(scope="module")
+def gemma_model(tmp_path_factory):
+    """A tiny random DiffusionGemma in the folder format ``diffexit train text --arch diffusion-gemma`` exports."""
+    from transformers import DiffusionGemmaForBlockDiffusion
+
+    from diffexit.dllm.charlm.gemma import chat_tokenizer, gemma_config
+
+    folder = tmp_path_factory.mktemp("gemma")
+    tok = chat_tokenizer()
+    torch.manual_seed(0)
+    DiffusionGemmaForBlockDiffusion(gemma_config(tok, hidden_size=32, num_heads=2, head_dim=16)).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
+def test_a_diffusion_gemma_folder_decodes_each_item_alone_and_seeded(gemma_model, tmp_path):
+    # Sampling, yet each answer depends only on its id: batches of 1 and of 3 give the same records.
+    base = ["--task", "pick", "--n", "3", "--model", gemma_model, "--steps", "4", "--method", "sched",
+            "--schedule", "cosine:7.5:2.5"]
+    one, _ = run_ok(generate_text, [*base, "--batch-size", "1"], tmp_path / "one")
+    three, full = run_ok(generate_text, [*base, "--batch-size", "3", "--compare-full"], tmp_path / "three")
+    strip = lambda records: [{k: v for k, v in r.items() if k != "seconds"} for r in records]
+    assert strip(one.records) == strip(three.records)
+    assert all(r["halt_step"] is None and 1 <= r["nfe"] <= 4 for r in one.records)
+    assert all(r["nfe"] == 4 for r in full.records if r["output"])  # every step of the one canvas
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--method", "prophet"], "method 'prophet' decodes LLaDA-style loops; a DiffusionGemma model takes full or sched"),
+    (["--method", "sched", "--window", "3"], "window is a parameter of method 'prophet'"),
+    (["--block-length", "4"], "--block-length: not for a DiffusionGemma model"),
+    (["--method", "sched", "--stat", "max"], "stat must be one of"),
+])
+def test_diffusion_gemma_bad_input_is_one_clear_line(gemma_model, tmp_path, capsys, extra, message):
+    argv = ["--task", "pick", "--n", "1", "--model", str(gemma_model), *extra, "--out", str(tmp_path / "out")]
+    assert generate_text.main(argv) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+    assert len(errors) == 1 and message in errors[0]
+
+
 def test_calibrated_sched_file_is_accepted(text_models, tmp_path):
     from diffexit.dllm.halting import SchED
     from diffexit.samplers import ThresholdSchedule
