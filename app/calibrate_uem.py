@@ -2,8 +2,8 @@
 
 Records full-depth sampling runs of ``--model`` (default: the embedded digits DiT) with every exit of the UEMs in
 ``--uem``, then, per budget, picks each step's rule (:mod:`diffexit.uem.calibration` has the method and the units)
-and saves it beside the UEMs (or in ``--out``) as ``calibration-<budget>.json``
-(:mod:`diffexit.uem.calibration_file`). ``diffexit generate images --method deediff --budget B``, the demo and
+and saves it beside the UEMs (or in ``--out``) as ``calibration-<budget>.json``, with ``-steps<N>`` before
+``.json`` for a step count other than 25 (:mod:`diffexit.uem.calibration_file`). ``diffexit generate images --method deediff --budget B``, the demo and
 ``diffexit bench images`` read those files; a file holds only for the sampler, steps and guidance it was made with.
 """
 
@@ -19,12 +19,11 @@ import torch
 
 from ..common.cli_help import HelpFormatter
 from ..uem.calibration import calibrate, record_exits
-from ..uem.calibration_file import Calibration, calibration_path, weights_digest
+from ..uem.calibration_file import CALIBRATION_STEPS, Calibration, calibration_path, weights_digest
 from ..uem.heads import describe_model
 from .models import class_count, default_guidance_scale, load_dit_pipeline, load_uem
 
-# The step count every shipped calibration, bench and README command uses.
-DEFAULT_STEPS = 25
+DEFAULT_STEPS = CALIBRATION_STEPS  # the step count of a calibration named by its budget alone
 
 
 def _parser(prog: str) -> argparse.ArgumentParser:
@@ -121,7 +120,7 @@ def main(argv: list[str], prog: str = "diffexit calibrate uem") -> int:
         for r in calibrate(record, sorted(args.budget), mode, held_out):
             calibration = Calibration(r["budget"], r["thresholds"], r["min_depths"], model, uem_info, sampler,
                                       r["figures"], provenance)
-            path = calibration.save(calibration_path(out_dir, r["budget"], mode))
+            path = calibration.save(calibration_path(out_dir, r["budget"], mode, args.steps))
             cal, held = r["figures"]["calibration"], r["figures"]["held_out"]
             mean_err = sum(held["error_per_step"]) / len(held["error_per_step"])
             print(f"| {provenance['min_depth']} | {r['budget']:g} | {cal['layer_ratio']:.3f} | "

@@ -114,8 +114,9 @@ def resolve_method(args) -> tuple[str, dict]:
                        else f"method {method!r}: {e}") from e
 
 
-def find_calibration_file(uem_dir: Path, params: dict) -> Path:
-    """The calibration file that ``params`` name: ``calibration`` itself, or the one for ``budget`` beside the UEMs."""
+def find_calibration_file(uem_dir: Path, params: dict, steps: Optional[int] = None) -> Path:
+    """The calibration file that ``params`` name: ``calibration`` itself, or the one for ``budget`` (at ``steps``
+    sampling steps, when given) beside the UEMs."""
     from ..uem.calibration_file import find_calibration
 
     if "calibration" in params:
@@ -124,7 +125,7 @@ def find_calibration_file(uem_dir: Path, params: dict) -> Path:
             raise JobError(f"calibration file {path} does not exist; pass a file `diffexit calibrate uem` wrote")
         return path
     try:
-        return find_calibration(uem_dir, params["budget"])
+        return find_calibration(uem_dir, params["budget"], steps)
     except FileNotFoundError as e:
         raise JobError(str(e)) from None
 
@@ -224,7 +225,7 @@ def _early_exits(args, pipe, method: str, params: dict, steps: Optional[int], gu
         except ValueError as e:
             raise JobError(str(e)) from None
         if any(k in params for k in CALIBRATED):
-            path = find_calibration_file(heads, params)
+            path = find_calibration_file(heads, params, steps)
             try:
                 calibration = Calibration.load(path)
                 made_for = calibration.sampler

@@ -10,7 +10,7 @@ from diffexit.app.cli import main as cli_main
 from diffexit.uem import UEMStack, enable_early_exit
 from diffexit.app.calibrate_uem import main
 from diffexit.uem.calibration import ExitRecord, calibrate, exit_outcome, exit_path, record_exits, within_budget
-from diffexit.uem.calibration_file import Calibration, calibration_path, calibrations_in
+from diffexit.uem.calibration_file import Calibration, calibration_path, calibrations_in, find_calibration
 from diffexit.uem.exit_rules import CalibratedThreshold, MinDepth, UncertaintyThreshold
 from diffexit.uem.digits.pipeline import DigitsDiTPipeline
 
@@ -198,7 +198,12 @@ def test_calibrate_writes_files_that_round_trip_and_refuse_other_weights(tiny_di
     files = {(c.provenance["min_depth"], c.budget): path
              for path in calibrations_in(tmp_path) for c in [Calibration.load(path)]}
     assert list(files) == [("auto", 0.002), ("auto", 0.02), (2, 0.002), (2, 0.02)]
-    assert files[2, 0.02] == calibration_path(tmp_path, 0.02, 2) and files["auto", 0.02].name == "calibration-0.02.json"
+    # Made for 3 steps, not the 25 a bare budget means: the step count is in the name.
+    assert files[2, 0.02] == calibration_path(tmp_path, 0.02, 2, 3) == tmp_path / "calibration-0.02-min2-steps3.json"
+    assert files["auto", 0.02].name == "calibration-0.02-steps3.json"
+    assert find_calibration(tmp_path, 0.02, steps=3) == files["auto", 0.02]
+    with pytest.raises(FileNotFoundError, match="--budget 0.02 --steps 8`"):
+        find_calibration(tmp_path, 0.02, steps=8)
     assert set(Calibration.load(files[2, 0.02]).min_depths) == {2}
     files = {budget: path for (mode, budget), path in files.items() if mode == "auto"}
 

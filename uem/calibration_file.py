@@ -137,11 +137,17 @@ class Calibration:
         return calibration
 
 
-def calibration_path(directory, budget: float, min_depth: Optional[int] = None) -> Path:
+# The step count of a calibration file named by its budget alone; other step counts carry a ``-steps<N>`` suffix.
+CALIBRATION_STEPS = 25
+
+
+def calibration_path(directory, budget: float, min_depth: Optional[int] = None, steps: int = CALIBRATION_STEPS) -> Path:
     """Where ``diffexit calibrate uem`` saves the calibration for ``budget`` beside UEM weights in ``directory``:
     ``calibration-<budget>.json`` with minimum depths chosen per step, ``calibration-<budget>-min<N>.json`` with
-    ``min_depth`` fixed at ``N``."""
-    suffix = "" if min_depth is None else f"-min{min_depth}"
+    ``min_depth`` fixed at ``N``; either with ``-steps<S>`` before ``.json`` when made for ``steps`` other than
+    :data:`CALIBRATION_STEPS`."""
+    suffix = ("" if min_depth is None else f"-min{min_depth}") + (
+        "" if steps == CALIBRATION_STEPS else f"-steps{steps}")
     return Path(directory) / f"calibration-{budget:g}{suffix}.json"
 
 
@@ -162,15 +168,20 @@ def calibration_label(path) -> str:
     return Path(path).stem.removeprefix("calibration-")
 
 
-def find_calibration(directory, budget) -> Path:
+def find_calibration(directory, budget, steps: Optional[int] = None) -> Path:
     """The calibration file for ``budget`` (a number, or a label such as ``"0.02-min3"``) beside the UEMs in
-    ``directory``; ``FileNotFoundError`` listing the files that are there, and the command that makes one."""
-    label = budget if isinstance(budget, str) else f"{float(budget):g}"
+    ``directory``, made for ``steps`` sampling steps when given (else the file the label names);
+    ``FileNotFoundError`` listing the files that are there, and the command that makes one."""
+    given = label = budget if isinstance(budget, str) else f"{float(budget):g}"
+    other_steps = steps is not None and steps != CALIBRATION_STEPS
+    if other_steps and "-steps" not in label:
+        label += f"-steps{steps}"
     path = Path(directory) / f"calibration-{label}.json"
     if not path.is_file():
         found = [calibration_label(p) for p in sorted(Path(directory).glob("calibration-*.json"))]
         there = f"the budgets there are {', '.join(found)}" if found else "there are none"
         raise FileNotFoundError(
             f"no calibration for budget {label} beside the UEMs in {directory} ({path.name} is missing; {there}); "
-            f"pick one of those, or make it with `diffexit calibrate uem --uem {directory} --budget {label}`")
+            f"pick one of those, or make it with `diffexit calibrate uem --uem {directory} --budget {given}"
+            + (f" --steps {steps}`" if other_steps else "`"))
     return path
