@@ -73,7 +73,9 @@ def test_quick_run_has_every_method_and_field_and_plot(quick_run):
     families = {r["family"] for r in rows.values()}
     assert {"full", "base", "deediff-paper", "deediff-paper-schedule", "deediff-paper-calibrated", "static", "steps",
             "fbc"} <= families
-    assert rows["deediff-paper-cal-0.05"]["params"] == {"target": "paper", "calibration": "calibration-0.05.json"}
+    # A calibration runs at the steps it was made for (here the bench's own), named by its file.
+    assert rows["deediff-paper-cal-0.05-steps4"]["params"] == {"target": "paper", "steps": STEPS,
+                                                               "calibration": "calibration-0.05-steps4.json"}
     for name, row in rows.items():
         assert "skipped" not in row, (name, row.get("skipped"))
         assert set(FIGURES) <= set(row) and isinstance(row["params"], dict)
@@ -108,7 +110,10 @@ def test_layer_ratios_are_the_blocks_each_method_runs(quick_run):
                      if r["family"] == "deediff-paper")
     assert [ratio for _, ratio in deediff] == sorted((ratio for _, ratio in deediff), reverse=True)
     assert deediff[-1][1] < deediff[0][1]
-    assert rows["full"]["identical_to_full"] and rows["full"]["psnr"] is None
+    # PSNR is measured against the user's model: the shipped backbone at full depth, not the fine-tuned one.
+    assert results["psnr_reference"] == "full-base"
+    assert rows["full-base"]["identical_to_full"] and rows["full-base"]["psnr"] is None
+    assert not rows["full"]["identical_to_full"] and rows["full"]["psnr"] > 0
     assert not rows["steps-2"]["identical_to_full"] and rows["steps-2"]["psnr"] > 0
 
 

@@ -500,10 +500,11 @@ def test_images_calibrated_rule_reads_the_files_beside_the_uems(model_dirs, tmp_
                 "--steps", "4", "--samples", "4", "--held-out", "4"]) == 0
     with _serving(text_model=model_dirs["text"], image_pipeline=model_dirs["pipe"], uem=uem) as (_, url):
         client = Client(url, verbose=False, download_files=str(tmp_path / "downloads"))
-        details = run_images(client, rule="DeeDiff: calibrated", budget="0.05")[4]
+        # The menu names each file by its label: the budget and, for other than 25 steps, the step count.
+        details = run_images(client, rule="DeeDiff: calibrated", budget="0.05-steps4")[4]
         assert details["rule"] == "DeeDiff, calibrated to budget 0.05" and 0 < details["layer_ratio"] <= 1
         # Calibrated for 4 steps at guidance 2: another setup is refused, naming what the file was made for.
-        message = _app_error(run_images, client, rule="DeeDiff: calibrated", budget="0.05", steps=5)
+        message = _app_error(run_images, client, rule="DeeDiff: calibrated", budget="0.05-steps4", steps=5)
         assert "made for 4 steps" in message and "diffexit calibrate uem" in message
         message = _app_error(run_images, client, rule="DeeDiff: calibrated", budget="0.3")
-        assert "0.3" in message and "['0.05']" in message
+        assert "0.3" in message and "['0.05-steps4']" in message

@@ -41,7 +41,7 @@ def test_train_calibrate_generate_and_demo(folders, tmp_path):
                        "--batch-size", "4", "--target", "exit-cost"]) == 0
     assert calibrate_main(["--uem", str(run), "--model", str(pipe), "--budget", "0.5", "--steps", "3",
                            "--samples", "3", "--held-out", "3"]) == 0
-    calibration = json.loads((run / "uem" / "calibration-0.5.json").read_text())
+    calibration = json.loads((run / "uem" / "calibration-0.5-steps3.json").read_text())
     assert calibration["sampler"]["steps"] == 3 and calibration["sampler"]["guidance_scale"] == 4.0
 
     out = tmp_path / "gen"
@@ -54,7 +54,7 @@ def test_train_calibrate_generate_and_demo(folders, tmp_path):
 
     demo = Demo(Models(image_pipeline=pipe, uem=run))
     early, full, summary, _, details = demo.images(
-        "0, 2", 2, 3, "DDIM", 4.0, "DeeDiff: calibrated", 0.1, "linear", 0.3, 0.05, 4.0, "", 0, "0.5",
+        "0, 2", 2, 3, "DDIM", 4.0, "DeeDiff: calibrated", 0.1, "linear", 0.3, 0.05, 4.0, "", 0, "0.5-steps3",
         progress=None)
     assert early.shape == full.shape and early.shape[-1] == 3 and details["labels"] == [0, 2]
     assert 0 < details["layer_ratio"] <= 1 and "Layer ratio" in summary

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -170,18 +171,26 @@ def calibration_label(path) -> str:
 
 def find_calibration(directory, budget, steps: Optional[int] = None) -> Path:
     """The calibration file for ``budget`` (a number, or a label such as ``"0.02-min3"``) beside the UEMs in
-    ``directory``, made for ``steps`` sampling steps when given (else the file the label names);
-    ``FileNotFoundError`` listing the files that are there, and the command that makes one."""
+    ``directory``, made for ``steps`` sampling steps. Without ``steps``: the file the label names, else the only
+    file for that budget at any step count. ``FileNotFoundError`` lists the files that are there, and the command that
+    makes one."""
     given = label = budget if isinstance(budget, str) else f"{float(budget):g}"
     other_steps = steps is not None and steps != CALIBRATION_STEPS
     if other_steps and "-steps" not in label:
         label += f"-steps{steps}"
     path = Path(directory) / f"calibration-{label}.json"
-    if not path.is_file():
-        found = [calibration_label(p) for p in sorted(Path(directory).glob("calibration-*.json"))]
-        there = f"the budgets there are {', '.join(found)}" if found else "there are none"
-        raise FileNotFoundError(
-            f"no calibration for budget {label} beside the UEMs in {directory} ({path.name} is missing; {there}); "
-            f"pick one of those, or make it with `diffexit calibrate uem --uem {directory} --budget {given}"
-            + (f" --steps {steps}`" if other_steps else "`"))
-    return path
+    if path.is_file():
+        return path
+    found = [calibration_label(p) for p in sorted(Path(directory).glob("calibration-*.json"))]
+    if steps is None:
+        any_steps = [f for f in found if re.fullmatch(re.escape(label) + r"-steps\d+", f)]
+        if len(any_steps) == 1:
+            return Path(directory) / f"calibration-{any_steps[0]}.json"
+        if any_steps:
+            raise FileNotFoundError(f"budget {label} has calibrations for several step counts ({', '.join(any_steps)}) "
+                                    f"beside the UEMs in {directory}; pass the steps to sample with (--steps)")
+    there = f"the budgets there are {', '.join(found)}" if found else "there are none"
+    raise FileNotFoundError(
+        f"no calibration for budget {label} beside the UEMs in {directory} ({path.name} is missing; {there}); "
+        f"pick one of those, or make it with `diffexit calibrate uem --uem {directory} --budget {given}"
+        + (f" --steps {steps}`" if other_steps else "`"))

@@ -25,8 +25,11 @@ from ...uem.exit_rules import ExitRule, StaticDepth, UncertaintyThreshold
 THRESHOLDS = {"paper": (0.05, 0.1, 0.15, 0.2, 0.3), "exit-cost": (0.02, 0.05, 0.1, 0.2), "normalized": (0.2, 0.4, 0.6)}
 SCHEDULES = {"paper": (ThresholdSchedule("linear", 0.3, 0.1), ThresholdSchedule("cosine", 0.2, 0.05)),
              "exit-cost": (ThresholdSchedule("linear", 0.2, 0.02),), "normalized": (ThresholdSchedule("linear", 0.6, 0.2),)}
-# Static depths as fractions of the model's blocks, per equal stretch of sampling progress (noisiest first).
-STATIC_FRACTIONS = ((1 / 3, 2 / 3, 1.0), (1 / 4, 1 / 2, 3 / 4, 1.0), (1 / 2,))
+# Static depths as fractions of the model's blocks, per equal stretch of sampling progress (noisiest first): shallow
+# first (ASE-style), deep first (where the calibrations keep depth), DuoDiff's switch from a shallow network on the
+# first steps to the full one, and one fixed depth.
+STATIC_FRACTIONS = ((1 / 3, 2 / 3, 1.0), (1 / 4, 1 / 2, 3 / 4, 1.0), (1.0, 2 / 3, 1 / 3), (1.0, 1 / 2),
+                    (1 / 2, 1.0, 1.0, 1.0), (1 / 3, 1.0, 1.0, 1.0), (1 / 2,))
 STEP_FRACTIONS = (1 / 4, 1 / 3, 1 / 2, 2 / 3)
 FBC_THRESHOLDS = (0.05, 0.1, 0.2, 0.4)  # diffusers' default is 0.05
 
@@ -37,12 +40,12 @@ class MethodSkipped(Exception):
 @dataclass
 class Heads:
     """One set of UEM heads: ``target`` (from its config) names its rows; ``calibrations`` are the
-    ``diffexit calibrate uem`` files found beside it, as ``(label, path)``."""
+    ``diffexit calibrate uem`` files found beside it, as ``(label, path, steps they were made for)``."""
 
     target: str
     uem: torch.nn.Module
     directory: Path
-    calibrations: list[tuple[str, Path]]
+    calibrations: list[tuple[str, Path, int]]
 
 
 @dataclass
@@ -124,9 +127,10 @@ def plain(steps: Optional[int] = None, base: bool = False) -> Callable[[Bench], 
     return build
 
 
-def exits(rule: Callable[[Bench], ExitRule], target: Optional[str] = None) -> Callable[[Bench], Session]:
+def exits(rule: Callable[[Bench], ExitRule], target: Optional[str] = None,
+          steps: Optional[int] = None) -> Callable[[Bench], Session]:
     """Early exits under the rule ``rule(bench)`` returns, reading the heads trained on ``target`` (``None``: the
-    rule reads no heads), progress from an ``ExitAwareScheduler``."""
+    rule reads no heads), progress from an ``ExitAwareScheduler``, at ``steps`` (default: the full steps)."""
 
     def build(bench: Bench) -> Session:
         from ...samplers.exit_scheduler import ExitAwareScheduler
@@ -138,7 +142,7 @@ def exits(rule: Callable[[Bench], ExitRule], target: Optional[str] = None) -> Ca
         pipe = bench.copy_pipe()
         early_exit = enable_early_exit(pipe, bench.heads[target].uem if target is not None else None, chosen)
         pipe.scheduler = ExitAwareScheduler(pipe.scheduler, early_exit)
-        return Session(pipe, bench.steps, exit_scheduler=pipe.scheduler)
+        return Session(pipe, steps or bench.steps, exit_scheduler=pipe.scheduler)
 
     return build
 
@@ -169,15 +173,16 @@ def first_block_cache(threshold: float) -> Callable[[Bench], Session]:
     return build
 
 
-def calibrated(path: Path, target: str) -> Callable[[Bench], ExitRule]:
-    """The rule in the calibration file ``path``, checked against the bench's transformer and ``target``'s heads."""
+def calibrated(path: Path, target: str, steps: int) -> Callable[[Bench], ExitRule]:
+    """The rule in the calibration file ``path`` (made for ``steps`` steps), checked against the bench's
+    transformer, ``target``'s heads, the bench's sampler and guidance scale."""
 
     def rule(bench: Bench) -> ExitRule:
         from ...uem.calibration_file import Calibration
 
         try:
             return Calibration.load(path).checked_rule(
-                bench.pipe.transformer, bench.heads[target].uem, steps=bench.steps,
+                bench.pipe.transformer, bench.heads[target].uem, steps=steps,
                 guidance_scale=bench.guidance_scale, scheduler=type(bench.pipe.scheduler).__name__)
         except ValueError as e:
             raise MethodSkipped(str(e)) from None
@@ -203,10 +208,12 @@ def image_methods(num_blocks: int, steps: int, heads: Sequence[Heads] = ()) -> l
             methods.append(Method(f"deediff-{h.target}-{s.kind}-{s.high:g}-{s.low:g}", f"deediff-{h.target}-schedule",
                                   {"target": h.target, "schedule": s.to_dict()},
                                   exits(lambda bench, s=s: UncertaintyThreshold(s), h.target)))
-        for label, path in h.calibrations:
-            methods.append(Method(f"deediff-{h.target}-cal-{label}", f"deediff-{h.target}-calibrated",
-                                  {"target": h.target, "calibration": path.name},
-                                  exits(calibrated(path, h.target), h.target)))
+        for label, path, made_for in h.calibrations:
+            # A calibration runs at the step count it was made for: DeeDiff composed with fewer steps.
+            family = f"deediff-{h.target}-calibrated" + ("" if made_for == steps else f"-{made_for}-steps")
+            methods.append(Method(f"deediff-{h.target}-cal-{label}", family,
+                                  {"target": h.target, "calibration": path.name, "steps": made_for},
+                                  exits(calibrated(path, h.target, made_for), h.target, made_for)))
     static = []
     for fractions in STATIC_FRACTIONS:
         depths = tuple(max(1, round(f * num_blocks)) for f in fractions)

@@ -19,8 +19,9 @@ def plot_pareto(rows: list[dict], path: Path, title: str) -> None:
     for family in dict.fromkeys(r["family"] for r in rows):
         if family not in colors:
             colors[family] = next(spare, "tab:gray")
-    panels = [("layer_ratio", "class_agreement", "layer ratio"), ("speedup_wall_b1", "class_agreement",
-              "wall-clock speedup, batch 1"), ("layer_ratio", "psnr", "layer ratio")]
+    panels = [("layer_ratio", "psnr", "cost (blocks run / full depth at full steps)"),
+              ("layer_ratio", "class_agreement", "cost (blocks run / full depth at full steps)"),
+              ("speedup_wall_b1", "class_agreement", "wall-clock speedup, batch 1")]
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.8))
     for ax, (x, y, xlabel) in zip(axes, panels):
         for family, color in colors.items():
@@ -32,7 +33,7 @@ def plot_pareto(rows: list[dict], path: Path, title: str) -> None:
                 ax.plot([p[0] for p in pts], [scale * p[1] for p in pts], style, color=color, label=family,
                         markersize=9 if family == "full" else 5, linewidth=1)
         ax.set_xlabel(xlabel)
-        ax.set_ylabel("class agreement (%)" if y == "class_agreement" else "PSNR vs full depth (dB)")
+        ax.set_ylabel("class agreement (%)" if y == "class_agreement" else "PSNR vs the shipped model (dB)")
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
     fig.suptitle(title, fontsize=10)

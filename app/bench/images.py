@@ -1,31 +1,36 @@
 """``diffexit bench images``: DeeDiff early exits against full depth, static depth schedules, fewer sampling steps
-and diffusers' FirstBlockCache, side by side on the embedded digits DiT.
+and diffusers' FirstBlockCache, side by side on the embedded digits DiT, on one cost axis.
 
 Every method draws the same digits (``--per-class`` of each class, in batches seeded ``seed, seed + 1, ...``) from
 the same initial noise, with the pipeline's default guidance scale, so every image has a full-depth twin. Per method:
 
-- ``layer_ratio``: transformer blocks run over what full depth at full steps runs on the same samples. Hooks on the
-  blocks count image rows per block call, so rows that exited early, steps not taken and blocks FirstBlockCache
-  skipped all count as not run.
+- ``layer_ratio``, the cost: transformer blocks run over what full depth at the full ``--steps`` runs on the same
+  samples. Hooks on the blocks count image rows per block call, so rows that exited early, steps not taken and
+  blocks FirstBlockCache skipped all count as not run: one axis for depth and steps.
 - ``speedup_wall_b1``, ``speedup_wall_b16``: full depth's wall-clock over the method's, generating one image per
   call and 16 per call. All methods are timed in the same rounds, each round bracketed by two full-depth timings;
   the figure is the median over rounds of full / method.
-- ``psnr`` (dB): of the mean squared error against the full-depth images from the same noise, pixels in [0, 1];
-  null where the images are bit-identical to full depth's (``identical_to_full``), the full-depth row included.
+- ``psnr`` (dB): of the mean squared error against the reference images from the same noise, pixels in [0, 1]:
+  the user's model, that is the pipeline as shipped at full depth and full steps (``full-base`` when the UEM folder
+  brings a fine-tuned backbone, else ``full``); null where the images are bit-identical to it
+  (``identical_to_full``).
 - ``class_agreement``: the fraction the digits classifier reads as the requested digit.
-- ``frechet``: Frechet distance of the classifier's features against the 300 held-out real digits.
+- ``frechet``: Frechet distance of the classifier's features against the 300 held-out real digits, and
+  ``frechet_std``, its spread: the standard deviation over bootstrap resamples of the generated digits.
 
-The methods are :func:`image_methods`, one :class:`Method` entry per row; an entry names a builder that sets up a
-:class:`Session` (a pipeline configured for that method). A builder that cannot run (no UEM weights, say) raises
-:class:`MethodSkipped`, and the row says why instead of carrying figures.
+The rows (:func:`~diffexit.app.bench.image_methods.image_methods`): full depth; DeeDiff per UEM target at constant
+thresholds and schedules, and with each calibration file beside the heads at the step count it was made for (DeeDiff
+composed with fewer steps); static depth schedules, shallow first, deep first, DuoDiff's shallow-then-full switch
+and one fixed depth; fewer steps; FirstBlockCache. DeeDiff does not compose with FirstBlockCache: FirstBlockCache
+caches the residual of the last block over the whole batch, and rows that exited never reach the last block.
 
 When the UEM folder holds a fine-tuned backbone (``diffexit train uem --mode full`` trains one), every method runs on
-that backbone, so they all differ only in how they save compute; a ``full-base`` row then measures the backbone the
-pipeline shipped with, against the same full-depth reference.
+that backbone, so they all differ only in how they save compute, and ``full-base`` is the backbone the pipeline
+shipped with: the reference that PSNR is measured against.
 
-Writes ``DIR/results.json``, ``DIR/pareto.png`` (quality against layer ratio and speedup), ``DIR/samples.png`` (full
-depth next to the early-exit methods), ``DIR/exit_depths.png`` (share of samples exiting at each depth, per sampling
-step) and prints a markdown table.
+Writes ``DIR/results.json``, ``DIR/pareto.png`` (PSNR and class agreement against cost, class agreement against
+wall-clock), ``DIR/samples.png`` (full depth next to the early-exit methods), ``DIR/exit_depths.png`` (share of
+samples exiting at each depth, per sampling step) and prints a markdown table.
 """
 
 from __future__ import annotations
@@ -47,10 +52,11 @@ from .image_methods import Bench, Heads, Method, image_methods
 from .image_plots import plot_exit_depths, plot_pareto, plot_samples
 from .image_runs import B16, Quality, run_methods
 
-FIGURES = ("layer_ratio", "speedup_wall_b1", "speedup_wall_b16", "psnr", "class_agreement", "frechet")
-COLUMNS = [("method", "method", ""), ("layer_ratio", "layer ratio", ".3f"), ("speedup_wall_b1", "speedup b1", ".2f"),
+FIGURES = ("layer_ratio", "speedup_wall_b1", "speedup_wall_b16", "psnr", "class_agreement", "frechet", "frechet_std")
+COLUMNS = [("method", "method", ""), ("layer_ratio", "cost", ".3f"), ("speedup_wall_b1", "speedup b1", ".2f"),
            ("speedup_wall_b16", "speedup b16", ".2f"), ("psnr", "PSNR dB", ".1f"),
-           ("class_agreement", "class agr.", ".3f"), ("frechet", "Frechet", ".2f")]
+           ("class_agreement", "class agr.", ".3f"), ("frechet", "Frechet", ".1f"), ("frechet_std", "+-", ".1f")]
+BOOTSTRAP = 20  # resamples for the Frechet distance's spread
 
 
 
@@ -59,29 +65,41 @@ def _row(method: Method, **figures) -> dict:
             **{k: figures.get(k) for k in FIGURES}, **{k: v for k, v in figures.items() if k not in FIGURES}}
 
 
-def figures_row(method: Method, got, full: Quality, timing: Optional[dict], labels: torch.Tensor, classifier,
-                real_features: torch.Tensor) -> dict:
+def frechet_spread(features: torch.Tensor, real_features: torch.Tensor, seed: int) -> float:
+    """Standard deviation of the Frechet distance over :data:`BOOTSTRAP` resamples (with replacement) of
+    ``features`` ``[N, D]``."""
+    gen = torch.Generator().manual_seed(seed)
+    n = features.shape[0]
+    values = [frechet_distance(features[torch.randint(n, (n,), generator=gen)], real_features)
+              for _ in range(BOOTSTRAP)]
+    return float(torch.tensor(values).std())
+
+
+def figures_row(method: Method, got, full: Quality, reference: Quality, timing: Optional[dict], labels: torch.Tensor,
+                classifier, real_features: torch.Tensor) -> dict:
     """The results.json row of ``method``: its figures, or the reason it was skipped (``got`` is then a string).
 
-    Full depth is the timing reference, so its speedups are 1 by definition (``timing`` is ``None`` for it).
+    ``full`` is full depth of the backbone the methods run on (the cost and timing reference, so its speedups are 1
+    by definition: ``timing`` is ``None`` for it); ``reference`` the user's model at full depth (the PSNR reference).
     """
     if isinstance(got, str):
         return _row(method, skipped=got)
-    identical = torch.equal(got.images, full.images)
+    features = extract_features(classifier, got.images)
     return _row(
         method,
         layer_ratio=got.block_rows / full.block_rows,
-        psnr=psnr(got.images, full.images),
-        identical_to_full=identical,
+        psnr=psnr(got.images, reference.images),
+        identical_to_full=torch.equal(got.images, reference.images),
         class_agreement=class_agreement(got.images, labels, classifier),
-        frechet=frechet_distance(extract_features(classifier, got.images), real_features),
+        frechet=frechet_distance(features, real_features),
+        frechet_std=frechet_spread(features, real_features, seed=0),
         **(timing if timing is not None else {"speedup_wall_b1": 1.0, "speedup_wall_b16": 1.0}),
     )
 
 
 def _load(args):
     """``(bench, classifier)`` from the command's arguments."""
-    from ...uem.calibration_file import calibration_label, calibrations_in
+    from ...uem.calibration_file import Calibration, calibration_label, calibrations_in
     from ..models import default_guidance_scale, load_dit_pipeline, load_uem
 
     pipe = load_dit_pipeline(args.pipeline)
@@ -109,7 +127,7 @@ def _load(args):
             pipe = type(pipe)(**{**pipe.components, "transformer": tuned})
             pipe.set_progress_bar_config(disable=True)
         uem.check_matches(pipe.transformer)
-        found = [(calibration_label(p), p) for p in calibrations_in(heads_folder)]
+        found = [(calibration_label(p), p, Calibration.load(p).sampler["steps"]) for p in calibrations_in(heads_folder)]
         heads[target] = Heads(target, uem, Path(directory), found)
     bench = Bench(pipe, heads, uem_missing, args.steps, default_guidance_scale(pipe), base_pipe)
     return bench, classifier
@@ -134,7 +152,8 @@ def main(argv: list[str], prog: str = "diffexit bench images") -> int:
                         f"(the DeeDiff rows are then skipped)")
     p.add_argument("--classifier", type=Path, default=CLASSIFIER_DIR,
                    help="digits classifier folder (default: the embedded one)")
-    p.add_argument("--per-class", type=int, default=None, help="samples per digit (default 10, quick 2)")
+    p.add_argument("--per-class", type=int, default=None,
+                   help="samples per digit (default 50: 500 digits, enough for the Frechet distance; quick 2)")
     p.add_argument("--steps", type=int, default=None, help="full sampling steps (default 25, quick 10)")
     p.add_argument("--batch", type=int, default=50,
                    help="images per pipeline call in the quality runs (default: %(default)s)")
@@ -147,7 +166,7 @@ def main(argv: list[str], prog: str = "diffexit bench images") -> int:
     p.add_argument("--threads", type=int, default=1,
                    help="torch CPU threads (default 1: at these sizes more threads only add hand-offs on shared cores)")
     args = p.parse_args(argv)
-    args.per_class = args.per_class if args.per_class is not None else (2 if args.quick else 10)
+    args.per_class = args.per_class if args.per_class is not None else (2 if args.quick else 50)
     args.steps = args.steps if args.steps is not None else (10 if args.quick else 25)
     args.rounds = args.rounds if args.rounds is not None else (1 if args.quick else 3)
     args.b1_images = args.b1_images if args.b1_images is not None else (1 if args.quick else 4)
@@ -171,27 +190,31 @@ def main(argv: list[str], prog: str = "diffexit bench images") -> int:
         if unknown:
             p.error(f"unknown --methods {unknown}; with {bench.num_blocks} blocks and {bench.steps} steps the rows are "
                     f"{[m.name for m in methods]}")
-        methods = [m for m in methods if m.name == "full" or m.name in args.methods]
+        # Full depth always runs (the cost reference), and the shipped backbone too when it is the PSNR reference.
+        always = {"full"} | ({"full-base"} if bench.base_pipe is not None else set())
+        methods = [m for m in methods if m.name in always or m.name in args.methods]
 
     results, timing = run_methods(bench, methods, labels, batch=args.batch, b1_images=args.b1_images,
                                   rounds=args.rounds, seed=args.seed)
-    rows = [figures_row(m, results[m.name], results["full"], timing.get(m.name), labels, classifier, real_features)
-            for m in methods]
+    reference = results["full-base"] if isinstance(results.get("full-base"), Quality) else results["full"]
+    rows = [figures_row(m, results[m.name], results["full"], reference, timing.get(m.name), labels, classifier,
+                        real_features) for m in methods]
 
     args.out.mkdir(parents=True, exist_ok=True)
     train, _ = load_digits_dataset(size, "train").tensors
-    reference = frechet_distance(extract_features(classifier, (train[: len(real)] + 1) / 2), real_features)
+    real_frechet = frechet_distance(extract_features(classifier, (train[: len(real)] + 1) / 2), real_features)
     path = write_results(
         args.out, "images", args.quick, rows, samples=len(labels), per_class=args.per_class, steps=bench.steps,
         guidance_scale=bench.guidance_scale, seed=args.seed, batch=args.batch, timing_rounds=args.rounds,
         b1_images=args.b1_images, b16_images=B16, torch_threads=torch.get_num_threads(),
         pipeline=str(args.pipeline or "embedded"), uem={h.target: str(h.directory) for h in bench.heads.values()} or None,
-        fine_tuned_backbone=bench.base_pipe is not None, real_frechet_train_vs_test=reference,
+        fine_tuned_backbone=bench.base_pipe is not None, real_frechet_train_vs_test=real_frechet,
+        psnr_reference="full-base" if reference is not results["full"] else "full",
     )
     ran = [r for r in rows if r.get("skipped") is None]
     plot_pareto(ran, args.out / "pareto.png",
-                f"{len(labels)} digits, {bench.steps} steps of {type(bench.pipe.scheduler).__name__}, "
-                f"{bench.num_blocks} blocks")
+                f"{len(labels)} digits; cost = blocks run / full depth at {bench.steps} steps of "
+                f"{type(bench.pipe.scheduler).__name__}; PSNR against the shipped model at full depth")
     exit_rows = [m for m in methods
                  if isinstance(results[m.name], Quality) and results[m.name].depth_counts is not None]
     by_name = {r["method"]: r for r in rows}
@@ -204,9 +227,9 @@ def main(argv: list[str], prog: str = "diffexit bench images") -> int:
     for r in rows:
         if r.get("skipped"):
             print(f"- {r['method']} skipped: {r['skipped']}")
-        elif r["identical_to_full"] and r["method"] != "full":
-            print(f"- {r['method']}: images identical to full depth (no PSNR)")
+        elif r["identical_to_full"] and r["method"] not in ("full", "full-base"):
+            print(f"- {r['method']}: images identical to the reference (no PSNR)")
     print(f"\n{len(labels)} samples, {bench.steps} steps, guidance {bench.guidance_scale:g}; real digits train vs test "
-          f"Frechet {reference:.2f}\nresults, plots: {path}, {args.out / 'pareto.png'}, {args.out / 'samples.png'}, "
+          f"Frechet {real_frechet:.2f}\nresults, plots: {path}, {args.out / 'pareto.png'}, {args.out / 'samples.png'}, "
           f"{args.out / 'exit_depths.png'}")
     return 0
