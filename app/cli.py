@@ -16,6 +16,7 @@ from typing import Optional, Sequence
 COMMANDS: dict[tuple[str, str], tuple[str, str]] = {
     ("bench", "kernels"): ("diffexit.app.bench.kernels", "time token_stats backends side by side"),
     ("bench", "text"): ("diffexit.app.bench.text", "SchED against full steps, Prophet and parallel commits on the embedded text model"),
+    ("bench", "gemma"): ("diffexit.app.bench.gemma", "SchED against DiffusionGemma's own adaptive stopping, in its generate"),
     ("bench", "images"): ("diffexit.app.bench.images", "DeeDiff against full depth, static depth and FirstBlockCache on the embedded DiT"),
     ("generate", "images"): ("diffexit.app.generate_images", "batch image generation (resumable, accelerate-ready)"),
     ("generate", "text"): ("diffexit.app.generate_text", "batch text generation (resumable, accelerate-ready)"),

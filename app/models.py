@@ -174,6 +174,20 @@ def load_text_model_or_embedded(path: Optional[Path], dtype: torch.dtype = torch
         raise ValueError(f"cannot load the text model from {path or 'the package'}: {e}") from e
 
 
+def load_gemma_or_embedded(path: Optional[Path], dtype: torch.dtype = torch.float32):
+    """``(model, tokenizer)``: a DiffusionGemma folder ``path``, or the embedded one when it is None."""
+    from ..dllm.charlm.gemma import load_embedded_gemma_model, load_gemma_model
+
+    if path is None:
+        return load_embedded_gemma_model(dtype=dtype)
+    try:
+        return load_gemma_model(_folder(path, "a DiffusionGemma model folder"), dtype=dtype)
+    except ValueError:
+        raise
+    except Exception as e:
+        raise ValueError(f"cannot load a DiffusionGemma model from {path}: {e}") from e
+
+
 def class_count(pipe) -> int:
     """How many classes ``pipe`` draws: the digits for ``DigitsDiTPipeline``; for ``DiTPipeline``, the rows of its
     label table (it keeps one more, the null class that guidance uses)."""

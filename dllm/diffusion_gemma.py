@@ -142,6 +142,9 @@ def decoder_forward_passes(output, prompt_length: int, pad_token_id) -> torch.Te
     """
     new = output.sequences[:, prompt_length:]
     valid = (new != pad_token_id).sum(-1) if pad_token_id is not None else torch.full_like(new[:, 0], new.shape[1])
+    if (valid == 0).any():
+        raise ValueError("a sample generated padding only, so its decoder passes cannot be read from "
+                         "tokens_per_forward (generated non-pad tokens / passes)")
     return (valid.double() / output.tokens_per_forward.double()).round().long()
 
 

@@ -22,6 +22,9 @@ from transformers.models.gemma4.configuration_gemma4 import Gemma4VisionConfig
 from .tasks import Layout
 from .tokenizer import build_tokenizer, decode_answer, encode_prompts
 
+GEMMA_WEIGHTS_DIR = Path(__file__).resolve().parent / "weights-gemma"
+GEMMA_TRAIN_COMMAND = ("diffexit train text --arch diffusion-gemma --threads 1 --out runs/gemma "
+                       "--export dllm/charlm/weights-gemma")
 CANVAS_LENGTH = 16  # one short answer span; the long-form span is nine
 IMAGE_TOKENS = 3  # boi, eoi, image: ids len(tokenizer) .. len(tokenizer) + 2
 # The prompt as the user wrote it: the tasks' prompts carry their own tag, so the template adds nothing.
@@ -69,6 +72,14 @@ def load_gemma_model(path, *, dtype: torch.dtype = torch.float32):
     path = Path(path)
     model = DiffusionGemmaForBlockDiffusion.from_pretrained(path, dtype=dtype).eval()
     return model, PreTrainedTokenizerFast.from_pretrained(path)
+
+
+def load_embedded_gemma_model(*, dtype: torch.dtype = torch.float32):
+    """The shipped DiffusionGemma model (``dllm/charlm/weights-gemma``), offline, in eval mode."""
+    if not (GEMMA_WEIGHTS_DIR / "model.safetensors").is_file():
+        raise FileNotFoundError(f"no embedded DiffusionGemma model in {GEMMA_WEIGHTS_DIR}; train and export it with "
+                                f"`{GEMMA_TRAIN_COMMAND}` from the repository root, or pass --model DIR")
+    return load_gemma_model(GEMMA_WEIGHTS_DIR, dtype=dtype)
 
 
 @torch.no_grad()

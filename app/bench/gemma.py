@@ -1,0 +1,192 @@
+"""``diffexit bench gemma``: SchED against DiffusionGemma's own adaptive stopping, in the model's own ``generate``.
+
+Every row decodes the same held-out examples of each task with a ``DiffusionGemmaForBlockDiffusion`` (``--model``,
+default the embedded one that ``diffexit train text --arch diffusion-gemma`` makes), with the model's sampler and
+temperature schedule at ``--steps`` denoising steps per canvas (default 16, one per canvas token), seeded the same for
+every row, so a row differs from all steps only where its rule stopped a canvas early:
+
+- ``all-steps``: every denoising step (no adaptive stopping): the reference;
+- ``stock-C``: transformers' ``StableAndConfidentStoppingCriteria`` (the argmax stable for one step and mean token
+  entropy below ``C``), at the pipeline's default 0.005 and over a sweep of ``confidence_threshold``;
+- ``sched-...``: :class:`~diffexit.dllm.diffusion_gemma.SchEDStopping`, per schedule and statistic.
+
+Per task and row: ``passes`` (decoder forward passes per sample, as the model counts them), the wall-clock speedup
+over all steps (timed in the same run), ``score``, and ``agreement``, the share of answers identical to all steps'.
+Rows ``task="discriminating"`` and ``task="controls"`` average the tasks of each kind (see ``diffexit bench text``).
+
+A sample that stops early does not consume the sampler's random draws of the steps it skips, so on ``chain`` (nine
+canvases) the later canvases of the whole batch see other draws than at all steps once any sample stopped: its
+agreement also counts those changes. The short tasks are one canvas, where it cannot happen.
+
+Writes ``DIR/results.json`` and ``DIR/pareto.png`` (passes saved against agreement) and prints a markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+from tqdm.auto import tqdm
+
+from ...common.cli_help import HelpFormatter
+from ...common.results import markdown_table, write_results
+from ...common.schedules import ThresholdSchedule
+from ...dllm.charlm.gemma import gemma_decode
+from ...dllm.charlm.tasks import CONTROLS, TASK_NAMES, layout_of, sample, score
+from ...dllm.diffusion_gemma import SchEDStopping, disable_sched, enable_sched
+
+STOCK_CONFIDENCES = (0.005, 0.01, 0.05, 0.1, 0.2, 0.5)
+# Margins here are of temperature-scaled logits (the sampler divides by 0.8 falling to 0.4), so larger than raw ones.
+SCHED_ROWS = (
+    ("sched-cosine-7.5-2.5-mean", ThresholdSchedule("cosine", 7.5, 2.5), "mean"),
+    ("sched-linear-7.5-0-mean", ThresholdSchedule("linear", 7.5, 0.0), "mean"),
+    ("sched-cosine-7.5-2.5-min", ThresholdSchedule("cosine", 7.5, 2.5), "min"),
+    ("sched-cosine-5-1-quantile", ThresholdSchedule("cosine", 5.0, 1.0), "quantile"),
+    ("sched-linear-entropy", ThresholdSchedule("linear", -0.005, -0.1), "mean_entropy"),
+)
+
+
+@dataclass(frozen=True)
+class Row:
+    name: str
+    params: dict
+    stock: Optional[float] = None  # confidence_threshold of the stock rule
+    sched: Optional[tuple] = None  # (schedule, stat) of SchEDStopping
+
+
+def rows() -> list[Row]:
+    out = [Row("all-steps", {"stopping": None})]
+    out += [Row(f"stock-{c:g}", {"stability_threshold": 1, "confidence_threshold": c}, stock=c)
+            for c in STOCK_CONFIDENCES]
+    out += [Row(name, {"schedule": s.to_dict(), "stat": stat}, sched=(s, stat)) for name, s, stat in SCHED_ROWS]
+    return out
+
+
+def _decode(model, tok, row: Row, prompts, layout, steps: int, seed: int):
+    if row.sched is not None:
+        enable_sched(model, SchEDStopping(row.sched[0], stat=row.sched[1]))
+        try:
+            return gemma_decode(model, tok, prompts, layout, steps, seed=seed)
+        finally:
+            disable_sched(model)
+    kwargs = {} if row.stock is None else {"stability_threshold": 1, "confidence_threshold": row.stock}
+    return gemma_decode(model, tok, prompts, layout, steps, seed=seed, **kwargs)
+
+
+def run_task(model, tok, task: str, table: list[Row], n: int, batch: int, steps: int, bar) -> list[dict]:
+    layout = layout_of(task)
+    examples = sample(task, "heldout", seed=0, n=n)
+    _decode(model, tok, table[0], [examples[0].prompt], layout, 1, 0)  # untimed warm-up
+    results, answers = [], {}
+    for row in table:
+        passes, seconds, answers[row.name] = [], 0.0, []
+        for i in range(0, n, batch):
+            chunk = examples[i:i + batch]
+            start = time.perf_counter()
+            texts, chunk_passes = _decode(model, tok, row, [e.prompt for e in chunk], layout, steps, seed=i)
+            seconds += time.perf_counter() - start
+            passes.append(chunk_passes.float())
+            answers[row.name] += texts
+        right = sum(score(task, e.prompt, t) for e, t in zip(examples, answers[row.name]))
+        results.append({"task": task, "method": row.name, "params": row.params, "score": right / n,
+                        "passes": float(torch.cat(passes).mean()), "seconds": seconds})
+        bar.update(1)
+    full = results[0]
+    for r in results:
+        r["full_score"] = full["score"]
+        r["agreement"] = sum(a == b for a, b in zip(answers[r["method"]], answers["all-steps"])) / n
+        r["speedup_passes"] = full["passes"] / r["passes"]
+        r["speedup_wall"] = full["seconds"] / r["seconds"]
+    return results
+
+
+def summarise(per_task: list[dict], table: list[Row]) -> list[dict]:
+    out = []
+    for group in ("discriminating", "controls"):
+        tasks = sorted({r["task"] for r in per_task if (r["task"] in CONTROLS) == (group == "controls")})
+        if not tasks:
+            continue
+        for row in table:
+            these = [r for r in per_task if r["method"] == row.name and r["task"] in tasks]
+            full = [r for r in per_task if r["method"] == "all-steps" and r["task"] in tasks]
+            mean = lambda key: sum(r[key] for r in these) / len(these)
+            out.append({"task": group, "tasks": tasks, "method": row.name, "params": row.params,
+                        "score": mean("score"), "full_score": mean("full_score"), "agreement": mean("agreement"),
+                        "passes": mean("passes"), "speedup_passes": mean("speedup_passes"),
+                        "speedup_wall": sum(r["seconds"] for r in full) / sum(r["seconds"] for r in these),
+                        "seconds": sum(r["seconds"] for r in these)})
+    return out
+
+
+def plot_pareto(results: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [t for t in ("discriminating", "controls", "chain") if any(r["task"] == t for r in results)]
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.0 * len(panels), 3.4), squeeze=False)
+    for ax, task in zip(axes[0], panels):
+        for kind, color in (("all-steps", "black"), ("stock", "tab:orange"), ("sched", "tab:blue")):
+            pts = sorted((r["speedup_passes"], 100 * r["agreement"]) for r in results
+                         if r["task"] == task and r["method"].startswith(kind))
+            if pts:
+                ax.plot(*zip(*pts), "o-" if kind != "all-steps" else "*", color=color, label=kind, markersize=5)
+        ax.set_title(task)
+        ax.set_xlabel("fewer decoder passes (x)")
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("answers the same as all steps (%)")
+    axes[0][0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+COLUMNS = [("task", "task", ""), ("method", "method", ""), ("score", "acc", ".3f"),
+           ("agreement", "same as all steps", ".3f"), ("passes", "passes", ".1f"),
+           ("speedup_passes", "fewer passes", ".2f"), ("speedup_wall", "speedup wall", ".2f")]
+
+
+def main(argv: list[str], prog: str = "diffexit bench gemma") -> int:
+    p = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=HelpFormatter)
+    p.add_argument("--quick", action="store_true", help="a few examples per task: minutes")
+    p.add_argument("--out", type=Path, default=Path("runs/bench-gemma"), help="output folder (default: %(default)s)")
+    p.add_argument("--model", type=Path, default=None,
+                   help="a DiffusionGemma folder (default: the embedded one, dllm/charlm/weights-gemma)")
+    p.add_argument("--n", type=int, default=None, help="held-out examples per task (default 200, quick 8)")
+    p.add_argument("--batch", type=int, default=50, help="examples decoded together (default: %(default)s)")
+    p.add_argument("--steps", type=int, default=16, help="denoising steps per canvas (default: %(default)s)")
+    p.add_argument("--tasks", nargs="+", default=list(TASK_NAMES), choices=TASK_NAMES, metavar="TASK",
+                   help=f"tasks to run (default: all of {', '.join(TASK_NAMES)})")
+    args = p.parse_args(argv)
+    n = args.n if args.n is not None else (8 if args.quick else 200)
+    if n <= 0 or args.batch <= 0 or args.steps <= 0:
+        p.error("--n, --batch and --steps must be positive")
+
+    from ..models import load_gemma_or_embedded
+
+    try:
+        model, tok = load_gemma_or_embedded(args.model)
+    except (OSError, ValueError) as e:
+        print(f"{prog}: cannot load the model: {e}", file=sys.stderr)
+        return 1
+    table = rows()
+    results = []
+    with tqdm(total=len(args.tasks) * len(table), desc="bench gemma", unit="run") as bar:
+        for task in args.tasks:
+            bar.set_postfix_str(task)
+            results += run_task(model, tok, task, table, n, args.batch, args.steps, bar)
+    results += summarise(results, table)
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = write_results(args.out, "gemma", args.quick, results, n_per_task=n, steps=args.steps,
+                         torch_threads=torch.get_num_threads())
+    plot_pareto(results, args.out / "pareto.png")
+    headline = "discriminating" if any(r["task"] == "discriminating" for r in results) else "controls"
+    print(markdown_table([r for r in results if r["task"] == headline], COLUMNS))
+    print(f"\nper-task rows, plot: {path}, {args.out / 'pareto.png'}")
+    return 0

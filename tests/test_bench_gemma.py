@@ -1,0 +1,69 @@
+"""``diffexit bench gemma --quick`` end to end on a tiny random DiffusionGemma saved to disk."""
+
+import json
+
+import pytest
+import torch
+
+from diffexit.app.cli import main as cli
+
+STEPS = 4
+
+
+@pytest.fixture(scope="module")
+def gemma_dir(tmp_path_factory):
+    from transformers import DiffusionGemmaForBlockDiffusion
+
+    from diffexit.dllm.charlm.gemma import chat_tokenizer, gemma_config
+
+    folder = tmp_path_factory.mktemp("gemma")
+    tok = chat_tokenizer()
+    torch.manual_seed(0)
+    model = DiffusionGemmaForBlockDiffusion(gemma_config(tok, hidden_size=32, num_heads=2, head_dim=16))
+    with torch.no_grad():
+        # A model that is sure of two tokens only ('N' or 'O', by the sign of one hidden unit): its argmax settles
+        # within a few steps, so the stock rule stops canvases early.
+        norm = model.model.encoder.language_model.norm.weight
+        norm.zero_()
+        norm[0] = 1.0
+        head = model.lm_head.weight  # tied with the embeddings
+        head[:, 0] = 0.0
+        head[tok.convert_tokens_to_ids("N"), 0], head[tok.convert_tokens_to_ids("O"), 0] = 20.0, -20.0
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
+def test_bench_gemma_quick(gemma_dir, tmp_path):
+    import diffexit.app.bench.gemma as bench
+
+    out = tmp_path / "bench"
+    assert cli(["bench", "gemma", "--quick", "--n", "3", "--batch", "3", "--steps", str(STEPS), "--tasks", "add",
+                "pick", "--model", str(gemma_dir), "--out", str(out)]) == 0
+    result = json.loads((out / "results.json").read_text())
+    assert result["benchmark"] == "gemma" and result["steps"] == STEPS
+    names = [r.name for r in bench.rows()]
+    assert {r["task"] for r in result["rows"]} == {"add", "pick", "discriminating", "controls"}
+    for task in ("add", "pick", "discriminating", "controls"):
+        assert [r["method"] for r in result["rows"] if r["task"] == task] == names
+    by = {(r["task"], r["method"]): r for r in result["rows"]}
+    full = by["pick", "all-steps"]
+    # One canvas for a short task, every step: the model's own pass count.
+    assert full["passes"] == STEPS and full["agreement"] == 1.0 and full["speedup_passes"] == 1.0
+    for r in result["rows"]:
+        assert 1 <= r["passes"] <= STEPS and 0.0 <= r["agreement"] <= 1.0 and r["speedup_wall"] > 0
+    stopped = by["pick", "stock-0.005"]
+    assert stopped["passes"] < STEPS and stopped["speedup_passes"] == pytest.approx(STEPS / stopped["passes"])
+    assert by["discriminating", "stock-0.005"]["passes"] == stopped["passes"]
+    assert by["controls", "stock-0.005"]["tasks"] == ["add"]
+    assert (out / "pareto.png").stat().st_size > 0
+
+
+def test_bench_gemma_without_a_model_names_the_fix(tmp_path, capsys, monkeypatch):
+    import diffexit.dllm.charlm.gemma as gemma
+
+    monkeypatch.setattr(gemma, "GEMMA_WEIGHTS_DIR", tmp_path / "none")
+    assert cli(["bench", "gemma", "--quick", "--out", str(tmp_path / "out")]) == 1
+    assert "diffexit train text --arch diffusion-gemma" in capsys.readouterr().err
+    assert cli(["bench", "gemma", "--quick", "--model", str(tmp_path / "nope"), "--out", str(tmp_path / "o")]) == 1
+    assert "no such folder" in capsys.readouterr().err
