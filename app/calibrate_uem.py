@@ -21,7 +21,7 @@ from ..common.cli_help import HelpFormatter
 from ..uem.calibration import calibrate, record_exits
 from ..uem.calibration_file import CALIBRATION_STEPS, Calibration, calibration_path, weights_digest
 from ..uem.heads import describe_model
-from .models import class_count, default_guidance_scale, load_dit_pipeline, load_uem
+from .models import class_count, default_guidance_scale, load_dit_pipeline, load_uem, with_backbone
 
 DEFAULT_STEPS = CALIBRATION_STEPS  # the step count of a calibration named by its budget alone
 
@@ -82,8 +82,10 @@ def main(argv: list[str], prog: str = "diffexit calibrate uem") -> int:
     try:
         modes = _check_args(args)
         pipe = load_dit_pipeline(Path(args.model) if args.model else None)
+        uem, tuned, heads = load_uem(Path(args.uem))
+        # Heads trained with a fine-tuned backbone are calibrated on it (the pipeline keeps its scheduler).
+        pipe = with_backbone(pipe, tuned)
         transformer, scheduler = pipe.transformer, pipe.scheduler
-        uem, _, heads = load_uem(Path(args.uem))
         uem.check_matches(transformer)
         blocks = uem.config.num_blocks
         deepest = max((m for m in modes if m is not None), default=0)

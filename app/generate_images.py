@@ -246,7 +246,7 @@ def _early_exits(args, pipe, method: str, params: dict, steps: Optional[int], gu
 def run(argv: Sequence[str], prog: str = "diffexit generate images") -> tuple[JobResult, Optional[JobResult]]:
     """Parse ``argv``, generate, print the summary on the main process; returns the method's and full depth's
     :class:`~diffexit.app.jobs.JobResult` (None without ``--compare-full``). Bad input raises :class:`JobError`."""
-    from .models import class_count, default_guidance_scale, load_dit_pipeline
+    from .models import class_count, default_guidance_scale, load_dit_pipeline, load_uem, with_backbone
 
     args = _parser(prog).parse_args(list(argv))
     if args.classes is not None and args.per_class is None:
@@ -274,6 +274,9 @@ def run(argv: Sequence[str], prog: str = "diffexit generate images") -> tuple[Jo
     state = process_state()
     try:
         pipe = load_dit_pipeline(args.pipeline, state.device)
+        if method == "deediff":
+            # Heads trained with a fine-tuned backbone (diffexit train uem --mode full) sample with it.
+            pipe = with_backbone(pipe, load_uem(args.uem)[1])
     except ValueError as e:
         raise JobError(f"cannot load the image pipeline: {e}") from None
     n_classes = class_count(pipe)

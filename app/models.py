@@ -133,9 +133,11 @@ def uem_heads_dir(directory: Path) -> Path:
 def load_uem(directory: Path):
     """``(UEMStack, fine-tuned transformer or None, heads folder)`` from a UEM folder, in float32, eval mode.
 
-    The folder is what ``diffexit train uem --out DIR`` writes (and what ships in ``uem/digits/weights/uem-digits``):
-    ``DIR/uem`` holds the heads and, after a full fine-tune, ``DIR/transformer`` the backbone they were trained
-    with. A bare ``UEMStack.save_pretrained`` folder works too. The calibration files sit beside the heads.
+    The folder is what ``diffexit train uem --out DIR`` writes: ``DIR/uem`` holds the heads and, after a full
+    fine-tune, ``DIR/transformer`` the backbone they were trained with. A bare ``UEMStack.save_pretrained`` folder
+    works too, and one whose parent holds a ``transformer/`` was trained on that backbone: that is how heads of
+    several targets share one fine-tuned backbone (``uem/digits/weights/uem-digits-exits/<target>``). The
+    calibration files sit beside the heads.
     """
     from ..uem.heads import UEMStack
 
@@ -148,9 +150,19 @@ def load_uem(directory: Path):
         uem = UEMStack.from_pretrained(str(heads), dtype=torch.float32).eval()
     except Exception as e:  # a broken folder: say which, and why
         raise ValueError(f"cannot load the UEMs from {heads}: {e}") from e
-    backbone = directory / "transformer"
-    tuned = _transformer(backbone) if heads != directory and (backbone / "config.json").is_file() else None
+    backbone = heads.parent / "transformer"
+    tuned = _transformer(backbone) if (backbone / "config.json").is_file() else None
     return uem, tuned, heads
+
+
+def with_backbone(pipe, transformer):
+    """``pipe`` itself, or (``transformer`` given: the fine-tuned backbone UEM heads were trained with) a pipeline of
+    the same class and scheduler around it."""
+    if transformer is None:
+        return pipe
+    out = type(pipe)(**{**pipe.components, "transformer": transformer.to(pipe.transformer.device)})
+    out.set_progress_bar_config(disable=True)
+    return out
 
 
 def default_guidance_scale(pipe) -> float:

@@ -168,6 +168,32 @@ def test_heads_of_several_targets_each_get_rows(models, tmp_path):
     assert all("skipped" not in r for r in results["rows"])
 
 
+def test_heads_of_several_targets_share_one_fine_tuned_backbone(models, tmp_path, capsys):
+    # The shipped exit-trained layout: RUN/transformer once, RUN/<target> heads beside it.
+    import shutil
+
+    run = tmp_path / "exits"
+    shutil.copytree(models / "uems" / "transformer", run / "transformer")
+    from diffusers import DiTTransformer2DModel
+
+    tuned = DiTTransformer2DModel.from_pretrained(str(run / "transformer"))
+    for i, target in enumerate(("paper", "exit-cost")):
+        torch.manual_seed(20 + i)
+        UEMStack.for_model(tuned, target=target).save_pretrained(str(run / target))
+    out = tmp_path / "out"
+    assert _bench(models, out, "--uem", str(run / "paper"), str(run / "exit-cost"), "--methods",
+                  "deediff-paper-0.1", "deediff-exit-cost-0.05") == 0
+    results = json.loads((out / "results.json").read_text())
+    assert [r["method"] for r in results["rows"]] == ["full", "full-base", "deediff-paper-0.1",
+                                                      "deediff-exit-cost-0.05"]
+    assert results["fine_tuned_backbone"] and results["psnr_reference"] == "full-base"
+    # Heads of the shipped backbone beside them are refused: they were trained on another one.
+    other = tmp_path / "plain"
+    UEMStack.for_model(tuned, target="normalized").save_pretrained(str(other))
+    assert _bench(models, tmp_path / "bad", "--uem", str(run / "paper"), str(other)) == 1
+    assert "trained on another backbone" in capsys.readouterr().err
+
+
 def test_two_sets_of_heads_on_one_target_are_refused(models, tmp_path, capsys):
     from diffexit.uem.digits.pipeline import DigitsDiTPipeline as Pipe
 

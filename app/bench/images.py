@@ -100,11 +100,11 @@ def figures_row(method: Method, got, full: Quality, reference: Quality, timing: 
 def _load(args):
     """``(bench, classifier)`` from the command's arguments."""
     from ...uem.calibration_file import Calibration, calibration_label, calibrations_in
-    from ..models import default_guidance_scale, load_dit_pipeline, load_uem
+    from ..models import default_guidance_scale, load_dit_pipeline, load_uem, with_backbone
 
     pipe = load_dit_pipeline(args.pipeline)
     classifier = load_classifier(args.classifier)
-    heads, uem_missing, base_pipe = {}, "", None
+    heads, uem_missing, base_pipe, first_backbone = {}, "", None, None
     # The shipped heads belong to the embedded DiT; another pipeline needs its own (--uem).
     embedded = args.pipeline is None or Path(args.pipeline).resolve() == DIT_DIR.resolve()
     directories = args.uem if args.uem is not None else (shipped_uem_dirs() if embedded else [])
@@ -119,13 +119,12 @@ def _load(args):
         if target in heads:
             raise ValueError(f"--uem {heads[target].directory} and {directory} both hold heads trained on the "
                              f"{target!r} target; the rows are named by target, so pass one of each")
-        if tuned is not None:
-            if len(directories) > 1:
-                raise ValueError(f"{directory} brings a fine-tuned backbone; benchmark it on its own (one --uem), "
-                                 f"since the other heads were trained on another backbone")
-            base_pipe = pipe
-            pipe = type(pipe)(**{**pipe.components, "transformer": tuned})
-            pipe.set_progress_bar_config(disable=True)
+        backbone = heads_folder.parent / "transformer" if tuned is not None else None
+        if backbone is not None and base_pipe is None:
+            base_pipe, pipe, first_backbone = pipe, with_backbone(pipe, tuned), backbone
+        elif (backbone is None) != (base_pipe is None) or (backbone is not None and backbone != first_backbone):
+            raise ValueError(f"{directory} was trained on another backbone than the heads before it; benchmark "
+                             f"heads of one backbone together (a fine-tuned one brings its own transformer/)")
         uem.check_matches(pipe.transformer)
         found = [(calibration_label(p), p, Calibration.load(p).sampler["steps"]) for p in calibrations_in(heads_folder)]
         heads[target] = Heads(target, uem, Path(directory), found)

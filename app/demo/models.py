@@ -61,12 +61,15 @@ class Models:
 
     def pipeline(self):
         """The image pipeline on CPU in float32, loaded once."""
-        from ..models import load_dit_pipeline
+        from ..models import load_dit_pipeline, load_uem, with_backbone
 
         with self._image_load_lock:
             if self._pipe is None:
                 try:
                     pipe = load_dit_pipeline(self.image_path)
+                    if self.uem_path is not None:
+                        # UEMs trained with a fine-tuned backbone (train uem --mode full) run on it.
+                        pipe = with_backbone(pipe, load_uem(self.uem_path)[1])
                 except ValueError as e:
                     raise _error(f"cannot load the image pipeline: {e}") from e
                 # The first call pays one-off costs (allocations, first dispatch); paying them now keeps them out
