@@ -79,6 +79,42 @@ def test_full_fine_tune_on_an_image_folder_trains_the_backbone(tmp_path, model_d
     assert any(not torch.equal(p, q) for p, q in zip(before.parameters(), after.parameters()))
 
 
+def _exit_errors(transformer):
+    """Each exit's mean squared error against the true noise on one fixed batch of noised digits ``[L]``."""
+    from diffusers import DDPMScheduler
+
+    from diffexit.uem import exit_predictions
+    from diffexit.uem.digits.data import load_digits_dataset
+
+    images, labels = load_digits_dataset(8, "test").tensors
+    images, labels = images[:32], labels[:32]
+    g = torch.Generator().manual_seed(123)
+    noise = torch.randn(images.shape, generator=g)
+    t = torch.randint(0, 1000, (32,), generator=g)
+    noisy = DDPMScheduler().add_noise(images, noise, t)
+    with torch.no_grad():
+        # The heads do not enter the exits' predictions; any of the right shape will do.
+        pred = exit_predictions(transformer.eval(), UEMStack.for_model(transformer), noisy, timestep=t,
+                                class_labels=labels)
+    return ((pred.sample[:, :, : noise.shape[1]] - noise) ** 2).mean(dim=(1, 2, 3, 4))
+
+
+def test_full_mode_lowers_every_exits_loss_and_resumes_bit_for_bit(tmp_path, model_dir):
+    # DeeDiff's own training: every block's exit learns to predict the noise, not only the last.
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    run = ["--model", str(model_dir), "--mode", "full", "--target", "paper", *COMMON]
+    main(["--out", str(straight), "--steps", "20", *run])
+    before = _exit_errors(DiTTransformer2DModel.from_pretrained(model_dir))
+    after = _exit_errors(DiTTransformer2DModel.from_pretrained(straight / "transformer"))
+    assert (after < 0.9 * before).all(), (before, after)
+
+    main(["--out", str(resumed), "--steps", "10", *run])
+    main(["--out", str(resumed), "--steps", "20", "--resume", *run])
+    a, b = (DiTTransformer2DModel.from_pretrained(d / "transformer") for d in (straight, resumed))
+    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
+    assert all(torch.equal(x, y) for x, y in zip(weights(straight / "uem"), weights(resumed / "uem")))
+
+
 def test_batches_cover_each_epoch_once():
     seen = torch.cat([batch_indices(step, 4, 10, seed=3) for step in range(5)])  # two epochs of 10
     assert sorted(seen[:10].tolist()) == list(range(10)) and sorted(seen[10:].tolist()) == list(range(10))
