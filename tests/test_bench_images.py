@@ -119,6 +119,7 @@ def test_layer_ratios_are_the_blocks_each_method_runs(quick_run):
 
 def test_without_uem_weights_deediff_rows_say_why(models, tmp_path, monkeypatch):
     monkeypatch.setattr(bench, "UEM_DIR", tmp_path / "no-uem-here")
+    monkeypatch.setattr(bench, "EXITS_DIR", tmp_path / "no-exits-here")
     out = tmp_path / "out"
     first = {}
     for m in image_methods(LAYERS, STEPS):

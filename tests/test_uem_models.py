@@ -175,8 +175,9 @@ def test_guided_batch_exits_in_pairs(name):
 
 
 def test_sd3_refuses_what_it_cannot_exit_through():
+    # A rule that can exit: at full depth the model's own forward runs, and it takes these arguments itself.
     model, make_inputs, _ = sd3()
-    enable_early_exit(model, None, FullDepth())
+    enable_early_exit(model, None, StaticDepth([1]))
     inp = make_inputs(1)
     with pytest.raises(ValueError, match="skip_layers"):
         model(**inp, skip_layers=[1])

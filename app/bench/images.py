@@ -46,7 +46,7 @@ from ...common.cli_help import HelpFormatter
 from ...common.results import markdown_table, write_results
 from ...uem.digits.classifier import class_agreement, extract_features, frechet_distance, load_classifier
 from ...uem.digits.data import load_digits_dataset
-from ...uem.digits.files import CLASSIFIER_DIR, DIT_DIR, UEM_DIR
+from ...uem.digits.files import CLASSIFIER_DIR, DIT_DIR, EXITS_DIR, UEM_DIR
 from ...uem.image_quality import psnr
 from .image_methods import Bench, Heads, Method, image_methods
 from .image_plots import plot_exit_depths, plot_pareto, plot_samples
@@ -133,10 +133,14 @@ def _load(args):
 
 
 def shipped_uem_dirs() -> list[Path]:
-    """The UEM folders that ship in ``uem/digits/weights/uem-digits``: one per target, each a ``UEMStack`` folder."""
-    if not UEM_DIR.is_dir():
-        return []
-    return sorted(d for d in UEM_DIR.iterdir() if (d / "config.json").is_file())
+    """The UEM folders the bench uses by default: the heads of the exit-trained backbone
+    (``uem/digits/weights/uem-digits-exits``, one per target) when they ship, else those of the shipped backbone
+    (``uem-digits``)."""
+    for root in (EXITS_DIR, UEM_DIR):
+        found = sorted(d for d in root.iterdir() if (d / "config.json").is_file()) if root.is_dir() else []
+        if found and not (root == EXITS_DIR and not (root / "transformer" / "config.json").is_file()):
+            return [d for d in found if d.name != "transformer"]
+    return []
 
 
 def main(argv: list[str], prog: str = "diffexit bench images") -> int:
@@ -147,8 +151,8 @@ def main(argv: list[str], prog: str = "diffexit bench images") -> int:
                    help="a DigitsDiTPipeline folder (default: the embedded one)")
     p.add_argument("--uem", type=Path, nargs="+", default=None,
                    help=f"UEM folders (`diffexit train uem --out` layout, or bare UEMStack weights), one per target; "
-                        f"the calibration files beside each add rows; default: those in {UEM_DIR}, or none "
-                        f"(the DeeDiff rows are then skipped)")
+                        f"the calibration files beside each add rows; default: the exit-trained ones in {EXITS_DIR} "
+                        f"(on their fine-tuned backbone, against the shipped one), else those in {UEM_DIR}")
     p.add_argument("--classifier", type=Path, default=CLASSIFIER_DIR,
                    help="digits classifier folder (default: the embedded one)")
     p.add_argument("--per-class", type=int, default=None,

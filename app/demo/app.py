@@ -33,7 +33,7 @@ from ...dllm.halting import STATS
 from .forms import MAX_IMAGE_STEPS, MAX_IMAGES, SCHEDULE_KINDS
 from .images import IMAGE_RULES, RULE_CALIBRATED, RULE_SCHEDULE, RULE_STATIC, RULE_THRESHOLD, SAMPLERS, run_images
 from .models import Models
-from .text import HALT_SCHED, HALTING, SPAN_COLORS, TRACE_HEADERS, example, run_text
+from .text import FIRST_TASK, HALT_SCHED, HALTING, SPAN_COLORS, TRACE_HEADERS, example, run_text
 
 TEXT_CONCURRENCY = 2
 MAX_CLASS_BOXES = 20  # beyond this, a text field of class ids
@@ -80,7 +80,7 @@ def build_app(text_model: Optional[str | Path] = None, image_pipeline: Optional[
     path = lambda p: None if p is None else Path(p)
     models = Models(path(text_model), path(image_pipeline), path(uem))
     demo = Demo(models)
-    first_task = TASK_NAMES[0]
+    first_task = FIRST_TASK
     first = example(first_task)
 
     # Number fields carry no minimum/maximum: gradio's own bound check does not say which field is wrong, and the

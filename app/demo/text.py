@@ -34,6 +34,11 @@ def task_of(prompt: str) -> Optional[str]:
     return next((task for tag, task in _task_tags().items() if prompt.startswith(tag)), None)
 
 
+# The task the text tab opens on: one that full steps answer and one step gets wrong (the shipped model's card),
+# so the first run shows what halting too early costs.
+FIRST_TASK = "pick"
+
+
 def example(task: str, index: int = 0) -> tuple[str, int, int, int]:
     """A held-out example of ``task`` and its decode settings: ``(prompt, gen_length, steps, block_length)``."""
     from ...dllm.charlm.tasks import DECODE, TASK_NAMES, layout_of, sample
