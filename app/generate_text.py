@@ -291,6 +291,14 @@ def run(argv: Sequence[str], prog: str = "diffexit generate text") -> tuple[JobR
         if decode["loop"] == "dream" and decode["block_length"] is not None:
             raise JobError("--block-length applies to the llada loop; the dream loop decodes the span as one block")
         lengths = decode["gen_length"], decode["steps"], decode["block_length"]
+        if decode["loop"] == "llada":
+            from ..dllm.generate import check_blocks
+
+            try:
+                check_blocks(decode["gen_length"], decode["steps"], decode["block_length"] or decode["gen_length"])
+            except ValueError as e:
+                raise JobError(f"--gen-length {decode['gen_length']}, --steps {decode['steps']}, --block-length "
+                               f"{decode['block_length']}: {e}") from None
         engine = TransformersEngine(model, method, make_rule, *lengths)
         full_engine = TransformersEngine(model, "full", None, *lengths)
     engine.check(items)

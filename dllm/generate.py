@@ -56,7 +56,8 @@ def num_transfer_tokens(masked_count: int, steps: int) -> list[int]:
     return [base + (1 if i < rem else 0) for i in range(steps)]
 
 
-def _check_blocks(gen_length: int, steps: int, block_length: int) -> int:
+def check_blocks(gen_length: int, steps: int, block_length: int) -> int:
+    """The number of blocks; ``ValueError`` naming the valid block lengths or step counts when they do not fit."""
     if not isinstance(block_length, int) or block_length <= 0 or gen_length % block_length:
         divisors = [d for d in range(1, gen_length + 1) if gen_length % d == 0]
         raise ValueError(f"block_length must divide gen_length={gen_length}, got {block_length!r}; "
@@ -143,7 +144,7 @@ def generate(
     if parallel_threshold is not None and remasking == "random":
         raise ValueError("parallel_threshold compares token probabilities; it needs remasking='low_confidence'")
     block_length = gen_length if block_length is None else block_length
-    num_blocks = _check_blocks(gen_length, steps, block_length)
+    num_blocks = check_blocks(gen_length, steps, block_length)
     _check_cache(cache, num_blocks, cfg_scale)
     steps_per_block = steps // num_blocks
 

@@ -208,6 +208,14 @@ def test_build_app_loads_nothing_and_sets_up_the_queue(tmp_path):
     assert app._queue.default_concurrency_limit == TEXT_CONCURRENCY
 
 
+def test_api_outputs_are_named(client):
+    # gradio_client users read results by name, not as value_31.
+    api = client.view_api(print_info=False, return_format="dict")["named_endpoints"]
+    for endpoint in ("/images", "/text"):
+        labels = [r["label"] for r in api[endpoint]["returns"]]
+        assert all(labels) and not any(label.startswith("value_") for label in labels), (endpoint, labels)
+
+
 def test_build_app_names_an_image_pipeline_folder_it_cannot_read(tmp_path):
     with pytest.raises(Exception, match="cannot read the classes of the image pipeline in .*none"):
         build_app(image_pipeline=tmp_path / "none")
@@ -388,9 +396,9 @@ def test_closing_the_stream_stops_the_decode(model_dirs):
 
 
 def test_example_endpoint_fills_the_preset(client):
-    prompt, gen_length, steps, block = client.predict("reverse", api_name="/example")
     from diffexit.dllm.charlm.tasks import DECODE
 
+    prompt, gen_length, steps, block = client.predict("reverse", api_name="/example")
     assert prompt.startswith("rev:") and (gen_length, steps, block) == (16, DECODE[16][1], DECODE[16][0])
 
 

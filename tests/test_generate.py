@@ -437,18 +437,25 @@ def _bad_text_inputs(tmp_path, model):
         "model that cannot be loaded": (["--task", "pick", "--n", "1", "--model", str(broken)],
                                         "cannot load the text model"),
         "missing model": (["--task", "pick", "--n", "1", "--model", str(tmp_path / "no-such-model")],
-                          "cannot load the text model"),
+                          "no such folder"),
+        "block length that does not divide": (
+            ["--task", "pick", "--n", "1", "--model", str(model.parent / "transformers"), "--gen-length", "8",
+             "--steps", "8", "--block-length", "3"], "--block-length 3: block_length must divide gen_length=8"),
     }
 
 
 @pytest.mark.parametrize("case", ["missing input file", "malformed line", "unknown task", "unknown method",
-                                  "parameter of another method", "model that cannot be loaded", "missing model"])
+                                  "parameter of another method", "model that cannot be loaded", "missing model",
+                                  "block length that does not divide"])
 def test_bad_text_input_names_the_problem_and_touches_nothing(case, text_models, text_reference, tmp_path, capsys):
     argv, message = _bad_text_inputs(tmp_path, text_models[0])[case]
     out = text_reference[1]
     before = snapshot(out)
     assert generate_text.main([*argv, "--out", str(out)]) != 0
-    assert message in capsys.readouterr().err
+    # One clear line (a model's loading bar may come before it), no traceback.
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if "error:" in line]
+    assert len(errors) == 1 and message in errors[0] and "Traceback" not in err
     assert snapshot(out) == before
 
 

@@ -80,3 +80,19 @@ def test_numbered_checkpoints_list_only_complete_ones_and_keep_the_newest(tmp_pa
         save_numbered_checkpoint(FakeAccelerator(kill_after=0), tmp_path, 40, keep=2)
     assert [p.name for p in numbered_checkpoints(tmp_path)] == ["step-000020", "step-000030"]
     assert (tmp_path / "step-000040.partial").exists()
+
+
+def test_written_files_get_the_umasks_mode_not_mkstemps(tmp_path):
+    # A temp file renamed into place would otherwise stay 0600, unreadable by anyone else sharing the folder.
+    import os
+
+    from diffexit.common.results import atomic_write_bytes, write_results
+
+    old = os.umask(0o027)
+    try:
+        atomic_write_bytes(tmp_path / "a.bin", b"x")
+        path = write_results(tmp_path, "text", True, [])
+    finally:
+        os.umask(old)
+    assert (tmp_path / "a.bin").stat().st_mode & 0o777 == 0o640
+    assert path.stat().st_mode & 0o777 == 0o640

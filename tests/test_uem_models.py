@@ -183,3 +183,14 @@ def test_sd3_refuses_what_it_cannot_exit_through():
         model(**inp, skip_layers=[1])
     with pytest.raises(ValueError, match="LoRA scale"):
         model(**inp, joint_attention_kwargs={"scale": 0.5})
+
+
+def test_a_model_without_an_adapter_is_refused_with_the_supported_ones():
+    from diffusers import SanaTransformer2DModel
+
+    sana = SanaTransformer2DModel(in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=8,
+                                  num_layers=2, num_cross_attention_heads=2, cross_attention_head_dim=8,
+                                  cross_attention_dim=16, caption_channels=16, sample_size=8)
+    with pytest.raises(ValueError, match="support DiTTransformer2DModel, PixArtTransformer2DModel, "
+                                         "SD3Transformer2DModel; got SanaTransformer2DModel"):
+        UEMStack.for_model(sana)
