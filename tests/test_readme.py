@@ -20,9 +20,8 @@ SHELL = [code for lang, code in BLOCKS if lang == "bash"]
 SHRINK = [
     (r"--per-class \d+", "--per-class 1"),
     (r"--n \d+", "--n 2"),
-    (r"--steps 25\b", "--steps 3"),
     (r"--num_processes \d+", "--num_processes 2"),
-    (r"(diffexit calibrate sched .*)", r"\1 --tasks add pick --n-cal 3 --n-val 2"),
+    (r"(diffexit calibrate sched .*)", r"\1 --tasks add pick --n-cal 6 --n-val 2"),
 ]
 
 
