@@ -567,7 +567,10 @@ def test_images_deediff_with_a_calibrated_budget(image_models, tmp_path):
     records = [json.loads(line) for line in (tmp_path / "ok" / "manifest.jsonl").read_text().splitlines()]
     assert len(records) == 2 and all(0 < r["layer_ratio"] <= 1 for r in records)
     made = str(calibrated / "calibration-0.05-steps3.json")
-    assert generate_images.main([*base, "--budget", "0.05", "--out", str(tmp_path / "own-steps")]) != 0  # 25 steps
+    # Without --steps, the calibration's own step count (3), not the default 25 it was not made for.
+    assert generate_images.main([*base, "--budget", "0.05", "--out", str(tmp_path / "own-steps")]) == 0
+    own = [json.loads(line) for line in (tmp_path / "own-steps" / "manifest.jsonl").read_text().splitlines()]
+    assert [len(r["depths"]) for r in own] == [3, 3]
     for extra, message in [(["--budget", "0.05", "--steps", "4"], "budgets there are 0.05-steps3.*--steps 4`"),
                            (["--calibration", made, "--steps", "4"], "made for 3 steps of DDIMScheduler"),
                            (["--budget", "0.5", "--steps", "3"], "no calibration for budget 0.5"),
