@@ -333,3 +333,28 @@ def test_export_writes_a_loadable_fp16_pipeline(tmp_path):
     loaded.set_progress_bar_config(disable=True)
     images = loaded([0, 5, 9], num_inference_steps=2, generator=torch.Generator().manual_seed(0), output_type="pt").images
     assert images.shape == (3, 1, 16, 16)
+
+
+@pytest.mark.slow  # 80 sampling runs of 25 steps
+def test_shipped_exit_trained_model_matches_its_card(monkeypatch):
+    """The exit-trained backbone loads offline and gives its card's class agreement on 20 seeded digits: the same
+    as the original at full depth, far above it at depth 6 (what exit training is for)."""
+    from diffexit.samplers import ExitAwareScheduler
+    from diffexit.uem import StaticDepth, enable_early_exit
+    from diffexit.uem.digits.card import sample_digits
+    from diffexit.uem.digits.files import EXITS_DIR
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    card = (EXITS_DIR / "MODEL_CARD.md").read_text()
+    assert "| exit-trained (this folder) | 0.85 | 0.75 |" in card and "| original `dit-digits` | 0.85 | 0.50 |" in card
+    classifier = load_embedded_classifier()
+    measured = {}
+    for exit_trained in (False, True):
+        pipe = load_embedded_pipeline(exit_trained=exit_trained)
+        pipe.set_progress_bar_config(disable=True)
+        measured[exit_trained, 12] = class_agreement(*sample_digits(pipe, 2, 2.0, 25, 0), classifier)
+        pipe.scheduler = ExitAwareScheduler(pipe.scheduler, enable_early_exit(pipe, None, StaticDepth([6])))
+        measured[exit_trained, 6] = class_agreement(*sample_digits(pipe, 2, 2.0, 25, 0), classifier)
+    # One digit of slack (0.05) for float differences between CPUs; the two backbones differ by five at depth 6.
+    card_figures = {(False, 12): 0.85, (False, 6): 0.50, (True, 12): 0.85, (True, 6): 0.75}
+    assert all(abs(measured[key] - value) <= 0.05 + 1e-6 for key, value in card_figures.items()), measured
