@@ -47,7 +47,9 @@ def _parser(prog: str) -> argparse.ArgumentParser:
     p.add_argument("--held-out", type=int, default=128, help="held-out samples measured with the chosen rules")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--seed", type=int, default=0, help="noise seed of the calibration samples (held out: seed + 1)")
-    p.add_argument("--out", default=None, help="directory for the calibration files (default: --uem)")
+    p.add_argument("--out", default=None,
+                   help="directory for the calibration files (default: --uem); files saved elsewhere are used with "
+                        "generate images --calibration FILE")
     return p
 
 
@@ -127,4 +129,8 @@ def main(argv: list[str], prog: str = "diffexit calibrate uem") -> int:
             mean_err = sum(held["error_per_step"]) / len(held["error_per_step"])
             print(f"| {provenance['min_depth']} | {r['budget']:g} | {cal['layer_ratio']:.3f} | "
                   f"{held['layer_ratio']:.3f} | {mean_err:.5f} | {held['max_error']:.5f} | {path} |")
+    if out_dir.resolve() != Path(heads).resolve():
+        # --budget finds only files beside the UEMs; these are elsewhere, so say how to use them.
+        print(f"{prog}: the files are in {out_dir}, not beside the UEMs: use one with `diffexit generate images "
+              f"--uem {args.uem} --calibration FILE` (or copy it to {heads} to name it by --budget)")
     return 0

@@ -7,6 +7,7 @@ Descriptions come from module docstrings, which are written for Sphinx; :func:`p
 from __future__ import annotations
 
 import argparse
+import copy
 import re
 
 _ROLE = re.compile(r":[a-z]+:`~?([^`<]*?)(?:\s*<[^>]*>)?`")
@@ -23,15 +24,27 @@ def plain(text: str) -> str:
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):
-    """Keeps the description's layout, shows every default that is not None or False, and prints plain text."""
+    """Keeps the description's layout, shows every option's default (0 included; not for flags, which take no
+    value, nor None), and prints plain text."""
 
     def _format_text(self, text: str) -> str:
         return super()._format_text(plain(text))
 
+    @staticmethod
+    def _shows_default(action) -> bool:
+        return (bool(action.option_strings) and action.nargs != 0 and action.default is not None
+                and action.default is not argparse.SUPPRESS)
+
+    def _format_action(self, action) -> str:
+        # argparse prints no help column for an option without help text, so give it one for its default.
+        if not action.help and self._shows_default(action):
+            action = copy.copy(action)
+            action.help = "(default: %(default)s)"
+        return super()._format_action(action)
+
     def _get_help_string(self, action) -> str:
         text = action.help or ""
-        if ("%(default)" not in text and action.option_strings and action.default not in (None, False)
-                and action.default is not argparse.SUPPRESS):
+        if "%(default)" not in text and self._shows_default(action):
             text += " (default: %(default)s)"
         return text
 

@@ -56,6 +56,8 @@ class MaskedDiffusionPipeline(DiffusionPipeline):
         halting: the default halting rule for calls that don't pass one (None: fixed steps).
         loop: ``llada`` (bidirectional, blocks) or ``dream`` (shifted logits, one span).
         mask_id: the mask token id, for tokenizers that don't declare one (LLaDA: 126336).
+        prompt_length: pad every prompt on the left to this many tokens; None: the model's own ``prompt_length``
+            when it declares one (the embedded model: 24), else the longest prompt of each call.
     """
 
     def __init__(self, model, tokenizer, halting: Union[HaltingRule, dict, None] = None, loop: str = "llada",
@@ -68,6 +70,9 @@ class MaskedDiffusionPipeline(DiffusionPipeline):
             raise ValueError(f"prompt_length must be a positive int (or None: pad to the longest), got "
                              f"{prompt_length!r}")
         self.register_modules(model=model, tokenizer=tokenizer)
+        # A model trained on a fixed prompt layout says so (DiffusionLlama: 24); padding to the longest prompt
+        # would move its answer span and give garbage.
+        prompt_length = getattr(model, "prompt_length", None) if prompt_length is None else prompt_length
         mask_id = mask_id if mask_id is not None else getattr(tokenizer, "mask_token_id", None)
         if mask_id is None:
             raise ValueError("the tokenizer declares no mask_token_id; pass mask_id= (LLaDA uses 126336)")

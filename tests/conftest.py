@@ -103,6 +103,38 @@ def tiny_dit():
     return make_tiny_dit
 
 
+def save_learned_sigma_folders(root, classes=1000):
+    """Under ``root``: ``pipe/``, a ``DiTPipeline`` with the layout of every public DiT checkpoint (a tiny VAE, a
+    3-block transformer with learned sigma, ``classes`` labels, the null class last), and ``images/``, an
+    ImageFolder of 3 classes x 4 random 8x8 RGB images. Returns ``root``."""
+    from pathlib import Path
+
+    import numpy as np
+    import torch
+    from diffusers import AutoencoderKL, DDIMScheduler, DiTPipeline
+    from PIL import Image
+
+    root = Path(root)
+    transformer = make_tiny_dit(layers=3, in_channels=4, out_channels=8, classes=classes)
+    torch.manual_seed(0)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",),
+                        up_block_types=("UpDecoderBlock2D",), block_out_channels=(8,), layers_per_block=1,
+                        latent_channels=4, norm_num_groups=8, sample_size=8).eval()
+    DiTPipeline(transformer=transformer, vae=vae, scheduler=DDIMScheduler()).save_pretrained(root / "pipe")
+    rng = np.random.default_rng(0)
+    for c in range(3):
+        (root / "images" / f"class{c}").mkdir(parents=True)
+        for i in range(4):
+            Image.fromarray((rng.random((8, 8, 3)) * 255).astype("uint8")).save(root / "images" / f"class{c}" / f"{i}.png")
+    return root
+
+
+@pytest.fixture(scope="session")
+def learned_sigma_folders():
+    """The factory :func:`save_learned_sigma_folders`."""
+    return save_learned_sigma_folders
+
+
 def make_tiny_text_model(*, layers=2, heads=2, max_positions=64, seed=0, initializer_range=None,
                          never_predict_mask=False, cls=None):
     """``(model, tokenizer)``: a tiny random model in the embedded text model's format (``DiffusionLlama`` over the

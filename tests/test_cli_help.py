@@ -29,3 +29,19 @@ def test_each_commands_help_is_plain_text_with_its_defaults(command, capsys):
 def test_plain_drops_sphinx_markup():
     assert plain("see :func:`~diffexit.dllm.generate` and ``x = 1``") == "see generate and x = 1"
     assert plain(":mod:`diffexit.uem.calibration`") == "diffexit.uem.calibration"
+
+
+def test_defaults_show_without_a_help_string_and_when_zero():
+    import argparse
+    import re
+
+    from diffexit.common.cli_help import HelpFormatter
+
+    parser = argparse.ArgumentParser(prog="x", formatter_class=HelpFormatter)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--lr", type=float, default=1e-3, help="peak rate")
+    parser.add_argument("--out", default=None, help="where")
+    parser.add_argument("--resume", action="store_true", help="go on")
+    text = parser.format_help()
+    assert re.search(r"--seed SEED\s+\(default: 0\)", text) and "peak rate (default: 0.001)" in text
+    assert re.search(r"--out OUT\s+where\n", text) and re.search(r"--resume\s+go on\n", text)

@@ -87,6 +87,13 @@ def test_the_embedded_format_saves_loads_and_decodes_as_generate(tmp_path, tiny_
     assert out.texts == [decode_answer(tok, s).replace("[PAD]", "") for s in want.generated]
     with pytest.raises(ValueError, match="longer than this pipeline's prompt_length=24"):
         pipe(["rev:" + "a" * 30], gen_length=16, steps=16)
+    # Built by hand without prompt_length, it takes the model's layout, not the longest prompt's.
+    from diffexit.dllm.charlm.tasks import LAYOUTS
+
+    assert {layout.prompt_length for layout in LAYOUTS.values()} == {type(model).prompt_length}
+    by_hand = MaskedDiffusionPipeline(model, tok, halting=rule)
+    assert by_hand.prompt_length == 24
+    assert torch.equal(by_hand(prompts, gen_length=16, steps=16).generation.sequences, want.sequences)
 
 
 def test_from_transformers_refuses_a_checkpoint_whose_weights_it_would_drop(tmp_path, tiny_text_model):

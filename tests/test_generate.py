@@ -278,13 +278,15 @@ def _bad_image_inputs(tmp_path, pipe, uem):
                                         "--uem", str(not_a_pipeline), *base], "cannot load the UEMs"),
         "static depth beyond the model": (["--per-class", "1", "--method", "static", "--depths", "2", "9", *base],
                                           "has only 4"),
+        "negative guidance": (["--per-class", "1", "--guidance-scale", "-1", *base], "--guidance-scale"),
     }
 
 
 @pytest.mark.parametrize("case", ["missing input file", "malformed line", "unknown class in requests",
                                   "unknown class in --classes", "unknown method", "deediff without UEMs",
                                   "pipeline that is no pipeline", "pipeline that cannot be loaded",
-                                  "UEMs that cannot be loaded", "static depth beyond the model"])
+                                  "UEMs that cannot be loaded", "static depth beyond the model",
+                                  "negative guidance"])
 def test_bad_image_input_names_the_problem_and_touches_nothing(case, image_models, image_reference, tmp_path, capsys):
     argv, message = _bad_image_inputs(tmp_path, *image_models)[case]
     before = snapshot(image_reference)
@@ -551,7 +553,7 @@ def test_sigkill_at_any_moment_then_resume_gives_the_uninterrupted_set(image_mod
     assert not [p for p in out.rglob("*.tmp")]
 
 
-def test_images_deediff_with_a_calibrated_budget(image_models, tmp_path):
+def test_images_deediff_with_a_calibrated_budget(image_models, tmp_path, capsys):
     import shutil
 
     from diffexit.app.cli import main as cli_main
@@ -567,6 +569,14 @@ def test_images_deediff_with_a_calibrated_budget(image_models, tmp_path):
     records = [json.loads(line) for line in (tmp_path / "ok" / "manifest.jsonl").read_text().splitlines()]
     assert len(records) == 2 and all(0 < r["layer_ratio"] <= 1 for r in records)
     made = str(calibrated / "calibration-0.05-steps3.json")
+    # Saved elsewhere (--out), a calibration is used by its path.
+    assert cli_main(["calibrate", "uem", "--uem", str(calibrated), "--model", str(pipe), "--budget", "0.05",
+                     "--steps", "3", "--samples", "4", "--held-out", "4", "--out", str(tmp_path / "elsewhere")]) == 0
+    assert "--calibration FILE" in capsys.readouterr().out
+    elsewhere = str(tmp_path / "elsewhere" / "calibration-0.05-steps3.json")
+    assert generate_images.main([*base, "--calibration", elsewhere, "--out", str(tmp_path / "by-path")]) == 0
+    by_path = [json.loads(line) for line in (tmp_path / "by-path" / "manifest.jsonl").read_text().splitlines()]
+    assert [(r["depths"], r["layer_ratio"]) for r in by_path] == [(r["depths"], r["layer_ratio"]) for r in records]
     # Without --steps, the calibration's own step count (3), not the default 25 it was not made for.
     assert generate_images.main([*base, "--budget", "0.05", "--out", str(tmp_path / "own-steps")]) == 0
     own = [json.loads(line) for line in (tmp_path / "own-steps" / "manifest.jsonl").read_text().splitlines()]

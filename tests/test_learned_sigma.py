@@ -3,10 +3,7 @@
 
 import json
 
-import numpy as np
 import pytest
-import torch
-from diffusers import AutoencoderKL, DDIMScheduler, DiTPipeline
 
 from diffexit.app import generate_images
 from diffexit.app.calibrate_uem import main as calibrate_main
@@ -17,22 +14,8 @@ CLASSES = 1000  # as DiT checkpoints have: DiTPipeline draws the null class 1000
 
 
 @pytest.fixture(scope="module")
-def folders(tmp_path_factory, tiny_dit):
-    from PIL import Image
-
-    root = tmp_path_factory.mktemp("learned-sigma")
-    transformer = tiny_dit(layers=3, in_channels=4, out_channels=8, classes=CLASSES)
-    torch.manual_seed(0)
-    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",),
-                        up_block_types=("UpDecoderBlock2D",), block_out_channels=(8,), layers_per_block=1,
-                        latent_channels=4, norm_num_groups=8, sample_size=8).eval()
-    DiTPipeline(transformer=transformer, vae=vae, scheduler=DDIMScheduler()).save_pretrained(root / "pipe")
-    rng = np.random.default_rng(0)
-    for c in range(3):
-        (root / "images" / f"class{c}").mkdir(parents=True)
-        for i in range(4):
-            Image.fromarray((rng.random((8, 8, 3)) * 255).astype("uint8")).save(root / "images" / f"class{c}" / f"{i}.png")
-    return root
+def folders(tmp_path_factory, learned_sigma_folders):
+    return learned_sigma_folders(tmp_path_factory.mktemp("learned-sigma"), CLASSES)
 
 
 def test_train_calibrate_generate_and_demo(folders, tmp_path):

@@ -245,3 +245,17 @@ def test_bad_arguments_are_refused(tiny, capsys, extra, message):
     with pytest.raises(SystemExit):
         main(["--uem", str(root / "uem"), "--model", str(root / "pipe"), *extra])
     assert message in capsys.readouterr().err
+
+
+def test_menus_list_the_default_step_count_first():
+    """A menu opening on the first calibration must be able to run it at the default 25 steps; the exit-trained
+    heads also ship 8-, 10- and 12-step files, which sort after the 25-step ones."""
+    from diffexit.uem.calibration_file import CALIBRATION_STEPS, calibration_label
+    from diffexit.uem.digits.embedded import embedded_uem_dir
+
+    ordered = [Calibration.load(p) for p in calibrations_in(embedded_uem_dir(exit_trained=True))]
+    steps = [c.sampler["steps"] for c in ordered]
+    assert steps[0] == CALIBRATION_STEPS and sorted(steps, key=lambda s: (s != CALIBRATION_STEPS, s)) == steps
+    assert len(set(steps)) == 4
+    first = calibrations_in(embedded_uem_dir(exit_trained=True))[0]
+    assert calibration_label(first) == "0.01"

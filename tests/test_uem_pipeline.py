@@ -127,3 +127,19 @@ def test_begin_index_moves_progress_to_the_tail(tiny_dit):
     wrapped.set_begin_index(2)
     assert early.progress == 0.5
     assert not hasattr(ExitAwareScheduler(DDIMScheduler(), early), "set_begin_index")  # none where DDIM has none
+
+
+def test_a_pipeline_saved_with_the_wrapper_in_place_loads_back(tiny_dit, tmp_path):
+    """save_pretrained records the scheduler the wrapper holds; from_pretrained gives that scheduler back, and the
+    reloaded pipeline samples what the original does at full depth."""
+    pipe = tiny_pipe(tiny_dit)
+    reference = run(pipe)
+    pipe.scheduler = ExitAwareScheduler(pipe.scheduler, enable_early_exit(pipe, None, FullDepth()))
+    pipe.save_pretrained(tmp_path)
+    assert (tmp_path / "scheduler" / "scheduler_config.json").is_file()
+    loaded = DiTPipeline.from_pretrained(tmp_path)
+    public = lambda config: {k: v for k, v in config.items() if not k.startswith("_")}  # noqa: E731
+    assert type(loaded.scheduler) is DDIMScheduler
+    assert public(loaded.scheduler.config) == public(pipe.scheduler.scheduler.config)
+    loaded.set_progress_bar_config(disable=True)
+    assert torch.allclose(run(loaded), reference, atol=1e-5)

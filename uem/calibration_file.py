@@ -153,12 +153,14 @@ def calibration_path(directory, budget: float, min_depth: Optional[int] = None, 
 
 
 def calibrations_in(directory) -> list[Path]:
-    """The calibration files saved beside the UEM weights in ``directory``: chosen minimum depths first, then
-    fixed ones by depth, each by budget."""
+    """The calibration files saved beside the UEM weights in ``directory``: those for the default
+    ``CALIBRATION_STEPS`` first (what a menu opening at that step count can run), then by step count; within
+    each, chosen minimum depths first, then fixed ones by depth, each by budget."""
     def key(path):
         c = Calibration.load(path)
         fixed = c.provenance.get("min_depth", "auto")
-        return (fixed != "auto", 0 if fixed == "auto" else int(fixed), c.budget)
+        steps = c.sampler.get("steps", CALIBRATION_STEPS)
+        return (steps != CALIBRATION_STEPS, steps, fixed != "auto", 0 if fixed == "auto" else int(fixed), c.budget)
 
     return sorted(Path(directory).glob("calibration-*.json"), key=key)
 

@@ -58,7 +58,11 @@ class DiffusionLlama(LlamaForCausalLM):
     """``LlamaForCausalLM`` made bidirectional, with a learned absolute position embedding.
 
     The embedding table has ``config.max_position_embeddings`` rows; position ids must stay below that.
+    ``prompt_length``: the left-padded prompt width of every layout it is trained on (``.tasks.LAYOUTS``), which
+    ``MaskedDiffusionPipeline`` pads to when it is not told otherwise.
     """
+
+    prompt_length = 24
 
     def __init__(self, config: LlamaConfig):
         if getattr(config, "is_causal", True):
