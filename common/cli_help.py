@@ -44,7 +44,7 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
 
     def _get_help_string(self, action) -> str:
         text = action.help or ""
-        if "%(default)" not in text and self._shows_default(action):
+        if "default" not in text and self._shows_default(action):  # some helps word their default themselves
             text += " (default: %(default)s)"
         return text
 
