@@ -253,9 +253,8 @@ def test_menus_list_the_default_step_count_first():
     from diffexit.uem.calibration_file import CALIBRATION_STEPS, calibration_label
     from diffexit.uem.digits.embedded import embedded_uem_dir
 
-    ordered = [Calibration.load(p) for p in calibrations_in(embedded_uem_dir(exit_trained=True))]
-    steps = [c.sampler["steps"] for c in ordered]
+    paths = calibrations_in(embedded_uem_dir(exit_trained=True))
+    steps = [Calibration.load(p).sampler["steps"] for p in paths]
     assert steps[0] == CALIBRATION_STEPS and sorted(steps, key=lambda s: (s != CALIBRATION_STEPS, s)) == steps
     assert len(set(steps)) == 4
-    first = calibrations_in(embedded_uem_dir(exit_trained=True))[0]
-    assert calibration_label(first) == "0.01"
+    assert calibration_label(paths[0]) == "0.01"

@@ -23,6 +23,8 @@ import torch
 from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedModel, PreTrainedTokenizerFast
 
+from .tasks import PROMPT_LENGTH
+
 # diffusers loads a custom pipeline component by looking its base class up in the component's module: with
 # PreTrainedModel importable here, MaskedDiffusionPipeline.from_pretrained can load a DiffusionLlama.
 __all__ = ["DiffusionLlama", "PreTrainedModel", "text_model_config", "load_text_model", "load_embedded_text_model"]
@@ -58,11 +60,11 @@ class DiffusionLlama(LlamaForCausalLM):
     """``LlamaForCausalLM`` made bidirectional, with a learned absolute position embedding.
 
     The embedding table has ``config.max_position_embeddings`` rows; position ids must stay below that.
-    ``prompt_length``: the left-padded prompt width of every layout it is trained on (``.tasks.LAYOUTS``), which
-    ``MaskedDiffusionPipeline`` pads to when it is not told otherwise.
+    ``prompt_length``: the left-padded prompt width of every layout it is trained on (``.tasks.PROMPT_LENGTH``),
+    which ``MaskedDiffusionPipeline`` pads to when it is not told otherwise.
     """
 
-    prompt_length = 24
+    prompt_length = PROMPT_LENGTH
 
     def __init__(self, config: LlamaConfig):
         if getattr(config, "is_causal", True):

@@ -58,7 +58,9 @@ class Layout:
         return self.prompt_length + self.span_length
 
 
-LAYOUTS = {"short": Layout(prompt_length=24, span_length=16), "long": Layout(prompt_length=24, span_length=136)}
+PROMPT_LENGTH = 24  # every layout's: answers start at the same position
+LAYOUTS = {"short": Layout(prompt_length=PROMPT_LENGTH, span_length=16),
+           "long": Layout(prompt_length=PROMPT_LENGTH, span_length=136)}
 # Full-step decoding per span length: (block_length, steps), one token per step, semi-autoregressive as LLaDA
 # decodes: short spans in 4 blocks of 4, the long one in 4 blocks of 34. Benchmarks, calibration, the demo and the
 # batch script all decode this way, so their figures compare.
