@@ -32,6 +32,20 @@ def test_spans_are_whole_canvases_and_the_chat_template_passes_prompts_through(t
     assert tok.decode(ids["input_ids"]) == "rev:abc"
 
 
+def test_every_layer_attends_with_the_small_head_and_full_rope_and_keeps_it_through_save_and_load(tok, tmp_path):
+    from transformers import DiffusionGemmaForBlockDiffusion
+
+    tiny(tok).save_pretrained(tmp_path)
+    reloaded = DiffusionGemmaForBlockDiffusion.from_pretrained(tmp_path)
+    text = reloaded.config.text_config
+    assert text.layer_types == ["sliding_attention", "full_attention"]  # Gemma's rule: the last layer is global
+    assert [text.per_layer_config[i].head_dim for i in range(2)] == [16, 16]  # not Gemma's 512-wide global head
+    assert all(p == {"rope_type": "default", "rope_theta": 10_000.0} for p in text.rope_parameters.values())
+    assert text.sliding_window >= 512  # the window spans every sequence, so the sliding layer attends to all of it
+    q_proj = reloaded.model.decoder.layers[1].self_attn.q_proj
+    assert q_proj.out_features == 2 * 16
+
+
 def test_a_later_canvas_sees_the_clean_answer_before_it(tok):
     examples = sample("chain", "train", 0, 2)
     ids, mask, target = gemma_batch(tok, examples, LAYOUTS["long"], 3, CANVAS_LENGTH)

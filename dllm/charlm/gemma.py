@@ -40,16 +40,27 @@ def chat_tokenizer():
 
 def gemma_config(tokenizer, *, hidden_size: int = 64, num_layers: int = 2, num_heads: int = 2, head_dim: int = 32,
                  num_experts: int = 2, canvas_length: int = CANVAS_LENGTH, max_positions: int = 512) -> DiffusionGemmaConfig:
-    """A DiffusionGemma config for ``tokenizer``: ``num_layers`` full-attention layers of width ``hidden_size``, each
-    with a dense MLP and ``num_experts`` experts (one active), one key-value head, and a one-layer vision tower."""
+    """A DiffusionGemma config for ``tokenizer``: ``num_layers`` layers of width ``hidden_size``, each with a dense MLP
+    and ``num_experts`` experts (one active), one key-value head, and a one-layer vision tower.
+
+    Gemma 4 interleaves sliding-window layers with global ones (the last layer must be global), and sizes its global
+    layers for 256K-token contexts: head size 512 (``global_head_dim``), keys reused as values, and RoPE on a quarter
+    of the head at theta 1e6, which barely tells nearby positions apart. The tasks' sequences are under
+    ``max_positions`` tokens, so here every layer but the last is a sliding one whose window covers the whole
+    sequence (full attention in effect, with its own values and full RoPE at theta 1e4), and the last layer keeps
+    Gemma's global form with the per-layer head size and the sliding layers' RoPE. With the stock global layers a
+    1.78M model learned no task in 1000 steps (``docs/design.md``).
+    """
     if hidden_size <= 0 or num_layers <= 0 or num_heads <= 0 or head_dim <= 0 or num_experts <= 0:
         raise ValueError("hidden_size, num_layers, num_heads, head_dim and num_experts must be positive")
     vocab = len(tokenizer)
+    local_rope = {"rope_type": "default", "rope_theta": 10_000.0}
     text = DiffusionGemmaTextConfig(
         vocab_size=vocab + IMAGE_TOKENS, hidden_size=hidden_size, intermediate_size=2 * hidden_size,
         num_hidden_layers=num_layers, num_attention_heads=num_heads, num_key_value_heads=1, head_dim=head_dim,
-        num_experts=num_experts, top_k_experts=1, moe_intermediate_size=hidden_size,
-        layer_types=["full_attention"] * num_layers, sliding_window=max_positions,
+        global_head_dim=head_dim, num_experts=num_experts, top_k_experts=1, moe_intermediate_size=hidden_size,
+        layer_types=["sliding_attention"] * (num_layers - 1) + ["full_attention"], sliding_window=max_positions,
+        rope_parameters={"sliding_attention": local_rope, "full_attention": local_rope},
         max_position_embeddings=max_positions, pad_token_id=tokenizer.pad_token_id,
         eos_token_id=tokenizer.eos_token_id, bos_token_id=None,
     )
