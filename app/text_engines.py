@@ -82,7 +82,7 @@ class GemmaEngine:
         from ..dllm.charlm.gemma import gemma_span
         from ..dllm.charlm.tasks import layout_of, score
         from ..dllm.charlm.tokenizer import decode_answer, encode_prompts
-        from ..dllm.diffusion_gemma import decoder_forward_passes, disable_sched, enable_sched
+        from ..dllm.diffusion_gemma import decoder_forward_passes, sched_enabled
         from .jobs import item_seed
 
         device = next(self.model.parameters()).device
@@ -101,16 +101,11 @@ class GemmaEngine:
                 steps = self.steps or self.model.generation_config.max_denoising_steps or 48
             rule = self.make_rule() if self.make_rule else None
             kwargs = {} if rule is not None else {"confidence_threshold": None}
-            if rule is not None:
-                enable_sched(self.model, rule)
-            try:
+            with sched_enabled(self.model, rule):
                 torch.manual_seed(item_seed(item.id))
                 result = self.model.generate(ids.to(device), attention_mask=mask.to(device),
                                              max_new_tokens=new_tokens, max_denoising_steps=steps,
                                              return_dict_in_generate=True, **kwargs)
-            finally:
-                if rule is not None:
-                    disable_sched(self.model)
             new = result.sequences[0, ids.shape[1]:].cpu()
             text = decode_answer(self.tokenizer, new) if "task" in item.payload else self.tokenizer.decode(
                 new, skip_special_tokens=True)

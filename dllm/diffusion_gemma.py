@@ -30,8 +30,9 @@ on the instance, which the call ``rule(...)`` never reads, so this rule always r
 
 from __future__ import annotations
 
+import contextlib
 import functools
-from typing import Optional
+from typing import Iterator, Optional
 
 import torch
 from transformers.models.diffusion_gemma.generation_diffusion_gemma import DiffusionGemmaAdaptiveStopping
@@ -178,3 +179,16 @@ def disable_sched(model) -> None:
         raise ValueError("SchED is not enabled on this model")
     for name in ("generate", "_prepare_diffusion_stopping_criteria", "_diffexit_stopping"):
         vars(model).pop(name, None)
+
+
+@contextlib.contextmanager
+def sched_enabled(model, rule: Optional[SchEDStopping]) -> Iterator[None]:
+    """:func:`enable_sched` for the ``with`` block only; ``rule=None`` leaves the model as it is."""
+    if rule is None:
+        yield
+        return
+    enable_sched(model, rule)
+    try:
+        yield
+    finally:
+        disable_sched(model)

@@ -38,7 +38,7 @@ from ...common.results import markdown_table, write_results
 from ...common.schedules import ThresholdSchedule
 from ...dllm.charlm.gemma import gemma_decode
 from ...dllm.charlm.tasks import CONTROLS, TASK_NAMES, layout_of, sample, score
-from ...dllm.diffusion_gemma import SchEDStopping, disable_sched, enable_sched
+from ...dllm.diffusion_gemma import SchEDStopping, sched_enabled
 
 STOCK_CONFIDENCES = (0.005, 0.01, 0.05, 0.1, 0.2, 0.5)
 # Margins here are of temperature-scaled logits (the sampler divides by 0.8 falling to 0.4), so larger than raw ones.
@@ -69,11 +69,8 @@ def rows() -> list[Row]:
 
 def _decode(model, tok, row: Row, prompts, layout, steps: int, seed: int):
     if row.sched is not None:
-        enable_sched(model, SchEDStopping(row.sched[0], stat=row.sched[1]))
-        try:
+        with sched_enabled(model, SchEDStopping(row.sched[0], stat=row.sched[1])):
             return gemma_decode(model, tok, prompts, layout, steps, seed=seed)
-        finally:
-            disable_sched(model)
     kwargs = {} if row.stock is None else {"stability_threshold": 1, "confidence_threshold": row.stock}
     return gemma_decode(model, tok, prompts, layout, steps, seed=seed, **kwargs)
 

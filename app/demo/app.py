@@ -6,7 +6,9 @@
   over sampling progress; it reads the UEMs) or a static depth schedule (no UEMs).
 - **Text (SchED).** One prompt decoded under a halting rule (SchED, Prophet, or none), streamed forward pass by
   forward pass while it decodes; then the answer, its NFE, the speedup against full steps (decoded as well, for the
-  comparison), the margin against the threshold at every step, and the span after every step.
+  comparison), the margin against the threshold at every step, and the span after every step. When the text model
+  is a DiffusionGemma (``--text-model DIR``), the tab decodes with the model's own ``generate`` under SchED, the
+  stock stable-and-confident rule or every step, and shows the same per denoising step (``gemma_text``).
 
 Local and offline by design: the server binds 127.0.0.1 unless told otherwise, never opens a public share link,
 sends no analytics, and the page uses system fonts, so it fetches nothing from the internet. Models load on first
@@ -31,6 +33,9 @@ import gradio as gr
 from ...common.cli_help import HelpFormatter
 from ...dllm.halting import STATS
 from .forms import MAX_IMAGE_STEPS, MAX_IMAGES, SCHEDULE_KINDS
+from .gemma_text import GEMMA_SPAN_COLORS, GEMMA_TRACE_HEADERS, STOP_SCHED, STOP_STOCK
+from .gemma_text import STOPPING as GEMMA_STOPPING
+from .gemma_text import gemma_example, run_gemma_text
 from .images import IMAGE_RULES, RULE_CALIBRATED, RULE_SCHEDULE, RULE_STATIC, RULE_THRESHOLD, SAMPLERS, run_images
 from .models import Models
 from .text import FIRST_TASK, HALT_SCHED, HALTING, SPAN_COLORS, TRACE_HEADERS, example, run_text
@@ -56,6 +61,12 @@ class Demo:
         """Decode ``prompt`` under the halting rule, streaming; then full steps (:func:`.text.run_text`)."""
         yield from run_text(self.models, prompt, gen_length, steps, block_length, halting, kind, high, low, k, stat)
 
+    def gemma_text(self, prompt, gen_length, steps, stopping, kind, high, low, k, stat, confidence):
+        """Decode ``prompt`` with a DiffusionGemma's ``generate`` under the stopping rule, streaming; then every
+        step (:func:`.gemma_text.run_gemma_text`)."""
+        yield from run_gemma_text(self.models, prompt, gen_length, steps, stopping, kind, high, low, k, stat,
+                                  confidence)
+
 
 INTRO = """# diffexit demo
 Cheaper diffusion sampling by stopping work that no longer changes the answer.
@@ -73,15 +84,11 @@ def build_app(text_model: Optional[str | Path] = None, image_pipeline: Optional[
     API endpoints (``gradio_client``): ``/images``, ``/text`` (a generator: intermediate results stream) and
     ``/example``.
     """
-    from ...dllm.charlm.tasks import TASK_NAMES
-
     # Gradio reads this at every analytics call; the demo must never phone home, whoever builds it.
     os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
     path = lambda p: None if p is None else Path(p)
     models = Models(path(text_model), path(image_pipeline), path(uem))
     demo = Demo(models)
-    first_task = FIRST_TASK
-    first = example(first_task)
 
     # Number fields carry no minimum/maximum: gradio's own bound check does not say which field is wrong, and the
     # handlers' checks do. Sliders keep their bounds, which the page enforces.
@@ -155,64 +162,141 @@ def build_app(text_model: Optional[str | Path] = None, image_pipeline: Optional[
                 api_name="images", concurrency_limit=1, concurrency_id="images",
             )
 
-        with gr.Tab("Text: SchED halting", id="text"):
-            with gr.Row():
-                with gr.Column(scale=1, min_width=300):
-                    with gr.Row():
-                        task = gr.Dropdown(list(TASK_NAMES), value=first_task, label="task preset",
-                                           info="fills the prompt and its decode settings")
-                        another = gr.Button("another example", size="sm")
-                    index = gr.State(0)
-                    prompt = gr.Textbox(first[0], label="prompt", info="a task prompt, or anything in ASCII",
-                                        elem_id="prompt")
-                    with gr.Row():
-                        gen_length = gr.Number(first[1], precision=0, label="generation length")
-                        text_steps = gr.Number(first[2], precision=0, label="steps")
-                        block_length = gr.Number(first[3], precision=0, label="block length")
-                    halting = gr.Radio(list(HALTING), value=HALT_SCHED, label="halting rule",
-                                       info="Prophet: 5-token window, thresholds 7.5 / 5 / 2.5 by thirds")
-                    with gr.Group() as sched_group:
-                        sched_kind = gr.Dropdown(list(SCHEDULE_KINDS), value="cosine", label="SchED schedule",
-                                                 info="margin threshold over decoding progress")
-                        with gr.Row():
-                            sched_high = gr.Number(7.5, label="high", elem_id="sched-high")
-                            sched_low = gr.Number(2.5, label="low", elem_id="sched-low")
-                            sched_k = gr.Number(4.0, label="k (exp only)", elem_id="sched-k")
-                        stat = gr.Dropdown(list(STATS), value="mean", label="statistic over the masked span",
-                                           info="mean: the paper's; quantile: the 10% quantile; mean_content: "
-                                                "EOS padding left out; entropy: minus the worst position's "
-                                                "entropy (give thresholds <= 0)")
-                    run_text = gr.Button("Decode", variant="primary", elem_id="run-text")
-                with gr.Column(scale=2):
-                    answer = gr.Textbox(label="answer", interactive=False, elem_id="answer")
-                    text_summary = gr.Markdown(label="summary", elem_id="text-summary")
-                    span = gr.HighlightedText(label="span (streams while decoding)", color_map=SPAN_COLORS,
-                                              show_legend=True, combine_adjacent=False, elem_id="span")
-                    trace = gr.Plot(label="margin against threshold", format="png", elem_id="trace")
-                    with gr.Accordion("the span after every forward pass", open=False):
-                        steps_table = gr.Dataframe(headers=TRACE_HEADERS, label="decoding trace", wrap=True,
-                                                   interactive=False)
-                    with gr.Accordion("measurements", open=False):
-                        text_details = gr.JSON(label="details")
-
-            def preset(task_name, i=0):
-                return (i, *example(task_name, i))
-
-            preset_outputs = [index, prompt, gen_length, text_steps, block_length]
-            task.change(preset, task, preset_outputs, api_name="example")
-            another.click(lambda t, i: preset(t, i + 1), [task, index], preset_outputs, api_visibility="private")
-            halting.change(lambda h: gr.update(visible=h == HALT_SCHED), halting, sched_group, queue=False,
-                           api_visibility="private")
-            run_text.click(
-                demo.text,
-                [prompt, gen_length, text_steps, block_length, halting, sched_kind, sched_high, sched_low, sched_k,
-                 stat],
-                [answer, text_summary, span, trace, steps_table, text_details],
-                api_name="text",
-            )
+        if models.text_is_gemma():
+            _gemma_text_tab(demo, models)
+        else:
+            _text_tab(demo)
 
     app.queue(default_concurrency_limit=TEXT_CONCURRENCY, max_size=MAX_QUEUE)
     return app
+
+
+def _text_tab(demo: Demo) -> None:
+    """The text tab for a LLaDA-style model: the decoding loop of :func:`diffexit.dllm.generate`."""
+    from ...dllm.charlm.tasks import TASK_NAMES
+
+    first = example(FIRST_TASK)
+    with gr.Tab("Text: SchED halting", id="text"):
+        with gr.Row():
+            with gr.Column(scale=1, min_width=300):
+                with gr.Row():
+                    task = gr.Dropdown(list(TASK_NAMES), value=FIRST_TASK, label="task preset",
+                                       info="fills the prompt and its decode settings")
+                    another = gr.Button("another example", size="sm")
+                index = gr.State(0)
+                prompt = gr.Textbox(first[0], label="prompt", info="a task prompt, or anything in ASCII",
+                                    elem_id="prompt")
+                with gr.Row():
+                    gen_length = gr.Number(first[1], precision=0, label="generation length")
+                    text_steps = gr.Number(first[2], precision=0, label="steps")
+                    block_length = gr.Number(first[3], precision=0, label="block length")
+                halting = gr.Radio(list(HALTING), value=HALT_SCHED, label="halting rule",
+                                   info="Prophet: 5-token window, thresholds 7.5 / 5 / 2.5 by thirds")
+                with gr.Group() as sched_group:
+                    sched_kind = gr.Dropdown(list(SCHEDULE_KINDS), value="cosine", label="SchED schedule",
+                                             info="margin threshold over decoding progress")
+                    with gr.Row():
+                        sched_high = gr.Number(7.5, label="high", elem_id="sched-high")
+                        sched_low = gr.Number(2.5, label="low", elem_id="sched-low")
+                        sched_k = gr.Number(4.0, label="k (exp only)", elem_id="sched-k")
+                    stat = gr.Dropdown(list(STATS), value="mean", label="statistic over the masked span",
+                                       info="mean: the paper's; quantile: the 10% quantile; mean_content: "
+                                            "EOS padding left out; entropy: minus the worst position's "
+                                            "entropy (give thresholds <= 0)")
+                run_text = gr.Button("Decode", variant="primary", elem_id="run-text")
+            with gr.Column(scale=2):
+                answer = gr.Textbox(label="answer", interactive=False, elem_id="answer")
+                text_summary = gr.Markdown(label="summary", elem_id="text-summary")
+                span = gr.HighlightedText(label="span (streams while decoding)", color_map=SPAN_COLORS,
+                                          show_legend=True, combine_adjacent=False, elem_id="span")
+                trace = gr.Plot(label="margin against threshold", format="png", elem_id="trace")
+                with gr.Accordion("the span after every forward pass", open=False):
+                    steps_table = gr.Dataframe(headers=TRACE_HEADERS, label="decoding trace", wrap=True,
+                                               interactive=False)
+                with gr.Accordion("measurements", open=False):
+                    text_details = gr.JSON(label="details")
+
+        def preset(task_name, i=0):
+            return (i, *example(task_name, i))
+
+        preset_outputs = [index, prompt, gen_length, text_steps, block_length]
+        task.change(preset, task, preset_outputs, api_name="example")
+        another.click(lambda t, i: preset(t, i + 1), [task, index], preset_outputs, api_visibility="private")
+        halting.change(lambda h: gr.update(visible=h == HALT_SCHED), halting, sched_group, queue=False,
+                       api_visibility="private")
+        run_text.click(
+            demo.text,
+            [prompt, gen_length, text_steps, block_length, halting, sched_kind, sched_high, sched_low, sched_k,
+             stat],
+            [answer, text_summary, span, trace, steps_table, text_details],
+            api_name="text",
+        )
+
+
+def _gemma_text_tab(demo: Demo, models: Models) -> None:
+    """The text tab for a DiffusionGemma: its own ``generate``, under SchED, the stock rule or every step."""
+    from ...dllm.charlm.tasks import TASK_NAMES
+    from ...dllm.diffusion_gemma import STATS as GEMMA_STATS
+
+    canvas = models.gemma_canvas_length()
+    first = gemma_example(FIRST_TASK, 0, canvas)
+    with gr.Tab("Text: SchED stopping (DiffusionGemma)", id="text"):
+        with gr.Row():
+            with gr.Column(scale=1, min_width=300):
+                with gr.Row():
+                    task = gr.Dropdown(list(TASK_NAMES), value=FIRST_TASK, label="task preset",
+                                       info="fills the prompt and its decode settings")
+                    another = gr.Button("another example", size="sm")
+                index = gr.State(0)
+                prompt = gr.Textbox(first[0], label="prompt",
+                                    info="a task prompt (left-padded as trained), or anything else (chat template)",
+                                    elem_id="prompt")
+                with gr.Row():
+                    gen_length = gr.Number(first[1], precision=0, label="generation length",
+                                           info=f"tokens, in whole canvases of {canvas}")
+                    text_steps = gr.Number(first[2], precision=0, label="denoising steps per canvas")
+                stopping = gr.Radio(list(GEMMA_STOPPING), value=STOP_SCHED, label="stopping rule",
+                                    info="stock: argmax stable for one step and mean token entropy under the "
+                                         "confidence threshold (transformers' StableAndConfidentStoppingCriteria)")
+                confidence = gr.Number(0.005, label="confidence threshold (stock)", visible=False,
+                                       elem_id="confidence")
+                with gr.Group() as sched_group:
+                    sched_kind = gr.Dropdown(list(SCHEDULE_KINDS), value="cosine", label="SchED schedule",
+                                             info="threshold over the canvas's denoising progress")
+                    with gr.Row():
+                        sched_high = gr.Number(7.5, label="high", elem_id="sched-high")
+                        sched_low = gr.Number(2.5, label="low", elem_id="sched-low")
+                        sched_k = gr.Number(4.0, label="k (exp only)", elem_id="sched-k")
+                    stat = gr.Dropdown(list(GEMMA_STATS), value="min", label="statistic over the canvas",
+                                       info="of the temperature-scaled logits' top-1 minus top-2 margin; "
+                                            "mean_entropy: minus the mean token entropy (give thresholds <= 0)")
+                run_text = gr.Button("Decode", variant="primary", elem_id="run-text")
+            with gr.Column(scale=2):
+                answer = gr.Textbox(label="answer", interactive=False, elem_id="answer")
+                text_summary = gr.Markdown(label="summary", elem_id="text-summary")
+                span = gr.HighlightedText(label="argmax canvas (streams while decoding)", color_map=GEMMA_SPAN_COLORS,
+                                          show_legend=True, combine_adjacent=False, elem_id="span")
+                trace = gr.Plot(label="statistic against threshold", format="png", elem_id="trace")
+                with gr.Accordion("the canvas after every denoising step", open=False):
+                    steps_table = gr.Dataframe(headers=GEMMA_TRACE_HEADERS, label="decoding trace", wrap=True,
+                                               interactive=False)
+                with gr.Accordion("measurements", open=False):
+                    text_details = gr.JSON(label="details")
+
+        def preset(task_name, i=0):
+            return (i, *gemma_example(task_name, i, canvas))
+
+        preset_outputs = [index, prompt, gen_length, text_steps]
+        task.change(preset, task, preset_outputs, api_name="example")
+        another.click(lambda t, i: preset(t, i + 1), [task, index], preset_outputs, api_visibility="private")
+        stopping.change(lambda h: (gr.update(visible=h == STOP_SCHED), gr.update(visible=h == STOP_STOCK)), stopping,
+                        [sched_group, confidence], queue=False, api_visibility="private")
+        run_text.click(
+            demo.gemma_text,
+            [prompt, gen_length, text_steps, stopping, sched_kind, sched_high, sched_low, sched_k, stat, confidence],
+            [answer, text_summary, span, trace, steps_table, text_details],
+            api_name="text",
+        )
 
 
 THEME_FONTS = ["ui-sans-serif", "system-ui", "DejaVu Sans", "sans-serif"]
@@ -251,7 +335,8 @@ def main(argv: Sequence[str], prog: str = "diffexit demo") -> int:
                    help="address to bind (default: %(default)s; 0.0.0.0 exposes the demo to your network)")
     p.add_argument("--port", type=int, default=7860, help="port (default: %(default)s)")
     p.add_argument("--text-model", metavar="PATH",
-                   help="an exported text model folder (from `diffexit train text --export`); default: embedded")
+                   help="an exported text model folder (from `diffexit train text --export`, either --arch), or any "
+                        "DiffusionGemmaForBlockDiffusion folder; default: the embedded LLaDA-style model")
     p.add_argument("--image-pipeline", metavar="DIR",
                    help="a DigitsDiTPipeline folder (from `diffexit train image --export`); default: embedded")
     p.add_argument("--uem", metavar="DIR",

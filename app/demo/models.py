@@ -33,6 +33,8 @@ class Models:
         self.text_path, self.image_path, self.uem_path = text_model, image_pipeline, uem
         self._text = self._pipe = self._uem = None
         self._text_lock, self._image_load_lock = threading.Lock(), threading.Lock()
+        # Held for a whole DiffusionGemma decode: its generate reads the SchED rule from the shared model instance.
+        self.gemma_lock = threading.Lock()
         # Held for a whole image run: the early-exit hook and the scheduler swap live on the shared pipeline.
         self.image_run_lock = threading.Lock()
 
@@ -45,17 +47,34 @@ class Models:
                "none loaded, so the DeeDiff rules are unavailable (start with `--uem DIR`)")
         return f"**Text model:** {text}  \n**Image pipeline:** {image}  \n**UEMs:** {uem}"
 
+    def text_is_gemma(self) -> bool:
+        """Whether the text model is a ``DiffusionGemmaForBlockDiffusion``, from its config alone (nothing is
+        loaded): the text tab then decodes with the model's own ``generate``."""
+        from ..text_engines import is_diffusion_gemma
+
+        return self.text_path is not None and is_diffusion_gemma(Path(self.text_path))
+
+    def gemma_canvas_length(self) -> int:
+        """The DiffusionGemma text model's canvas length, from its config alone."""
+        import json
+
+        try:
+            return int(json.loads((Path(self.text_path) / "config.json").read_text())["canvas_length"])
+        except (OSError, ValueError, KeyError) as e:
+            raise _error(f"cannot read the canvas length of the DiffusionGemma in {self.text_path}: {e}") from e
+
     def text(self):
         """``(model, tokenizer)``, loaded once."""
-        from ..models import load_text_model_or_embedded
+        from ..models import load_gemma_or_embedded, load_text_model_or_embedded
 
         with self._text_lock:
             if self._text is None:
+                gemma = self.text_is_gemma()
                 try:
-                    model, tok = load_text_model_or_embedded(self.text_path)
-                except ValueError as e:
+                    model, tok = (load_gemma_or_embedded if gemma else load_text_model_or_embedded)(self.text_path)
+                except (OSError, ValueError) as e:
                     raise _error(str(e)) from e
-                _warm_up_text(model, tok)
+                (_warm_up_gemma if gemma else _warm_up_text)(model, tok)
                 self._text = model, tok
             return self._text
 
@@ -158,3 +177,11 @@ def _warm_up_text(model, tokenizer) -> None:
 
     ids, attn = encode_prompts(tokenizer, ["a"], 1)
     generate(model, ids, attention_mask=attn, gen_length=2, steps=1, mask_id=tokenizer.mask_token_id)
+
+
+def _warm_up_gemma(model, tokenizer) -> None:
+    """One denoising step of one canvas, so the first request's timings do not include one-off costs."""
+    import torch
+
+    ids = torch.tensor([[tokenizer.eos_token_id]])
+    model.generate(ids, max_new_tokens=1, max_denoising_steps=1, confidence_threshold=None)

@@ -1,5 +1,6 @@
 """Streaming a text decode to the page: the decode runs in a worker thread, and every forward pass reports the span it
-is about to read, so the page can show decoding as it happens."""
+is about to read (:class:`Tap`, for the LLaDA-style loop) or the draft it just made (:class:`DraftTap`, a streamer for
+DiffusionGemma's ``generate``), so the page can show decoding as it happens."""
 
 from __future__ import annotations
 
@@ -11,16 +12,16 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Generator
 
 if TYPE_CHECKING:
-    from ...dllm.output import GenerationOutput
+    import torch
 
 STREAM_INTERVAL = 0.2  # seconds between streamed updates: smooth to the eye, and each update costs gradio work
 
 
 @dataclass
 class Decoded:
-    """One timed decode of one prompt."""
+    """One timed decode of one prompt: ``out`` is what the decoding call returned (``generate``'s output)."""
 
-    out: GenerationOutput
+    out: object
     seconds: float
 
 
@@ -47,6 +48,45 @@ class Tap:
             raise _Cancelled
         self.events.put(input_ids[0, self.prompt_length:].tolist())
         return self.model(input_ids, **kwargs)
+
+
+class DraftTap:
+    """A transformers streamer for ``DiffusionGemmaForBlockDiffusion.generate`` (batch of one): every denoising step
+    reports the text so far (the canvases already decoded, then the current step's argmax canvas) and keeps the
+    step's temperature-scaled logits for the trace.
+
+    Args:
+        events: gets the generated token ids ``list[int]`` after every denoising step.
+        cancelled: set when nobody is listening any more; the next step raises ``_Cancelled``.
+
+    After ``generate``, ``drafts`` holds ``(canvas index, step index in that canvas, logits [canvas, V])`` per step.
+    """
+
+    _takes_logits = True  # generate then passes put_draft the step's logits instead of its argmax
+
+    def __init__(self, events: queue.Queue, cancelled: threading.Event):
+        self.events, self.cancelled = events, cancelled
+        self.drafts: list[tuple[int, int, "torch.Tensor"]] = []
+        self._decoded: list[int] = []
+        self._puts = 0
+
+    def put(self, value) -> None:
+        # The first put is the prompt; each later one is a finished canvas.
+        if self._puts:
+            self._decoded += value[0].tolist()
+        self._puts += 1
+
+    def put_draft(self, logits) -> None:
+        if self.cancelled.is_set():
+            raise _Cancelled
+        canvas = self._puts - 1
+        step = sum(1 for c, _, _ in self.drafts if c == canvas)
+        logits = logits[0].float().clone()
+        self.drafts.append((canvas, step, logits))
+        self.events.put(self._decoded + logits.argmax(-1).tolist())
+
+    def end(self) -> None:
+        """Nothing to flush: every step was reported as it came."""
 
 
 _DONE = object()
