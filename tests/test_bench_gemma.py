@@ -67,3 +67,20 @@ def test_bench_gemma_without_a_model_names_the_fix(tmp_path, capsys, monkeypatch
     assert "diffexit train text --arch diffusion-gemma" in capsys.readouterr().err
     assert cli(["bench", "gemma", "--quick", "--model", str(tmp_path / "nope"), "--out", str(tmp_path / "o")]) == 1
     assert "no such folder" in capsys.readouterr().err
+
+
+def test_the_goal_compares_the_fewest_passes_that_keep_the_answers():
+    from diffexit.app.bench.gemma import describe_goal, goal
+
+    def row(method, passes, agreement, task="discriminating"):
+        return {"task": task, "method": method, "passes": passes, "agreement": agreement}
+
+    rows = [row("all-steps", 16, 1.0), row("stock-0.005", 6.0, 1.0), row("stock-0.1", 4.0, 0.995),
+            row("stock-0.5", 2.0, 0.99), row("sched-a", 3.0, 1.0), row("sched-b", 1.5, 0.9),
+            row("sched-c", 1.0, 1.0, task="controls")]
+    g = goal(rows, "discriminating")
+    assert g["stock"] == {"method": "stock-0.1", "passes": 4.0, "agreement": 0.995}
+    assert g["sched"]["method"] == "sched-a" and g["sched_over_stock"] == pytest.approx(0.75)
+    assert "SchED / stock passes = 0.75" in describe_goal(g)
+    none = goal([row("stock-0.5", 2.0, 0.9), row("sched-a", 3.0, 1.0)], "discriminating")
+    assert none["stock"] is None and none["sched_over_stock"] is None and "best stock none" in describe_goal(none)

@@ -18,7 +18,9 @@ A sample that stops early does not consume the sampler's random draws of the ste
 canvases) the later canvases of the whole batch see other draws than at all steps once any sample stopped: its
 agreement also counts those changes. The short tasks are one canvas, where it cannot happen.
 
-Writes ``DIR/results.json`` and ``DIR/pareto.png`` (passes saved against agreement) and prints a markdown table.
+Writes ``DIR/results.json`` (with ``goal``: the fewest passes of a stock and of a SchED row that keep 99.5% of the
+headline group's answers the same as all steps, and their ratio) and ``DIR/pareto.png`` (passes saved against
+agreement), and prints a markdown table and that goal line.
 """
 
 from __future__ import annotations
@@ -120,6 +122,25 @@ def summarise(per_task: list[dict], table: list[Row]) -> list[dict]:
     return out
 
 
+GOAL_AGREEMENT = 0.995
+
+
+def goal(results: list[dict], group: str) -> dict:
+    """The issue's yardstick on ``group``'s rows: the fewest decoder passes of a stock row and of a SchED row that
+    keep at least ``GOAL_AGREEMENT`` of the answers the same as all steps, and SchED's passes over the stock's."""
+    def best(prefix):
+        rows = [r for r in results if r["task"] == group and r["method"].startswith(prefix)
+                and r["agreement"] >= GOAL_AGREEMENT]
+        row = min(rows, key=lambda r: r["passes"], default=None)
+        return None if row is None else {"method": row["method"], "passes": row["passes"],
+                                         "agreement": row["agreement"]}
+
+    stock, sched = best("stock"), best("sched")
+    ratio = sched["passes"] / stock["passes"] if stock and sched else None
+    return {"task": group, "agreement_at_least": GOAL_AGREEMENT, "stock": stock, "sched": sched,
+            "sched_over_stock": ratio}
+
+
 def plot_pareto(results: list[dict], path: Path) -> None:
     import matplotlib
 
@@ -142,6 +163,16 @@ def plot_pareto(results: list[dict], path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def describe_goal(g: dict) -> str:
+    """One line: the fewest passes of each kind at the agreement the goal asks for, and their ratio."""
+    def one(row):
+        return "none" if row is None else f"{row['method']} ({row['passes']:.2f} passes, {row['agreement']:.3f} same)"
+
+    ratio = "n/a" if g["sched_over_stock"] is None else f"{g['sched_over_stock']:.2f}"
+    return (f"{g['task']}, at >= {g['agreement_at_least']:.1%} the same as all steps: best stock {one(g['stock'])}, "
+            f"best SchED {one(g['sched'])}; SchED / stock passes = {ratio} (goal: <= 0.70)")
 
 
 COLUMNS = [("task", "task", ""), ("method", "method", ""), ("score", "acc", ".3f"),
@@ -179,11 +210,13 @@ def main(argv: list[str], prog: str = "diffexit bench gemma") -> int:
             bar.set_postfix_str(task)
             results += run_task(model, tok, task, table, n, args.batch, args.steps, bar)
     results += summarise(results, table)
+    headline = "discriminating" if any(r["task"] == "discriminating" for r in results) else "controls"
+    yardstick = goal(results, headline)
     args.out.mkdir(parents=True, exist_ok=True)
     path = write_results(args.out, "gemma", args.quick, results, n_per_task=n, steps=args.steps,
-                         torch_threads=torch.get_num_threads())
+                         torch_threads=torch.get_num_threads(), goal=yardstick)
     plot_pareto(results, args.out / "pareto.png")
-    headline = "discriminating" if any(r["task"] == "discriminating" for r in results) else "controls"
     print(markdown_table([r for r in results if r["task"] == headline], COLUMNS))
+    print(f"\n{describe_goal(yardstick)}")
     print(f"\nper-task rows, plot: {path}, {args.out / 'pareto.png'}")
     return 0
