@@ -9,7 +9,8 @@ import torch
 from safetensors.torch import load_file
 
 from diffexit.dllm.charlm import train as train_mod
-from diffexit.dllm.charlm.gemma import CANVAS_LENGTH, chat_tokenizer, gemma_config, gemma_decode, gemma_span
+from diffexit.dllm.charlm.gemma import (CANVAS_LENGTH, chat_tokenizer, gemma_config, gemma_decode, gemma_span,
+                                        new_gemma_model)
 from diffexit.dllm.charlm.gemma_objective import denoiser_logits, gemma_batch, gemma_training_loss
 from diffexit.dllm.charlm.tasks import LAYOUTS, sample
 
@@ -44,6 +45,34 @@ def test_every_layer_attends_with_the_small_head_and_full_rope_and_keeps_it_thro
     assert text.sliding_window >= 512  # the window spans every sequence, so the sliding layer attends to all of it
     q_proj = reloaded.model.decoder.layers[1].self_attn.q_proj
     assert q_proj.out_features == 2 * 16
+
+
+def test_a_new_model_starts_with_unit_variance_attention_logits(tok):
+    # Gemma's attention does not divide by sqrt(head_dim); the trainer's model starts its query and key norms small
+    # enough that random logits have unit variance, as in standard attention.
+    head_dim = 32
+    config = gemma_config(tok, hidden_size=64, num_heads=2, head_dim=head_dim)
+    torch.manual_seed(0)
+    model = new_gemma_model(config)
+    norms = {n: m.weight for n, m in model.named_modules() if n.endswith(("self_attn.q_norm", "self_attn.k_norm"))
+             and "vision" not in n}
+    assert len(norms) == 2 * 2 * config.text_config.num_hidden_layers  # encoder and decoder, queries and keys
+    assert all(torch.all(w == head_dim ** -0.25) for w in norms.values())
+    attn = model.model.decoder.layers[0].self_attn
+    hidden = model.model.decoder.layers[0].input_layernorm(torch.randn(1, 512, 64))
+    q = attn.q_norm(attn.q_proj(hidden).view(1, 512, -1, head_dim))
+    k = attn.k_norm(attn.k_proj(hidden).view(1, 512, -1, head_dim))
+    logits = torch.einsum("bqhd,bkd->bhqk", q, k[:, :, 0])  # one key-value head
+    assert 0.7 < logits.std().item() < 1.4
+    # Everything else is transformers' own initialization.
+    torch.manual_seed(0)
+    from transformers import DiffusionGemmaForBlockDiffusion
+
+    stock = DiffusionGemmaForBlockDiffusion(config)
+    theirs = dict(stock.named_parameters())
+    for name, p in model.named_parameters():
+        if name[: -len(".weight")] not in norms:
+            assert torch.equal(p, theirs[name]), name
 
 
 def test_a_later_canvas_sees_the_clean_answer_before_it(tok):

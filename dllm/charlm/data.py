@@ -54,3 +54,9 @@ def step_examples(step: int, seed: int, rank: int, batch_short: int, batch_long:
         counts = split_counts(batch_long, LONG_TASKS)
         groups["long"] = [ex for t in LONG_TASKS for ex in sample(t, "train", data_seed, counts[t])]
     return groups
+
+
+def group_weights(groups) -> dict[str, float]:
+    """Each layout group's weight in the loss: its tasks' part of the ``TASK_SHARES`` of the groups present."""
+    totals = {g: sum(TASK_SHARES[t] for t in TASK_NAMES if TASKS[t].layout == g) for g in groups}
+    return {g: v / sum(totals.values()) for g, v in totals.items()}

@@ -25,10 +25,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .data import TASK_SHARES, step_examples, step_seed
+from .data import group_weights, step_examples, step_seed
 from .gemma import gemma_span
 from .objective import MASK_EPS
-from .tasks import LAYOUTS, TASK_NAMES, TASKS
+from .tasks import LAYOUTS
 from .tokenizer import encode_answers, encode_prompts
 
 SELF_CONDITIONING_PROB = 0.5
@@ -65,7 +65,7 @@ def gemma_training_loss(model, tokenizer, step: int, args, rank: int) -> torch.T
     config = getattr(model, "module", model).config
     canvas_length, vocab = config.canvas_length, config.text_config.vocab_size
     groups = step_examples(step, args.seed, rank, args.batch_short, args.batch_long)
-    shares = {g: sum(TASK_SHARES[t] for t in TASK_NAMES if TASKS[t].layout == g) for g in groups}
+    weights = group_weights(groups)
     total = 0.0
     for group, examples in groups.items():
         layout = LAYOUTS[group]
@@ -86,5 +86,5 @@ def gemma_training_loss(model, tokenizer, step: int, args, rank: int) -> torch.T
         logits = denoiser_logits(model, ids, mask, noisy, previous,
                                  conditioned.to(device) if previous is not None else None)
         loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), target.reshape(-1))
-        total = total + loss * (shares[group] / sum(shares.values()))
+        total = total + loss * weights[group]
     return total

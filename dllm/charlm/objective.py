@@ -12,8 +12,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .data import TASK_SHARES, encode_examples, step_examples, step_seed
-from .tasks import LAYOUTS, TASK_NAMES, TASKS
+from .data import encode_examples, group_weights, step_examples, step_seed
+from .tasks import LAYOUTS
 
 MASK_EPS = 1e-3
 TRUNCATE_QUANTUM = 4  # pipelines' block lengths are multiples of this, so their windows end on such positions
@@ -46,7 +46,7 @@ def training_loss(model, tokenizer, step: int, args, rank: int) -> torch.Tensor:
     gen = torch.Generator().manual_seed(step_seed(args.seed, step, rank))
     device = next(model.parameters()).device
     groups = step_examples(step, args.seed, rank, args.batch_short, args.batch_long)
-    shares = {g: sum(TASK_SHARES[t] for t in TASK_NAMES if TASKS[t].layout == g) for g in groups}
+    weights = group_weights(groups)
     total = 0.0
     for group, examples in groups.items():
         layout = LAYOUTS[group]
@@ -63,5 +63,5 @@ def training_loss(model, tokenizer, step: int, args, rank: int) -> torch.Tensor:
         noisy, masked = corrupt(ids, layout.prompt_length, t, tokenizer.mask_token_id, gen)
         logits = model(noisy.to(device), attention_mask=attn.to(device)).logits
         loss = diffusion_loss(logits, ids.to(device), masked.to(device), t.to(device), length - layout.prompt_length)
-        total = total + loss / batch * (shares[group] / sum(shares.values()))
+        total = total + loss / batch * weights[group]
     return total

@@ -123,13 +123,12 @@ def _build(args):
                                                  num_layers=args.layers, num_heads=args.heads,
                                                  max_positions=max_positions))
         return model, tokenizer, training_loss, decode_table, load_text_model
-    from transformers import DiffusionGemmaForBlockDiffusion
-
-    from .gemma import CANVAS_LENGTH, chat_tokenizer, gemma_config, gemma_decode_table, gemma_span, load_gemma_model
+    from .gemma import (CANVAS_LENGTH, chat_tokenizer, gemma_config, gemma_decode_table, gemma_span, load_gemma_model,
+                        new_gemma_model)
     from .gemma_objective import gemma_training_loss
 
     tokenizer = chat_tokenizer()
-    model = DiffusionGemmaForBlockDiffusion(gemma_config(
+    model = new_gemma_model(gemma_config(
         tokenizer, hidden_size=args.hidden, num_layers=args.layers, num_heads=args.heads,
         head_dim=args.hidden // args.heads, num_experts=args.experts,
         max_positions=max(gemma_span(layout, CANVAS_LENGTH) + layout.prompt_length for layout in LAYOUTS.values())))
