@@ -57,6 +57,8 @@ def test_bench_gemma_quick(gemma_dir, tmp_path):
     assert by["discriminating", "stock-0.005"]["passes"] == stopped["passes"]
     assert by["controls", "stock-0.005"]["tasks"] == ["add"]
     assert (out / "pareto.png").stat().st_size > 0
+    assert [g["task"] for g in result["goal"]] == ["discriminating", "controls"]
+    assert all(g["agreement_at_least"] == bench.GOAL_AGREEMENT for g in result["goal"])
 
 
 def test_bench_gemma_without_a_model_names_the_fix(tmp_path, capsys, monkeypatch):
