@@ -43,13 +43,18 @@ from ...dllm.charlm.tasks import CONTROLS, TASK_NAMES, layout_of, sample, score
 from ...dllm.diffusion_gemma import SchEDStopping, sched_enabled
 
 STOCK_CONFIDENCES = (0.005, 0.01, 0.05, 0.1, 0.2, 0.5)
-# Margins here are of temperature-scaled logits (the sampler divides by 0.8 falling to 0.4), so larger than raw ones.
+# (name, schedule, statistic, patience). Margins here are of temperature-scaled logits (the sampler divides by 0.8
+# falling to 0.4), so larger than raw ones. The mean is the paper's statistic; on a canvas that is mostly EOS padding
+# it is sure of itself from the first step, so the min and a low quantile are the ones that wait for the answer.
+# Patience 1 adds the stock rule's stability gate (the argmax unchanged since the step before).
 SCHED_ROWS = (
-    ("sched-cosine-7.5-2.5-mean", ThresholdSchedule("cosine", 7.5, 2.5), "mean"),
-    ("sched-linear-7.5-0-mean", ThresholdSchedule("linear", 7.5, 0.0), "mean"),
-    ("sched-cosine-7.5-2.5-min", ThresholdSchedule("cosine", 7.5, 2.5), "min"),
-    ("sched-cosine-5-1-quantile", ThresholdSchedule("cosine", 5.0, 1.0), "quantile"),
-    ("sched-linear-entropy", ThresholdSchedule("linear", -0.005, -0.1), "mean_entropy"),
+    ("sched-cosine-7.5-2.5-mean", ThresholdSchedule("cosine", 7.5, 2.5), "mean", 0),
+    ("sched-cosine-5-2-min", ThresholdSchedule("cosine", 5.0, 2.0), "min", 0),
+    ("sched-cosine-6-3-min", ThresholdSchedule("cosine", 6.0, 3.0), "min", 0),
+    ("sched-cosine-8-3-min", ThresholdSchedule("cosine", 8.0, 3.0), "min", 0),
+    ("sched-cosine-4-1-min-stable", ThresholdSchedule("cosine", 4.0, 1.0), "min", 1),
+    ("sched-cosine-6-2-quantile", ThresholdSchedule("cosine", 6.0, 2.0), "quantile", 0),
+    ("sched-linear-entropy", ThresholdSchedule("linear", -0.005, -0.02), "mean_entropy", 0),
 )
 
 
@@ -58,20 +63,22 @@ class Row:
     name: str
     params: dict
     stock: Optional[float] = None  # confidence_threshold of the stock rule
-    sched: Optional[tuple] = None  # (schedule, stat) of SchEDStopping
+    sched: Optional[tuple] = None  # (schedule, stat, patience) of SchEDStopping
 
 
 def rows() -> list[Row]:
     out = [Row("all-steps", {"stopping": None})]
     out += [Row(f"stock-{c:g}", {"stability_threshold": 1, "confidence_threshold": c}, stock=c)
             for c in STOCK_CONFIDENCES]
-    out += [Row(name, {"schedule": s.to_dict(), "stat": stat}, sched=(s, stat)) for name, s, stat in SCHED_ROWS]
+    out += [Row(name, {"schedule": s.to_dict(), "stat": stat, "patience": patience}, sched=(s, stat, patience))
+            for name, s, stat, patience in SCHED_ROWS]
     return out
 
 
 def _decode(model, tok, row: Row, prompts, layout, steps: int, seed: int):
     if row.sched is not None:
-        with sched_enabled(model, SchEDStopping(row.sched[0], stat=row.sched[1])):
+        schedule, stat, patience = row.sched
+        with sched_enabled(model, SchEDStopping(schedule, stat=stat, patience=patience)):
             return gemma_decode(model, tok, prompts, layout, steps, seed=seed)
     kwargs = {} if row.stock is None else {"stability_threshold": 1, "confidence_threshold": row.stock}
     return gemma_decode(model, tok, prompts, layout, steps, seed=seed, **kwargs)
