@@ -105,6 +105,7 @@ character-level tokenizer (`tokenizer.json`, `[MASK]`, `[EOS]`, `[PAD]`). Load i
         objective = """LLaDA's masked-diffusion loss: `t ~ U(eps, 1)`, each answer-span token masked with
   probability `t`, cross-entropy on the masked tokens weighted by `1/t`; a quarter of the batches cut after a block
   boundary so the model also decodes in `LLaDA2Pipeline`'s block windows."""
+        initialization = {}
         decoding = """greedy, low-confidence remasking; "full steps"
 commits one token per step (short spans: 4 blocks of 4; `chain`: 4 blocks of 34), "one step" fills the span in one
 forward pass"""
@@ -114,13 +115,18 @@ forward pass"""
 the canvases before, a bidirectional decoder over a 16-token canvas), {args.layers} layers x {args.hidden} wide,
 {args.heads} heads, {args.experts} experts per layer (one active), a one-layer 16-wide vision tower the tasks never
 use; {n_params / 1e6:.2f}M parameters, stored in fp16; the character-level tokenizer with a pass-through chat
-template. Load it with `DiffusionGemmaForBlockDiffusion.from_pretrained`; it runs in `DiffusionGemmaPipeline`."""
+template. Load it with `DiffusionGemmaForBlockDiffusion.from_pretrained`; it runs in its own `generate` and in
+diffusers' `DiffusionGemmaPipeline` through `SchEDDiffusionGemmaPipeline` (whose `__call__` also runs on transformers
+5.24 and later, where the stock one raises `TypeError`)."""
         objective = """What the model's sampler implies (`diffexit.dllm.charlm.gemma_objective`): each canvas
   token redrawn uniformly from the vocabulary with probability `t ~ U(eps, 1)`, cross-entropy against the clean
   canvas at every position; self-conditioning as the modeling code trains it, for half of the examples a first pass
   without it (no gradient) whose raw logits the second pass reads through `self_conditioning_logits`, for the
   others `self_conditioning_mask=False`. At inference the logits fed back are temperature-scaled (0.8 to 0.4); in
   training they are raw. `chain`'s span is nine canvases; each step trains one, after the clean ones before it."""
+        initialization = {"Initialization": """transformers' own, except the query and key norms' scales, which start
+  at `head_dim ** -0.25` (`new_gemma_model`): Gemma does not divide attention logits by `sqrt(head_dim)`, and with
+  those scales at 1 the same recipe never learned to use the canvas for a choice (docs/design.md)."""}
         decoding = """the model's own `generate` (its sampler and temperature schedule, seeded); "full steps" runs
 16 denoising steps per canvas with no adaptive stopping, "one step" one step per canvas"""
     card = model_card(
@@ -130,6 +136,7 @@ template. Load it with `DiffusionGemmaForBlockDiffusion.from_pretrained`; it run
             "Data": f"""The generated tasks of `diffexit.dllm.charlm.tasks` ({", ".join(TASK_NAMES)}), training split (a
   CRC32 of the prompt decides the split, so held-out prompts are never trained on). Task shares: {shares}.""",
             "Objective": objective,
+            **initialization,
             "Training": f"""{args.steps} steps, AdamW peak lr {args.lr:g} ({args.warmup} warm-up steps, cosine decay to
   a tenth), batches of {args.batch_short} short and {args.batch_long} long examples, seed {args.seed},
   {seconds / 60:.0f} min of training on a 2-core CPU shared with other jobs. `training.json` has the settings,
