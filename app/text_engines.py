@@ -39,8 +39,9 @@ def is_diffusion_gemma(path: Path) -> bool:
 class GemmaEngine:
     """A ``DiffusionGemmaForBlockDiffusion``, decoded by its own ``generate`` with an optional SchED stopping rule.
 
-    The model samples, so each item is decoded alone, seeded by its id (``diffexit.app.jobs.item_seed``): an
-    answer depends on neither its batch nor the process. A prompt of an embedded task is left-padded to its
+    The model samples, so each item is decoded alone, each canvas seeded from its id (``diffexit.app.jobs.item_seed``)
+    and its index (``CanvasSeeds``): an answer depends on neither its batch nor the process, and a stopping rule
+    changes no later canvas's noise. A prompt of an embedded task is left-padded to its
     layout and decodes its span in whole canvases, ``steps`` denoising steps each (default: one per canvas token);
     any other prompt goes through the tokenizer's chat template and decodes ``gen_length`` tokens (default 128) at
     ``steps`` per canvas (default: the model's ``max_denoising_steps``).
@@ -82,7 +83,7 @@ class GemmaEngine:
         from ..dllm.charlm.gemma import gemma_span
         from ..dllm.charlm.tasks import layout_of, score
         from ..dllm.charlm.tokenizer import decode_answer, encode_prompts
-        from ..dllm.diffusion_gemma import decoder_forward_passes, sched_enabled
+        from ..dllm.diffusion_gemma import CanvasSeeds, decoder_forward_passes, sched_enabled
         from .jobs import item_seed
 
         device = next(self.model.parameters()).device
@@ -102,10 +103,10 @@ class GemmaEngine:
             rule = self.make_rule() if self.make_rule else None
             kwargs = {} if rule is not None else {"confidence_threshold": None}
             with sched_enabled(self.model, rule):
-                torch.manual_seed(item_seed(item.id))
                 result = self.model.generate(ids.to(device), attention_mask=mask.to(device),
                                              max_new_tokens=new_tokens, max_denoising_steps=steps,
-                                             return_dict_in_generate=True, **kwargs)
+                                             return_dict_in_generate=True, streamer=CanvasSeeds(item_seed(item.id)),
+                                             **kwargs)
             new = result.sequences[0, ids.shape[1]:].cpu()
             text = decode_answer(self.tokenizer, new) if "task" in item.payload else self.tokenizer.decode(
                 new, skip_special_tokens=True)

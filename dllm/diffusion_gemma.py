@@ -130,6 +130,36 @@ class SchEDStopping(DiffusionGemmaAdaptiveStopping):
         return stop
 
 
+class CanvasSeeds:
+    """A streamer for ``DiffusionGemmaForBlockDiffusion.generate`` that reseeds torch's global generator before every
+    canvas with ``(seed, canvas index)``.
+
+    The sampler draws its noise from that generator, and a canvas whose samples all stopped early skips the draws of
+    the steps it did not run, so without this every later canvas of the batch would see other noise than a decode
+    that ran every step. With it, a decode under a stopping rule and one that runs every step draw the same noise in
+    every canvas, and differ only where the rule changed a canvas. ``generate`` calls ``put`` with the prompt before
+    the first canvas and with each finished canvas; everything is passed on to ``inner`` (another streamer) if given.
+    """
+
+    def __init__(self, seed: int, inner=None):
+        self.seed, self.inner, self.canvas = seed, inner, 0
+        self._takes_logits = getattr(inner, "_takes_logits", False)
+
+    def put(self, value) -> None:
+        torch.manual_seed(self.seed * 1_000_003 + self.canvas)
+        self.canvas += 1
+        if self.inner is not None:
+            self.inner.put(value)
+
+    def put_draft(self, **kwargs) -> None:
+        if self.inner is not None and hasattr(self.inner, "put_draft"):
+            self.inner.put_draft(**kwargs)
+
+    def end(self) -> None:
+        if self.inner is not None:
+            self.inner.end()
+
+
 def _prepare(rule: SchEDStopping, generation_config) -> SchEDStopping:
     rule.begin(generation_config.max_denoising_steps)
     return rule

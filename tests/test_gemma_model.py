@@ -184,3 +184,44 @@ def test_gemma_training_lowers_the_loss_and_resumes_exactly(tmp_path, tok, monke
     train_mod.main(["--out", str(broken), "--resume", "--steps", "12", *TINY_GEMMA])
     resumed = load_file(broken / "checkpoint" / "model.safetensors")
     assert trained.keys() == resumed.keys() and all(torch.equal(trained[k], resumed[k]) for k in trained)
+
+
+def test_canvas_seeds_keep_later_canvases_noise_when_an_earlier_canvas_stops(tok, monkeypatch):
+    # A rule that stops every sample after one step of the first canvas: that canvas skips the draws of three steps.
+    # With CanvasSeeds the second canvas still starts from the noise a decode with every step starts it from.
+    from transformers.models.diffusion_gemma import generation_diffusion_gemma as gen
+
+    from diffexit.dllm.charlm.tokenizer import encode_prompts
+    from diffexit.dllm.diffusion_gemma import CanvasSeeds
+
+    class FirstCanvasOneStep(gen.DiffusionGemmaAdaptiveStopping):
+        def __init__(self, stop):
+            self.stop, self.canvas = stop, -1
+
+        def reset(self):
+            self.canvas += 1
+
+        def __call__(self, argmax_canvas, logits, **kwargs):
+            return torch.full((logits.shape[0],), self.stop and self.canvas == 0)
+
+    draws = []
+    original = gen.EntropyBoundSampler.initialize_canvas
+    monkeypatch.setattr(gen.EntropyBoundSampler, "initialize_canvas",
+                        lambda self, *a, **k: draws.append(original(self, *a, **k)) or draws[-1])
+    model = tiny(tok)
+    ids, mask = encode_prompts(tok, [e.prompt for e in sample("chain", "heldout", 0, 2)], 24)
+
+    def second_canvas_start(stop, seeds):
+        draws.clear()
+        model._prepare_diffusion_stopping_criteria = lambda config: FirstCanvasOneStep(stop)
+        try:
+            torch.manual_seed(0)
+            model.generate(ids, attention_mask=mask, max_new_tokens=32, max_denoising_steps=4,
+                           streamer=CanvasSeeds(7) if seeds else None)
+        finally:
+            del model._prepare_diffusion_stopping_criteria
+        # Each step renoises with a fresh draw; a canvas starts with one: 1 + 4 draws, or 1 + 1 when stopped.
+        return draws[2 if stop else 5]
+
+    assert torch.equal(second_canvas_start(False, True), second_canvas_start(True, True))
+    assert not torch.equal(second_canvas_start(False, False), second_canvas_start(True, False))

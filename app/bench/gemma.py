@@ -14,9 +14,9 @@ Per task and row: ``passes`` (decoder forward passes per sample, as the model co
 over all steps (timed in the same run), ``score``, and ``agreement``, the share of answers identical to all steps'.
 Rows ``task="discriminating"`` and ``task="controls"`` average the tasks of each kind (see ``diffexit bench text``).
 
-A sample that stops early does not consume the sampler's random draws of the steps it skips, so on ``chain`` (nine
-canvases) the later canvases of the whole batch see other draws than at all steps once any sample stopped: its
-agreement also counts those changes. The short tasks are one canvas, where it cannot happen.
+Each canvas's noise is seeded from the batch and the canvas index (``CanvasSeeds``): a batch whose samples all
+stopped early skips the draws of the steps it did not run, and without that seed every later canvas of ``chain``
+(nine canvases) would see other noise than at all steps, whether or not the rule changed anything.
 
 Writes ``DIR/results.json`` (with ``goal``, per group: the fewest passes of a stock and of a SchED row that keep 99.5%
 of the answers the same as all steps, and their ratio) and ``DIR/pareto.png`` (passes saved against

@@ -4,7 +4,8 @@ under a stopping rule, streamed denoising step by step, then with every step to 
 The rules: SchED (:class:`~diffexit.dllm.diffusion_gemma.SchEDStopping`, a canvas statistic against a schedule
 over the canvas's denoising progress), transformers' stock ``StableAndConfidentStoppingCriteria`` (the argmax
 stable for one step and the mean token entropy under a confidence threshold), or none (every step). The model
-samples; both decodes are seeded with ``SEED``, so on a one-canvas answer they differ only where the rule stopped.
+samples; both decodes seed each canvas from ``SEED`` and its index (``CanvasSeeds``), so they differ only where the
+rule stopped a canvas.
 
 ``generate`` holds the rule on the model instance (``enable_sched``), which every request shares, so DiffusionGemma
 decodes take the model's lock one at a time.
@@ -187,11 +188,9 @@ def run_gemma_text(models: Models, prompt, gen_length, steps, stopping, kind, hi
     Yields ``(answer, summary markdown, span highlights, trace figure, trace table, details dict)``; updates while
     decoding carry only the status and the span (the answer is empty, the rest None).
     """
-    import torch
-
     from ...dllm.charlm.tasks import score
     from ...dllm.charlm.tokenizer import decode_answer
-    from ...dllm.diffusion_gemma import decoder_forward_passes, sched_enabled
+    from ...dllm.diffusion_gemma import CanvasSeeds, decoder_forward_passes, sched_enabled
 
     if not isinstance(prompt, str) or not prompt.strip():
         raise _error("the prompt is empty: type one, or pick a task to get an example")
@@ -219,10 +218,9 @@ def run_gemma_text(models: Models, prompt, gen_length, steps, stopping, kind, hi
         def run(events, cancelled):
             tap = DraftTap(events, cancelled)
             with models.gemma_lock, sched_enabled(model, rule_for_run):
-                torch.manual_seed(SEED)
                 start = time.perf_counter()
                 out = model.generate(ids, attention_mask=mask, max_new_tokens=gen_length, max_denoising_steps=steps,
-                                     return_dict_in_generate=True, streamer=tap, **kwargs)
+                                     return_dict_in_generate=True, streamer=CanvasSeeds(SEED, tap), **kwargs)
                 return Decoded((out, tap), time.perf_counter() - start)
 
         return run

@@ -122,19 +122,19 @@ def gemma_decode(model, tokenizer, prompts: Sequence[str], layout: Layout, steps
 
     ``steps`` is ``max_denoising_steps`` per canvas. Without ``generate_kwargs`` every step runs
     (``confidence_threshold=None``); pass the stock thresholds, or enable SchED on the model
-    (``diffexit.dllm.diffusion_gemma.enable_sched``), to stop early. Sampling is the model's (seeded ``seed``).
+    (``diffexit.dllm.diffusion_gemma.enable_sched``), to stop early. Sampling is the model's, each canvas seeded
+    from ``seed`` and its index (``CanvasSeeds``), so an early stop changes no later canvas's noise.
     """
-    from ..diffusion_gemma import decoder_forward_passes
+    from ..diffusion_gemma import CanvasSeeds, decoder_forward_passes
 
     canvas_length = model.config.canvas_length
     ids, mask = encode_prompts(tokenizer, list(prompts), layout.prompt_length)
     device = next(model.parameters()).device
     if not generate_kwargs and getattr(model, "_diffexit_stopping", None) is None:
         generate_kwargs = {"confidence_threshold": None}
-    torch.manual_seed(seed)
     out = model.generate(ids.to(device), attention_mask=mask.to(device),
                          max_new_tokens=gemma_span(layout, canvas_length), max_denoising_steps=steps,
-                         return_dict_in_generate=True, **generate_kwargs)
+                         return_dict_in_generate=True, streamer=CanvasSeeds(seed), **generate_kwargs)
     answers = [decode_answer(tokenizer, row) for row in out.sequences[:, layout.prompt_length:].cpu()]
     return answers, decoder_forward_passes(out, layout.prompt_length, tokenizer.pad_token_id).cpu()
 
