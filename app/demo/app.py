@@ -171,6 +171,22 @@ def build_app(text_model: Optional[str | Path] = None, image_pipeline: Optional[
     return app
 
 
+def _text_outputs(span_label: str, colors: dict, trace_label: str, table_title: str, headers: list) -> list:
+    """The text tab's result column: answer, summary, the span (streamed), the trace plot, the per-step table and
+    the measurements, in the order the text handlers yield them."""
+    with gr.Column(scale=2):
+        answer = gr.Textbox(label="answer", interactive=False, elem_id="answer")
+        summary = gr.Markdown(label="summary", elem_id="text-summary")
+        span = gr.HighlightedText(label=span_label, color_map=colors, show_legend=True, combine_adjacent=False,
+                                  elem_id="span")
+        trace = gr.Plot(label=trace_label, format="png", elem_id="trace")
+        with gr.Accordion(table_title, open=False):
+            table = gr.Dataframe(headers=headers, label="decoding trace", wrap=True, interactive=False)
+        with gr.Accordion("measurements", open=False):
+            details = gr.JSON(label="details")
+    return [answer, summary, span, trace, table, details]
+
+
 def _text_tab(demo: Demo) -> None:
     """The text tab for a LLaDA-style model: the decoding loop of :func:`diffexit.dllm.generate`."""
     from ...dllm.charlm.tasks import TASK_NAMES
@@ -204,17 +220,8 @@ def _text_tab(demo: Demo) -> None:
                                             "EOS padding left out; entropy: minus the worst position's "
                                             "entropy (give thresholds <= 0)")
                 run_text = gr.Button("Decode", variant="primary", elem_id="run-text")
-            with gr.Column(scale=2):
-                answer = gr.Textbox(label="answer", interactive=False, elem_id="answer")
-                text_summary = gr.Markdown(label="summary", elem_id="text-summary")
-                span = gr.HighlightedText(label="span (streams while decoding)", color_map=SPAN_COLORS,
-                                          show_legend=True, combine_adjacent=False, elem_id="span")
-                trace = gr.Plot(label="margin against threshold", format="png", elem_id="trace")
-                with gr.Accordion("the span after every forward pass", open=False):
-                    steps_table = gr.Dataframe(headers=TRACE_HEADERS, label="decoding trace", wrap=True,
-                                               interactive=False)
-                with gr.Accordion("measurements", open=False):
-                    text_details = gr.JSON(label="details")
+            outputs = _text_outputs("span (streams while decoding)", SPAN_COLORS, "margin against threshold",
+                                    "the span after every forward pass", TRACE_HEADERS)
 
         def preset(task_name, i=0):
             return (i, *example(task_name, i))
@@ -228,7 +235,7 @@ def _text_tab(demo: Demo) -> None:
             demo.text,
             [prompt, gen_length, text_steps, block_length, halting, sched_kind, sched_high, sched_low, sched_k,
              stat],
-            [answer, text_summary, span, trace, steps_table, text_details],
+            outputs,
             api_name="text",
         )
 
@@ -271,17 +278,9 @@ def _gemma_text_tab(demo: Demo, models: Models) -> None:
                                        info="of the temperature-scaled logits' top-1 minus top-2 margin; "
                                             "mean_entropy: minus the mean token entropy (give thresholds <= 0)")
                 run_text = gr.Button("Decode", variant="primary", elem_id="run-text")
-            with gr.Column(scale=2):
-                answer = gr.Textbox(label="answer", interactive=False, elem_id="answer")
-                text_summary = gr.Markdown(label="summary", elem_id="text-summary")
-                span = gr.HighlightedText(label="argmax canvas (streams while decoding)", color_map=GEMMA_SPAN_COLORS,
-                                          show_legend=True, combine_adjacent=False, elem_id="span")
-                trace = gr.Plot(label="statistic against threshold", format="png", elem_id="trace")
-                with gr.Accordion("the canvas after every denoising step", open=False):
-                    steps_table = gr.Dataframe(headers=GEMMA_TRACE_HEADERS, label="decoding trace", wrap=True,
-                                               interactive=False)
-                with gr.Accordion("measurements", open=False):
-                    text_details = gr.JSON(label="details")
+            outputs = _text_outputs("argmax canvas (streams while decoding)", GEMMA_SPAN_COLORS,
+                                    "statistic against threshold", "the canvas after every denoising step",
+                                    GEMMA_TRACE_HEADERS)
 
         def preset(task_name, i=0):
             return (i, *gemma_example(task_name, i, canvas))
@@ -294,7 +293,7 @@ def _gemma_text_tab(demo: Demo, models: Models) -> None:
         run_text.click(
             demo.gemma_text,
             [prompt, gen_length, text_steps, stopping, sched_kind, sched_high, sched_low, sched_k, stat, confidence],
-            [answer, text_summary, span, trace, steps_table, text_details],
+            outputs,
             api_name="text",
         )
 

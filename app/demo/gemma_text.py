@@ -20,7 +20,7 @@ from typing import Optional
 from .forms import MAX_TEXT_STEPS, _as_float, _as_int, _choice, _error, _schedule
 from .models import Models
 from .streaming import Decoded, DraftTap, decode_streaming, relay
-from .text import EOS_GLYPH, SPACE_GLYPH, task_of
+from .text import EOS_GLYPH, SPACE_GLYPH, task_of, verdict
 
 STOP_SCHED, STOP_STOCK, STOP_NONE = "SchED", "stock (stable and confident)", "none (all steps)"
 STOPPING = (STOP_SCHED, STOP_STOCK, STOP_NONE)
@@ -277,9 +277,6 @@ def run_gemma_text(models: Models, prompt, gen_length, steps, stopping, kind, hi
 
 
 def _summary(d: dict) -> str:
-    def verdict(valid):
-        return "" if valid is None else (" (a right answer)" if valid else " (not a right answer)")
-
     head = f"Answer `{d['answer']}`{verdict(d['valid'])}."
     if d["stopping"] == "all steps":
         return f"{head} **{d['passes']} decoder passes**: every denoising step, no stopping rule ({d['seconds']:.2f} s)."

@@ -250,10 +250,12 @@ def run_text(models: Models, prompt, gen_length, steps, block_length, halting, k
            _trace_rows(tok, trace), details)
 
 
-def _text_summary(d: dict) -> str:
-    def verdict(valid):
-        return "" if valid is None else (" (a right answer)" if valid else " (not a right answer)")
+def verdict(valid: Optional[bool]) -> str:
+    """How a summary qualifies an answer: nothing for a free prompt, else whether the task's scorer accepts it."""
+    return "" if valid is None else (" (a right answer)" if valid else " (not a right answer)")
 
+
+def _text_summary(d: dict) -> str:
     head = f"Answer `{d['answer']}`{verdict(d['valid'])}."
     if d["halting"] == "full steps":
         return f"{head} **NFE {d['nfe']}**: full steps, no halting rule ({d['seconds']:.2f} s)."
