@@ -18,8 +18,8 @@ Each canvas's noise is seeded from the batch and the canvas index (``CanvasSeeds
 stopped early skips the draws of the steps it did not run, and without that seed every later canvas of ``chain``
 (nine canvases) would see other noise than at all steps, whether or not the rule changed anything.
 
-Writes ``DIR/results.json`` (with ``goal``, per group: the fewest passes of a stock and of a SchED row that keep 99.5%
-of the answers the same as all steps, and their ratio) and ``DIR/pareto.png`` (passes saved against
+Writes ``DIR/results.json`` (with ``goal``, per group and per task: the fewest passes of a stock and of a SchED row
+that keep 99.5% of the answers the same as all steps, and their ratio) and ``DIR/pareto.png`` (passes saved against
 agreement), and prints the headline group's markdown table and the goal lines.
 """
 
@@ -218,7 +218,7 @@ def main(argv: list[str], prog: str = "diffexit bench gemma") -> int:
             results += run_task(model, tok, task, table, n, args.batch, args.steps, bar)
     results += summarise(results, table)
     groups = [g for g in ("discriminating", "controls") if any(r["task"] == g for r in results)]
-    goals = [goal(results, g) for g in groups]
+    goals = [goal(results, g) for g in [*groups, *args.tasks]]
     args.out.mkdir(parents=True, exist_ok=True)
     path = write_results(args.out, "gemma", args.quick, results, n_per_task=n, steps=args.steps,
                          torch_threads=torch.get_num_threads(), goal=goals)
