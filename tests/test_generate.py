@@ -514,18 +514,22 @@ def test_two_processes_give_the_same_text_as_one(text_models, text_reference, tm
     assert contents(out) == contents(reference)
 
 
-def _kill_tree(proc: subprocess.Popen) -> None:
+def _kill_tree(proc: subprocess.Popen) -> str:
     """SIGKILL the launcher and every process under it. torchrun starts its workers in sessions of their own, so
-    killing the launcher's process group would leave them running."""
+    killing the launcher's process group would leave them running. Returns its stderr."""
     import psutil
 
-    launcher = psutil.Process(proc.pid)
-    for p in [*launcher.children(recursive=True), launcher]:
+    try:
+        launcher = psutil.Process(proc.pid)
+        tree = [*launcher.children(recursive=True), launcher]
+    except psutil.NoSuchProcess:  # it ended on its own; the caller's returncode check says so, with its stderr
+        tree = []
+    for p in tree:
         try:
             p.send_signal(signal.SIGKILL)
         except psutil.NoSuchProcess:
             pass
-    proc.communicate()
+    return proc.communicate()[1]
 
 
 @pytest.mark.slow
@@ -545,8 +549,8 @@ def test_sigkill_at_any_moment_then_resume_gives_the_uninterrupted_set(image_mod
         deadline = time.monotonic() + 300
         while len(list(out.glob("*.png"))) < wanted and proc.poll() is None and time.monotonic() < deadline:
             time.sleep(0.005)
-        _kill_tree(proc)
-        assert proc.returncode == -signal.SIGKILL
+        stderr = _kill_tree(proc)
+        assert proc.returncode == -signal.SIGKILL, stderr[-3000:]
         assert not (out / "manifest.jsonl").exists(), "the run finished before it was killed"
     run_ok(generate_images, argv, out)
     assert contents(out) == contents(reference)

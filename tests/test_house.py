@@ -164,3 +164,16 @@ def test_the_checker_sees_what_it_must():
     assert "diffexit.uem.heads" in GRAPH["diffexit.uem"]  # a package's lazy table
     assert "diffexit.dllm.halting" in GRAPH["diffexit.samplers.sched_scheduler"]
     assert _cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+
+
+def test_started_from_the_repository_root_our_folders_do_not_shadow_top_level_packages():
+    # `python -m diffexit.app.cli` (and `accelerate launch -m`) run in a checkout put the root on sys.path; then
+    # `import kernels`, which transformers does when it loads a model, found our kernels/ instead of Hugging Face's.
+    import subprocess
+    import sys
+
+    code = "import diffexit, kernels, sys; print(kernels.__file__); print(any(p in ('', '.') for p in sys.path))"
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    kernels_file, root_on_path = out.split()
+    assert Path(kernels_file).resolve().parent != ROOT / "kernels"
+    assert root_on_path == "False"
