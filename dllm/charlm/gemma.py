@@ -23,8 +23,11 @@ from .tasks import Layout
 from .tokenizer import build_tokenizer, decode_answer, encode_prompts
 
 GEMMA_WEIGHTS_DIR = Path(__file__).resolve().parent / "weights-gemma"
-GEMMA_TRAIN_COMMAND = ("diffexit train text --arch diffusion-gemma --hidden 128 --layers 4 --heads 4 --lr 1e-3 "
-                       "--steps 3000 --threads 1 --out runs/gemma --export dllm/charlm/weights-gemma")
+# The shipped model's three legs (each stretches the cosine to its own end; MODEL_CARD.md), about 100 min on 2 cores.
+_GEMMA_RUN = ("diffexit train text --arch diffusion-gemma --hidden 128 --layers 4 --heads 4 --lr 1e-3 "
+              "--decode-every 250 --decode-n 16 --threads 1 --out runs/gemma")
+GEMMA_TRAIN_COMMAND = (f"{_GEMMA_RUN} --steps 3000 && {_GEMMA_RUN} --steps 6000 --resume && {_GEMMA_RUN} --steps 8000 "
+                       f"--resume --export dllm/charlm/weights-gemma --decode-eval 100")
 CANVAS_LENGTH = 16  # one short answer span; the long-form span is nine
 IMAGE_TOKENS = 3  # boi, eoi, image: ids len(tokenizer) .. len(tokenizer) + 2
 # The prompt as the user wrote it: the tasks' prompts carry their own tag, so the template adds nothing.
