@@ -59,6 +59,47 @@ def test_bench_gemma_quick(gemma_dir, tmp_path):
     assert (out / "pareto.png").stat().st_size > 0
     assert [g["task"] for g in result["goal"]] == ["discriminating", "controls", "add", "pick"]
     assert all(g["agreement_at_least"] == bench.GOAL_AGREEMENT for g in result["goal"])
+    # The oracle keeps every answer, and no rule that keeps them all stops sooner.
+    for task in ("add", "pick"):
+        oracle = by[task, "oracle"]
+        assert oracle["agreement"] == 1.0
+        keepers = [r["passes"] for r in result["rows"] if r["task"] == task and r["agreement"] == 1.0]
+        assert oracle["passes"] == min(keepers)
+    assert by["pick", "oracle"]["passes"] < STEPS  # the tiny model settles, so there is something to save
+
+
+def test_the_oracle_stops_each_canvas_at_its_final_argmax_and_reproduces_every_canvas(gemma_dir):
+    """An independent re-derivation on a two-canvas span: the recorder sees each step's argmax; the oracle's passes
+    are, per sample, the first step of each canvas whose argmax is that canvas's last, summed over canvases."""
+    from diffexit.app.bench.gemma import CanvasRecorder, FirstFinalStopping, _stopping
+    from diffexit.dllm.charlm.gemma import chat_tokenizer, gemma_decode
+    from diffexit.dllm.charlm.tasks import Layout
+    from transformers import DiffusionGemmaForBlockDiffusion
+
+    tok = chat_tokenizer()
+    model = DiffusionGemmaForBlockDiffusion.from_pretrained(gemma_dir).eval()
+    layout = Layout(prompt_length=12, span_length=2 * model.config.canvas_length)
+    prompts = ["add:1+2=", "rev:abc", "pick:ab,cd"]
+
+    class EveryStep(CanvasRecorder):
+        def __call__(self, argmax_canvas, logits, **kwargs):
+            self.trace.setdefault(len(self.canvases) - 1, []).append(argmax_canvas.clone())
+            return super().__call__(argmax_canvas, logits)
+
+    recorder = EveryStep()
+    recorder.trace = {}
+    with _stopping(model, recorder):
+        full, full_passes = gemma_decode(model, tok, prompts, layout, STEPS, seed=3)
+    assert len(recorder.canvases) == 2 and full_passes.tolist() == [2 * STEPS] * 3
+    expected = torch.zeros(3, dtype=torch.long)
+    for k, steps in recorder.trace.items():
+        same = torch.stack([(a == steps[-1]).all(-1) for a in steps])  # [steps, B]
+        expected += same.int().argmax(0) + 1  # the first step that already shows the final canvas
+    assert (expected < 2 * STEPS).any()  # something to save, or the test could not tell
+    with _stopping(model, FirstFinalStopping(recorder.canvases)):
+        answers, passes = gemma_decode(model, tok, prompts, layout, STEPS, seed=3)
+    assert answers == full and passes.tolist() == expected.tolist()
+    assert "_prepare_diffusion_stopping_criteria" not in vars(model)
 
 
 def test_bench_gemma_without_a_model_names_the_fix(tmp_path, capsys, monkeypatch):
@@ -79,10 +120,12 @@ def test_the_goal_compares_the_fewest_passes_that_keep_the_answers():
 
     rows = [row("all-steps", 16, 1.0), row("stock-0.005", 6.0, 1.0), row("stock-0.1", 4.0, 0.995),
             row("stock-0.5", 2.0, 0.99), row("sched-a", 3.0, 1.0), row("sched-b", 1.5, 0.9),
-            row("sched-c", 1.0, 1.0, task="controls")]
+            row("sched-c", 1.0, 1.0, task="controls"), row("oracle", 2.5, 1.0)]
     g = goal(rows, "discriminating")
     assert g["stock"] == {"method": "stock-0.1", "passes": 4.0, "agreement": 0.995}
     assert g["sched"]["method"] == "sched-a" and g["sched_over_stock"] == pytest.approx(0.75)
-    assert "SchED / stock passes = 0.75" in describe_goal(g)
-    none = goal([row("stock-0.5", 2.0, 0.9), row("sched-a", 3.0, 1.0)], "discriminating")
+    assert g["oracle_passes"] == 2.5 and g["oracle_over_stock"] == pytest.approx(0.625)
+    assert "SchED / stock passes = 0.75" in describe_goal(g) and "oracle 2.50 passes, 0.62" in describe_goal(g)
+    none = goal([row("stock-0.5", 2.0, 0.9), row("sched-a", 3.0, 1.0), row("oracle", 1.0, 1.0)], "discriminating")
     assert none["stock"] is None and none["sched_over_stock"] is None and "best stock none" in describe_goal(none)
+    assert none["oracle_over_stock"] is None and "1.00 passes, n/a" in describe_goal(none)

@@ -8,7 +8,10 @@ every row, so a row differs from all steps only where its rule stopped a canvas 
 - ``all-steps``: every denoising step (no adaptive stopping): the reference;
 - ``stock-C``: transformers' ``StableAndConfidentStoppingCriteria`` (the argmax stable for one step and mean token
   entropy below ``C``), at the pipeline's default 0.005 and over a sweep of ``confidence_threshold``;
-- ``sched-...``: :class:`~diffexit.dllm.diffusion_gemma.SchEDStopping`, per schedule and statistic.
+- ``sched-...``: :class:`~diffexit.dllm.diffusion_gemma.SchEDStopping`, per schedule and statistic;
+- ``oracle``: stops each canvas at the first step whose argmax is the canvas all steps end with (read from a
+  recorded all-steps run of the same batch, untimed): the fewest passes any stopping rule in this loop can take and
+  keep every answer, so the floor for the rows above.
 
 Per task and row: ``passes`` (decoder forward passes per sample, as the model counts them), the wall-clock speedup
 over all steps (timed in the same run), ``score``, and ``agreement``, the share of answers identical to all steps'.
@@ -19,13 +22,15 @@ stopped early skips the draws of the steps it did not run, and without that seed
 (nine canvases) would see other noise than at all steps, whether or not the rule changed anything.
 
 Writes ``DIR/results.json`` (with ``goal``, per group and per task: the fewest passes of a stock and of a SchED row
-that keep 99.5% of the answers the same as all steps, and their ratio) and ``DIR/pareto.png`` (passes saved against
-agreement), and prints the headline group's markdown table and the goal lines.
+that keep 99.5% of the answers the same as all steps, their ratio, and the oracle's passes over the stock row's) and
+``DIR/pareto.png`` (passes saved against agreement), and prints the headline group's markdown table and the goal
+lines.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 import time
 from dataclasses import dataclass
@@ -34,6 +39,7 @@ from typing import Optional
 
 import torch
 from tqdm.auto import tqdm
+from transformers.models.diffusion_gemma.generation_diffusion_gemma import DiffusionGemmaAdaptiveStopping
 
 from ...common.cli_help import HelpFormatter
 from ...common.results import markdown_table, write_results
@@ -58,6 +64,9 @@ SCHED_ROWS = (
 )
 
 
+ORACLE = "oracle"
+
+
 @dataclass(frozen=True)
 class Row:
     name: str
@@ -72,16 +81,67 @@ def rows() -> list[Row]:
             for c in STOCK_CONFIDENCES]
     out += [Row(name, {"schedule": s.to_dict(), "stat": stat, "patience": patience}, sched=(s, stat, patience))
             for name, s, stat, patience in SCHED_ROWS]
-    return out
+    return out + [Row(ORACLE, {"stopping": "first step whose argmax is the all-steps canvas"})]
+
+
+class CanvasRecorder(DiffusionGemmaAdaptiveStopping):
+    """Never stops; ``canvases[k]`` is canvas ``k``'s argmax after its latest step, ``[B, canvas_length]``."""
+
+    def __init__(self):
+        self.canvases = []
+
+    def reset(self):  # generate calls this before each canvas's denoising loop
+        self.canvases.append(None)
+
+    def __call__(self, argmax_canvas: torch.LongTensor, logits: torch.Tensor, **kwargs) -> torch.BoolTensor:
+        self.canvases[-1] = argmax_canvas.clone()
+        return torch.zeros(argmax_canvas.shape[0], dtype=torch.bool, device=argmax_canvas.device)
+
+
+class FirstFinalStopping(DiffusionGemmaAdaptiveStopping):
+    """Stops a sample at the first step whose argmax equals ``finals[k]``, the canvas every step ends with. A stopped
+    canvas keeps that argmax, and the seeded noise is the same, so every canvas and answer is all steps'."""
+
+    def __init__(self, finals: list[torch.LongTensor]):
+        self.finals, self._canvas = finals, -1
+
+    def reset(self):
+        self._canvas += 1
+
+    def __call__(self, argmax_canvas: torch.LongTensor, logits: torch.Tensor, **kwargs) -> torch.BoolTensor:
+        return (argmax_canvas == self.finals[self._canvas]).all(-1)
+
+
+@contextlib.contextmanager
+def _stopping(model, rule: DiffusionGemmaAdaptiveStopping):
+    """``generate`` consults ``rule`` for the ``with`` block (the hook ``enable_sched`` uses, for any rule)."""
+    model._prepare_diffusion_stopping_criteria = lambda generation_config: rule
+    try:
+        yield
+    finally:
+        del model._prepare_diffusion_stopping_criteria
 
 
 def _decode(model, tok, row: Row, prompts, layout, steps: int, seed: int):
+    """``(answers, passes [B], seconds)``; seconds leave out the oracle's recording run."""
+    if row.name == ORACLE:
+        recorder = CanvasRecorder()
+        with _stopping(model, recorder):
+            gemma_decode(model, tok, prompts, layout, steps, seed=seed)
+        with _stopping(model, FirstFinalStopping(recorder.canvases)):
+            return _timed(gemma_decode, model, tok, prompts, layout, steps, seed=seed)
     if row.sched is not None:
         schedule, stat, patience = row.sched
         with sched_enabled(model, SchEDStopping(schedule, stat=stat, patience=patience)):
-            return gemma_decode(model, tok, prompts, layout, steps, seed=seed)
+            return _timed(gemma_decode, model, tok, prompts, layout, steps, seed=seed)
     kwargs = {} if row.stock is None else {"stability_threshold": 1, "confidence_threshold": row.stock}
-    return gemma_decode(model, tok, prompts, layout, steps, seed=seed, **kwargs)
+    return _timed(gemma_decode, model, tok, prompts, layout, steps, seed=seed, **kwargs)
+
+
+def _timed(fn, *args, **kwargs):
+    start = time.perf_counter()
+    answers, passes = fn(*args, **kwargs)
+    return answers, passes, time.perf_counter() - start
 
 
 def run_task(model, tok, task: str, table: list[Row], n: int, batch: int, steps: int, bar) -> list[dict]:
@@ -93,9 +153,9 @@ def run_task(model, tok, task: str, table: list[Row], n: int, batch: int, steps:
         passes, seconds, answers[row.name] = [], 0.0, []
         for i in range(0, n, batch):
             chunk = examples[i:i + batch]
-            start = time.perf_counter()
-            texts, chunk_passes = _decode(model, tok, row, [e.prompt for e in chunk], layout, steps, seed=i)
-            seconds += time.perf_counter() - start
+            texts, chunk_passes, chunk_seconds = _decode(model, tok, row, [e.prompt for e in chunk], layout, steps,
+                                                         seed=i)
+            seconds += chunk_seconds
             passes.append(chunk_passes.float())
             answers[row.name] += texts
         right = sum(score(task, e.prompt, t) for e, t in zip(examples, answers[row.name]))
@@ -144,8 +204,10 @@ def goal(results: list[dict], group: str) -> dict:
 
     stock, sched = best("stock"), best("sched")
     ratio = sched["passes"] / stock["passes"] if stock and sched else None
+    oracle = next(r["passes"] for r in results if r["task"] == group and r["method"] == ORACLE)
     return {"task": group, "agreement_at_least": GOAL_AGREEMENT, "stock": stock, "sched": sched,
-            "sched_over_stock": ratio}
+            "sched_over_stock": ratio, "oracle_passes": oracle,
+            "oracle_over_stock": oracle / stock["passes"] if stock else None}
 
 
 def plot_pareto(results: list[dict], path: Path) -> None:
@@ -157,11 +219,12 @@ def plot_pareto(results: list[dict], path: Path) -> None:
     panels = [t for t in ("discriminating", "controls", "chain") if any(r["task"] == t for r in results)]
     fig, axes = plt.subplots(1, len(panels), figsize=(4.0 * len(panels), 3.4), squeeze=False)
     for ax, task in zip(axes[0], panels):
-        for kind, color in (("all-steps", "black"), ("stock", "tab:orange"), ("sched", "tab:blue")):
+        for kind, color in (("all-steps", "black"), ("stock", "tab:orange"), ("sched", "tab:blue"),
+                            (ORACLE, "tab:green")):
             pts = sorted((r["speedup_passes"], 100 * r["agreement"]) for r in results
                          if r["task"] == task and r["method"].startswith(kind))
             if pts:
-                ax.plot(*zip(*pts), "o-" if kind != "all-steps" else "*", color=color, label=kind, markersize=5)
+                ax.plot(*zip(*pts), "o-" if kind in ("stock", "sched") else "*", color=color, label=kind, markersize=5)
         ax.set_title(task)
         ax.set_xlabel("fewer decoder passes (x)")
         ax.grid(alpha=0.3)
@@ -177,9 +240,12 @@ def describe_goal(g: dict) -> str:
     def one(row):
         return "none" if row is None else f"{row['method']} ({row['passes']:.2f} passes, {row['agreement']:.3f} same)"
 
-    ratio = "n/a" if g["sched_over_stock"] is None else f"{g['sched_over_stock']:.2f}"
+    def ratio(x):
+        return "n/a" if x is None else f"{x:.2f}"
+
     return (f"{g['task']}, at >= {g['agreement_at_least']:.1%} the same as all steps: best stock {one(g['stock'])}, "
-            f"best SchED {one(g['sched'])}; SchED / stock passes = {ratio} (goal: <= 0.70)")
+            f"best SchED {one(g['sched'])}; SchED / stock passes = {ratio(g['sched_over_stock'])} (goal: <= 0.70); "
+            f"oracle {g['oracle_passes']:.2f} passes, {ratio(g['oracle_over_stock'])} of the stock row's")
 
 
 COLUMNS = [("task", "task", ""), ("method", "method", ""), ("score", "acc", ".3f"),
