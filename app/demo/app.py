@@ -270,9 +270,9 @@ def _gemma_text_tab(demo: Demo, models: Models) -> None:
                 with gr.Group() as sched_group:
                     sched_kind = gr.Dropdown(list(SCHEDULE_KINDS), value="cosine", label="SchED schedule",
                                              info="threshold over the canvas's denoising progress")
-                    with gr.Row():
-                        sched_high = gr.Number(7.5, label="high", elem_id="sched-high")
-                        sched_low = gr.Number(2.5, label="low", elem_id="sched-low")
+                    with gr.Row():  # cosine 8 -> 3 on the min kept 99.8% of the answers (diffexit bench gemma)
+                        sched_high = gr.Number(8.0, label="high", elem_id="sched-high")
+                        sched_low = gr.Number(3.0, label="low", elem_id="sched-low")
                         sched_k = gr.Number(4.0, label="k (exp only)", elem_id="sched-k")
                     stat = gr.Dropdown(list(GEMMA_STATS), value="min", label="statistic over the canvas",
                                        info="of the temperature-scaled logits' top-1 minus top-2 margin; "
