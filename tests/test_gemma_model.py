@@ -261,3 +261,26 @@ def test_shipped_model_needs_its_steps_on_the_tasks_that_choose():
             assert right >= 6, (task, right)
         else:
             assert right <= 1, (task, right)
+
+
+def test_shipped_model_runs_in_the_diffusers_pipeline():
+    """The issue asks that the model run in DiffusionGemmaPipeline; the stock one's ``__call__`` raises TypeError on
+    this transformers (tests/test_diffusion_gemma.py), so through the swap-in, with its stock rule and with SchED."""
+    from diffusers import BlockRefinementScheduler
+
+    from diffexit.dllm.charlm.gemma import load_embedded_gemma_model
+    from diffexit.dllm.charlm.tasks import score
+    from diffexit.dllm.diffusion_gemma import SchEDStopping
+    from diffexit.samplers import ThresholdSchedule
+    from diffexit.samplers.diffusion_gemma_pipeline import SchEDDiffusionGemmaPipeline
+
+    model, tok = load_embedded_gemma_model()
+    pipe = SchEDDiffusionGemmaPipeline(model=model, scheduler=BlockRefinementScheduler(), processor=tok)
+    pipe.set_progress_bar_config(disable=True)
+    for task in ("add", "zip"):
+        examples = sample(task, "heldout", 0, 4)
+        for stopping in (None, SchEDStopping(ThresholdSchedule("cosine", 8.0, 3.0), stat="min")):
+            out = pipe(prompt=[e.prompt for e in examples], gen_length=CANVAS_LENGTH, num_inference_steps=16,
+                       generator=torch.Generator().manual_seed(0), stopping=stopping)
+            assert all(score(task, e.prompt, t) for e, t in zip(examples, out.texts)), (task, stopping, out.texts)
+            assert pipe.decoder_passes.max() <= 16
