@@ -69,5 +69,6 @@ def _serve_and_shoot(app, chromium: Path, tabs: list[tuple[str, Path]]) -> list[
         app.close()
     return [path for _, path in tabs]
 
+
 if __name__ == "__main__":
     main()
