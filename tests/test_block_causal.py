@@ -1,0 +1,107 @@
+"""Block-causal attention in the embedded text model family: what a position may read, and that a KV cache of the
+prompt and finished blocks gives the logits of a full forward pass."""
+
+import pytest
+import torch
+from transformers import DynamicCache
+
+from diffexit.dllm.charlm.model import DiffusionLlama, block_length_of, text_model_config
+from diffexit.dllm.charlm.tokenizer import build_tokenizer, encode_prompts
+
+PROMPT, BLOCK, SPAN = 8, 4, 12
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return build_tokenizer()
+
+
+def block_model(tok, seed=0):
+    torch.manual_seed(seed)
+    cfg = text_model_config(len(tok), tok.pad_token_id, hidden_size=32, num_layers=2, num_heads=4, max_positions=32,
+                            block_length=BLOCK, prompt_length=PROMPT)
+    return DiffusionLlama(cfg).eval()
+
+
+def _perturb(x, cols, tok):
+    y = x.clone()
+    y[:, cols] = (x[:, cols] - 3) % (len(tok) - 4) + 4
+    return y
+
+
+def _sequence(tok, batch=2):
+    ids, mask = encode_prompts(tok, ["rev:ab", "rev:abc"][:batch], PROMPT)
+    span = torch.randint(4, len(tok), (batch, SPAN), generator=torch.Generator().manual_seed(1))
+    return torch.cat([ids, span], 1), torch.cat([mask, torch.ones(batch, SPAN, dtype=torch.long)], 1)
+
+
+def test_a_position_never_reads_a_later_block_and_reads_its_own(tok):
+    model = block_model(tok)
+    x, mask = _sequence(tok)
+    with torch.no_grad():
+        base = model(x, attention_mask=mask).logits
+        # Change the last block: the prompt and the first two blocks do not move, the last block does.
+        last = model(_perturb(x, slice(PROMPT + 2 * BLOCK, None), tok), attention_mask=mask).logits
+        # Change the last token of the first block: its first token moves (bidirectional within the block).
+        own = model(_perturb(x, [PROMPT + BLOCK - 1], tok), attention_mask=mask).logits
+        # Change the whole span: the prompt does not move.
+        span = model(_perturb(x, slice(PROMPT, None), tok), attention_mask=mask).logits
+    assert torch.equal(base[:, :PROMPT + 2 * BLOCK], last[:, :PROMPT + 2 * BLOCK])
+    assert (base[:, PROMPT + 2 * BLOCK:] - last[:, PROMPT + 2 * BLOCK:]).abs().max() > 1e-4
+    assert (base[:, PROMPT] - own[:, PROMPT]).abs().max() > 1e-4
+    assert torch.equal(base[:, :PROMPT], span[:, :PROMPT])
+
+
+def test_the_bidirectional_model_is_unchanged_by_the_option(tok):
+    torch.manual_seed(0)
+    cfg = text_model_config(len(tok), tok.pad_token_id, hidden_size=32, num_layers=2, num_heads=4, max_positions=32)
+    bidirectional = DiffusionLlama(cfg).eval()
+    assert block_length_of(bidirectional) is None
+    x, mask = _sequence(tok)
+    with torch.no_grad():
+        a = bidirectional(x, attention_mask=mask).logits
+        b = bidirectional(_perturb(x, [x.shape[1] - 1], tok), attention_mask=mask).logits
+    assert (a[:, 0] - b[:, 0]).abs().max() > 1e-4  # the last position still reaches the first
+
+
+def test_cached_prefix_gives_the_full_forward_logits(tok):
+    # The exact cache's premise, re-derived here: the K/V of the prompt and of a finished block, written by one
+    # forward pass, let a later block run alone and get the logits the whole sequence gives it.
+    model = block_model(tok)
+    x, mask = _sequence(tok)
+    with torch.no_grad():
+        full = model(x, attention_mask=mask).logits
+        cut = PROMPT + BLOCK
+        head = model(x[:, :cut], attention_mask=mask[:, :cut], use_cache=True)
+        cache = head.cache
+        positions = torch.arange(cut, cut + BLOCK).unsqueeze(0)
+        later = model(x[:, cut:cut + BLOCK], attention_mask=mask[:, :cut + BLOCK], position_ids=positions,
+                      cache=cache, use_cache=True).logits
+    torch.testing.assert_close(head.logits, full[:, :cut], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(later, full[:, cut:cut + BLOCK], atol=1e-5, rtol=1e-5)
+    assert isinstance(cache, DynamicCache) and cache.get_seq_length() == cut + BLOCK
+
+
+def test_block_length_survives_save_and_load(tok, tmp_path):
+    model = block_model(tok)
+    model.save_pretrained(tmp_path)
+    loaded = DiffusionLlama.from_pretrained(tmp_path).eval()
+    assert block_length_of(loaded) == BLOCK and loaded.config.prompt_length == PROMPT
+    x, mask = _sequence(tok)
+    with torch.no_grad():
+        assert torch.equal(model(x, attention_mask=mask).logits, loaded(x, attention_mask=mask).logits)
+
+
+def test_bad_block_layouts_are_refused(tok):
+    with pytest.raises(ValueError, match="block_length must be None"):
+        text_model_config(len(tok), 0, hidden_size=32, num_layers=1, num_heads=4, max_positions=32, block_length=0)
+    with pytest.raises(ValueError, match="prompt_length must be"):
+        text_model_config(len(tok), 0, hidden_size=32, num_layers=1, num_heads=4, max_positions=32, block_length=4,
+                          prompt_length=32)
+    model = block_model(tok)
+    x, mask = _sequence(tok)
+    with torch.no_grad():
+        cache = model(x[:, :PROMPT], attention_mask=mask[:, :PROMPT], use_cache=True).cache
+        with pytest.raises(ValueError, match=r"must be \[2, 12\]"):
+            model(x[:, PROMPT:PROMPT + BLOCK], attention_mask=mask[:, PROMPT:PROMPT + BLOCK],
+                  position_ids=torch.arange(PROMPT, PROMPT + BLOCK)[None], cache=cache, use_cache=True)
