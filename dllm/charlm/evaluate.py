@@ -12,6 +12,7 @@ import torch
 
 from ...common.model_card import model_card, write_model_card
 from .data import TASK_SHARES, encode_examples
+from .model import block_length_of
 from .objective import corrupt
 from .tasks import CONTROLS, DECODE, LAYOUTS, TASK_NAMES, TASKS, Example, sample, score
 from .tokenizer import decode_answer, encode_prompts
@@ -43,12 +44,18 @@ def masked_accuracy(model, tokenizer, heldout: dict[str, list[Example]]) -> dict
 def decode_accuracy(model, tokenizer, task: str, examples: list[Example], *, one_step: bool, batch: int = 64) -> float:
     """Fraction of ``examples`` that ``diffexit.dllm.generate`` gets right, greedy with low-confidence remasking.
 
-    Full steps use the span's ``DECODE`` setup (one token per step); ``one_step`` fills the span in one pass.
+    Full steps use the span's ``DECODE`` setup (one token per step); ``one_step`` fills the span in one pass. A
+    block-causal model decodes in its own blocks, one token per step or (``one_step``) one step per block.
     """
     from ..generate import generate
 
     layout = LAYOUTS[TASKS[task].layout]
     block, steps = (layout.span_length, 1) if one_step else DECODE[layout.span_length]
+    model_block = block_length_of(model)
+    if model_block is not None:
+        # A block-causal model decodes in its own blocks: one token per step, or one step per block.
+        block = model_block
+        steps = layout.span_length // model_block if one_step else layout.span_length
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device

@@ -45,19 +45,20 @@ from .evaluate import (
     masked_accuracy,
     write_text_card,
 )
-from .model import DiffusionLlama, load_text_model, text_model_config
+from .block_objective import block_training_loss
+from .model import WEIGHTS_DIR, DiffusionLlama, load_text_model, text_model_config
 from .objective import training_loss
 from .tasks import LAYOUTS, TASK_NAMES, sample
 from .tokenizer import build_tokenizer
 
 ARCHS = ("llama", "diffusion-gemma")
 # What a run checkpointed before --arch and --experts existed was trained with.
-SETTINGS_BEFORE_ARCH = {"arch": "llama", "experts": 2}
+SETTINGS_BEFORE_ARCH = {"arch": "llama", "experts": 2, "block_length": None, "init_from": None}
 
 EVAL_EXAMPLES = 64
 # Arguments that change the trajectory: a resumed run must use the same values (`steps` may grow: a new leg).
 RUN_KEYS = ("arch", "seed", "lr", "warmup", "weight_decay", "batch_short", "batch_long", "truncate_prob", "hidden",
-            "layers", "heads", "experts")
+            "layers", "heads", "experts", "block_length", "init_from")
 
 
 def _parser(prog: str) -> argparse.ArgumentParser:
@@ -81,6 +82,12 @@ def _parser(prog: str) -> argparse.ArgumentParser:
     p.add_argument("--hidden", type=int, default=256, help="model width")
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--heads", type=int, default=8)
+    p.add_argument("--block-length", type=int,
+                   help="llama: train a block-causal model with blocks of this many span positions (the block "
+                        "diffusion objective); default: bidirectional")
+    p.add_argument("--init-from", metavar="DIR",
+                   help="llama: start from an exported model's weights (a folder, or 'charlm' for the shipped "
+                        "model); with --block-length this converts a bidirectional model to block-causal")
     p.add_argument("--experts", type=int, default=2, help="diffusion-gemma: experts per layer (one active)")
     p.add_argument("--eval-every", type=int, default=200, help="steps between held-out masked-token accuracies")
     p.add_argument("--decode-every", type=int, default=500,
@@ -110,6 +117,13 @@ def _check_args(args: argparse.Namespace) -> None:
                          f"every short task is in each step")
     if args.threads is not None and args.threads <= 0:
         raise ValueError(f"--threads must be positive, got {args.threads}")
+    if args.block_length is not None and args.block_length <= 0:
+        raise ValueError(f"--block-length must be positive, got {args.block_length}")
+    if args.arch != "llama" and (args.block_length is not None or args.init_from is not None):
+        raise ValueError("--block-length and --init-from are options of --arch llama")
+    if args.init_from is not None and args.init_from != "charlm" and not (Path(args.init_from) / "config.json").is_file():
+        raise ValueError(f"--init-from {args.init_from}: no exported model there (config.json); pass a folder that "
+                         f"`diffexit train text --export` wrote, or 'charlm' for the shipped model")
     if args.hidden % args.heads:
         raise ValueError(f"--hidden {args.hidden} must be a multiple of --heads {args.heads}")
 
@@ -119,10 +133,16 @@ def _build(args):
     max_positions = max(layout.seq_length for layout in LAYOUTS.values())
     if args.arch == "llama":
         tokenizer = build_tokenizer()
-        model = DiffusionLlama(text_model_config(len(tokenizer), tokenizer.pad_token_id, hidden_size=args.hidden,
-                                                 num_layers=args.layers, num_heads=args.heads,
-                                                 max_positions=max_positions))
-        return model, tokenizer, training_loss, decode_table, load_text_model
+        config = text_model_config(len(tokenizer), tokenizer.pad_token_id, hidden_size=args.hidden,
+                                   num_layers=args.layers, num_heads=args.heads, max_positions=max_positions,
+                                   block_length=args.block_length)
+        if args.init_from is None:
+            model = DiffusionLlama(config)
+        else:
+            source = WEIGHTS_DIR if args.init_from == "charlm" else Path(args.init_from)
+            model = DiffusionLlama.from_pretrained(source, config=config, dtype=torch.float32)
+        loss = training_loss if args.block_length is None else block_training_loss
+        return model, tokenizer, loss, decode_table, load_text_model
     from .gemma import (CANVAS_LENGTH, chat_tokenizer, gemma_config, gemma_decode_table, gemma_span, load_gemma_model,
                         new_gemma_model)
     from .gemma_objective import gemma_training_loss
