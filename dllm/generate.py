@@ -44,6 +44,7 @@ from .decoding import (
     topk_commit,
 )
 from .halting import HaltingRule, aggregate_margin
+from .exact_cache import ExactPrefixCache, block_causal_layout
 from .kv_cache import CACHES, BlockCache
 from .output import GenerationOutput
 
@@ -86,6 +87,22 @@ def _check_cache(cache, num_blocks: int, cfg_scale: float) -> None:
                          "cfg_scale=0")
 
 
+def _check_block_causal(layout: tuple[int, int], prompt_length: int, block_length: int, cache, halting) -> None:
+    model_prompt, model_block = layout
+    if block_length != model_block:
+        raise ValueError(f"the model is block-causal with blocks of {model_block}; decode with "
+                         f"block_length={model_block}, not {block_length}")
+    if prompt_length != model_prompt:
+        raise ValueError(f"the model is block-causal and its prompt block is {model_prompt} positions; pad the "
+                         f"prompts to {model_prompt} (they are {prompt_length})")
+    if cache == "dual":
+        raise ValueError("cache='dual' keeps the K/V after the current block, and in a block-causal model nothing "
+                         "attends to a later block: use cache='prefix', which is exact for it")
+    if cache is not None and halting is not None:
+        raise ValueError("halting reads the statistics of the whole span, and the exact cache computes the current "
+                         "block's only; decode with cache=None to halt, or halting=None with the cache")
+
+
 @torch.no_grad()
 def generate(
     model,
@@ -126,7 +143,8 @@ def generate(
             block whose probability is at least this, so blocks can finish in fewer steps.
         suppress_token_ids: token ids whose logits are set to ``-inf`` (e.g. EOS / EoT) before anything else.
         cache: None, ``"prefix"`` or ``"dual"``: Fast-dLLM's block-wise approximate KV caches (what the model
-            must support: :mod:`diffexit.dllm.kv_cache`).
+            must support: :mod:`diffexit.dllm.kv_cache`). On a block-causal model ``"prefix"`` is the exact cache
+            (:mod:`diffexit.dllm.exact_cache`): the same tokens as ``cache=None``.
         generator: RNG for temperature sampling and random remasking.
         return_trace: record a :class:`~diffexit.dllm.output.TraceStep` per sample per forward pass.
 
@@ -146,6 +164,9 @@ def generate(
     block_length = gen_length if block_length is None else block_length
     num_blocks = check_blocks(gen_length, steps, block_length)
     _check_cache(cache, num_blocks, cfg_scale)
+    layout = block_causal_layout(model)
+    if layout is not None:
+        _check_block_causal(layout, input_ids.shape[1], block_length, cache, halting)
     steps_per_block = steps // num_blocks
 
     batch, plen = input_ids.shape
@@ -155,7 +176,12 @@ def generate(
     if attention_mask is not None:
         attention_mask = torch.cat(
             [attention_mask, torch.ones(batch, gen_length, dtype=attention_mask.dtype, device=device)], dim=1)
-    kv = BlockCache(cache, model, plen, block_length, attention_mask) if cache is not None else None
+    if cache is None:
+        kv = None
+    elif layout is not None:
+        kv = ExactPrefixCache(model, plen, block_length, attention_mask)
+    else:
+        kv = BlockCache(cache, model, plen, block_length, attention_mask)
 
     # Every span position starts masked and positions after the current block are never committed, so each
     # block starts with `block_length` masks and the per-step counts are the same for all blocks.
@@ -254,6 +280,8 @@ def _forward(model, x, attention_mask, rows, plen, block, block_step, block_cols
     for members, blk, first in groups:
         if kv is None:
             logits, start = _uncached(model, x, attention_mask, members, plen, cfg_scale, mask_id), 0
+        elif isinstance(kv, ExactPrefixCache):
+            logits, start = kv.step(x, members, blk, first), blk * kv.block_length
         elif first:
             logits, start = kv.full(x, members)[:, plen:], 0
         else:

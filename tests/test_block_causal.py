@@ -148,3 +148,76 @@ def test_conversion_from_a_bidirectional_model_trains(tok, tmp_path):
     assert block_length_of(model) == 4
     with pytest.raises(ValueError, match="no exported model"):
         main(["--out", str(tmp_path / "run2"), "--block-length", "4", "--init-from", str(tmp_path / "nowhere")])
+
+
+# the exact prefix cache ------------------------------------------------------------------------------------------
+
+def _decode(model, tok, cache, parallel=None, prompts=("rev:ab", "rev:abc", "add:1+2", "p:a")):
+    from diffexit.dllm import generate
+
+    ids, mask = encode_prompts(tok, list(prompts), PROMPT)
+    return generate(model, ids, attention_mask=mask, gen_length=SPAN, steps=SPAN, block_length=BLOCK,
+                    mask_id=tok.mask_token_id, cache=cache, parallel_threshold=parallel)
+
+
+@pytest.mark.parametrize("parallel", [None, 0.3])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_exact_cache_decodes_the_tokens_of_no_cache(tok, seed, parallel):
+    # Padded prompts of several lengths; with parallel commits the samples finish blocks at different steps, so
+    # the batch is split by block and compacted as samples finish.
+    model = block_model(tok, seed)
+    # Confident enough that some tokens clear the parallel threshold, not so confident that float64
+    # probabilities saturate at 1.0 (then ties are broken by float32 rounding of the logits, not by the model).
+    model.lm_head.weight.data *= 20
+    plain, cached = _decode(model, tok, None, parallel), _decode(model, tok, "prefix", parallel)
+    assert torch.equal(plain.sequences, cached.sequences)
+    assert torch.equal(plain.nfe, cached.nfe)
+    if parallel is not None:
+        assert int(plain.nfe.min()) < SPAN  # blocks did end early (with seeds 0 and 2, at different steps)
+
+
+def test_written_keys_and_values_are_those_of_a_fresh_forward(tok):
+    # Independent re-derivation: after decoding, the cache holds, for the prompt and every block but the last,
+    # the K/V a forward pass over the final sequence gives those positions.
+    from diffexit.dllm import exact_cache
+
+    model = block_model(tok)
+    kept = []
+    original = exact_cache.ExactPrefixCache.step
+
+    def spy(self, *args):
+        kept.append(self)
+        return original(self, *args)
+
+    exact_cache.ExactPrefixCache.step = spy
+    try:
+        out = _decode(model, tok, "prefix")
+    finally:
+        exact_cache.ExactPrefixCache.step = original
+    ids, mask = encode_prompts(tok, ["rev:ab", "rev:abc", "add:1+2", "p:a"], PROMPT)
+    full_mask = torch.cat([mask, torch.ones(4, SPAN, dtype=torch.long)], 1)
+    with torch.no_grad():
+        fresh = model(out.sequences, attention_mask=full_mask, use_cache=True).cache
+    written = PROMPT + SPAN - BLOCK
+    cache = kept[0]
+    for layer, k, v in zip(fresh.layers, cache.keys, cache.values):
+        torch.testing.assert_close(k[:, :, :written], layer.keys[:, :, :written], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(v[:, :, :written], layer.values[:, :, :written], atol=1e-5, rtol=1e-5)
+
+
+def test_block_causal_decoding_refuses_what_does_not_fit(tok):
+    from diffexit.dllm import SchED, generate
+    from diffexit.samplers import ThresholdSchedule
+
+    model = block_model(tok)
+    ids, mask = encode_prompts(tok, ["rev:ab"], PROMPT)
+    kw = dict(attention_mask=mask, gen_length=SPAN, steps=SPAN, mask_id=tok.mask_token_id)
+    with pytest.raises(ValueError, match="decode with block_length=4"):
+        generate(model, ids, block_length=2, **kw)
+    with pytest.raises(ValueError, match="use cache='prefix'"):
+        generate(model, ids, block_length=BLOCK, cache="dual", **kw)
+    with pytest.raises(ValueError, match="halting=None with the cache"):
+        generate(model, ids, block_length=BLOCK, cache="prefix", halting=SchED(ThresholdSchedule("constant", 1, 1)), **kw)
+    short, short_mask = encode_prompts(tok, ["rev:ab"], PROMPT - 2)
+    with pytest.raises(ValueError, match=f"pad the prompts to {PROMPT}"):
+        generate(model, short, **{**kw, "attention_mask": short_mask}, block_length=BLOCK)
