@@ -5,7 +5,8 @@ import pytest
 import torch
 from transformers import DynamicCache
 
-from diffexit.dllm.charlm.model import DiffusionLlama, block_length_of, text_model_config
+from diffexit.dllm.charlm.model import DiffusionLlama, text_model_config
+from diffexit.dllm.exact_cache import block_causal_layout
 from diffexit.dllm.charlm.tokenizer import build_tokenizer, encode_prompts
 
 PROMPT, BLOCK, SPAN = 8, 4, 12
@@ -56,7 +57,7 @@ def test_the_bidirectional_model_is_unchanged_by_the_option(tok):
     torch.manual_seed(0)
     cfg = text_model_config(len(tok), tok.pad_token_id, hidden_size=32, num_layers=2, num_heads=4, max_positions=32)
     bidirectional = DiffusionLlama(cfg).eval()
-    assert block_length_of(bidirectional) is None
+    assert block_causal_layout(bidirectional) is None
     x, mask = _sequence(tok)
     with torch.no_grad():
         a = bidirectional(x, attention_mask=mask).logits
@@ -86,7 +87,7 @@ def test_block_length_survives_save_and_load(tok, tmp_path):
     model = block_model(tok)
     model.save_pretrained(tmp_path)
     loaded = DiffusionLlama.from_pretrained(tmp_path).eval()
-    assert block_length_of(loaded) == BLOCK and loaded.config.prompt_length == PROMPT
+    assert block_causal_layout(loaded) == (PROMPT, BLOCK)
     x, mask = _sequence(tok)
     with torch.no_grad():
         assert torch.equal(model(x, attention_mask=mask).logits, loaded(x, attention_mask=mask).logits)
@@ -145,7 +146,7 @@ def test_conversion_from_a_bidirectional_model_trains(tok, tmp_path):
             "--eval-every", "100", "--decode-every", "0", "--export", str(tmp_path / "out")]
     assert main(args) == 0
     model, _ = load_text_model(tmp_path / "out")
-    assert block_length_of(model) == 4
+    assert block_causal_layout(model) == (24, 4)
     with pytest.raises(ValueError, match="no exported model"):
         main(["--out", str(tmp_path / "run2"), "--block-length", "4", "--init-from", str(tmp_path / "nowhere")])
 

@@ -15,9 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from .data import encode_examples, group_weights, step_examples, step_seed
-from .objective import MASK_EPS
-from .tasks import LAYOUTS
+from .objective import MASK_EPS, step_batches
 
 
 def block_diffusion_inputs(model, ids: torch.Tensor, attn: torch.Tensor, prompt_length: int, noisy_span: torch.Tensor):
@@ -41,17 +39,12 @@ def block_diffusion_inputs(model, ids: torch.Tensor, attn: torch.Tensor, prompt_
 def block_training_loss(model, tokenizer, step: int, args, rank: int) -> torch.Tensor:
     """The loss of training step ``step`` (a scalar to call ``backward`` on); layout groups weigh as in
     :func:`.objective.training_loss`."""
-    gen = torch.Generator().manual_seed(step_seed(args.seed, step, rank))
     device = next(model.parameters()).device
     inner = getattr(model, "module", model)
     block_length = inner.config.block_length
-    groups = step_examples(step, args.seed, rank, args.batch_short, args.batch_long)
-    weights = group_weights(groups)
     total = 0.0
-    for group, examples in groups.items():
-        layout = LAYOUTS[group]
-        ids, attn = encode_examples(tokenizer, examples, layout)
-        batch, span = len(examples), layout.span_length
+    for gen, layout, ids, attn, weight in step_batches(tokenizer, step, args, rank):
+        batch, span = ids.shape[0], layout.span_length
         num_blocks = -(-span // block_length)
         t_block = MASK_EPS + (1 - MASK_EPS) * torch.rand(batch, num_blocks, generator=gen)
         t = t_block.repeat_interleave(block_length, dim=1)[:, :span]  # [B, L]: each token its block's rate
@@ -64,5 +57,5 @@ def block_training_loss(model, tokenizer, step: int, args, rank: int) -> torch.T
         ce = torch.nn.functional.cross_entropy(noisy_logits[masked.to(device)].float(), clean[masked].to(device),
                                                reduction="none")
         loss = (ce / t[masked].to(device)).sum() / span
-        total = total + loss / batch * weights[group]
+        total = total + loss / batch * weight
     return total

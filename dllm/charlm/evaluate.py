@@ -12,7 +12,7 @@ import torch
 
 from ...common.model_card import model_card, write_model_card
 from .data import TASK_SHARES, encode_examples
-from .model import block_length_of
+from ..exact_cache import block_causal_layout
 from .objective import corrupt
 from .tasks import CONTROLS, DECODE, LAYOUTS, TASK_NAMES, TASKS, Example, sample, score
 from .tokenizer import decode_answer, encode_prompts
@@ -51,11 +51,11 @@ def decode_accuracy(model, tokenizer, task: str, examples: list[Example], *, one
 
     layout = LAYOUTS[TASKS[task].layout]
     block, steps = (layout.span_length, 1) if one_step else DECODE[layout.span_length]
-    model_block = block_length_of(model)
-    if model_block is not None:
+    block_causal = block_causal_layout(model)
+    if block_causal is not None:
         # A block-causal model decodes in its own blocks: one token per step, or one step per block.
-        block = model_block
-        steps = layout.span_length // model_block if one_step else layout.span_length
+        block = block_causal[1]
+        steps = layout.span_length // block if one_step else layout.span_length
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device

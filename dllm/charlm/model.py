@@ -33,8 +33,7 @@ from .tasks import PROMPT_LENGTH
 
 # diffusers loads a custom pipeline component by looking its base class up in the component's module: with
 # PreTrainedModel importable here, MaskedDiffusionPipeline.from_pretrained can load a DiffusionLlama.
-__all__ = ["DiffusionLlama", "PreTrainedModel", "block_length_of", "text_model_config", "load_text_model",
-           "load_embedded_text_model"]
+__all__ = ["DiffusionLlama", "PreTrainedModel", "text_model_config", "load_text_model", "load_embedded_text_model"]
 
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 TRAIN_COMMAND = "diffexit train text --threads 1 --out runs/text --export dllm/charlm/weights"
@@ -131,7 +130,7 @@ class DiffusionLlama(LlamaForCausalLM):
             attention_mask = attention_mask.bool().clone()
             attention_mask[:, -length:] &= not_pad
         embeds = self.model.embed_tokens(input_ids) + self.position_embedding(position_ids)
-        if block_length_of(self) is not None and attention_mask.dim() == 2:
+        if getattr(self.config, "block_length", None) is not None and attention_mask.dim() == 2:
             attention_mask = self.block_causal_mask(position_ids.expand(input_ids.shape[0], -1), attention_mask,
                                                     cache.get_seq_length() if cache is not None else 0)
         return super().forward(
@@ -139,7 +138,6 @@ class DiffusionLlama(LlamaForCausalLM):
             position_ids=position_ids, cache=cache,
             use_cache=use_cache, **kwargs,
         )
-
 
     def block_of(self, positions: torch.Tensor) -> torch.Tensor:
         """The attention block of each sequence position (int64, same shape): 0 for the prompt, then 1, 2, ..."""
@@ -159,11 +157,6 @@ class DiffusionLlama(LlamaForCausalLM):
         key_blocks = self.block_of(torch.cat([past, position_ids], dim=1))
         allowed = key_blocks[:, None, :] <= self.block_of(position_ids)[:, :, None]
         return (allowed & attention_mask[:, None, :].bool())[:, None]
-
-
-def block_length_of(model) -> Optional[int]:
-    """The block length of a block-causal model (its ``config.block_length``), None for a bidirectional one."""
-    return getattr(getattr(model, "config", None), "block_length", None)
 
 
 def load_text_model(path: str | Path, *, dtype: torch.dtype = torch.float32) -> tuple[DiffusionLlama, PreTrainedTokenizerFast]:

@@ -38,20 +38,28 @@ def diffusion_loss(logits: torch.Tensor, targets: torch.Tensor, masked: torch.Te
     return (ce * weights).sum() / span_length
 
 
+def step_batches(tokenizer, step: int, args, rank: int):
+    """The batches of training step ``step``: ``(generator, layout, ids, attention_mask, weight)`` per layout group,
+    ids and mask ``[B, N]``; the one generator, seeded by ``(seed, step, rank)``, draws every mask of the step, and
+    ``weight`` is the group's tasks' share of ``TASK_SHARES``."""
+    gen = torch.Generator().manual_seed(step_seed(args.seed, step, rank))
+    groups = step_examples(step, args.seed, rank, args.batch_short, args.batch_long)
+    weights = group_weights(groups)
+    for group, examples in groups.items():
+        layout = LAYOUTS[group]
+        ids, attn = encode_examples(tokenizer, examples, layout)
+        yield gen, layout, ids, attn, weights[group]
+
+
 def training_loss(model, tokenizer, step: int, args, rank: int) -> torch.Tensor:
     """The loss of training step ``step`` (a scalar to call ``backward`` on).
 
     Each layout group's loss is its per-example mean, weighted by its tasks' share of ``TASK_SHARES``.
     """
-    gen = torch.Generator().manual_seed(step_seed(args.seed, step, rank))
     device = next(model.parameters()).device
-    groups = step_examples(step, args.seed, rank, args.batch_short, args.batch_long)
-    weights = group_weights(groups)
     total = 0.0
-    for group, examples in groups.items():
-        layout = LAYOUTS[group]
-        ids, attn = encode_examples(tokenizer, examples, layout)
-        batch = len(examples)
+    for gen, layout, ids, attn, weight in step_batches(tokenizer, step, args, rank):
+        batch = ids.shape[0]
         # Stratified t: one uniform offset, batch-many evenly spaced points, all in [eps, 1).
         u = (torch.rand(1, generator=gen) + torch.arange(batch) / batch) % 1.0
         t = MASK_EPS + (1 - MASK_EPS) * u
@@ -63,5 +71,5 @@ def training_loss(model, tokenizer, step: int, args, rank: int) -> torch.Tensor:
         noisy, masked = corrupt(ids, layout.prompt_length, t, tokenizer.mask_token_id, gen)
         logits = model(noisy.to(device), attention_mask=attn.to(device)).logits
         loss = diffusion_loss(logits, ids.to(device), masked.to(device), t.to(device), length - layout.prompt_length)
-        total = total + loss / batch * weights[group]
+        total = total + loss / batch * weight
     return total
