@@ -52,7 +52,9 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from ..common.cli_help import HelpFormatter
-from ..dllm.rule_spec import METHODS, PARAMS, check_halting_params, halting_rule
+from ..dllm.decode_spec import DecodeSpec, spec_from_options
+from ..dllm.kv_cache import CACHES
+from ..dllm.rule_spec import METHODS, PARAMS
 from .job_inputs import check_keys, read_config, read_jsonl
 from .jobs import (
     Item,
@@ -72,9 +74,8 @@ OUTPUTS = "outputs.jsonl"
 FULL_DIR = "full"
 DTYPES = ("float32", "bfloat16", "float16")
 # Decoding settings of models loaded through transformers; the embedded format decodes by task layout instead.
-TRANSFORMERS_ONLY = ("gen_length", "steps", "block_length", "loop", "mask_id", "trust_remote_code")
-TRANSFORMERS_DEFAULTS = {"gen_length": 128, "steps": 128, "block_length": None, "loop": "llada", "mask_id": None,
-                         "trust_remote_code": False}
+TRANSFORMERS_ONLY = ("gen_length", "steps", "loop", "mask_id", "trust_remote_code")
+TRANSFORMERS_DEFAULTS = {"gen_length": 128, "steps": 128, "loop": "llada", "mask_id": None, "trust_remote_code": False}
 
 
 def _parser(prog: str) -> argparse.ArgumentParser:
@@ -99,7 +100,12 @@ def _parser(prog: str) -> argparse.ArgumentParser:
     p.add_argument("--mask-id", type=int, help="transformers models: the mask token id, if the tokenizer has none")
     p.add_argument("--gen-length", type=int, help="transformers models: tokens to generate (default: 128)")
     p.add_argument("--steps", type=int, help="transformers models: decoding steps (default: 128)")
-    p.add_argument("--block-length", type=int, help="transformers models, llada loop: block size (default: one block)")
+    p.add_argument("--block-length", type=int,
+                   help="llada loop: block size (default: the task layout's, a block-causal model's own, or one block)")
+    p.add_argument("--cache", choices=("none",) + CACHES,
+                   help="llada loop: KV cache; prefix is exact on a block-causal model (default: none)")
+    p.add_argument("--parallel-threshold", type=float, metavar="P",
+                   help="llada loop: also commit every masked token of the block at least this probable")
     p.add_argument("--dtype", choices=DTYPES, default="float32", help="model weights' dtype (default: %(default)s)")
     p.add_argument("--batch-size", type=int, default=16, help="prompts per batch in a process (default: %(default)s)")
     p.add_argument("--compare-full", action="store_true",
@@ -182,11 +188,22 @@ def resolve_method(args) -> tuple[str, dict]:
     return method, params
 
 
-def checked_params(method: str, params: dict, tokenizer) -> dict:
-    """``params`` completed for this tokenizer (EOS and padding for ``stat="mean_content"``) and checked."""
-    ids = [getattr(tokenizer, f"{name}_token_id", None) for name in ("eos", "pad")]
+def loop_options(args) -> DecodeSpec:
+    """The loop's options from the flags (lengths, ``--cache``, ``--parallel-threshold``), checked before anything
+    loads; the loop, the default lengths and the method join them once the model's kind is known."""
+    flags = {"gen_length": args.gen_length, "steps": args.steps, "block_length": args.block_length, "cache": None if args.cache == "none" else args.cache,
+             "parallel_threshold": args.parallel_threshold}
     try:
-        return check_halting_params(method, params, ignore_token_ids=[i for i in ids if i is not None])
+        return spec_from_options({k: v for k, v in flags.items() if v is not None})
+    except ValueError as e:
+        raise JobError(str(e)) from None
+
+
+def with_method(spec: DecodeSpec, method: str, params: dict, tokenizer) -> DecodeSpec:
+    """``spec`` with the halting method, completed for this tokenizer (EOS and padding for
+    ``stat="mean_content"``) and checked."""
+    try:
+        return spec.replace(method=method, params=params).for_tokenizer(tokenizer)
     except ValueError as e:
         raise JobError(f"method {method!r}: {e}") from e
 
@@ -252,6 +269,7 @@ def run(argv: Sequence[str], prog: str = "diffexit generate text") -> tuple[JobR
         if value is not None and value < 1:
             raise JobError(f"--{name.replace('_', '-')} must be positive, got {value}")
     method, params = resolve_method(args)
+    loop = loop_options(args)
     items = read_prompts(args.prompts) if args.prompts else task_items(args.task, args.n, args.seed)
     out = prepare_out_dir(args.out)
 
@@ -260,54 +278,50 @@ def run(argv: Sequence[str], prog: str = "diffexit generate text") -> tuple[JobR
     if kind == "gemma":
         from ..dllm.rule_spec import gemma_stopping
 
+        given = [f"--{k.replace('_', '-')}" for k in TRANSFORMERS_ONLY + ("block_length", "cache", "parallel_threshold")
+                 if k not in ("gen_length", "steps") and getattr(args, k) is not None]
+        if given:
+            raise JobError(f"{', '.join(given)}: not for a DiffusionGemma model, which decodes with its own generate "
+                           f"(--steps per canvas, --gen-length)")
         try:
             rule = gemma_stopping(method, params)
         except ValueError as e:
             raise JobError(f"{args.model}: {e}") from e
         params = {} if rule is None else rule.to_dict()
         make_rule = None if rule is None else (lambda: gemma_stopping(method, params))
-    else:
-        params = checked_params(method, params, tokenizer)
-        make_rule = None if method == "full" else (lambda: halting_rule(method, params))
-    if kind == "gemma":
-        given = [f"--{k.replace('_', '-')}" for k in TRANSFORMERS_ONLY
-                 if k not in ("gen_length", "steps") and getattr(args, k) is not None]
-        if given:
-            raise JobError(f"{', '.join(given)}: not for a DiffusionGemma model, which decodes with its own generate "
-                           f"(--steps per canvas, --gen-length)")
-        decode = {"gen_length": args.gen_length, "steps": args.steps}
+        decode = {"gen_length": args.gen_length, "steps": args.steps, "method": method, "params": params}
         engine = GemmaEngine(model, tokenizer, method, make_rule, args.steps, args.gen_length)
         full_engine = GemmaEngine(model, tokenizer, "full", None, args.steps, args.gen_length)
-    elif kind == "embedded":
-        given = [f"--{k.replace('_', '-')}" for k in TRANSFORMERS_ONLY if getattr(args, k) is not None]
-        if given:
-            raise JobError(f"{', '.join(given)} apply to models loaded through transformers; the embedded model's "
-                           f"format decodes each prompt with its task layout")
-        decode = {}
-        engine = EmbeddedEngine(model, tokenizer, method, make_rule)
-        full_engine = EmbeddedEngine(model, tokenizer, "full", None)
     else:
-        decode = transformers_options(args)
-        if decode["loop"] == "dream" and decode["block_length"] is not None:
-            raise JobError("--block-length applies to the llada loop; the dream loop decodes the span as one block")
-        lengths = decode["gen_length"], decode["steps"], decode["block_length"]
-        if decode["loop"] == "llada":
-            from ..dllm.generate import check_blocks
-
+        if kind == "embedded":
+            given = [f"--{k.replace('_', '-')}" for k in TRANSFORMERS_ONLY if getattr(args, k) is not None]
+            if given:
+                raise JobError(f"{', '.join(given)} apply to models loaded through transformers; the embedded "
+                               f"model's format decodes each prompt with its task layout")
+        else:
+            options = transformers_options(args)
             try:
-                check_blocks(decode["gen_length"], decode["steps"], decode["block_length"] or decode["gen_length"])
+                loop = loop.replace(loop=options["loop"]).with_lengths(options["gen_length"], options["steps"], None)
             except ValueError as e:
-                raise JobError(f"--gen-length {decode['gen_length']}, --steps {decode['steps']}, --block-length "
-                               f"{decode['block_length']}: {e}") from None
-        engine = TransformersEngine(model, method, make_rule, *lengths)
-        full_engine = TransformersEngine(model, "full", None, *lengths)
+                raise JobError(str(e)) from None
+        spec = with_method(loop, method, params, tokenizer)
+        full = spec.replace(method="full", params={})
+        if kind == "embedded":
+            engine, full_engine = EmbeddedEngine(model, tokenizer, spec), EmbeddedEngine(model, tokenizer, full)
+        else:
+            engine, full_engine = TransformersEngine(model, spec), TransformersEngine(model, full)
+        decode = {"decode": spec.to_dict()}
+        if kind == "transformers":
+            decode.update(mask_id=options["mask_id"], trust_remote_code=options["trust_remote_code"])
     engine.check(items)
 
     job = make_job(items, args.batch_size, group=engine.group)
-    settings = {"command": "generate text", "model": _model_id(args.model), "dtype": args.dtype, **decode,
+    settings = {"command": "generate text", "model": _model_id(args.model), "dtype": args.dtype,
                 "batch_size": args.batch_size}
-    spec = job_spec({**settings, "method": method, "params": params}, job)
-    full_spec = job_spec({**settings, "method": "full", "params": {}}, job)
+    spec = job_spec({**settings, **decode}, job)
+    full_decode = ({**decode, "method": "full", "params": {}} if kind == "gemma"
+                   else {**decode, "decode": full_engine.spec.to_dict()})
+    full_spec = job_spec({**settings, **full_decode}, job)
     compare = args.compare_full and method != "full"
     check_job(out, spec)
     if compare:

@@ -121,10 +121,12 @@ class GemmaEngine:
 
 
 class EmbeddedEngine:
-    """The embedded model's format: each batch shares a task layout; prompts are left-padded to it."""
+    """The embedded model's format: each batch shares a task layout; prompts are left-padded to it and decoded with
+    its span, steps and blocks (``DECODE``; a block-causal model's own blocks), the spec's options, and the spec's
+    block length where it sets one."""
 
-    def __init__(self, model, tokenizer, method: str, make_rule: Optional[Callable]):
-        self.model, self.tokenizer, self.method, self.make_rule = model, tokenizer, method, make_rule
+    def __init__(self, model, tokenizer, spec):
+        self.model, self.tokenizer, self.spec, self.method = model, tokenizer, spec, spec.method
 
     def layout(self, item: Item):
         """The item's task's layout; the short one for a prompt without a task."""
@@ -134,9 +136,25 @@ class EmbeddedEngine:
 
     group = layout  # items of one batch share a layout
 
+    def layout_spec(self, layout):
+        """The spec with this layout's lengths filled in."""
+        from ..dllm.charlm.tasks import DECODE
+        from ..dllm.exact_cache import block_causal_layout
+
+        block_length, steps = DECODE[layout.span_length]
+        block_causal = block_causal_layout(self.model)
+        if block_causal is not None:
+            block_length = block_causal[1]
+        try:
+            return self.spec.with_lengths(layout.span_length, steps, block_length)
+        except ValueError as e:
+            raise JobError(f"answers of {layout.span_length} tokens decode in {steps} steps: {e}") from None
+
     def check(self, items: Sequence[Item]) -> None:
         from ..dllm.charlm.tokenizer import encode_prompts
 
+        for layout in {self.layout(item).span_length: self.layout(item) for item in items}.values():
+            self.layout_spec(layout)
         for item in items:
             try:
                 ids, _ = encode_prompts(self.tokenizer, [item.payload["prompt"]], self.layout(item).prompt_length)
@@ -149,7 +167,6 @@ class EmbeddedEngine:
         return []
 
     def run(self, items: Sequence[Item]) -> list[tuple[dict, dict[str, bytes]]]:
-        from ..dllm.charlm.tasks import DECODE
         from ..dllm.charlm.tokenizer import decode_answer, encode_prompts
         from ..dllm.generate import generate
 
@@ -157,10 +174,8 @@ class EmbeddedEngine:
         prompts = [item.payload["prompt"] for item in items]
         ids, attention = encode_prompts(self.tokenizer, prompts, layout.prompt_length)
         device = next(self.model.parameters()).device
-        block_length, steps = DECODE[layout.span_length]
-        out = generate(self.model, ids.to(device), attention_mask=attention.to(device), gen_length=layout.span_length,
-                       steps=steps, block_length=block_length, mask_id=self.tokenizer.mask_token_id,
-                       halting=self.make_rule() if self.make_rule else None)
+        out = generate(self.model, ids.to(device), attention_mask=attention.to(device),
+                       mask_id=self.tokenizer.mask_token_id, **self.layout_spec(layout).loop_kwargs())
         texts = [decode_answer(self.tokenizer, span) for span in out.generated.cpu()]
         return _records(items, texts, out, self.method)
 
@@ -168,12 +183,8 @@ class EmbeddedEngine:
 class TransformersEngine:
     """A model loaded through transformers, decoded by :class:`~diffexit.dllm.pipeline.MaskedDiffusionPipeline`."""
 
-    def __init__(self, pipe, method: str, make_rule: Optional[Callable], gen_length: int, steps: int,
-                 block_length: Optional[int]):
-        self.pipe, self.method, self.make_rule = pipe, method, make_rule
-        self.decode = {"gen_length": gen_length, "steps": steps}
-        if block_length is not None:
-            self.decode["block_length"] = block_length
+    def __init__(self, pipe, spec):
+        self.pipe, self.spec, self.method = pipe, spec, spec.method
 
     def group(self, item: Item) -> None:
         """Any prompts can share a batch: the pipeline pads them to the longest."""
@@ -185,8 +196,7 @@ class TransformersEngine:
         return []
 
     def run(self, items: Sequence[Item]) -> list[tuple[dict, dict[str, bytes]]]:
-        halting = self.make_rule() if self.make_rule else None
-        out = self.pipe([item.payload["prompt"] for item in items], halting=halting, **self.decode)
+        out = self.pipe([item.payload["prompt"] for item in items], self.spec)
         return _records(items, out.texts, out.generation, self.method)
 
 

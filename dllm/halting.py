@@ -24,6 +24,7 @@ which it takes its own progress: SchED's is :func:`diffexit.common.schedules.pro
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
@@ -266,8 +267,8 @@ class Prophet(HaltingRule):
         if isinstance(answer_start, bool) or not isinstance(answer_start, int) or answer_start < 0:
             raise ValueError(f"answer_start must be a span position >= 0, got {answer_start!r}")
         thresholds, cutoffs = tuple(float(t) for t in thresholds), tuple(float(c) for c in cutoffs)
-        if len(thresholds) != 3:
-            raise ValueError(f"thresholds are (early, middle, late), three numbers; got {thresholds}")
+        if len(thresholds) != 3 or not all(math.isfinite(t) for t in thresholds):
+            raise ValueError(f"thresholds are (early, middle, late), three finite numbers; got {thresholds}")
         if len(cutoffs) != 2 or not 0 <= cutoffs[0] <= cutoffs[1] <= 1:
             raise ValueError(f"cutoffs are two phase boundaries 0 <= a <= b <= 1, got {cutoffs}")
         self.window, self.answer_start, self.thresholds, self.cutoffs = window, answer_start, thresholds, cutoffs

@@ -30,13 +30,12 @@ import torch
 from diffusers import DiffusionPipeline
 from diffusers.utils import BaseOutput
 
+from .decode_spec import LOOPS, DecodeSpec
 from .dream import dream_generate
 from .generate import generate
 from .halting import HaltingRule
 from .output import GenerationOutput
 from .rule_spec import halting_from_spec, halting_spec
-
-LOOPS = ("llada", "dream")
 
 
 @dataclass
@@ -110,15 +109,30 @@ class MaskedDiffusionPipeline(DiffusionPipeline):
                    prompt_length=prompt_length)
 
     @torch.no_grad()
-    def __call__(self, prompt: Union[str, list[str]], *, gen_length: int, steps: int,
-                 block_length: Optional[int] = None, halting: Optional[HaltingRule] = None,
-                 temperature: float = 0.0, generator: Optional[torch.Generator] = None, return_trace: bool = False,
-                 **loop_kwargs) -> MaskedDiffusionPipelineOutput:
+    def __call__(self, prompt: Union[str, list[str]], spec: Optional[DecodeSpec] = None, *,
+                 gen_length: Optional[int] = None, steps: Optional[int] = None, block_length: Optional[int] = None,
+                 remasking: Optional[str] = None, cache: Optional[str] = None,
+                 parallel_threshold: Optional[float] = None, halting: Optional[HaltingRule] = None,
+                 alg: Optional[str] = None, temperature: float = 0.0, generator: Optional[torch.Generator] = None,
+                 return_trace: bool = False) -> MaskedDiffusionPipelineOutput:
         """Generate one answer per prompt.
 
-        ``block_length`` applies to the ``llada`` loop; ``loop_kwargs`` go to the loop (e.g. ``alg`` for
-        ``dream``, ``parallel_threshold`` for ``llada``).
+        The decoding options come from ``spec`` (a :class:`~diffexit.dllm.decode_spec.DecodeSpec`; its ``loop``
+        must be this pipeline's) and the keyword arguments, which override it; ``gen_length`` and ``steps`` must
+        be set by one of them. ``halting`` is a rule object, for rules that have no spec form; without it the
+        spec's method, then the pipeline's default rule, decide. ``alg`` is the dream loop's ordering
+        (:data:`~diffexit.dllm.dream.ALGS`).
         """
+        spec = spec or DecodeSpec(loop=self.loop)
+        if spec.loop != self.loop:
+            raise ValueError(f"the spec decodes with the {spec.loop} loop, and this pipeline runs the {self.loop} "
+                             f"loop; build the spec with loop={self.loop!r}")
+        changes = {k: v for k, v in dict(gen_length=gen_length, steps=steps, block_length=block_length,
+                                          remasking=remasking, cache=cache,
+                                          parallel_threshold=parallel_threshold).items() if v is not None}
+        spec = spec.replace(**changes) if changes else spec
+        if alg is not None and self.loop != "dream":
+            raise ValueError("alg orders the dream loop's commits; the llada loop takes remasking=")
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         if not prompts or any(not isinstance(p, str) or not p for p in prompts):
             raise ValueError("prompt must be a non-empty string or a list of non-empty strings")
@@ -137,17 +151,16 @@ class MaskedDiffusionPipeline(DiffusionPipeline):
         input_ids, attention_mask = enc["input_ids"].to(device), enc["attention_mask"].to(device)
         if attention_mask.all():
             attention_mask = None
+        kwargs = spec.loop_kwargs()
         # A rule keeps per-run state; a private copy keeps concurrent calls (the demo) apart.
-        halting = copy.deepcopy(halting if halting is not None else self.halting)
-        common = dict(gen_length=gen_length, steps=steps, mask_id=self.mask_id, halting=halting,
-                      attention_mask=attention_mask, temperature=temperature, generator=generator,
-                      return_trace=return_trace, **loop_kwargs)
+        if halting is not None or spec.method == "full":
+            kwargs["halting"] = copy.deepcopy(halting if halting is not None else self.halting)
+        kwargs.update(mask_id=self.mask_id, attention_mask=attention_mask, temperature=temperature,
+                      generator=generator, return_trace=return_trace)
         if self.loop == "llada":
-            out = generate(self.model, input_ids, block_length=block_length, **common)
+            out = generate(self.model, input_ids, **kwargs)
         else:
-            if block_length is not None:
-                raise ValueError("block_length applies to the llada loop; the dream loop decodes one span")
-            out = dream_generate(self.model, input_ids, **common)
+            out = dream_generate(self.model, input_ids, **kwargs, **({} if alg is None else {"alg": alg}))
         return MaskedDiffusionPipelineOutput(texts=self.decode(out.generated), generation=out)
 
     def decode(self, generated: torch.Tensor) -> list[str]:

@@ -46,7 +46,7 @@ def test_halting_and_dream_loop(saved_model):
     dream = MaskedDiffusionPipeline.from_transformers(str(saved_model), loop="dream")
     out = dream("hello", gen_length=8, steps=4, alg="entropy")
     assert out.generation.nfe.tolist() == [4]
-    with pytest.raises(ValueError, match="block_length applies to the llada loop"):
+    with pytest.raises(ValueError, match="block_length: an option of the llada loop"):
         dream("hello", gen_length=8, steps=4, block_length=4)
 
 

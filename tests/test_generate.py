@@ -24,6 +24,7 @@ import pytest
 import torch
 
 from diffexit.app import generate_images, generate_text, jobs
+from diffexit.dllm.decode_spec import DecodeSpec
 
 TIME_FIELDS = ("seconds",)
 
@@ -329,7 +330,7 @@ def test_text_outputs_in_input_order_with_nfe_and_halting_step(text_reference, c
         assert ("correct" in r) == (r["id"] != "line00002")
     assert {r["halt_step"] is None for r in records} == {True, False}  # some halted, some ran every step
     spec = json.loads((out / "job.json").read_text())
-    assert spec["params"]["schedule"] == {"kind": "constant", "high": 1.3, "low": 1.3, "k": None}
+    assert spec["decode"]["params"]["schedule"] == {"kind": "constant", "high": 1.3, "low": 1.3, "k": None}
 
 
 def test_embedded_format_decodes_each_prompt_in_its_tasks_layout(text_models):
@@ -337,7 +338,7 @@ def test_embedded_format_decodes_each_prompt_in_its_tasks_layout(text_models):
     from diffexit.dllm.charlm.model import load_text_model
 
     model, tok = load_text_model(text_models[0])
-    engine = generate_text.EmbeddedEngine(model, tok, "full", None)
+    engine = generate_text.EmbeddedEngine(model, tok, DecodeSpec())
     item = lambda prompt, **task: jobs.Item("x", None, {"prompt": prompt, **task}, "test")  # noqa: E731
     for name, task in TASKS.items():
         assert engine.layout(item(sample(name, "heldout", 0, 1)[0].prompt, task=name)) == LAYOUTS[task.layout]
@@ -414,7 +415,7 @@ def test_calibrated_sched_file_is_accepted(text_models, tmp_path):
     run_ok(generate_text, ["--task", "pick", "--n", "2", "--model", str(text_models[0]), "--config", str(config)],
            tmp_path / "out")
     spec = json.loads((tmp_path / "out" / "job.json").read_text())
-    assert spec["method"] == "sched" and spec["params"] == rule.to_dict()
+    assert spec["decode"]["method"] == "sched" and spec["decode"]["params"] == rule.to_dict()
 
 
 def _bad_text_inputs(tmp_path, model):
@@ -442,7 +443,7 @@ def _bad_text_inputs(tmp_path, model):
                           "no such folder"),
         "block length that does not divide": (
             ["--task", "pick", "--n", "1", "--model", str(model.parent / "transformers"), "--gen-length", "8",
-             "--steps", "8", "--block-length", "3"], "--block-length 3: block_length must divide gen_length=8"),
+             "--steps", "8", "--block-length", "3"], "block_length must divide gen_length=8, got 3"),
     }
 
 

@@ -1,0 +1,184 @@
+"""One object for a decode's options: what ``generate text``, the pipeline, the demo and the benches take.
+
+A :class:`DecodeSpec` holds the loop, the lengths, remasking, the KV cache, parallel commits and the halting rule
+(by method name and JSON parameters, :mod:`diffexit.dllm.rule_spec`). It is checked and normalised once, when it is
+made, so every surface reports the same bad option with the same message; it round-trips through a JSON dict
+(``job.json`` records it, so a resumed job cannot mix specs)::
+
+    spec = DecodeSpec(gen_length=16, steps=16, block_length=4, cache="prefix", parallel_threshold=0.9)
+    out = generate(model, ids, mask_id=tok.mask_token_id, **spec.loop_kwargs())
+
+Lengths left as None are filled by whoever knows them (:meth:`DecodeSpec.with_lengths`): the embedded models
+decode each prompt with its task's layout, a transformers model with 128 tokens at 128 steps.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Optional, Sequence
+
+from .kv_cache import CACHES
+from .rule_spec import METHODS, PARAMS, check_halting_params, halting_rule
+
+LOOPS = ("llada", "dream")
+REMASKING = ("low_confidence", "random")
+OPTIONS = ("loop", "gen_length", "steps", "block_length", "remasking", "cache", "parallel_threshold", "method",
+           "params")
+
+
+def _positive_int(name: str, value) -> None:
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+        raise ValueError(f"{name} must be a positive whole number, got {value!r}")
+
+
+@dataclass(frozen=True)
+class DecodeSpec:
+    """A decode's options, checked.
+
+    Attributes:
+        loop: ``llada`` (bidirectional, semi-autoregressive blocks) or ``dream`` (shifted logits, one span).
+        gen_length: tokens to generate; None: the caller's default (the task layout's span).
+        steps: refinement steps (forward passes without halting); None: the caller's default.
+        block_length: block size, dividing ``gen_length`` (llada loop); None: the caller's default.
+        remasking: ``low_confidence`` or ``random`` (llada loop).
+        cache: None, ``prefix`` or ``dual`` (llada loop; on a block-causal model ``prefix`` is exact).
+        parallel_threshold: also commit every masked token of the block at least this probable, in ``(0, 1]``.
+        method: the halting rule, ``full`` (none), ``sched`` or ``prophet``.
+        params: the rule's parameters, normalised by :func:`~diffexit.dllm.rule_spec.check_halting_params`.
+    """
+
+    loop: str = "llada"
+    gen_length: Optional[int] = None
+    steps: Optional[int] = None
+    block_length: Optional[int] = None
+    remasking: str = "low_confidence"
+    cache: Optional[str] = None
+    parallel_threshold: Optional[float] = None
+    method: str = "full"
+    params: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.loop not in LOOPS:
+            raise ValueError(f"loop must be one of {list(LOOPS)}, got {self.loop!r}")
+        for name in ("gen_length", "steps", "block_length"):
+            _positive_int(name, getattr(self, name))
+        if self.remasking not in REMASKING:
+            raise ValueError(f"remasking must be one of {list(REMASKING)}, got {self.remasking!r}")
+        if self.cache is not None and self.cache not in CACHES:
+            raise ValueError(f"cache must be none or one of {list(CACHES)}, got {self.cache!r}")
+        threshold = self.parallel_threshold
+        if threshold is not None:
+            if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not math.isfinite(threshold) \
+                    or not 0.0 < threshold <= 1.0:
+                raise ValueError(f"parallel_threshold must be a probability in (0, 1], got {threshold!r}")
+            object.__setattr__(self, "parallel_threshold", float(threshold))
+            if self.remasking == "random":
+                raise ValueError("parallel_threshold compares token probabilities; it needs "
+                                 "remasking='low_confidence'")
+        if self.loop == "dream":
+            given = [name for name, default in (("block_length", None), ("cache", None),
+                                                ("parallel_threshold", None), ("remasking", "low_confidence"))
+                     if getattr(self, name) != default]
+            if given:
+                raise ValueError(f"{', '.join(given)}: {'an option' if len(given) == 1 else 'options'} of the llada "
+                                 f"loop; the dream loop decodes the span as one block, uncached")
+        if self.gen_length is not None and self.block_length is not None and self.gen_length % self.block_length:
+            divisors = [d for d in range(1, self.gen_length + 1) if self.gen_length % d == 0]
+            raise ValueError(f"block_length must divide gen_length={self.gen_length}, got {self.block_length}; "
+                             f"valid block lengths are {divisors}")
+        if self.gen_length is not None and self.steps is not None and self.loop == "llada":
+            from .generate import check_blocks
+
+            check_blocks(self.gen_length, self.steps, self.block_length or self.gen_length)
+        if self.method not in METHODS:
+            raise ValueError(f"unknown method {self.method!r}; choose one of {list(METHODS)}")
+        if not isinstance(self.params, dict):
+            raise ValueError(f"params must be a dict of the {self.method!r} rule's parameters, got {self.params!r}")
+        object.__setattr__(self, "params", check_halting_params(self.method, self.params))
+
+    # Building ---------------------------------------------------------------------------------------------------
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "DecodeSpec":
+        """The spec :meth:`to_dict` wrote (unknown keys are named, with the valid ones)."""
+        if not isinstance(data, dict):
+            raise ValueError(f"a decode spec is a dict of {list(OPTIONS)}, got {data!r}")
+        unknown = sorted(set(data) - set(OPTIONS))
+        if unknown:
+            raise ValueError(f"unknown decode option(s) {unknown}; the options are {list(OPTIONS)}")
+        return cls(**data)
+
+    def to_dict(self) -> dict:
+        """Every option, JSON-ready."""
+        return dataclasses.asdict(self)
+
+    def replace(self, **changes) -> "DecodeSpec":
+        """A copy with ``changes``, checked again."""
+        return dataclasses.replace(self, **changes)
+
+    def with_lengths(self, gen_length: int, steps: int, block_length: Optional[int]) -> "DecodeSpec":
+        """The spec with its unset lengths taken from these defaults (a caller's: the task layout's)."""
+        return self.replace(gen_length=self.gen_length or gen_length, steps=self.steps or steps,
+                            block_length=self.block_length or block_length)
+
+    def for_tokenizer(self, tokenizer) -> "DecodeSpec":
+        """The spec with the tokenizer's EOS and padding ids filled in where the rule needs them
+        (``stat="mean_content"``)."""
+        ids = [getattr(tokenizer, f"{name}_token_id", None) for name in ("eos", "pad")]
+        params = check_halting_params(self.method, self.params, ignore_token_ids=[i for i in ids if i is not None])
+        return self if params == self.params else self.replace(params=params)
+
+    # Using ------------------------------------------------------------------------------------------------------
+
+    def halting_rule(self):
+        """A fresh halting rule (rules keep per-run state), or None for full steps."""
+        return halting_rule(self.method, self.params)
+
+    def loop_kwargs(self) -> dict:
+        """The keyword arguments of :func:`~diffexit.dllm.generate.generate` (llada loop) or
+        :func:`~diffexit.dllm.dream.dream_generate`, with a fresh halting rule; the lengths must be set."""
+        missing = [name for name in ("gen_length", "steps") if getattr(self, name) is None]
+        if missing:
+            raise ValueError(f"{', '.join(missing)} not set: give them, or fill them with spec.with_lengths(...)")
+        kwargs = {"gen_length": self.gen_length, "steps": self.steps, "halting": self.halting_rule()}
+        if self.loop == "llada":
+            kwargs.update(block_length=self.block_length, remasking=self.remasking, cache=self.cache,
+                          parallel_threshold=self.parallel_threshold)
+        return kwargs
+
+    def describe(self) -> str:
+        """The non-default options in a few words, e.g. ``"sched, cache prefix, parallel >= 0.9"``."""
+        words = [self.method]
+        if self.cache:
+            words.append(f"cache {self.cache}")
+        if self.parallel_threshold is not None:
+            words.append(f"parallel >= {self.parallel_threshold:g}")
+        if self.remasking != "low_confidence":
+            words.append(f"{self.remasking} remasking")
+        return ", ".join(words)
+
+
+def spec_from_options(options: dict, base: Optional[DecodeSpec] = None) -> DecodeSpec:
+    """A spec from flat, user-named options (a command line's, lm-eval's ``--model_args``): the spec's own fields,
+    plus the halting rule's parameters by their names (``schedule``, ``stat``, ``window``, ...). Unknown names are
+    listed with the valid ones."""
+    base = base or DecodeSpec()
+    rule_keys = tuple(dict.fromkeys(k for keys in PARAMS.values() for k in keys))
+    unknown = sorted(set(options) - set(OPTIONS) - set(rule_keys))
+    if unknown:
+        raise ValueError(f"unknown decode option(s) {unknown}; the options are "
+                         f"{[k for k in OPTIONS if k != 'params'] + list(rule_keys)}")
+    fields = {k: v for k, v in options.items() if k in OPTIONS and k != "params"}
+    params = {**base.params, **options.get("params", {}), **{k: v for k, v in options.items() if k in rule_keys}}
+    method = fields.get("method", base.method)
+    if method != base.method and "params" not in options:
+        # A new method starts from its own defaults, not the old method's parameters.
+        params = {k: v for k, v in options.items() if k in rule_keys}
+    return base.replace(**fields, params=params)
+
+
+def option_names() -> Sequence[str]:
+    """Every name :func:`spec_from_options` takes."""
+    return [k for k in OPTIONS if k != "params"] + list(dict.fromkeys(k for keys in PARAMS.values() for k in keys))
