@@ -93,7 +93,9 @@ def _parser(prog: str) -> argparse.ArgumentParser:
     p.add_argument("--window", type=int, help="prophet: answer window in tokens")
     p.add_argument("--config", type=Path, metavar="FILE",
                    help='JSON {"method": ..., parameters...}, or a `diffexit calibrate sched` file')
-    p.add_argument("--model", metavar="PATH", help="a model folder or hub id (default: the embedded text model)")
+    p.add_argument("--model", metavar="NAME",
+                   help="charlm, charlm-block or gemma (the embedded models), a model folder, or a hub id "
+                        "(default: charlm)")
     p.add_argument("--trust-remote-code", action="store_true", default=None,
                    help="transformers models: run the checkpoint's own code (LLaDA, Dream)")
     p.add_argument("--loop", choices=("llada", "dream"), help="transformers models: decoding loop (default: llada)")
@@ -221,6 +223,12 @@ def load_model(args, device):
 
     dtype = getattr(torch, args.dtype)
     where = args.model or "the embedded text model"
+    try:
+        from .models import resolve_text_model
+
+        args.model = None if args.model is None else str(resolve_text_model(args.model, hub=True))
+    except ValueError as e:
+        raise JobError(str(e)) from None
     try:
         if args.model is None or is_embedded_format(Path(args.model)):
             from .models import load_text_model_or_embedded

@@ -170,6 +170,30 @@ def default_guidance_scale(pipe) -> float:
     return float(inspect.signature(type(pipe).__call__).parameters["guidance_scale"].default)
 
 
+def embedded_text_models() -> dict[str, Path]:
+    """The shipped text models by the names every ``--model`` takes."""
+    from ..dllm.charlm.gemma import GEMMA_WEIGHTS_DIR
+    from ..dllm.charlm.model import BLOCK_WEIGHTS_DIR, WEIGHTS_DIR
+
+    return {"charlm": WEIGHTS_DIR, "charlm-block": BLOCK_WEIGHTS_DIR, "gemma": GEMMA_WEIGHTS_DIR}
+
+
+def resolve_text_model(name, *, hub: bool = False) -> Optional[Path]:
+    """The folder a ``--model`` value names: an embedded model's name, or a folder that exists; None stays None.
+    With ``hub``, anything else that looks like a Hub id (``owner/name``) is passed on as it is; otherwise it is a
+    ``ValueError`` that lists the embedded names, said at once instead of after a Hub connection attempt."""
+    if name is None:
+        return None
+    embedded = embedded_text_models()
+    if str(name) in embedded:
+        return embedded[str(name)]
+    path = Path(name).expanduser()
+    if path.exists() or (hub and "/" in str(name) and not str(name).startswith((".", "/", "~"))):
+        return path
+    raise ValueError(f"--model {name}: no such folder, and not an embedded model; pass a model folder, "
+                     f"{'a Hub id (owner/name), ' if hub else ''}or one of {list(embedded)}")
+
+
 def load_text_model_or_embedded(path: Optional[Path], dtype: torch.dtype = torch.float32):
     """``(model, tokenizer)``: the exported model folder ``path`` (``diffexit train text --export``), or the embedded
     model when it is None."""
@@ -178,8 +202,8 @@ def load_text_model_or_embedded(path: Optional[Path], dtype: torch.dtype = torch
     try:
         if path is None:
             return load_embedded_text_model(dtype=dtype)
-        return load_text_model(_folder(path, "an exported text model (`diffexit train text --export DIR`)"),
-                               dtype=dtype)
+        return load_text_model(_folder(resolve_text_model(path), "an exported text model (`diffexit train text "
+                                       "--export DIR`)"), dtype=dtype)
     except ValueError:
         raise
     except Exception as e:  # missing files, a broken config: say which folder, and why

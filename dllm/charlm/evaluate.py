@@ -103,7 +103,22 @@ def write_text_card(directory: Path, command: str, args, n_params: int, seconds:
     """``MODEL_CARD.md`` beside the exported weights: how they were made and their held-out decoding accuracy."""
     shares = ", ".join(f"{t} {s}" for t, s in TASK_SHARES.items())
     commands = "".join(f", then `{c}`" for c in legs)
-    if getattr(args, "arch", "llama") == "llama":
+    if getattr(args, "arch", "llama") == "llama" and getattr(args, "block_length", None):
+        title = "The embedded block-causal text model (charlm-block)"
+        about = f"""A block-causal `LlamaForCausalLM` (`DiffusionLlama` with `block_length={args.block_length}`: the
+24-position prompt is block 0, bidirectional within itself; each {args.block_length}-token answer block attends to the
+prompt, the earlier blocks and itself, never to a later block), {args.layers} layers x {args.hidden} wide,
+{args.heads} heads, {n_params / 1e6:.2f}M parameters, stored in fp16; the character-level tokenizer of the
+bidirectional model. The K/V of the prompt and of every finished block never change, so `cache="prefix"` is exact
+(`diffexit.dllm.exact_cache`). Load it with `diffexit.dllm.charlm.model.load_text_model(BLOCK_WEIGHTS_DIR)`."""
+        objective = f"""Block diffusion, converted from the shipped bidirectional model (`--init-from
+  {args.init_from}`): the clean sequence and a noisy copy of its span in one pass, each block of the copy masked at
+  its own rate `t ~ U(eps, 1)`, cross-entropy on the masked tokens weighted by `1/t`
+  (`diffexit.dllm.charlm.block_objective`)."""
+        initialization = {}
+        decoding = f"""greedy, low-confidence remasking, in the model's own blocks of {args.block_length}; "full
+steps" commits one token per step, "one step" one step per block"""
+    elif getattr(args, "arch", "llama") == "llama":
         title = "The embedded masked-diffusion text model"
         about = f"""A bidirectional `LlamaForCausalLM` (`DiffusionLlama`: `is_causal=False`, learned absolute positions),
 {args.layers} layers x {args.hidden} wide, {args.heads} heads, {n_params / 1e6:.2f}M parameters, stored in fp16; a

@@ -37,6 +37,8 @@ __all__ = ["DiffusionLlama", "PreTrainedModel", "text_model_config", "load_text_
 
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 TRAIN_COMMAND = "diffexit train text --threads 1 --out runs/text --export dllm/charlm/weights"
+# charlm-block: the shipped model converted to block-causal attention (MODEL_CARD.md there has the command).
+BLOCK_WEIGHTS_DIR = Path(__file__).resolve().parent / "weights-block"
 
 
 def text_model_config(
@@ -175,3 +177,12 @@ def load_embedded_text_model(*, dtype: torch.dtype = torch.float32) -> tuple[Dif
         raise FileNotFoundError(f"no embedded text model in {WEIGHTS_DIR}; train and export it with `{TRAIN_COMMAND}` "
                                 f"from the repository root")
     return load_text_model(WEIGHTS_DIR, dtype=dtype)
+
+
+def load_embedded_block_model(*, dtype: torch.dtype = torch.float32) -> tuple[DiffusionLlama, PreTrainedTokenizerFast]:
+    """The shipped block-causal model (``charlm-block``, blocks of 4) and its tokenizer, offline, in eval mode."""
+    if not (BLOCK_WEIGHTS_DIR / "model.safetensors").is_file():
+        raise FileNotFoundError(f"no embedded block-causal model in {BLOCK_WEIGHTS_DIR}; convert and export it with "
+                                f"the command in the repository's README (diffexit train text --block-length 4 "
+                                f"--init-from charlm ... --export dllm/charlm/weights-block)")
+    return load_text_model(BLOCK_WEIGHTS_DIR, dtype=dtype)

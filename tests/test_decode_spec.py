@@ -1,0 +1,112 @@
+"""DecodeSpec: one checked object for a decode's options, the same message for the same bad spec on every surface,
+its round trip through job.json, and the embedded models by name (charlm-block's exact cache through generate text)."""
+
+import contextlib
+import io
+import json
+import math
+
+import pytest
+import torch
+
+from diffexit.app import generate_text
+from diffexit.dllm.decode_spec import DecodeSpec, option_names, spec_from_options
+from diffexit.dllm.generate import generate
+from diffexit.dllm.halting import SchED
+from diffexit.samplers import ThresholdSchedule
+
+
+def _error_of(fn) -> str:
+    with pytest.raises(ValueError) as info:
+        fn()
+    return str(info.value)
+
+
+def _cli(argv, out):
+    """``(exit code, stderr)`` of ``diffexit generate text``."""
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+        code = generate_text.main([*argv, "--out", str(out)])
+    return code, err.getvalue()
+
+
+def test_round_trips_through_json_and_refuses_unknown_keys():
+    spec = DecodeSpec(gen_length=16, steps=16, block_length=4, cache="prefix", parallel_threshold=0.9,
+                      method="sched", params={"schedule": "cosine:7.5:2.5", "stat": "quantile", "q": 0.2})
+    data = json.loads(json.dumps(spec.to_dict()))
+    assert DecodeSpec.from_dict(data) == spec
+    assert data["params"]["schedule"] == {"kind": "cosine", "high": 7.5, "low": 2.5, "k": None}
+    assert "unknown decode option(s) ['caches']" in _error_of(lambda: DecodeSpec.from_dict({**data, "caches": 1}))
+    # Flat, user-named options: the spec's fields and the rule's parameters by their names.
+    assert spec_from_options({"gen_length": 16, "steps": 16, "block_length": 4, "cache": "prefix",
+                              "parallel_threshold": 0.9, "method": "sched", "schedule": "cosine:7.5:2.5",
+                              "stat": "quantile", "q": 0.2}) == spec
+    message = _error_of(lambda: spec_from_options({"halt": "sched"}))
+    assert "unknown decode option(s) ['halt']" in message and all(k in message for k in option_names())
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"parallel_threshold": math.nan}, "parallel_threshold must be a probability in (0, 1], got nan"),
+    ({"parallel_threshold": 1.5}, "parallel_threshold must be a probability in (0, 1], got 1.5"),
+    ({"gen_length": 16, "steps": 16, "block_length": 3}, "block_length must divide gen_length=16, got 3"),
+    ({"gen_length": 16, "steps": 15, "block_length": 4}, "steps=15 must be a multiple of the number of blocks"),
+    ({"cache": "full"}, "cache must be none or one of ['prefix', 'dual'], got 'full'"),
+    ({"steps": 0}, "steps must be a positive whole number, got 0"),
+    ({"loop": "dream", "cache": "prefix"}, "cache: an option of the llada loop"),
+    ({"method": "prophet", "params": {"thresholds": [math.nan, 5.0, 2.5]}}, "three finite numbers"),
+    ({"method": "sched", "params": {"schedule": "cosine:inf:2.5"}}, "high must be a finite number"),
+    ({"method": "full", "params": {"stat": "min"}}, "stat is a parameter of method 'sched'"),
+])
+def test_bad_options_name_the_problem(options, message):
+    assert message in _error_of(lambda: DecodeSpec(**options))
+
+
+def test_the_same_bad_spec_gets_the_same_message_from_the_pipeline_and_the_command_line(tmp_path):
+    from diffexit.dllm.charlm.model import load_embedded_text_model
+    from diffexit.dllm.pipeline import MaskedDiffusionPipeline
+
+    model, tok = load_embedded_text_model()
+    pipe = MaskedDiffusionPipeline(model, tok)
+    for options, flags in (({"parallel_threshold": 1.5}, ["--parallel-threshold", "1.5"]),
+                           ({"gen_length": 16, "steps": 16, "block_length": 3},
+                            ["--gen-length", "16", "--steps", "16", "--block-length", "3"])):
+        expected = _error_of(lambda: DecodeSpec(**options))
+        assert _error_of(lambda: pipe("12+34=", **{"gen_length": 16, "steps": 16, **options})) == expected
+        code, err = _cli(["--task", "add", "--n", "1", *flags], tmp_path / "out")
+        assert code == 2 and err.strip().endswith(expected) and not (tmp_path / "out").exists()
+
+
+def test_loop_kwargs_decode_as_the_loop_called_directly():
+    from diffexit.dllm.charlm.model import load_embedded_text_model
+    from diffexit.dllm.charlm.tasks import sample
+    from diffexit.dllm.charlm.tokenizer import encode_prompts
+
+    model, tok = load_embedded_text_model()
+    ids, attn = encode_prompts(tok, [e.prompt for e in sample("pick", "heldout", 0, 6)], 24)
+    spec = DecodeSpec(gen_length=16, steps=16, block_length=4, parallel_threshold=0.9, method="sched",
+                      params={"schedule": "cosine:7.5:2.5", "stat": "min"})
+    ours = generate(model, ids, attention_mask=attn, mask_id=tok.mask_token_id, **spec.loop_kwargs())
+    direct = generate(model, ids, attention_mask=attn, mask_id=tok.mask_token_id, gen_length=16, steps=16,
+                      block_length=4, parallel_threshold=0.9,
+                      halting=SchED(ThresholdSchedule("cosine", 7.5, 2.5), stat="min"))
+    assert torch.equal(ours.sequences, direct.sequences) and torch.equal(ours.nfe, direct.nfe)
+
+
+def test_block_model_by_name_with_the_exact_cache_gives_the_uncached_answers(tmp_path):
+    runs = {}
+    for name, flags in (("plain", []), ("cached", ["--cache", "prefix"])):
+        code, err = _cli(["--task", "zip", "--n", "6", "--model", "charlm-block", *flags], tmp_path / name)
+        assert code == 0, err
+        runs[name] = [json.loads(line) for line in (tmp_path / name / "outputs.jsonl").read_text().splitlines()]
+    assert [r["output"] for r in runs["cached"]] == [r["output"] for r in runs["plain"]]
+    assert all(r["correct"] for r in runs["plain"])
+    job = json.loads((tmp_path / "cached" / "job.json").read_text())
+    assert DecodeSpec.from_dict(job["decode"]) == DecodeSpec(cache="prefix")
+    # A resumed job cannot mix specs.
+    code, err = _cli(["--task", "zip", "--n", "6", "--model", "charlm-block"], tmp_path / "cached")
+    assert code == 2 and "pass another --out" in err
+
+
+def test_an_unknown_model_name_lists_the_embedded_ones_at_once(tmp_path):
+    code, err = _cli(["--task", "zip", "--n", "1", "--model", "charlm-blok"], tmp_path / "out")
+    assert code == 2 and "['charlm', 'charlm-block', 'gemma']" in err and "Hub" in err
