@@ -110,3 +110,14 @@ def test_block_model_by_name_with_the_exact_cache_gives_the_uncached_answers(tmp
 def test_an_unknown_model_name_lists_the_embedded_ones_at_once(tmp_path):
     code, err = _cli(["--task", "zip", "--n", "1", "--model", "charlm-blok"], tmp_path / "out")
     assert code == 2 and "['charlm', 'charlm-block', 'gemma']" in err and "Hub" in err
+
+
+def test_the_shared_text_loader_takes_the_embedded_names():
+    from pathlib import Path
+
+    from diffexit.app.models import load_text_model_or_embedded
+
+    model, _ = load_text_model_or_embedded(Path("charlm-block"))
+    assert model.config.block_length == 4
+    with pytest.raises(ValueError, match=r"one of \['charlm', 'charlm-block', 'gemma'\]"):
+        load_text_model_or_embedded(Path("charlm-blok"))
