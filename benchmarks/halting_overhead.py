@@ -1,6 +1,6 @@
 """What a decoding step costs beside the model's forward pass, as a fraction of that pass, measured side by side.
 
-    python benchmarks/halting_overhead.py [--repeats 5] [--batches 1 32 64]
+    python benchmarks/halting_overhead.py [--repeats 5] [--batches 1 32 64] [--layouts short long]
 
 Times ``diffexit.dllm.generate`` twice per setting on the same prompts: once with the shipped text model, and
 once with a stand-in that returns that model's logits, precomputed, at no cost. The second run is everything a step
@@ -51,14 +51,18 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--batches", type=int, nargs="+", default=[1, 32, 64])
+    p.add_argument("--layouts", nargs="+", choices=list(LAYOUTS), default=list(LAYOUTS))
     args = p.parse_args()
+    if args.repeats < 1 or min(args.batches) < 1:
+        p.error("--repeats and --batches must be positive")
     model, tok = load_embedded_text_model()
     never = ThresholdSchedule("constant", 1e9, 1e9)
     n_params = sum(p.numel() for p in model.parameters())
     print(f"threads={torch.get_num_threads()} model={n_params / 1e6:.2f}M parameters, vocab={len(tok)}")
     print("| layout | batch | rule | forward ms / step | rest ms / step | rest / forward |")
     print("| --- | --- | --- | --- | --- | --- |")
-    for name, layout in LAYOUTS.items():
+    for name in args.layouts:
+        layout = LAYOUTS[name]
         block, steps = DECODE[layout.span_length]
         for batch in args.batches:
             gen = torch.Generator().manual_seed(0)
