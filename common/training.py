@@ -2,9 +2,11 @@
 weights, and checkpoints that an interruption can never leave half-written.
 
 Checkpoints are ``accelerate``'s ``save_state`` folders. :func:`save_checkpoint` writes one into ``<final>.partial``
-and renames it into place only once it is complete, so ``--resume`` never loads a checkpoint that a kill cut short;
-a stale ``.partial`` from such a kill is simply written over. :func:`save_numbered_checkpoint` keeps a rolling set
-``ROOT/step-NNNNNN``, newest last.
+and swaps it in only once it is complete, by renames alone: the old one moves aside to ``<final>.previous`` and is
+deleted only after the new one is in place. So a kill at any point leaves a complete checkpoint, either at
+``<final>`` or, if it fell between the two renames, at ``<final>.previous``, where :func:`restore_checkpoint` puts
+it back; a stale ``.partial`` from such a kill is simply written over. :func:`save_numbered_checkpoint` keeps a
+rolling set ``ROOT/step-NNNNNN``, newest last.
 """
 
 from __future__ import annotations
@@ -79,16 +81,38 @@ class EMA:
         self.shadow = {name: tensor.float().clone() for name, tensor in state["shadow"].items()}
 
 
+def restore_checkpoint(final: Path) -> Path:
+    """``final``, first moved back from ``<final>.previous`` when a kill fell between the two renames of
+    :func:`save_checkpoint` (the one state in which ``final`` is missing but a complete checkpoint exists).
+
+    Safe to call from every process at once: the renames that lose the race find the checkpoint in place.
+    """
+    final = Path(final)
+    previous = final.with_name(final.name + ".previous")
+    if not final.exists() and previous.is_dir():
+        try:
+            previous.rename(final)
+        except OSError:
+            if not final.is_dir():
+                raise
+    return final
+
+
 def save_checkpoint(accelerator, final: Path, extra_files: Optional[dict[str, str]] = None) -> None:
-    """``accelerator.save_state`` into ``final`` (replacing what is there), never leaving a partial one behind.
+    """``accelerator.save_state`` into ``final`` (replacing what is there), never leaving it without a complete one.
 
     ``extra_files`` (name -> text) are written into the checkpoint before it is swapped in. Every process calls
     this; the main one writes.
     """
     final = Path(final)
     partial = final.with_name(final.name + ".partial")
-    if accelerator.is_main_process and partial.exists():
-        shutil.rmtree(partial)
+    previous = final.with_name(final.name + ".previous")
+    if accelerator.is_main_process:
+        restore_checkpoint(final)
+        # What is left of these after a kill is stale: a cut-short save, or an old checkpoint half deleted.
+        for stale in (partial, previous):
+            if stale.exists():
+                shutil.rmtree(stale)
     accelerator.wait_for_everyone()
     # A model with tied weights (DiffusionGemma's decoder shares every weight with its encoder) makes accelerate drop
     # the aliases and warn with every name at each checkpoint; loading into the model ties them again, which the
@@ -104,10 +128,10 @@ def save_checkpoint(accelerator, final: Path, extra_files: Optional[dict[str, st
         for name, text in (extra_files or {}).items():
             (partial / name).write_text(text)
         if final.exists():
-            # A kill between these two lines loses the previous checkpoint but leaves the complete new one as
-            # `.partial`; numbered checkpoints never hit this (each step has a new name).
-            shutil.rmtree(final)
+            final.rename(previous)
         partial.rename(final)
+        if previous.exists():
+            shutil.rmtree(previous)
     accelerator.wait_for_everyone()
 
 

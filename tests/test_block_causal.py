@@ -131,7 +131,7 @@ def test_block_objective_trains_each_noisy_block_on_what_decoding_shows_it(tok):
             torch.testing.assert_close(got, alone, atol=1e-5, rtol=1e-5)
 
 
-def test_conversion_from_a_bidirectional_model_trains(tok, tmp_path):
+def test_conversion_from_a_bidirectional_model_trains(tok, tmp_path, capsys):
     # --init-from with --block-length: the bidirectional weights load into the block-causal model, a few steps of
     # the block objective run, and the export is block-causal.
     from diffexit.dllm.charlm.model import load_text_model
@@ -141,14 +141,16 @@ def test_conversion_from_a_bidirectional_model_trains(tok, tmp_path):
     cfg = text_model_config(len(tok), tok.pad_token_id, hidden_size=32, num_layers=1, num_heads=4, max_positions=160)
     DiffusionLlama(cfg).save_pretrained(tmp_path / "teacher")
     tok.save_pretrained(tmp_path / "teacher")
-    args = ["--out", str(tmp_path / "run"), "--steps", "2", "--hidden", "32", "--layers", "1", "--heads", "4",
-            "--batch-short", "15", "--batch-long", "1", "--block-length", "4", "--init-from", str(tmp_path / "teacher"),
-            "--eval-every", "100", "--decode-every", "0", "--export", str(tmp_path / "out")]
+    args = ["--out", str(tmp_path / "run"), "--steps", "2", "--warmup", "1", "--hidden", "32", "--layers", "1",
+            "--heads", "4", "--batch-short", "15", "--batch-long", "1", "--block-length", "4",
+            "--init-from", str(tmp_path / "teacher"), "--eval-every", "100", "--decode-every", "0",
+            "--export", str(tmp_path / "out")]
     assert main(args) == 0
     model, _ = load_text_model(tmp_path / "out")
     assert block_causal_layout(model) == (24, 4)
-    with pytest.raises(ValueError, match="no exported model"):
+    with pytest.raises(SystemExit):
         main(["--out", str(tmp_path / "run2"), "--block-length", "4", "--init-from", str(tmp_path / "nowhere")])
+    assert "no exported model" in capsys.readouterr().err
 
 
 # the exact prefix cache ------------------------------------------------------------------------------------------

@@ -8,7 +8,8 @@ corruption and self-conditioning its sampler implies (:mod:`.gemma_objective`). 
 Determinism and resuming: the data and masks of step ``s`` are drawn from generators seeded with ``(--seed, s,
 process index)``, so the step number is the whole random state of the data stream. A checkpoint (``accelerate``'s
 ``save_state``: model, optimizer, LR schedule, RNG; plus ``state.json`` with the step, the time and the run's
-settings) is written atomically every ``--checkpoint-every`` steps, and ``--resume`` continues bit for bit. A run can
+settings) is written atomically every ``--checkpoint-every`` steps, and ``--resume`` continues bit for bit, even after
+a kill (the metrics logged after the last checkpoint are dropped, then logged again). A run can
 go on in legs: ``--resume --steps N`` with a larger N extends it, the cosine stretched to N from the newest
 checkpoint (a warm restart; ``state.json`` records each leg).
 
@@ -27,6 +28,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import math
 import shlex
 import sys
 import time
@@ -35,7 +37,8 @@ from pathlib import Path
 import torch
 
 from ...common.cli_help import HelpFormatter
-from ...common.training import save_checkpoint, warmup_cosine
+from ...common.results import atomic_write_bytes
+from ...common.training import restore_checkpoint, save_checkpoint, warmup_cosine
 from .data import SHORT_TASKS, TASK_SHARES
 from .evaluate import (
     EVAL_MASK_RATES,
@@ -101,6 +104,9 @@ def _parser(prog: str) -> argparse.ArgumentParser:
 
 
 def _check_args(args: argparse.Namespace) -> None:
+    for name in ("lr", "weight_decay", "truncate_prob"):
+        if not math.isfinite(getattr(args, name)):
+            raise ValueError(f"--{name.replace('_', '-')} must be a finite number, got {getattr(args, name)}")
     positive = ("steps", "lr", "batch_short", "hidden", "layers", "heads", "experts", "eval_every",
                 "checkpoint_every", "decode_n")
     for name in positive:
@@ -109,6 +115,8 @@ def _check_args(args: argparse.Namespace) -> None:
     for name in ("warmup", "weight_decay", "batch_long", "decode_eval", "decode_every"):
         if getattr(args, name) < 0:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
+    if args.warmup > args.steps:
+        raise ValueError(f"--warmup {args.warmup} is longer than the run's --steps {args.steps}; pass at most that")
     if not 0.0 <= args.truncate_prob <= 1.0:
         raise ValueError(f"--truncate-prob must be in [0, 1], got {args.truncate_prob}")
     short_shares = sum(TASK_SHARES[t] for t in SHORT_TASKS)
@@ -126,6 +134,9 @@ def _check_args(args: argparse.Namespace) -> None:
                          f"`diffexit train text --export` wrote, or 'charlm' for the shipped model")
     if args.hidden % args.heads:
         raise ValueError(f"--hidden {args.hidden} must be a multiple of --heads {args.heads}")
+    for flag, path in (("--out", Path(args.out)), ("--export", args.export and Path(args.export))):
+        if path and path.exists() and not path.is_dir():
+            raise ValueError(f"{flag} {path} is a file; pass a folder")
 
 
 def _build(args):
@@ -171,7 +182,7 @@ def export(model: DiffusionLlama, tokenizer, directory: Path, record: dict) -> N
 
 def _resume_state(args, ckpt: Path, run: dict, command: str) -> tuple[dict, list[dict]]:
     """``(state, legs)`` of the checkpointed run, checked against the arguments; a larger ``--steps`` adds a leg."""
-    if not (ckpt / "state.json").is_file():
+    if not (restore_checkpoint(ckpt) / "state.json").is_file():
         raise ValueError(f"--resume: no checkpoint in {ckpt}; start the run without --resume")
     state = json.loads((ckpt / "state.json").read_text())
     saved = {**SETTINGS_BEFORE_ARCH, **state["run"]}
@@ -187,24 +198,43 @@ def _resume_state(args, ckpt: Path, run: dict, command: str) -> tuple[dict, list
     return state, legs
 
 
-def main(argv: list[str], prog: str = "diffexit train text") -> int:
-    args = _parser(prog).parse_args(argv)
-    _check_args(args)
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
-    from accelerate import Accelerator
-    from tqdm.auto import tqdm
+def _keep_metrics_until(log: Path, step: int) -> None:
+    """Drop the records a killed run logged after its last checkpoint (the resumed run logs those steps again),
+    and a line the kill cut short."""
+    if not log.is_file():
+        return
+    kept = []
+    for line in log.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if record["step"] <= step:
+            kept.append(line + "\n")
+    atomic_write_bytes(log, "".join(kept).encode())
 
+
+def main(argv: list[str], prog: str = "diffexit train text") -> int:
+    parser = _parser(prog)
+    args = parser.parse_args(argv)
     out = Path(args.out)
     command = " ".join([prog, *map(shlex.quote, argv)])
     run = {k: getattr(args, k) for k in RUN_KEYS}
     ckpt = out / "checkpoint"
-    if args.resume:
-        state, legs = _resume_state(args, ckpt, run, command)
-    elif ckpt.exists():
-        raise ValueError(f"{ckpt} already exists; pass --resume to continue that run, or choose another --out")
-    else:
-        legs = [{"from_step": 0, "steps": args.steps, "command": command}]
+    try:
+        _check_args(args)
+        if args.resume:
+            state, legs = _resume_state(args, ckpt, run, command)
+        elif restore_checkpoint(ckpt).exists():
+            raise ValueError(f"{ckpt} already exists; pass --resume to continue that run, or choose another --out")
+        else:
+            legs = [{"from_step": 0, "steps": args.steps, "command": command}]
+    except ValueError as e:
+        parser.error(str(e))
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    from accelerate import Accelerator
+    from tqdm.auto import tqdm
 
     accelerator = Accelerator()
     torch.manual_seed(args.seed)
@@ -215,10 +245,13 @@ def main(argv: list[str], prog: str = "diffexit train text") -> int:
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
 
     start, elapsed = 0, 0.0
+    out.mkdir(parents=True, exist_ok=True)
+    log = out / "metrics.jsonl"
     if args.resume:
         accelerator.load_state(str(ckpt))
         start, elapsed = state["step"], state["elapsed_s"]
-    out.mkdir(parents=True, exist_ok=True)
+        if accelerator.is_main_process:
+            _keep_metrics_until(log, start)
     heldout = {t: sample(t, "heldout", 0, EVAL_EXAMPLES) for t in TASK_NAMES}
     n_params = sum(p.numel() for p in model.parameters())
     if accelerator.is_main_process:
@@ -228,7 +261,6 @@ def main(argv: list[str], prog: str = "diffexit train text") -> int:
     model.train()
     bar = tqdm(total=args.steps, initial=start, disable=not accelerator.is_local_main_process, desc="train text")
     t0 = time.perf_counter()
-    log = out / "metrics.jsonl"
     for step in range(start, args.steps):
         loss = loss_fn(model, tokenizer, step, args, accelerator.process_index)
         accelerator.backward(loss)
