@@ -55,3 +55,34 @@ def test_kernels_gpu_passes_on_cuda(tmp_path):
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "FAIL" not in done.stdout
     assert (tmp_path / "out" / "kernels" / "results.json").is_file()
+
+
+# `diffexit bench kernels --out`: checked before the timing, written atomically -------------------------------------
+
+def test_bench_kernels_refuses_a_file_as_out_before_timing(tmp_path, capsys, monkeypatch):
+    from diffexit.app.bench import kernels
+
+    def never(*args):
+        raise AssertionError("the benchmark ran before --out was checked")
+
+    monkeypatch.setattr(kernels, "_bench_one", never)
+    (tmp_path / "taken").write_text("x")
+    with pytest.raises(SystemExit) as exit_:
+        kernels.main(["--out", str(tmp_path / "taken"), "--shape", "2x50", "--dtype", "fp32"],
+                     prog="diffexit bench kernels")
+    assert exit_.value.code == 2
+    assert f"output folder {tmp_path / 'taken'} exists and is not a folder" in capsys.readouterr().err
+    assert (tmp_path / "taken").read_text() == "x"
+
+
+def test_bench_kernels_makes_a_missing_out_and_leaves_no_temp_files(tmp_path):
+    from diffexit.app.bench import kernels
+
+    out = tmp_path / "missing" / "parent"
+    assert kernels.main(["--quick", "--out", str(out), "--shape", "2x50", "--dtype", "fp32"],
+                        prog="diffexit bench kernels") == 0
+    assert sorted(p.name for p in out.iterdir()) == ["kernels.png", "results.json"]
+    # Rerunning into the same folder replaces both.
+    assert kernels.main(["--quick", "--out", str(out), "--shape", "2x50", "--dtype", "fp32"],
+                        prog="diffexit bench kernels") == 0
+    assert sorted(p.name for p in out.iterdir()) == ["kernels.png", "results.json"]

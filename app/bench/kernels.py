@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import ctypes
 import gc
+import io
 import os
 import statistics
 import sys
@@ -31,9 +32,10 @@ from pathlib import Path
 import torch
 
 from ...common.cli_help import HelpFormatter
-from ...common.results import write_results
+from ...common.results import atomic_write_bytes, write_results
 from ...kernels import token_stats
 from ...kernels.token_stats_torch import CHUNK_ELEMENTS
+from ..jobs import JobError, prepare_out_dir
 
 FULL_SHAPES = [(1, 2048, 126464), (8, 256, 152064)]
 QUICK_SHAPES = [(1, 64, 126464), (2, 16, 152064)]
@@ -59,6 +61,11 @@ def main(argv: list[str], prog: str) -> int:
         "--dtype", action="append", choices=sorted(DTYPES), help="logits dtype, repeatable (default fp32 and bf16)"
     )
     args = parser.parse_args(argv)
+    try:
+        # Before the timing, which takes minutes: a bad --out must not throw the figures away.
+        prepare_out_dir(args.out)
+    except JobError as e:
+        parser.error(str(e))
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     shapes = args.shape or (QUICK_SHAPES if args.quick else FULL_SHAPES)
     dtypes = args.dtype or ["fp32", "bf16"]
@@ -68,7 +75,6 @@ def main(argv: list[str], prog: str) -> int:
     for shape in shapes:
         for dtype in dtypes:
             rows += _bench_one(shape, DTYPES[dtype], dtype, device, reps)
-    args.out.mkdir(parents=True, exist_ok=True)
     result = {
         "benchmark": "kernels",
         "quick": args.quick,
@@ -282,5 +288,7 @@ def _plot(rows, path: Path) -> None:
     ax.set_title("token_stats: time per call" + note)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=120)
     plt.close(fig)
+    atomic_write_bytes(path, png.getvalue())
