@@ -11,11 +11,11 @@ last step commits everything left. ``alg`` picks which:
 - ``entropy``: the lowest-entropy positions first.
 
 With ``alg_temp > 0`` the confidence-ordered algorithms sample positions from ``softmax(confidence / alg_temp)``
-instead of taking the top. These follow the public Dream ``diffusion_generate``, with two deliberate
-differences: the transfer count is per sample rather than the batch average (identical while every sample has
-the same number of masks: no sample has halted and no step committed the mask token itself, which leaves its
-position masked, so that sample's count falls behind the others'), and ``entropy`` uses the exact entropy rather than ``log(p + 1e-10)``. Confidences are ranked over prompt
-plus span, as there, so exact ties break the same way.
+instead of taking the top. These follow the public Dream ``diffusion_generate``, with two deliberate differences:
+the transfer count is per sample rather than the batch average (identical while every sample has the same number of
+masks: no sample has halted and no step committed the mask token itself, which leaves its position masked, so that
+sample's count falls behind the others'), and ``entropy`` uses the exact entropy rather than ``log(p + 1e-10)``.
+Confidences are ranked over prompt plus span, as there, so exact ties break the same way.
 """
 
 from __future__ import annotations
