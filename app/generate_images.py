@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from ..common.cli_help import HelpFormatter
+from ..uem.block_adapters import num_blocks
 from ..uem.rule_spec import CALIBRATED, METHODS, PARAMS, check_exit_params
 from .job_inputs import check_keys, read_config, read_jsonl
 from .jobs import (
@@ -177,7 +178,7 @@ class ImageEngine:
 
     def __init__(self, pipe, method: str, steps: int, guidance_scale: float):
         self.pipe, self.method, self.steps, self.guidance_scale = pipe, method, steps, guidance_scale
-        self.num_blocks = len(pipe.transformer.transformer_blocks)
+        self.num_blocks = num_blocks(pipe.transformer)
 
     def files(self, item: Item) -> list[str]:
         return [f"{item.id}.png"]

@@ -10,6 +10,10 @@ restated here.
 
 Per-row state (everything the blocks and the head read per batch row) sits in ``_Pass.rows``, so dropping rows
 that exited is one index over it.
+
+This module is also the one place that knows a model's layout: :func:`blocks`, :func:`num_blocks` and
+:func:`hidden_size` answer for every supported class, so a model with another layout (two block stacks, no
+``inner_dim``) needs an adapter here and nowhere else.
 """
 
 from __future__ import annotations
@@ -68,7 +72,17 @@ def _bind(model: nn.Module, args: tuple, kwargs: dict) -> dict:
     return bound.arguments
 
 
-class _DiT:
+class _OneStack:
+    """The layout of the supported models: one ``transformer_blocks`` stack of blocks ``inner_dim`` wide."""
+
+    def blocks(self, model) -> nn.ModuleList:
+        return model.transformer_blocks
+
+    def hidden_size(self, model) -> int:
+        return int(model.inner_dim)
+
+
+class _DiT(_OneStack):
     """``DiTTransformer2DModel``: class-conditional adaLN-zero blocks, each with its own timestep+class embedder."""
 
     def begin(self, model, args, kwargs) -> _Pass:
@@ -79,7 +93,7 @@ class _DiT:
         labels = _per_row(a["class_labels"], batch, "class_labels")
         hidden = model.pos_embed(x)
         # The output head conditions on the first block's embedder; the UEMs read the same vector.
-        cond = model.transformer_blocks[0].norm1.emb(timestep, labels, hidden_dtype=hidden.dtype)
+        cond = self.blocks(model)[0].norm1.emb(timestep, labels, hidden_dtype=hidden.dtype)
         return _Pass(
             hidden=hidden,
             cond=cond,
@@ -90,7 +104,7 @@ class _DiT:
         )
 
     def block(self, model, index, hidden, rows, fixed):
-        return model.transformer_blocks[index](
+        return self.blocks(model)[index](
             hidden,
             attention_mask=None,
             encoder_hidden_states=None,
@@ -106,7 +120,7 @@ class _DiT:
         return _unpatchify(model.proj_out_2(hidden), grid, model.config.patch_size, model.out_channels)
 
 
-class _PixArt:
+class _PixArt(_OneStack):
     """``PixArtTransformer2DModel``: adaLN-single blocks with cross-attention to a caption."""
 
     def begin(self, model, args, kwargs) -> _Pass:
@@ -144,7 +158,7 @@ class _PixArt:
         )
 
     def block(self, model, index, hidden, rows, fixed):
-        return model.transformer_blocks[index](
+        return self.blocks(model)[index](
             hidden,
             attention_mask=rows["attention_mask"],
             encoder_hidden_states=rows["encoder_hidden_states"],
@@ -161,7 +175,7 @@ class _PixArt:
         return _unpatchify(model.proj_out(hidden), grid, model.config.patch_size, model.out_channels)
 
 
-class _SD3:
+class _SD3(_OneStack):
     """``SD3Transformer2DModel``: joint (MM-DiT) blocks; the text stream is per-row state that evolves per block."""
 
     def begin(self, model, args, kwargs) -> _Pass:
@@ -189,7 +203,7 @@ class _SD3:
         )
 
     def block(self, model, index, hidden, rows, fixed):
-        text, hidden = model.transformer_blocks[index](
+        text, hidden = self.blocks(model)[index](
             hidden_states=hidden,
             encoder_hidden_states=rows["encoder_hidden_states"],
             temb=rows["temb"],
@@ -212,4 +226,29 @@ def adapter_for(model: nn.Module):
     for cls, adapter in _ADAPTERS.items():
         if isinstance(model, cls):
             return adapter
-    raise ValueError(f"early exits support {', '.join(SUPPORTED)}; got {type(model).__name__}")
+    raise ValueError(f"early exits support {', '.join(SUPPORTED)}; got {type(model).__name__}, which has no "
+                     f"adapter in diffexit.uem.block_adapters")
+
+
+def blocks(model: nn.Module) -> nn.ModuleList:
+    """The transformer blocks of ``model``, in the order its forward runs them."""
+    return adapter_for(model).blocks(model)
+
+
+def num_blocks(model: nn.Module) -> int:
+    """How many transformer blocks ``model`` runs per forward (the deepest exit)."""
+    return len(blocks(model))
+
+
+def hidden_size(model: nn.Module) -> int:
+    """The width ``D`` of the tokens between ``model``'s blocks (what a UEM head reads)."""
+    return adapter_for(model).hidden_size(model)
+
+
+def supported_class(name: str) -> type:
+    """The supported model class called ``name`` (as a UEM config's ``model_class`` records it)."""
+    for cls in _ADAPTERS:
+        if cls.__name__ == name:
+            return cls
+    raise ValueError(f"early exits support {', '.join(SUPPORTED)}; got {name}, which has no adapter in "
+                     f"diffexit.uem.block_adapters")

@@ -37,7 +37,7 @@ from diffusers.models.modeling_outputs import Transformer2DModelOutput
 from torch import nn
 
 from ..common.schedules import ThresholdSchedule
-from .block_adapters import SUPPORTED, adapter_for
+from .block_adapters import SUPPORTED, adapter_for, num_blocks
 from .exit_rules import ExitRule, UncertaintyThreshold
 from .heads import UEMStack, token_uncertainty
 
@@ -79,7 +79,7 @@ class EarlyExit:
     def __init__(self, transformer: nn.Module, uem: Optional[UEMStack], rule: ExitRule, cfg: Union[str, bool]):
         self.transformer = transformer
         self.uem = uem
-        self.num_blocks = len(transformer.transformer_blocks)
+        self.num_blocks = num_blocks(transformer)
         self.cfg = cfg
         self.rule = rule
         self.progress: Optional[float] = None
@@ -284,7 +284,7 @@ def exit_predictions(
     with torch.set_grad_enabled(backbone_grad and torch.is_grad_enabled()):
         run = adapter.begin(transformer, args, kwargs)
         hidden, states, samples = run.hidden, [], []
-        for index in range(len(transformer.transformer_blocks)):
+        for index in range(num_blocks(transformer)):
             hidden = adapter.block(transformer, index, hidden, run.rows, run.fixed)
             states.append(hidden)
             samples.append(adapter.head(transformer, hidden, run.rows, run.fixed, run.grid))

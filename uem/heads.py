@@ -25,7 +25,7 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
 
-from .block_adapters import adapter_for
+from .block_adapters import hidden_size, num_blocks
 from .losses import TARGETS
 
 
@@ -34,11 +34,10 @@ def describe_model(transformer: nn.Module) -> dict:
 
     Raises ``ValueError`` naming the supported models for any other (early exits could not run on it).
     """
-    adapter_for(transformer)
     return {
         "model_class": type(transformer).__name__,
-        "num_blocks": len(transformer.transformer_blocks),
-        "hidden_size": int(transformer.inner_dim),
+        "num_blocks": num_blocks(transformer),
+        "hidden_size": hidden_size(transformer),
     }
 
 
@@ -62,7 +61,7 @@ class UEMStack(ModelMixin, ConfigMixin):
 
     Args:
         num_blocks: blocks in the base model (one head each).
-        hidden_size: width ``D`` of the base model's tokens (``transformer.inner_dim``).
+        hidden_size: width ``D`` of the base model's tokens (``block_adapters.hidden_size``).
         model_class: class name of the base model, e.g. ``"DiTTransformer2DModel"``.
         target: the training target the heads regress onto (a name in ``diffexit.uem.losses.TARGETS``): ``"paper"``
             (DeeDiff's), ``"exit-cost"`` or ``"normalized"``. A calibration (``diffexit calibrate uem``) records it

@@ -16,6 +16,7 @@ from typing import Callable, Iterator, Optional, Sequence
 import torch
 
 from ...common.schedules import ThresholdSchedule
+from ...uem.block_adapters import num_blocks
 from ...uem.exit_rules import ExitRule, StaticDepth, UncertaintyThreshold
 
 # Constant DeeDiff thresholds on the mean token uncertainty, and schedules that allow earlier exits on noisy steps,
@@ -70,7 +71,7 @@ class Bench:
 
     @property
     def num_blocks(self) -> int:
-        return len(self.pipe.transformer.transformer_blocks)
+        return num_blocks(self.pipe.transformer)
 
     def copy_pipe(self):
         """A pipeline of the same class around a deep copy of the transformer and the scheduler, to hook freely."""

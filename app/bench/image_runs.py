@@ -14,6 +14,7 @@ from typing import Iterator, Optional
 import torch
 from tqdm.auto import tqdm
 
+from ...uem.block_adapters import blocks
 from .image_methods import Bench, Method, MethodSkipped, Session
 
 B16 = 16
@@ -32,7 +33,7 @@ def count_block_rows(transformer) -> Iterator[list]:
         if output is not hidden:
             total[0] += hidden.shape[0]
 
-    handles = [b.register_forward_hook(hook, with_kwargs=True) for b in transformer.transformer_blocks]
+    handles = [b.register_forward_hook(hook, with_kwargs=True) for b in blocks(transformer)]
     try:
         yield total
     finally:

@@ -38,6 +38,8 @@ def build_transformer(image_size: int = 16, num_layers: int = 12, num_heads: int
     from diffusers import DiTTransformer2DModel
     from diffusers.models.embeddings import LabelEmbedding
 
+    from ..block_adapters import blocks
+
     if image_size % PATCH_SIZE:
         raise ValueError(f"image_size must be a multiple of the patch size {PATCH_SIZE}, got {image_size}")
     model = DiTTransformer2DModel(
@@ -63,7 +65,7 @@ def build_transformer(image_size: int = 16, num_layers: int = 12, num_heads: int
         patch = model.pos_embed.proj.weight
         nn.init.xavier_uniform_(patch.view(patch.shape[0], -1))
         nn.init.zeros_(model.pos_embed.proj.bias)
-        for block in model.transformer_blocks:
+        for block in blocks(model):
             embed = block.norm1.emb.timestep_embedder
             nn.init.normal_(embed.linear_1.weight, std=0.02)
             nn.init.normal_(embed.linear_2.weight, std=0.02)
