@@ -33,13 +33,15 @@ from __future__ import annotations
 
 import argparse
 import io
+import math
 import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
 from ..common.cli_help import HelpFormatter
 from ..uem.block_adapters import num_blocks
-from ..uem.rule_spec import CALIBRATED, METHODS, PARAMS, check_exit_params
+from ..uem.exit_config import EarlyExitConfig
+from ..uem.rule_spec import METHODS, PARAMS
 from .job_inputs import check_keys, read_config, read_jsonl
 from .jobs import (
     Item,
@@ -96,9 +98,9 @@ def _parser(prog: str) -> argparse.ArgumentParser:
     return p
 
 
-def resolve_method(args) -> tuple[str, dict]:
-    """``(method, params)`` from ``--config`` and the flags (flags win), checked and in JSON form
-    (:func:`diffexit.uem.rule_spec.check_exit_params`)."""
+def resolve_config(args) -> EarlyExitConfig:
+    """The run's :class:`~diffexit.uem.exit_config.EarlyExitConfig` from ``--config`` and the flags (flags win),
+    with the UEM folder (``--uem``, or the shipped heads on the embedded pipeline) as an absolute path."""
     config = read_config(args.config) if args.config else {}
     if config:
         check_keys(config, ("method",) + tuple(dict.fromkeys(k for v in PARAMS.values() for k in v)),
@@ -108,27 +110,24 @@ def resolve_method(args) -> tuple[str, dict]:
     flags = {"threshold": args.threshold, "min_depth": args.min_depth, "depths": args.depths, "budget": args.budget,
              "calibration": args.calibration}
     params.update({k: v for k, v in flags.items() if v is not None})
+    uem = args.uem
+    if method == "deediff" and uem is None:
+        if args.pipeline is not None:
+            raise JobError("method 'deediff' reads the uncertainty heads: pass --uem DIR (the uem/ folder that "
+                           "`diffexit train uem` writes) for this pipeline's transformer")
+        from ..uem.digits.embedded import embedded_uem_dir
+
+        try:
+            uem = embedded_uem_dir()
+        except FileNotFoundError as e:
+            raise JobError(str(e)) from None
+    if method != "deediff" and uem is not None:
+        raise JobError(f"--uem only applies to method 'deediff', not {method!r}")
     try:
-        return method, check_exit_params(method, params)
+        return EarlyExitConfig(method, **params, uem=None if uem is None else str(Path(uem).resolve()))
     except ValueError as e:
         raise JobError(str(e) if str(e).startswith(("unknown method", "method ")) or " parameter " in str(e)
                        else f"method {method!r}: {e}") from e
-
-
-def find_calibration_file(uem_dir: Path, params: dict, steps: Optional[int] = None) -> Path:
-    """The calibration file that ``params`` name: ``calibration`` itself, or the one for ``budget`` (at ``steps``
-    sampling steps, when given) beside the UEMs."""
-    from ..uem.calibration_file import find_calibration
-
-    if "calibration" in params:
-        path = Path(params["calibration"])
-        if not path.is_file():
-            raise JobError(f"calibration file {path} does not exist; pass a file `diffexit calibrate uem` wrote")
-        return path
-    try:
-        return find_calibration(uem_dir, params["budget"], steps)
-    except FileNotFoundError as e:
-        raise JobError(str(e)) from None
 
 
 def per_class_items(classes: Sequence[int], per_class: int, base_seed: int) -> list[Item]:
@@ -210,76 +209,39 @@ def _pipeline_id(path: Optional[Path]) -> str:
     return "embedded" if path is None else str(Path(path).resolve())
 
 
-def _early_exits(args, pipe, method: str, params: dict, steps: Optional[int], guidance: Optional[float]):
-    """Put the method's exits on ``pipe`` (through the exit-aware scheduler); returns the steps and guidance to sample
-    with: a calibration's own when they were not given, else ``DEFAULT_STEPS`` and the pipeline's default."""
-    from ..samplers.exit_scheduler import ExitAwareScheduler
-    from ..uem.calibration_file import Calibration
-    from ..uem.early_exit import enable_early_exit
-    from ..uem.rule_spec import exit_rule
-    from .models import load_uem
-
-    uem = calibration = None
-    if method == "deediff":
-        try:
-            uem, _, heads = load_uem(args.uem)
-        except ValueError as e:
-            raise JobError(str(e)) from None
-        if any(k in params for k in CALIBRATED):
-            path = find_calibration_file(heads, params, steps)
-            try:
-                calibration = Calibration.load(path)
-                made_for = calibration.sampler
-                steps = made_for["steps"] if steps is None else steps
-                guidance = float(made_for["guidance_scale"]) if guidance is None else guidance
-                calibration.checked_rule(pipe.transformer, uem, steps=steps, guidance_scale=guidance,
-                                         scheduler=type(pipe.scheduler).__name__)
-            except ValueError as e:
-                raise JobError(f"{path}: {e}") from e
-    try:
-        early_exit = enable_early_exit(pipe, uem, exit_rule(method, params, calibration))
-    except ValueError as e:
-        raise JobError(f"method {method!r} does not fit this model: {e}") from e
-    pipe.scheduler = ExitAwareScheduler(pipe.scheduler, early_exit)
-    return steps, guidance
-
-
 def run(argv: Sequence[str], prog: str = "diffexit generate images") -> tuple[JobResult, Optional[JobResult]]:
     """Parse ``argv``, generate, print the summary on the main process; returns the method's and full depth's
     :class:`~diffexit.app.jobs.JobResult` (None without ``--compare-full``). Bad input raises :class:`JobError`."""
-    from .models import class_count, default_guidance_scale, load_dit_pipeline, load_uem, with_backbone
+    from ..samplers.early_exits import attach_early_exits
+    from ..uem.exit_rules import FullDepth
+    from ..uem.uem_folder import heads_dir
+    from .models import class_count, default_guidance_scale, load_dit_pipeline
 
     args = _parser(prog).parse_args(list(argv))
     if args.classes is not None and args.per_class is None:
         raise JobError("--classes goes with --per-class; a --requests file names each request's class")
-    if (args.steps is not None and args.steps < 1) or args.batch_size < 1:
-        raise JobError(f"--steps and --batch-size must be positive, got {args.steps} and {args.batch_size}")
-    if args.guidance_scale is not None and args.guidance_scale < 0:
-        raise JobError(f"--guidance-scale must be >= 0, got {args.guidance_scale} (1 or below turns guidance off)")
-    method, params = resolve_method(args)
-    if method == "deediff" and args.uem is None:
-        if args.pipeline is not None:
-            raise JobError("method 'deediff' reads the uncertainty heads: pass --uem DIR (the uem/ folder that "
-                           "`diffexit train uem` writes) for this pipeline's transformer")
-        from ..uem.digits.embedded import embedded_uem_dir
-
+    if args.steps is not None and args.steps < 1:
+        raise JobError(f"--steps must be a positive whole number of denoising steps, got {args.steps}")
+    if args.batch_size < 1:
+        raise JobError(f"--batch-size must be at least 1, got {args.batch_size}")
+    if args.guidance_scale is not None and not (math.isfinite(args.guidance_scale) and args.guidance_scale >= 0):
+        raise JobError(f"--guidance-scale must be a finite number >= 0, got {args.guidance_scale} (1 or below turns "
+                       f"guidance off)")
+    config = resolve_config(args)
+    method = config.method
+    if config.uem is not None:
         try:
-            args.uem = embedded_uem_dir()
-        except FileNotFoundError as e:
+            heads_dir(config.uem)  # a broken folder fails now, not after the pipeline has loaded
+        except ValueError as e:
             raise JobError(str(e)) from None
-    if method != "deediff" and args.uem is not None:
-        raise JobError(f"--uem only applies to method 'deediff', not {method!r}")
     items = read_requests(args.requests, args.seed) if args.requests else None
     out = prepare_out_dir(args.out)
 
     state = process_state()
     try:
         pipe = load_dit_pipeline(args.pipeline, state.device)
-        if method == "deediff":
-            # Heads trained with a fine-tuned backbone (diffexit train uem --mode full) sample with it.
-            pipe = with_backbone(pipe, load_uem(args.uem)[1])
     except ValueError as e:
-        raise JobError(f"cannot load the image pipeline: {e}") from None
+        raise JobError(str(e)) from None
     n_classes = class_count(pipe)
     if items is None:
         classes = args.classes if args.classes is not None else list(range(n_classes))
@@ -291,18 +253,26 @@ def run(argv: Sequence[str], prog: str = "diffexit generate images") -> tuple[Jo
         if not 0 <= item.payload["class"] < n_classes:
             raise JobError(f"{item.source}: unknown class {item.payload['class']}; this model draws classes "
                            f"0..{n_classes - 1}")
-    steps, guidance = args.steps, args.guidance_scale
+    steps, guidance, exits = args.steps, args.guidance_scale, None
     if method != "full":
-        steps, guidance = _early_exits(args, pipe, method, params, steps, guidance)
+        try:
+            # Heads trained with a fine-tuned backbone (diffexit train uem --mode full) sample with it.
+            exits = attach_early_exits(pipe, config, steps=steps, guidance_scale=guidance)
+        except ValueError as e:
+            raise JobError(str(e)) from None
+        steps, guidance = exits.steps, exits.guidance_scale
     steps = DEFAULT_STEPS if steps is None else steps
     guidance = default_guidance_scale(pipe) if guidance is None else guidance
+    most = pipe.scheduler.config.num_train_timesteps
+    if steps > most:
+        raise JobError(f"--steps {steps} is more than the {most} timesteps the pipeline's scheduler was trained "
+                       f"with; pass --steps {most} or fewer")
 
     job = make_job(items, args.batch_size)
     settings = {"command": "generate images", "pipeline": _pipeline_id(args.pipeline), "steps": steps,
                 "guidance_scale": guidance, "batch_size": args.batch_size}
-    spec = job_spec({**settings, "method": method, "params": params,
-                     "uem": None if args.uem is None else str(Path(args.uem).resolve())}, job)
-    full_spec = job_spec({**settings, "method": "full", "params": {}, "uem": None}, job)
+    spec = job_spec({**settings, "exits": config.to_dict()}, job)
+    full_spec = job_spec({**settings, "exits": EarlyExitConfig("full").to_dict()}, job)
     compare = args.compare_full and method != "full"
     check_job(out, spec)
     if compare:
@@ -312,10 +282,8 @@ def run(argv: Sequence[str], prog: str = "diffexit generate images") -> tuple[Jo
                      desc=f"images ({method})", state=state)
     full = None
     if compare:
-        from ..uem.early_exit import disable_early_exit
-
-        disable_early_exit(pipe)
-        pipe.scheduler = pipe.scheduler.scheduler
+        # Full depth through the same hook runs the model's own forward, on the backbone the exits used.
+        exits.early_exit.rule = FullDepth()
         full_out = prepare_out_dir(out / FULL_DIR)
         full = run_job(full_out, full_spec, job, ImageEngine(pipe, "full", steps, guidance), manifest=MANIFEST,
                        desc="images (full)", state=state)

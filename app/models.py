@@ -8,7 +8,7 @@ what is wrong with it and what to pass instead; each surface turns that into its
   pipeline's scheduler).
 - :func:`load_dit_backbone`: the same folders, as what training needs: transformer, VAE, noise schedule.
 - :func:`load_uem`: UEM heads, from ``UEMStack.save_pretrained`` or a ``diffexit train uem --out`` run folder
-  (which may bring its fine-tuned backbone).
+  (which may bring its fine-tuned backbone); ``attach_early_exits`` reads the same folders itself.
 - :func:`load_text_model_or_embedded`: the embedded text model's format.
 """
 
@@ -43,12 +43,15 @@ def _class_name(config_file: Path) -> Optional[str]:
 def _transformer(folder: Path):
     from diffusers import DiTTransformer2DModel
 
+    from ..uem.uem_folder import load_pretrained
+
     name = _class_name(folder / "config.json")
     if name != "DiTTransformer2DModel":
         raise ValueError(f"{folder} holds a {name}; DeeDiff's trainer, calibration and batch generation run a "
                          f"class-conditional DiTTransformer2DModel (PixArt and SD3 need captions)")
     # Computed in fp32 whatever the stored dtype (the embedded model ships fp16).
-    return DiTTransformer2DModel.from_pretrained(folder, dtype=torch.float32).eval()
+    return load_pretrained(DiTTransformer2DModel, folder, "DiTTransformer2DModel",
+                           "pass a folder that save_pretrained wrote whole")
 
 
 def load_dit_pipeline(path: Optional[Path], device="cpu"):
@@ -67,7 +70,10 @@ def load_dit_pipeline(path: Optional[Path], device="cpu"):
     folder = _folder(path, "a diffusers DiT pipeline (model_index.json) or a DiTTransformer2DModel (config.json)")
     try:
         if (folder / "model_index.json").is_file():
-            name = _class_name(folder / "model_index.json")
+            try:
+                name = _class_name(folder / "model_index.json")
+            except ValueError as e:
+                raise ValueError(f"cannot load the image pipeline from {folder}: {e}") from None
             if name not in PIPELINES:
                 raise ValueError(f"{folder} holds a {name}; this runs {' or '.join(PIPELINES)}")
             if name == "DiTPipeline":
@@ -133,26 +139,14 @@ def uem_heads_dir(directory: Path) -> Path:
 def load_uem(directory: Path):
     """``(UEMStack, fine-tuned transformer or None, heads folder)`` from a UEM folder, in float32, eval mode.
 
-    The folder is what ``diffexit train uem --out DIR`` writes: ``DIR/uem`` holds the heads and, after a full
-    fine-tune, ``DIR/transformer`` the backbone they were trained with. A bare ``UEMStack.save_pretrained`` folder
-    works too, and one whose parent holds a ``transformer/`` was trained on that backbone: that is how heads of
-    several targets share one fine-tuned backbone (``uem/digits/weights/uem-digits-exits/<target>``). The
-    calibration files sit beside the heads.
+    The folder is what ``diffexit train uem --out DIR`` writes, or a bare ``UEMStack.save_pretrained`` folder; the
+    layout, and the backbone it may bring, are :mod:`diffexit.uem.uem_folder`'s. The calibration files sit beside
+    the heads.
     """
-    from ..uem.heads import UEMStack
+    from ..uem.uem_folder import load_uem_folder
 
-    directory = _folder(directory, "UEM heads (`diffexit train uem --out DIR` writes DIR/uem)")
-    heads = uem_heads_dir(directory)
-    if not (heads / "config.json").is_file():
-        raise ValueError(f"cannot load the UEMs: {directory} has no config.json (nor uem/config.json); pass the "
-                         f"uem/ folder that `diffexit train uem --out RUN` writes")
-    try:
-        uem = UEMStack.from_pretrained(str(heads), dtype=torch.float32).eval()
-    except Exception as e:  # a broken folder: say which, and why
-        raise ValueError(f"cannot load the UEMs from {heads}: {e}") from e
-    backbone = heads.parent / "transformer"
-    tuned = _transformer(backbone) if (backbone / "config.json").is_file() else None
-    return uem, tuned, heads
+    folder = load_uem_folder(directory)
+    return folder.uem, folder.backbone, folder.heads
 
 
 def with_backbone(pipe, transformer):

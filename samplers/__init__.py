@@ -4,6 +4,8 @@
   ``BlockRefinementScheduler``.
 - ``ExitAwareScheduler`` (exit_scheduler): wraps any diffusers scheduler to tell DeeDiff early exits the sampling
   progress and to record the depths they ran.
+- ``attach_early_exits`` / ``detach_early_exits`` (early_exits): one call that puts an ``EarlyExitConfig``'s exits
+  on a pipeline (heads, backbone, calibration, rule, hook and scheduler wrap), and one that takes them off.
 
 This floor sits above both engines (``diffexit.dllm``, ``diffexit.uem``): each adapter plugs one engine into
 diffusers. ``ThresholdSchedule`` and ``progress`` live in ``diffexit.common.schedules`` and are re-exported here,
@@ -15,6 +17,8 @@ from ..common.schedules import KINDS, ThresholdSchedule, progress
 _LAZY = {
     "SchEDScheduler": ".sched_scheduler",
     "ExitAwareScheduler": ".exit_scheduler",
+    "attach_early_exits": ".early_exits",
+    "detach_early_exits": ".early_exits",
 }
 
 __all__ = ["KINDS", "ThresholdSchedule", "progress", *_LAZY]

@@ -3,6 +3,9 @@
 - ``UEMStack`` (heads): the per-block uncertainty heads, saved and loaded like any diffusers model.
 - ``enable_early_exit`` / ``disable_early_exit`` (early_exit): put exits on a DiT, PixArt or SD3 transformer, or
   on a pipeline's, in one call; ``exit_predictions`` runs every exit at once for training.
+- ``EarlyExitConfig`` (exit_config): a run's exits, checked once and JSON round-tripping; what
+  ``diffexit.samplers.attach_early_exits`` takes. ``load_uem_folder`` (uem_folder): a UEM folder's heads and the
+  fine-tuned backbone it may bring.
 - Exit rules (exit_rules): ``UncertaintyThreshold``, ``StaticDepth``, ``MinDepth``, ``FullDepth``, and
   ``CalibratedThreshold`` (per-step thresholds from ``diffexit calibrate uem``).
 - ``deediff_loss`` (losses): ``L_simple + lambda * L_u + beta * L_UAL``; UEM targets by name in ``TARGETS``.
@@ -13,7 +16,8 @@
 
 The embedded digits models live apart, in ``diffexit.uem.digits``.
 
-The scheduler side is ``diffexit.samplers.ExitAwareScheduler``. Names load on first access, so importing the
+The scheduler side is ``diffexit.samplers.ExitAwareScheduler``, and the one call that puts exits on a pipeline is
+``diffexit.samplers.attach_early_exits``. Names load on first access, so importing the
 package stays cheap until diffusers is needed.
 """
 
@@ -26,6 +30,8 @@ _LAZY = {
     "disable_early_exit": ".early_exit",
     "exit_predictions": ".early_exit",
     "SUPPORTED": ".early_exit",
+    "EarlyExitConfig": ".exit_config",
+    "load_uem_folder": ".uem_folder",
     "ExitRule": ".exit_rules",
     "UncertaintyThreshold": ".exit_rules",
     "StaticDepth": ".exit_rules",

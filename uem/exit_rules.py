@@ -50,7 +50,12 @@ def _in_force(values: tuple, progress: Optional[float], who: str):
 
 def _check_depths(depths, what: str) -> tuple[int, ...]:
     """``depths`` (an int or a sequence of ints >= 1) as a tuple; ``what`` names them in errors."""
-    depths = (depths,) if isinstance(depths, int) and not isinstance(depths, bool) else tuple(depths)
+    if isinstance(depths, int) and not isinstance(depths, bool):
+        depths = (depths,)
+    elif isinstance(depths, (list, tuple)):
+        depths = tuple(depths)
+    else:
+        raise ValueError(f"{what} must be an int >= 1 or a list of them, got {depths!r}")
     if not depths:
         raise ValueError(f"{what}: give at least one")
     for d in depths:

@@ -17,6 +17,7 @@ rule, and :func:`describe_exit_rule` says in a few words what a rule does.
 
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 from ..common.schedules import ThresholdSchedule, parse_threshold, threshold_to_json
@@ -56,8 +57,8 @@ def check_exit_params(method: str, params: dict) -> dict:
             raise ValueError("--min-depth goes with --threshold: a calibration sets its own minimum depths")
         if "budget" in params:
             budget = params["budget"]
-            if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not budget > 0:
-                raise ValueError(f"budget must be a number > 0, got {budget!r}")
+            if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not 0 < budget < math.inf:
+                raise ValueError(f"budget must be a finite number > 0, got {budget!r}")
         elif "calibration" in params:
             params["calibration"] = str(params["calibration"])
         else:

@@ -1,0 +1,82 @@
+"""One checked object for a run's early exits: what ``attach_early_exits`` (``diffexit.samplers.early_exits``) takes.
+
+An :class:`EarlyExitConfig` names the exit rule by its method and parameters (:mod:`diffexit.uem.rule_spec`) and
+the UEM folder whose heads it reads. It is checked and normalised once, when it is made, so every surface (the
+``generate images`` command, the demo, the bench) reports a bad option with the same message; it touches no file.
+It round-trips through a JSON dict (``job.json`` records it, so a resumed job rebuilds the same config)::
+
+    EarlyExitConfig("deediff", threshold="linear:0.3:0.05", min_depth=2, uem="runs/uem")
+    EarlyExitConfig("deediff", budget=0.02, uem="runs/uem")        # calibration-0.02.json beside the heads
+    EarlyExitConfig("static", depths=(4, 8, 12))                   # no heads
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Union
+
+from .rule_spec import CALIBRATED, check_exit_params
+
+
+@dataclass(frozen=True)
+class EarlyExitConfig:
+    """A run's early exits, checked.
+
+    Attributes:
+        method: ``full`` (every block, through the same hook), ``deediff`` (UEM uncertainty) or ``static``.
+        threshold: deediff: the uncertainty below which a sample exits, a number in ``[0, 1]``, ``KIND:HIGH:LOW[:K]``
+            or a ``ThresholdSchedule`` (dict) over sampling progress; stored in its JSON form.
+        min_depth: deediff with a threshold: never exit before this many blocks.
+        budget: deediff, instead of a threshold: the calibration for this exit-error budget beside the heads.
+        calibration: deediff, instead of a threshold or budget: the path of a calibration file.
+        depths: static: blocks run per equal stretch of sampling progress, noisiest first.
+        uem: deediff: the UEM folder (a ``diffexit train uem --out`` run, or ``UEMStack.save_pretrained``).
+    """
+
+    method: str = "full"
+    threshold: Union[None, float, str, dict] = None
+    min_depth: Optional[int] = None
+    budget: Optional[float] = None
+    calibration: Optional[str] = None
+    depths: Optional[tuple] = None
+    uem: Optional[str] = None
+
+    def __post_init__(self):
+        raw = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in ("method", "uem")}
+        params = check_exit_params(self.method, {k: v for k, v in raw.items() if v is not None})
+        for name in raw:
+            value = params.get(name)
+            object.__setattr__(self, name, tuple(value) if name == "depths" and value is not None else value)
+        if self.method == "deediff" and self.uem is None:
+            raise ValueError("method 'deediff' reads the UEM heads: give uem, the folder that `diffexit train uem "
+                             "--out RUN` writes (RUN/uem)")
+        if self.method != "deediff" and self.uem is not None:
+            raise ValueError(f"uem only applies to method 'deediff', not {self.method!r}; drop it")
+        if self.uem is not None:
+            object.__setattr__(self, "uem", str(Path(self.uem)))
+
+    @property
+    def params(self) -> dict:
+        """The rule's parameters, as :func:`~diffexit.uem.rule_spec.exit_rule` takes them (JSON-ready)."""
+        named = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in ("method", "uem")}
+        return {k: (list(v) if k == "depths" else v) for k, v in named.items() if v is not None}
+
+    @property
+    def calibrated(self) -> bool:
+        """Whether the rule comes from a calibration file (a ``budget`` or a ``calibration``)."""
+        return any(k in self.params for k in CALIBRATED)
+
+    def to_dict(self) -> dict:
+        """``{"method", <the parameters given>, "uem"?}``, JSON-ready; :meth:`from_dict` gives the config back."""
+        return {"method": self.method, **self.params, **({} if self.uem is None else {"uem": self.uem})}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "EarlyExitConfig":
+        """The config :meth:`to_dict` wrote; an unknown key is refused, naming the known ones."""
+        known = [f.name for f in dataclasses.fields(cls)]
+        unknown = sorted(set(data) - set(known))
+        if unknown:
+            raise ValueError(f"unknown early-exit option {unknown[0]!r}; the options are {known}")
+        return cls(**data)
