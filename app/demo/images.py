@@ -8,9 +8,9 @@ import time
 import numpy as np
 import torch
 
-from ...uem.calibration_file import Calibration
+from ...uem.exit_config import EarlyExitConfig
 from ...uem.image_quality import psnr
-from ...uem.rule_spec import check_exit_params, describe_exit_rule, exit_rule
+from ...uem.rule_spec import describe_exit_rule
 from .forms import MAX_IMAGE_STEPS, MAX_IMAGES, _as_float, _as_int, _choice, _error, _schedule
 from .models import Models
 
@@ -39,14 +39,19 @@ def _labels(classes, count: int, num_classes: int) -> list[int]:
     return [chosen[i % len(chosen)] for i in range(count)]
 
 
-def exit_rule_from_form(models: Models, rule: str, threshold, kind, high, low, k, depths: str, budget,
-                        setup: dict):
-    """``(ExitRule, UEMStack or None)`` from the form, through :mod:`diffexit.uem.rule_spec`; ``setup``: the
-    sampler, steps and guidance scale chosen."""
+def exit_config_from_form(models: Models, rule: str, threshold, kind, high, low, k, depths: str,
+                          budget) -> EarlyExitConfig:
+    """The :class:`~diffexit.uem.exit_config.EarlyExitConfig` the form names, checked (gr.Error if not); a DeeDiff
+    rule reads the demo's UEM folder."""
     rule = _choice("early-exit rule", rule, IMAGE_RULES)
     if rule == RULE_CALIBRATED:
-        return _calibrated_rule(models, budget, setup), models.uem()
-    if rule == RULE_OFF:
+        files = models.calibrations()
+        if not files:
+            raise _error("the UEMs have no calibration files beside them; make some with `diffexit calibrate uem "
+                         "--uem DIR --budget B`, or pick another rule")
+        method, params = "deediff", {"calibration": str(files[_choice("exit-error budget", str(budget),
+                                                                       tuple(files))])}
+    elif rule == RULE_OFF:
         method, params = "full", {}
     elif rule == RULE_STATIC:
         try:
@@ -60,23 +65,10 @@ def exit_rule_from_form(models: Models, rule: str, threshold, kind, high, low, k
     else:
         schedule = _schedule(kind, high, low, k, what="uncertainty", bounds=(0.0, 1.0))
         method, params = "deediff", {"threshold": schedule.to_dict()}
+    if method == "deediff":
+        models.uem()  # says how to start the demo with heads when it has none, and fails early on a broken folder
     try:
-        built = exit_rule(method, check_exit_params(method, params))
-    except ValueError as e:
-        raise _error(str(e)) from e
-    return built, (models.uem() if built.needs_uem else None)
-
-
-def _calibrated_rule(models: Models, budget, setup: dict):
-    files = models.calibrations()
-    if not files:
-        raise _error("the UEMs have no calibration files beside them; make some with `diffexit calibrate uem --uem "
-                     "DIR --budget B`, or pick another rule")
-    budget = _choice("exit-error budget", str(budget), tuple(files))
-    try:
-        return Calibration.load(files[budget]).checked_rule(
-            models.pipeline().transformer, models.uem(), steps=setup["steps"], guidance_scale=setup["guidance_scale"],
-            scheduler=SAMPLERS[setup["sampler"]])
+        return EarlyExitConfig(method, **params, uem=str(models.uem_path) if method == "deediff" else None)
     except ValueError as e:
         raise _error(str(e)) from e
 
@@ -146,8 +138,7 @@ def run_images(models: Models, digits, count, steps, sampler, guidance, rule, th
 
     Returns ``(early-exit grid, full-depth grid, summary markdown, heatmap figure, details dict)``.
     """
-    from ...samplers.exit_scheduler import ExitAwareScheduler
-    from ...uem.early_exit import disable_early_exit, enable_early_exit
+    from ...samplers.early_exits import attach_early_exits, detach_early_exits
 
     count = _as_int("number of images", count, 1, MAX_IMAGES)
     labels = _labels(digits, count, models.num_classes())
@@ -155,26 +146,26 @@ def run_images(models: Models, digits, count, steps, sampler, guidance, rule, th
     sampler = _choice("sampler", sampler, tuple(SAMPLERS))
     guidance = _as_float("guidance scale", guidance, 0.0, 20.0)
     seed = _as_int("seed", seed, 0, 2**63 - 1)
-    exit_rule, uem = exit_rule_from_form(models, rule, threshold, kind, high, low, k, depths, budget,
-                                {"steps": steps, "guidance_scale": guidance, "sampler": sampler})
+    config = exit_config_from_form(models, rule, threshold, kind, high, low, k, depths, budget)
     pipe = models.pipeline()
 
     with models.image_run_lock:
         original = pipe.scheduler
+        pipe.scheduler = _scheduler(pipe, sampler)
         try:
-            early_exit = enable_early_exit(pipe, uem, exit_rule)
+            exits = attach_early_exits(pipe, config, steps=steps, guidance_scale=guidance)
         except ValueError as e:
+            pipe.scheduler = original
             raise _error(str(e)) from e
         try:
             if progress is not None:
                 progress(0.0, desc="sampling with early exits")
-            pipe.scheduler = ExitAwareScheduler(_scheduler(pipe, sampler), early_exit)
             # Early exits run first, so the first call's warm-up counts against them, not for them.
             early, early_s = _sample(pipe, labels, steps, guidance, seed)
             stats = pipe.scheduler.statistics
         finally:
+            detach_early_exits(pipe)
             pipe.scheduler = original
-            disable_early_exit(pipe)
         if progress is not None:
             progress(0.5, desc="sampling at full depth")
         pipe.scheduler = _scheduler(pipe, sampler)
@@ -187,7 +178,7 @@ def run_images(models: Models, digits, count, steps, sampler, guidance, rule, th
     quality = psnr(early, full)
     details = {
         "labels": labels, "steps": steps, "sampler": sampler, "guidance_scale": guidance, "seed": seed,
-        "rule": describe_exit_rule(exit_rule), "num_blocks": stats.num_blocks,
+        "rule": describe_exit_rule(exits.rule), "num_blocks": stats.num_blocks,
         "layer_ratio": stats.layer_ratio, "blocks_run": blocks_run, "blocks_available": available,
         "seconds_early_exit": early_s, "seconds_full_depth": full_s, "speedup_wall": full_s / early_s,
         "psnr_db": quality, "timesteps": stats.timesteps.tolist(), "depth_counts": stats.depth_counts.tolist(),
@@ -200,5 +191,5 @@ def run_images(models: Models, digits, count, steps, sampler, guidance, rule, th
         f"{verdict}."
     )
     figure = depth_heatmap(stats.depth_counts, stats.timesteps,
-                           f"{describe_exit_rule(exit_rule)}: layer ratio {stats.layer_ratio:.2f}")
+                           f"{describe_exit_rule(exits.rule)}: layer ratio {stats.layer_ratio:.2f}")
     return image_grid(early), image_grid(full), summary, figure, details
