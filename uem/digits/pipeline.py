@@ -16,6 +16,7 @@ halves and throws one away), and it gets the ``generator`` when it takes one, so
 from __future__ import annotations
 
 import inspect
+import math
 
 import torch
 from diffusers import DiffusionPipeline, ImagePipelineOutput
@@ -67,6 +68,16 @@ class DigitsDiTPipeline(DiffusionPipeline):
         Returns:
             ``ImagePipelineOutput(images=...)``, or ``(images,)`` when ``return_dict`` is False.
         """
+        if not torch.is_tensor(class_labels):
+            if isinstance(class_labels, int) and not isinstance(class_labels, bool):
+                class_labels = [class_labels]
+            if not isinstance(class_labels, (list, tuple)):
+                raise ValueError(f"class_labels must be a list of digits in 0..{NUM_CLASSES - 1}, got "
+                                 f"{type(class_labels).__name__} {class_labels!r}")
+            bad = [c for c in class_labels if isinstance(c, bool) or not isinstance(c, int)]
+            if bad:
+                raise ValueError(f"class_labels must be digits as whole numbers 0..{NUM_CLASSES - 1}, like [3], got "
+                                 f"{bad[0]!r}")
         labels = torch.as_tensor(class_labels, dtype=torch.long).reshape(-1)
         if len(labels) == 0:
             raise ValueError("class_labels is empty; pass at least one digit in 0..9")
@@ -76,6 +87,9 @@ class DigitsDiTPipeline(DiffusionPipeline):
             raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
         if num_inference_steps < 1:
             raise ValueError(f"num_inference_steps must be >= 1, got {num_inference_steps}")
+        if not math.isfinite(guidance_scale):
+            raise ValueError(f"guidance_scale must be a finite number (1 or below turns guidance off), got "
+                             f"{guidance_scale}")
 
         device = self._execution_device
         batch_size = len(labels)
