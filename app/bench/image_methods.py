@@ -17,7 +17,6 @@ import torch
 
 from ...common.schedules import ThresholdSchedule
 from ...uem.block_adapters import num_blocks
-from ...uem.exit_rules import ExitRule, StaticDepth, UncertaintyThreshold
 
 # Constant DeeDiff thresholds on the mean token uncertainty, and schedules that allow earlier exits on noisy steps,
 # per UEM target: each target's uncertainty lives on its own scale (paper: the error against the true noise, which
@@ -128,21 +127,28 @@ def plain(steps: Optional[int] = None, base: bool = False) -> Callable[[Bench], 
     return build
 
 
-def exits(rule: Callable[[Bench], ExitRule], target: Optional[str] = None,
+def exits(method: str, params: dict, target: Optional[str] = None,
           steps: Optional[int] = None) -> Callable[[Bench], Session]:
-    """Early exits under the rule ``rule(bench)`` returns, reading the heads trained on ``target`` (``None``: the
-    rule reads no heads), progress from an ``ExitAwareScheduler``, at ``steps`` (default: the full steps)."""
+    """Early exits by ``method`` and its ``params`` (:class:`~diffexit.uem.exit_config.EarlyExitConfig`), reading
+    the heads trained on ``target`` (``None``: the rule reads no heads), on a copy of the bench's pipeline through
+    ``attach_early_exits``, at ``steps`` (default: the full steps). A calibration made for another setup or other
+    weights skips the row, saying why."""
 
     def build(bench: Bench) -> Session:
-        from ...samplers.exit_scheduler import ExitAwareScheduler
-        from ...uem.early_exit import enable_early_exit
+        from ...samplers.early_exits import attach_early_exits
+        from ...uem.exit_config import EarlyExitConfig
 
         if target is not None and target not in bench.heads:
             raise MethodSkipped(bench.uem_missing)
-        chosen = rule(bench)
+        config = EarlyExitConfig(method, **params,
+                                 uem=None if target is None else str(bench.heads[target].directory))
         pipe = bench.copy_pipe()
-        early_exit = enable_early_exit(pipe, bench.heads[target].uem if target is not None else None, chosen)
-        pipe.scheduler = ExitAwareScheduler(pipe.scheduler, early_exit)
+        try:
+            attach_early_exits(pipe, config, steps=steps or bench.steps, guidance_scale=bench.guidance_scale)
+        except ValueError as e:
+            if not config.calibrated:
+                raise
+            raise MethodSkipped(str(e)) from None
         return Session(pipe, steps or bench.steps, exit_scheduler=pipe.scheduler)
 
     return build
@@ -174,23 +180,6 @@ def first_block_cache(threshold: float) -> Callable[[Bench], Session]:
     return build
 
 
-def calibrated(path: Path, target: str, steps: int) -> Callable[[Bench], ExitRule]:
-    """The rule in the calibration file ``path`` (made for ``steps`` steps), checked against the bench's
-    transformer, ``target``'s heads, the bench's sampler and guidance scale."""
-
-    def rule(bench: Bench) -> ExitRule:
-        from ...uem.calibration_file import Calibration
-
-        try:
-            return Calibration.load(path).checked_rule(
-                bench.pipe.transformer, bench.heads[target].uem, steps=steps,
-                guidance_scale=bench.guidance_scale, scheduler=type(bench.pipe.scheduler).__name__)
-        except ValueError as e:
-            raise MethodSkipped(str(e)) from None
-
-    return rule
-
-
 def image_methods(num_blocks: int, steps: int, heads: Sequence[Heads] = ()) -> list[Method]:
     """The benchmark's rows for a model of ``num_blocks`` blocks sampled at ``steps`` steps; full depth first.
 
@@ -200,21 +189,21 @@ def image_methods(num_blocks: int, steps: int, heads: Sequence[Heads] = ()) -> l
     methods = [Method("full", "full", {"steps": steps, "blocks": num_blocks}, plain()),
                Method("full-base", "base", {"steps": steps, "backbone": "shipped"}, plain(base=True))]
     if not heads:
-        methods.append(Method("deediff", "deediff", {}, exits(lambda bench: UncertaintyThreshold(0.1), "paper")))
+        methods.append(Method("deediff", "deediff", {}, exits("deediff", {"threshold": 0.1}, "paper")))
     for h in heads:
         for t in THRESHOLDS.get(h.target, THRESHOLDS["paper"]):
             methods.append(Method(f"deediff-{h.target}-{t:g}", f"deediff-{h.target}", {"target": h.target, "threshold": t},
-                                  exits(lambda bench, t=t: UncertaintyThreshold(t), h.target)))
+                                  exits("deediff", {"threshold": t}, h.target)))
         for s in SCHEDULES.get(h.target, SCHEDULES["paper"]):
             methods.append(Method(f"deediff-{h.target}-{s.kind}-{s.high:g}-{s.low:g}", f"deediff-{h.target}-schedule",
                                   {"target": h.target, "schedule": s.to_dict()},
-                                  exits(lambda bench, s=s: UncertaintyThreshold(s), h.target)))
+                                  exits("deediff", {"threshold": s.to_dict()}, h.target)))
         for label, path, made_for in h.calibrations:
             # A calibration runs at the step count it was made for: DeeDiff composed with fewer steps.
             family = f"deediff-{h.target}-calibrated" + ("" if made_for == steps else f"-{made_for}-steps")
             methods.append(Method(f"deediff-{h.target}-cal-{label}", family,
                                   {"target": h.target, "calibration": path.name, "steps": made_for},
-                                  exits(calibrated(path, h.target, made_for), h.target, made_for)))
+                                  exits("deediff", {"calibration": str(path)}, h.target, made_for)))
     static = []
     for fractions in STATIC_FRACTIONS:
         depths = tuple(max(1, round(f * num_blocks)) for f in fractions)
@@ -222,7 +211,7 @@ def image_methods(num_blocks: int, steps: int, heads: Sequence[Heads] = ()) -> l
             static.append(depths)
     for depths in static:
         methods.append(Method("static-" + "-".join(map(str, depths)), "static", {"depths": list(depths)},
-                              exits(lambda bench, d=depths: StaticDepth(d))))
+                              exits("static", {"depths": list(depths)})))
     fewer = sorted({max(1, round(f * steps)) for f in STEP_FRACTIONS} - {steps})
     for n in fewer:
         methods.append(Method(f"steps-{n}", "steps", {"steps": n}, plain(n)))
