@@ -42,21 +42,17 @@ class AttachedExits:
     """What :func:`attach_early_exits` put on a pipeline.
 
     Attributes:
-        config: the config it was given.
         early_exit: the controller on the transformer (swap ``.rule``; ``.last_depths``).
         rule: the exit rule built from the config.
         steps, guidance_scale: the sampling setup the exits were checked for: those given, else a calibration's own;
             None when neither names one.
-        calibration: the calibration file a calibrated rule came from, else None.
         transformer, scheduler: the pipeline's own, which :func:`detach_early_exits` puts back.
     """
 
-    config: EarlyExitConfig
     early_exit: EarlyExit
     rule: ExitRule
     steps: Optional[int]
     guidance_scale: Optional[float]
-    calibration: Optional[Path]
     transformer: nn.Module
     scheduler: object
 
@@ -97,7 +93,7 @@ def attach_early_exits(pipe, config: EarlyExitConfig, *, steps: Optional[int] = 
     if pipe in _ATTACHED:
         raise ValueError("early exits are already attached to this pipeline; call detach_early_exits(pipe) first")
     original, scheduler = pipe.transformer, pipe.scheduler
-    uem = calibration = None
+    uem = None
     if config.uem is not None:
         folder = load_uem_folder(config.uem)
         uem = folder.uem
@@ -126,7 +122,7 @@ def attach_early_exits(pipe, config: EarlyExitConfig, *, steps: Optional[int] = 
         pipe.transformer = original
         raise
     pipe.scheduler = ExitAwareScheduler(scheduler, early_exit)
-    attached = AttachedExits(config, early_exit, rule, steps, guidance_scale, calibration, original, scheduler)
+    attached = AttachedExits(early_exit, rule, steps, guidance_scale, original, scheduler)
     _ATTACHED[pipe] = attached
     return attached
 
