@@ -279,7 +279,12 @@ def run_job(out: Path, spec: dict, job: Job, engine: Engine, *, manifest: str, d
     check_job(out, spec)
     if state.is_main_process:
         if not (out / JOB_FILE).exists():
-            atomic_write_bytes(out / JOB_FILE, (json.dumps(spec, indent=2, sort_keys=True) + "\n").encode())
+            try:
+                # Strict JSON: Infinity/NaN tokens would make job.json unreadable to other JSON readers.
+                text = json.dumps(spec, indent=2, sort_keys=True, allow_nan=False)
+            except ValueError as e:
+                raise JobError(f"the job's settings hold a non-finite number ({e}); give finite values") from e
+            atomic_write_bytes(out / JOB_FILE, (text + "\n").encode())
         (out / PARTS_DIR).mkdir(exist_ok=True)
         _remove_stale_temp_files(out)
     state.wait_for_everyone()

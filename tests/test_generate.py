@@ -158,6 +158,14 @@ def test_duplicate_ids_are_refused():
         jobs.make_job(items, 2)
 
 
+
+def test_a_non_finite_setting_is_refused_before_job_json_is_written(tmp_path):
+    job = jobs.make_job([jobs.Item("a", 0, {})], 1)
+    spec = jobs.job_spec({"guidance_scale": float("inf")}, job)
+    with pytest.raises(jobs.JobError, match="non-finite number .*give finite values"):
+        jobs.run_job(tmp_path, spec, job, engine=None, manifest="m.jsonl", desc="x")
+    assert not (tmp_path / jobs.JOB_FILE).exists()
+
 # Images ---------------------------------------------------------------------------------------------------------------
 
 def test_images_write_pngs_and_a_manifest_of_layers_used(image_reference, capsys):
