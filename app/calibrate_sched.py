@@ -61,6 +61,11 @@ def main(argv: list[str], prog: str = "diffexit calibrate sched") -> int:
     if 1 / (n_total + 1) > args.risk:
         p.error(f"--risk {args.risk} is below 1/(n+1) = {1 / (n_total + 1):.4f} for n = {n_total} calibration "
                 f"examples; use more (--n-cal) or a larger risk")
+    # The calibration takes minutes: an --out that cannot be written must fail before it, not after.
+    if args.out.is_dir():
+        p.error(f"--out {args.out} is a folder; give the path of the JSON file to write, e.g. {args.out / 'sched.json'}")
+    if not args.out.parent.is_dir():
+        p.error(f"--out {args.out}: folder {args.out.parent} does not exist; create it or give another path")
     try:
         model, tok = load_text_model_or_embedded(args.model)
     except ValueError as e:

@@ -84,3 +84,17 @@ def test_bad_inputs(tmp_path):
         load_sched(tmp_path / "missing.json")
     with pytest.raises(SystemExit):
         cli(["calibrate", "sched", "--risk", "0.001", "--n-cal", "5", "--tasks", "add"])
+
+
+def test_an_unwritable_out_is_refused_before_the_calibration(tmp_path, capsys, monkeypatch):
+    import diffexit.app.calibrate_sched as calibrate_sched
+
+    def no_model(*args):
+        raise AssertionError("the model must not load when --out cannot be written")
+
+    monkeypatch.setattr(calibrate_sched, "load_text_model_or_embedded", no_model)
+    for out, message in ((tmp_path, "is a folder; give the path of the JSON file"),
+                         (tmp_path / "missing" / "s.json", "does not exist; create it")):
+        with pytest.raises(SystemExit):
+            cli(["calibrate", "sched", "--risk", "0.2", "--tasks", "add", "--out", str(out)])
+        assert message in capsys.readouterr().err
