@@ -3,6 +3,7 @@ rule, and the trace record."""
 
 from __future__ import annotations
 
+import math
 from typing import Optional, Sequence
 
 import torch
@@ -31,6 +32,10 @@ def check_inputs(model, input_ids, attention_mask, *, gen_length: int, steps: in
     if attention_mask is not None and attention_mask.shape != input_ids.shape:
         raise ValueError(f"attention_mask shape {tuple(attention_mask.shape)} must match input_ids "
                          f"{tuple(input_ids.shape)}")
+    if vocab is not None and input_ids.numel() and (input_ids.min() < 0 or input_ids.max() >= vocab):
+        bad = ((input_ids < 0) | (input_ids >= vocab)).any(-1).nonzero().flatten().tolist()
+        raise ValueError(f"input_ids hold token ids outside the model's vocabulary [0, {vocab}) in rows {bad}; "
+                         f"encode the prompts with the model's own tokenizer")
     is_mask = input_ids == mask_id
     if is_mask.any():
         rows = is_mask.any(-1).nonzero().flatten().tolist()
@@ -40,8 +45,8 @@ def check_inputs(model, input_ids, attention_mask, *, gen_length: int, steps: in
                              f"token), as LLaDA's reference requires")
         raise ValueError(f"input_ids already contain mask tokens (mask_id={mask_id}) in rows {rows}; "
                          f"the prompt must be fully known")
-    if temperature < 0:
-        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    if not isinstance(temperature, (int, float)) or not math.isfinite(temperature) or temperature < 0:
+        raise ValueError(f"temperature must be a finite number >= 0 (0: greedy), got {temperature!r}")
 
 
 def vocab_size(model) -> Optional[int]:

@@ -28,6 +28,7 @@ a fixed length and uses absolute positions).
 
 from __future__ import annotations
 
+import math
 from typing import Optional, Sequence
 
 import torch
@@ -155,8 +156,11 @@ def generate(
                  temperature=temperature)
     if remasking not in REMASKING:
         raise ValueError(f"remasking must be one of {REMASKING}, got {remasking!r}")
-    if cfg_scale < 0:
-        raise ValueError(f"cfg_scale must be >= 0, got {cfg_scale}")
+    if not isinstance(cfg_scale, (int, float)) or not math.isfinite(cfg_scale) or cfg_scale < 0:
+        raise ValueError(f"cfg_scale must be a finite number >= 0 (0: no guidance), got {cfg_scale!r}")
+    if halting is not None and not isinstance(halting, HaltingRule):
+        raise ValueError(f"halting must be a HaltingRule such as SchED(...) or Prophet(), or None, got "
+                         f"{halting!r}; to name a rule by string, use DecodeSpec(method=..., params=...)")
     if parallel_threshold is not None and not 0.0 < parallel_threshold <= 1.0:
         raise ValueError(f"parallel_threshold must be a probability in (0, 1], got {parallel_threshold}")
     if parallel_threshold is not None and remasking == "random":

@@ -321,6 +321,10 @@ def test_nan_logits_name_step_and_sample():
     (dict(block_length=2, steps=6), r"steps=6 must be a multiple of the number of blocks \(4"),
     (dict(remasking="top"), "remasking"),
     (dict(temperature=-1.0), "temperature"),
+    (dict(temperature=float("nan")), "temperature must be a finite number"),
+    (dict(cfg_scale=float("nan")), "cfg_scale must be a finite number"),
+    (dict(cfg_scale=float("inf")), "cfg_scale must be a finite number"),
+    (dict(halting="sched"), r"halting must be a HaltingRule .*DecodeSpec"),
 ])
 def test_errors_name_the_argument(tiny_model, kwargs, match):
     args = dict(gen_length=8, steps=8, mask_id=MASK)
@@ -336,6 +340,9 @@ def test_input_errors(tiny_model):
         generate(tiny_model, torch.zeros(1, 3), gen_length=4, steps=4, mask_id=MASK)
     with pytest.raises(ValueError, match=r"already contain mask tokens .* rows \[1\]"):
         generate(tiny_model, torch.tensor([[1, 2], [3, MASK]]), gen_length=4, steps=4, mask_id=MASK)
+    for bad in (VOCAB, -1):
+        with pytest.raises(ValueError, match=r"outside the model's vocabulary \[0, %d\) in rows \[1\]" % VOCAB):
+            generate(tiny_model, torch.tensor([[1, 2], [3, bad]]), gen_length=4, steps=4, mask_id=MASK)
     with pytest.raises(ValueError, match="high=1.0 < low=2.0"):
         SchED(ThresholdSchedule("cosine", 1.0, 2.0))
     with pytest.raises(ValueError, match="stat"):
