@@ -253,7 +253,9 @@ def load_model(args, device):
         pipe.set_progress_bar_config(disable=True)
         return "transformers", pipe, pipe.tokenizer
     except Exception as e:  # any failure to load is reported the same way: what, where, why
-        raise JobError(f"cannot load the text model from {where}: {e}") from e
+        # The loaders below already say "cannot load ... from WHERE" for the failures they know.
+        said = str(e).startswith("cannot load")
+        raise JobError(str(e) if said else f"cannot load the text model from {where}: {e}") from e
 
 
 def _model_id(model: Optional[str]) -> str:

@@ -467,6 +467,7 @@ def test_bad_text_input_names_the_problem_and_touches_nothing(case, text_models,
     err = capsys.readouterr().err
     errors = [line for line in err.splitlines() if "error:" in line]
     assert len(errors) == 1 and message in errors[0] and "Traceback" not in err
+    assert errors[0].count("cannot load") <= 1
     assert snapshot(out) == before
 
 

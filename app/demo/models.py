@@ -90,7 +90,9 @@ class Models:
                         # UEMs trained with a fine-tuned backbone (train uem --mode full) run on it.
                         pipe = with_backbone(pipe, load_uem(self.uem_path)[1])
                 except ValueError as e:
-                    raise _error(f"cannot load the image pipeline: {e}") from e
+                    # The loaders' messages already name what failed to load and where.
+                    raise _error(str(e) if str(e).startswith("cannot load") else
+                                 f"cannot load the image pipeline: {e}") from e
                 # The first call pays one-off costs (allocations, first dispatch); paying them now keeps them out
                 # of the timed comparison.
                 pipe([0], guidance_scale=1.0, num_inference_steps=1, output_type="pt")
