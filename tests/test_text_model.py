@@ -57,6 +57,15 @@ def test_tokenizer_maps_unknown_characters_to_unk(tok):
     assert tok("é", add_special_tokens=False)["input_ids"] == [tok.unk_token_id]
 
 
+def test_encoding_a_prompt_with_unknown_characters_warns(tok):
+    import warnings
+    with pytest.warns(UserWarning, match="outside the model's printable-ASCII vocabulary .*'éü'"):
+        encode_prompts(tok, ["rev:é", "rev:ü"], 24)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        encode_prompts(tok, ["rev:abc"], 24)
+
+
 def test_encode_prompts_left_pads(tok):
     ids, mask = encode_prompts(tok, ["ab", "wxyz"], 5)
     assert ids.shape == mask.shape == (2, 5) and ids.dtype == torch.long

@@ -12,6 +12,7 @@ same position, then ``span_length`` answer positions: the answer, then ``[EOS]``
 
 from __future__ import annotations
 
+import warnings
 from typing import Sequence
 
 import torch
@@ -48,6 +49,11 @@ def encode_prompts(
     Returns ``(input_ids, attention_mask)``, both int64 ``[len(prompts), prompt_length]``; the mask is 0 on padding.
     """
     ids = _char_ids(tokenizer, prompts)
+    unknown = sorted({c for p in prompts for c in p if c not in CHARACTERS})
+    if unknown:
+        # Decoding goes on (an [UNK] is a token like any other), but the answer is then about a different prompt.
+        warnings.warn(f"the prompts hold characters outside the model's printable-ASCII vocabulary "
+                      f"({''.join(unknown)!r}); each is read as [UNK]", stacklevel=2)
     too_long = [(p, len(i)) for p, i in zip(prompts, ids) if len(i) > prompt_length]
     if too_long:
         prompt, n = too_long[0]
