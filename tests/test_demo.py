@@ -308,6 +308,19 @@ def test_a_missing_text_model_is_an_error_not_a_crash(bare_client):
     assert run_images(bare_client, rule="off", count=1)[4]["layer_ratio"] == 1.0
 
 
+def test_the_command_refuses_a_broken_text_model_before_serving(tmp_path, capsys, monkeypatch):
+    from diffexit.app.demo import app as demo_app
+
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "config.json").write_text('{"architectures": ["DiffusionLlama"], "model_type": "llama"}')
+    monkeypatch.setattr(demo_app, "launch", lambda *a, **k: pytest.fail("served a demo whose text model is broken"))
+    with pytest.raises(SystemExit):
+        cli.main(["demo", "--text-model", str(broken)])
+    err = capsys.readouterr().err
+    assert "error: cannot load the text model from" in err and "Traceback" not in err
+
+
 # --- text tab -----------------------------------------------------------------------------------------------------
 
 def test_text_sched_halts_and_reports_the_speedup(client):

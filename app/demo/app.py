@@ -77,10 +77,11 @@ Everything runs locally on CPU; nothing leaves this machine."""
 
 
 def build_app(text_model: Optional[str | Path] = None, image_pipeline: Optional[str | Path] = None,
-              uem: Optional[str | Path] = None) -> gr.Blocks:
+              uem: Optional[str | Path] = None, load_text: bool = False) -> gr.Blocks:
     """The demo as a ``gr.Blocks`` with its queue set up; nothing is loaded until a request needs it.
 
-    Args: as :class:`Models` (paths; None means the embedded model). Serve it with :func:`launch`.
+    Args: as :class:`Models` (paths; None means the embedded model); ``load_text``: load the text model now, so a
+    broken one raises here (``gr.Error``) instead of on its tab's first request. Serve it with :func:`launch`.
 
     API endpoints (``gradio_client``): ``/images``, ``/text`` (a generator: intermediate results stream) and
     ``/example``.
@@ -90,6 +91,8 @@ def build_app(text_model: Optional[str | Path] = None, image_pipeline: Optional[
     path = lambda p: None if p is None else Path(p)
     models = Models(path(text_model), path(image_pipeline), path(uem))
     demo = Demo(models)
+    if load_text:
+        models.text()
 
     # Number fields carry no minimum/maximum: gradio's own bound check does not say which field is wrong, and the
     # handlers' checks do. Sliders keep their bounds, which the page enforces.
@@ -352,6 +355,10 @@ def main(argv: Sequence[str], prog: str = "diffexit demo") -> int:
                        "give a DigitsDiTPipeline folder (`diffexit train image --export DIR`)")
     uem = _model_dir(p, "--uem", args.uem, "config.json",
                      "give the uem/ folder inside the run (`diffexit train uem --out RUN` writes RUN/uem)")
-    app = build_app(text, image, uem)
+    try:
+        # A --text-model the user named is loaded before serving: corrupt weights fail here, not on the tab.
+        app = build_app(text, image, uem, load_text=text is not None)
+    except gr.Error as e:
+        p.error(e.message)
     launch(app, args.host, args.port, block=True)
     return 0
