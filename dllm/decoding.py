@@ -45,8 +45,18 @@ def check_inputs(model, input_ids, attention_mask, *, gen_length: int, steps: in
                              f"token), as LLaDA's reference requires")
         raise ValueError(f"input_ids already contain mask tokens (mask_id={mask_id}) in rows {rows}; "
                          f"the prompt must be fully known")
-    if not isinstance(temperature, (int, float)) or not math.isfinite(temperature) or temperature < 0:
-        raise ValueError(f"temperature must be a finite number >= 0 (0: greedy), got {temperature!r}")
+    check_finite_nonnegative("temperature", temperature, "0: greedy")
+
+
+def check_finite_nonnegative(name: str, value, zero_means: str) -> None:
+    """``ValueError`` unless ``value`` is a finite number >= 0 (anything ``float()`` takes: numpy and 0-d torch
+    scalars too); ``zero_means`` says what 0 does, for the message."""
+    try:
+        ok = math.isfinite(value) and value >= 0
+    except TypeError:
+        ok = False
+    if not ok:
+        raise ValueError(f"{name} must be a finite number >= 0 ({zero_means}), got {value!r}")
 
 
 def vocab_size(model) -> Optional[int]:

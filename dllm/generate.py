@@ -28,7 +28,6 @@ a fixed length and uses absolute positions).
 
 from __future__ import annotations
 
-import math
 from typing import Optional, Sequence
 
 import torch
@@ -38,6 +37,7 @@ from .decoding import (
     LatestStats,
     add_gumbel_noise,
     call_model,
+    check_finite_nonnegative,
     check_inputs,
     record_trace,
     span_stats,
@@ -156,8 +156,7 @@ def generate(
                  temperature=temperature)
     if remasking not in REMASKING:
         raise ValueError(f"remasking must be one of {REMASKING}, got {remasking!r}")
-    if not isinstance(cfg_scale, (int, float)) or not math.isfinite(cfg_scale) or cfg_scale < 0:
-        raise ValueError(f"cfg_scale must be a finite number >= 0 (0: no guidance), got {cfg_scale!r}")
+    check_finite_nonnegative("cfg_scale", cfg_scale, "0: no guidance")
     if halting is not None and not isinstance(halting, HaltingRule):
         raise ValueError(f"halting must be a HaltingRule such as SchED(...) or Prophet(), or None, got "
                          f"{halting!r}; to name a rule by string, use DecodeSpec(method=..., params=...)")
