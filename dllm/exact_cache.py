@@ -11,7 +11,8 @@ A model is block-causal when its ``config`` has an int ``block_length`` and ``pr
 ``DiffusionLlama`` family built with ``block_length=``). What it must support: ``forward(input_ids,
 attention_mask=[B, C + N], position_ids=[1, N], cache=..., use_cache=True, logits_to_keep=K)`` with the cached
 keys at positions ``0..C-1``, returning ``.logits`` of the last ``K`` positions and ``.cache`` (a transformers
-``Cache``).
+``Cache``). A model whose ``config.pad_token_id`` is set leaves padding tokens unattended wherever they are (the
+embedded model does): the cache's mask leaves them out of the cached keys too.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ class ExactPrefixCache:
     def __init__(self, model, prompt_length: int, block_length: int, attention_mask: Optional[torch.Tensor]):
         self.model, self.plen, self.block_length = model, prompt_length, block_length
         self.attention_mask = attention_mask
+        self.pad_token_id = getattr(model.config, "pad_token_id", None)
         self.keys: list[torch.Tensor] = []
         self.values: list[torch.Tensor] = []
 
@@ -53,6 +55,10 @@ class ExactPrefixCache:
             cache.update(k[rows, :, :begin], v[rows, :, :begin], i)
         mask = (torch.ones(len(rows), end, dtype=torch.long, device=x.device) if self.attention_mask is None
                 else self.attention_mask[rows, :end])
+        if self.pad_token_id is not None:
+            # The model never attends a padding token among the tokens it is given, and it is given the whole
+            # sequence without a cache: a padding token the span committed must stay unattended once it is cached.
+            mask = mask * (x[rows, :end] != self.pad_token_id)
         positions = torch.arange(begin, end, device=x.device).unsqueeze(0)
         out = self.model(x[rows, begin:end], attention_mask=mask, position_ids=positions, cache=cache,
                          use_cache=True, logits_to_keep=self.block_length)
