@@ -216,6 +216,61 @@ def test_api_outputs_are_named(client):
         assert all(labels) and not any(label.startswith("value_") for label in labels), (endpoint, labels)
 
 
+def test_api_types_the_inputs_as_the_handlers_take_them(client):
+    # A gradio_client user builds a call from view_api()'s types; a class typed as a string ('3') was refused.
+    api = client.view_api(print_info=False, return_format="dict")["named_endpoints"]
+    types = {name: {p["parameter_name"]: p["python_type"]["type"] for p in api[name]["parameters"]}
+             for name in ("/images", "/text")}
+    assert types["/images"]["digits"] == "list[int]"
+    assert types["/images"]["count"] == types["/images"]["steps"] == types["/images"]["seed"] == "int"
+    assert [types["/text"][n] for n in ("gen_length", "steps", "block_length")] == ["int"] * 3
+    as_type = {"int": int, "float": float, "str": str, "list[int]": lambda v: [int(x) for x in v]}
+    typed = {n: as_type[types["/images"][n]](v) for n, v in dict(digits=["3"], count="2", steps="3", seed="1").items()}
+    assert run_images(client, **typed, rule="off")[4]["labels"] == [3, 3]
+
+
+def test_the_page_has_a_title_before_its_script_runs(served):
+    import urllib.request
+
+    page = urllib.request.urlopen(served[1], timeout=60).read().decode()
+    assert page.count("<title>diffexit demo</title>") == 1
+
+
+def _absolute(path, text: str) -> bool:
+    """Whether ``text`` names ``path`` absolutely (a relative ``../../tmp/x`` also holds the characters ``/tmp/x``)."""
+    import re
+
+    return re.search(r"(?<![\w.])" + re.escape(str(path)), text) is not None
+
+
+def test_the_page_and_its_errors_show_no_absolute_paths(served, model_dirs, bare_client):
+    import os
+    import urllib.request
+
+    page = urllib.request.urlopen(served[1], timeout=60).read().decode()
+    for folder in model_dirs.values():
+        assert not _absolute(folder, page) and f"`{os.path.relpath(folder)}`" in page
+    message = _app_error(run_text, bare_client)
+    assert "cannot load the text model from" in message and "no-text-model" in message
+    assert not _absolute(Path(os.getcwd()).parent, message) and not _absolute("/tmp", message)
+
+
+def test_embedded_models_are_shown_by_name():
+    models = Models(text_model="charlm-block")
+    assert models.text_path.is_dir() and "embedded `charlm-block`" in models.describe()
+    assert not _absolute(Path(__file__).resolve().parents[1], Models().describe())
+
+
+def test_the_command_takes_an_embedded_text_model_by_name(monkeypatch):
+    from diffexit.app.demo import app as demo_app
+
+    built = []
+    monkeypatch.setattr(demo_app, "build_app", lambda *a, **k: built.append(a) or "app")
+    monkeypatch.setattr(demo_app, "launch", lambda *a, **k: None)
+    assert demo_main(["--text-model", "charlm-block"]) == 0
+    assert built[0][0] == "charlm-block"
+
+
 def test_build_app_names_an_image_pipeline_folder_it_cannot_read(tmp_path):
     with pytest.raises(Exception, match="cannot read the classes of the image pipeline in .*none"):
         build_app(image_pipeline=tmp_path / "none")

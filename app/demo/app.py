@@ -17,8 +17,8 @@ time; image runs one at a time, because early exits are a hook on the one shared
 ``MAX_QUEUE`` requests wait, so a burst of users cannot exhaust memory.
 
 Bad input raises ``gr.Error`` naming the problem and the fix; the app keeps serving. This module lays out the page:
-``build_app`` makes the ``gr.Blocks`` and ``launch`` serves it with those settings; ``main`` is the command line.
-The handlers are in ``images`` and ``text``, the models' cache in ``models``, the form checks in ``forms``.
+``build_app`` makes the ``gr.Blocks``; ``main`` is the command line. ``serve.launch`` serves the page with those
+settings. The handlers are in ``images`` and ``text``, the models' cache in ``models``, the form checks in ``forms``.
 """
 
 from __future__ import annotations
@@ -32,12 +32,14 @@ import gradio as gr
 
 from ...common.cli_help import HelpFormatter
 from ...dllm.halting import STATS
-from .forms import MAX_IMAGE_STEPS, MAX_IMAGES, SCHEDULE_KINDS
+from ..models import embedded_text_models
+from .forms import MAX_IMAGE_STEPS, MAX_IMAGES, SCHEDULE_KINDS, IntCheckboxGroup
 from .gemma_text import GEMMA_SPAN_COLORS, GEMMA_TRACE_HEADERS, STOP_SCHED, STOP_STOCK
 from .gemma_text import STOPPING as GEMMA_STOPPING
 from .gemma_text import gemma_example, run_gemma_text
 from .images import IMAGE_RULES, RULE_CALIBRATED, RULE_SCHEDULE, RULE_STATIC, RULE_THRESHOLD, SAMPLERS, run_images
 from .models import Models
+from .serve import launch
 from .text import FIRST_TASK, HALT_SCHED, HALTING, SPAN_COLORS, TRACE_HEADERS, example, run_text
 
 TEXT_CONCURRENCY = 2
@@ -80,7 +82,7 @@ def build_app(text_model: Optional[str | Path] = None, image_pipeline: Optional[
               uem: Optional[str | Path] = None, load_text: bool = False) -> gr.Blocks:
     """The demo as a ``gr.Blocks`` with its queue set up; nothing is loaded until a request needs it.
 
-    Args: as :class:`Models` (paths; None means the embedded model); ``load_text``: load the text model now, so a
+    Args: as :class:`Models` (paths, or an embedded text model's name; None means the embedded model); ``load_text``: load the text model now, so a
     broken one raises here (``gr.Error``) instead of on its tab's first request. Serve it with :func:`launch`.
 
     API endpoints (``gradio_client``): ``/images``, ``/text`` (a generator: intermediate results stream) and
@@ -89,7 +91,7 @@ def build_app(text_model: Optional[str | Path] = None, image_pipeline: Optional[
     # Gradio reads this at every analytics call; the demo must never phone home, whoever builds it.
     os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
     path = lambda p: None if p is None else Path(p)
-    models = Models(path(text_model), path(image_pipeline), path(uem))
+    models = Models(text_model, path(image_pipeline), path(uem))
     demo = Demo(models)
     if load_text:
         models.text()
@@ -104,15 +106,16 @@ def build_app(text_model: Optional[str | Path] = None, image_pipeline: Optional[
                 with gr.Column(scale=1, min_width=300):
                     num_classes = models.num_classes()
                     if num_classes <= MAX_CLASS_BOXES:
-                        digits = gr.CheckboxGroup([(str(d), d) for d in range(num_classes)],
+                        digits = IntCheckboxGroup([(str(d), d) for d in range(num_classes)],
                                                   value=list(range(min(8, num_classes))), label="classes",
                                                   info="images cycle through these", elem_id="classes")
                     else:
                         digits = gr.Textbox(", ".join(map(str, range(4))), label=f"classes (0-{num_classes - 1})",
                                             info="class ids, separated by commas; images cycle through them",
                                             elem_id="classes")
-                    count = gr.Slider(1, MAX_IMAGES, value=8, step=1, label="number of images")
-                    steps = gr.Slider(1, MAX_IMAGE_STEPS, value=25, step=1, label="sampling steps")
+                    # precision=0: the API types them as ints, as the handler takes them.
+                    count = gr.Slider(1, MAX_IMAGES, value=8, step=1, precision=0, label="number of images")
+                    steps = gr.Slider(1, MAX_IMAGE_STEPS, value=25, step=1, precision=0, label="sampling steps")
                     sampler = gr.Dropdown(list(SAMPLERS), value="DDIM", label="sampler")
                     guidance = gr.Slider(0.0, 8.0, value=models.default_guidance(), step=0.5, label="guidance scale",
                                          info="classifier-free guidance is on above 1")
@@ -303,22 +306,6 @@ def _gemma_text_tab(demo: Demo, models: Models) -> None:
         )
 
 
-THEME_FONTS = ["ui-sans-serif", "system-ui", "DejaVu Sans", "sans-serif"]
-THEME_MONO = ["ui-monospace", "DejaVu Sans Mono", "monospace"]
-
-
-def launch(app: gr.Blocks, host: str = "127.0.0.1", port: Optional[int] = None, *, block: bool = True):
-    """Serve ``app`` on ``host:port``: never shared publicly, client-side rendering, system fonts (no font CDN).
-
-    With ``block=False`` it returns once the server is up (``app.close()`` stops it).
-    """
-    theme = gr.themes.Default(font=THEME_FONTS, font_mono=THEME_MONO)
-    return app.launch(
-        server_name=host, server_port=port, share=False, prevent_thread_lock=not block, inbrowser=False,
-        quiet=not block, ssr_mode=False, mcp_server=False, enable_monitoring=False, pwa=False, theme=theme,
-    )
-
-
 def _model_dir(parser: argparse.ArgumentParser, flag: str, value: Optional[str], marker: str, hint: str):
     if value is None:
         return None
@@ -339,8 +326,9 @@ def main(argv: Sequence[str], prog: str = "diffexit demo") -> int:
                    help="address to bind (default: %(default)s; 0.0.0.0 exposes the demo to your network)")
     p.add_argument("--port", type=int, default=7860, help="port (default: %(default)s)")
     p.add_argument("--text-model", metavar="PATH",
-                   help="an exported text model folder (from `diffexit train text --export`, either --arch), or any "
-                        "DiffusionGemmaForBlockDiffusion folder; default: the embedded LLaDA-style model")
+                   help="an exported text model folder (from `diffexit train text --export`, either --arch), any "
+                        "DiffusionGemmaForBlockDiffusion folder, or an embedded model's name (charlm, "
+                        "charlm-block: block-causal, where the prefix cache is exact; gemma); default: charlm")
     p.add_argument("--image-pipeline", metavar="DIR",
                    help="a DigitsDiTPipeline folder (from `diffexit train image --export`); default: embedded")
     p.add_argument("--uem", metavar="DIR",
@@ -349,8 +337,12 @@ def main(argv: Sequence[str], prog: str = "diffexit demo") -> int:
     args = p.parse_args(list(argv))
     if not 0 < args.port < 65536:
         p.error(f"--port must be in 1..65535, got {args.port}")
-    text = _model_dir(p, "--text-model", args.text_model, "config.json",
-                      "give the folder that `diffexit train text --export DIR` wrote")
+    if args.text_model in embedded_text_models():
+        text = args.text_model
+    else:
+        text = _model_dir(p, "--text-model", args.text_model, "config.json",
+                          f"give the folder that `diffexit train text --export DIR` wrote, or one of the embedded "
+                          f"models {list(embedded_text_models())}")
     image = _model_dir(p, "--image-pipeline", args.image_pipeline, "model_index.json",
                        "give a DigitsDiTPipeline folder (`diffexit train image --export DIR`)")
     uem = _model_dir(p, "--uem", args.uem, "config.json",

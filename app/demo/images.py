@@ -70,7 +70,7 @@ def exit_config_from_form(models: Models, rule: str, threshold, kind, high, low,
     try:
         return EarlyExitConfig(method, **params, uem=str(models.uem_path) if method == "deediff" else None)
     except ValueError as e:
-        raise _error(str(e)) from e
+        raise models.error(str(e)) from e
 
 
 def _scheduler(pipe, sampler: str):
@@ -154,9 +154,9 @@ def run_images(models: Models, digits, count, steps, sampler, guidance, rule, th
         pipe.scheduler = _scheduler(pipe, sampler)
         try:
             exits = attach_early_exits(pipe, config, steps=steps, guidance_scale=guidance)
-        except ValueError as e:
+        except ValueError as e:  # a calibration made for another setup names its file
             pipe.scheduler = original
-            raise _error(str(e)) from e
+            raise models.error(str(e)) from e
         try:
             if progress is not None:
                 progress(0.0, desc="sampling with early exits")

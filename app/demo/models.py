@@ -3,26 +3,54 @@ by every request."""
 
 from __future__ import annotations
 
+import os
 import threading
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Union
 
 from .forms import _error
+
+# The package's own folder, as the page names it: messages about shipped files say ``diffexit/...``, not where
+# the package happens to be installed.
+PACKAGE_DIR = Path(__file__).resolve().parents[2]
+
+
+def shown_path(path: Union[str, Path]) -> str:
+    """``path`` as the page shows it, so whoever opens the page does not learn where the user's files live (their
+    home folder, their user name): relative to the working directory, or a shipped file outside it as
+    ``diffexit/...`` (on another drive, Windows, the name alone)."""
+    path = Path(path).resolve()
+    for root, shown in ((Path.cwd(), Path()), (PACKAGE_DIR, Path("diffexit"))):
+        if path.is_relative_to(root):
+            return str(shown / path.relative_to(root))
+    try:
+        return os.path.relpath(path)
+    except ValueError:
+        return path.name
 
 
 class Models:
     """Where the demo's models come from; each is loaded on first use and then shared by every request.
 
     Args:
-        text_model: an exported text model directory (``diffexit train text --export``); None: the embedded one.
+        text_model: an exported text model directory (``diffexit train text --export``), an embedded model's name
+            (``charlm``, ``charlm-block``, ``gemma``: :func:`diffexit.app.models.embedded_text_models`); None: the
+            embedded ``charlm``.
         image_pipeline: a ``DigitsDiTPipeline`` or ``DiTPipeline`` directory; None: the embedded digits DiT.
         uem: a UEM folder (``UEMStack`` weights, or a ``diffexit train uem --out RUN`` folder) for that pipeline's
             transformer; None: the shipped heads for the embedded DiT, and none for a pipeline of your own (the
             DeeDiff rules are then unavailable).
     """
 
-    def __init__(self, text_model: Optional[Path] = None, image_pipeline: Optional[Path] = None,
+    def __init__(self, text_model: Union[str, Path, None] = None, image_pipeline: Optional[Path] = None,
                  uem: Optional[Path] = None):
+        from ..models import embedded_text_models
+
+        embedded = embedded_text_models()
+        # An embedded model named on the command line is shown by that name.
+        self.text_name = text_model if isinstance(text_model, str) and text_model in embedded else None
+        if self.text_name is not None:
+            text_model = embedded[self.text_name]
         if uem is None and image_pipeline is None:
             from ...uem.digits.embedded import embedded_uem_dir
 
@@ -30,7 +58,8 @@ class Models:
                 uem = embedded_uem_dir()
             except FileNotFoundError:
                 pass
-        self.text_path, self.image_path, self.uem_path = text_model, image_pipeline, uem
+        path = lambda p: None if p is None else Path(p)
+        self.text_path, self.image_path, self.uem_path = path(text_model), path(image_pipeline), path(uem)
         self._text = self._pipe = self._uem = None
         self._text_lock, self._image_load_lock = threading.Lock(), threading.Lock()
         # Held for a whole DiffusionGemma decode: its generate reads the SchED rule from the shared model instance.
@@ -38,12 +67,29 @@ class Models:
         # Held for a whole image run: the early-exit hook and the scheduler swap live on the shared pipeline.
         self.image_run_lock = threading.Lock()
 
+    def hide_paths(self, message: str) -> str:
+        """``message`` with the absolute paths of this demo's folders and of the package written as the page shows
+        them (:func:`shown_path`): a loader's message names the folder it failed on."""
+        folders = {PACKAGE_DIR: shown_path(PACKAGE_DIR)}
+        for folder in (self.text_path, self.image_path, self.uem_path):
+            if folder is not None and folder.is_absolute():
+                folders.update({folder: shown_path(folder), folder.resolve(): shown_path(folder)})
+        for folder in sorted(folders, key=lambda f: -len(str(f))):  # the longest first: a folder inside another
+            message = message.replace(str(folder), folders[folder])
+        return message
+
+    def error(self, message: str):
+        """``gr.Error`` with :meth:`hide_paths` applied."""
+        return _error(self.hide_paths(message))
+
     def describe(self) -> str:
-        """One markdown line per model, from the paths alone (nothing is loaded)."""
-        text = f"`{self.text_path}`" if self.text_path else "the embedded character-level model (`dllm/charlm/weights`)"
-        image = (f"`{self.image_path}`" if self.image_path
-                 else "the embedded digits DiT (`uem/digits/weights/dit-digits`)")
-        uem = (f"`{self.uem_path}`" if self.uem_path else
+        """One markdown line per model, from the paths alone (nothing is loaded); no absolute paths."""
+        if self.text_name is not None:
+            text = f"embedded `{self.text_name}`"
+        else:
+            text = f"`{shown_path(self.text_path)}`" if self.text_path else "embedded `charlm`"
+        image = f"`{shown_path(self.image_path)}`" if self.image_path else "the embedded digits DiT"
+        uem = (f"`{shown_path(self.uem_path)}`" if self.uem_path else
                "none loaded, so the DeeDiff rules are unavailable (start with `--uem DIR`)")
         return f"**Text model:** {text}  \n**Image pipeline:** {image}  \n**UEMs:** {uem}"
 
@@ -61,7 +107,7 @@ class Models:
         try:
             return int(json.loads((Path(self.text_path) / "config.json").read_text())["canvas_length"])
         except (OSError, ValueError, KeyError) as e:
-            raise _error(f"cannot read the canvas length of the DiffusionGemma in {self.text_path}: {e}") from e
+            raise self.error(f"cannot read the canvas length of the DiffusionGemma in {self.text_path}: {e}") from e
 
     def text(self):
         """``(model, tokenizer)``, loaded once."""
@@ -73,7 +119,7 @@ class Models:
                 try:
                     model, tok = (load_gemma_or_embedded if gemma else load_text_model_or_embedded)(self.text_path)
                 except (OSError, ValueError) as e:
-                    raise _error(str(e)) from e
+                    raise self.error(str(e)) from e
                 (_warm_up_gemma if gemma else _warm_up_text)(model, tok)
                 self._text = model, tok
             return self._text
@@ -91,8 +137,8 @@ class Models:
                         pipe = with_backbone(pipe, load_uem(self.uem_path)[1])
                 except ValueError as e:
                     # The loaders' messages already name what failed to load and where.
-                    raise _error(str(e) if str(e).startswith("cannot load") else
-                                 f"cannot load the image pipeline: {e}") from e
+                    raise self.error(str(e) if str(e).startswith("cannot load") else
+                                     f"cannot load the image pipeline: {e}") from e
                 # The first call pays one-off costs (allocations, first dispatch); paying them now keeps them out
                 # of the timed comparison.
                 pipe([0], guidance_scale=1.0, num_inference_steps=1, output_type="pt")
@@ -116,7 +162,7 @@ class Models:
             config = json.loads((Path(self.image_path) / "transformer" / "config.json").read_text())
             return int(config["num_embeds_ada_norm"])
         except (OSError, ValueError, KeyError) as e:
-            raise _error(f"cannot read the classes of the image pipeline in {self.image_path}: {e}") from e
+            raise self.error(f"cannot read the classes of the image pipeline in {self.image_path}: {e}") from e
 
     def default_guidance(self) -> float:
         """The image pipeline's own default guidance scale, from its class (nothing is loaded)."""
@@ -157,7 +203,7 @@ class Models:
 
         if self.uem_path is None:
             source = "the embedded digits DiT ships without them" if self.image_path is None else \
-                f"none were given for {self.image_path}"
+                f"none were given for {shown_path(self.image_path)}"
             raise _error(
                 f"The DeeDiff rules read uncertainty heads (UEMs), and {source}. Start the demo with --uem DIR "
                 f"(the uem/ folder that `diffexit train uem --out RUN` writes), or pick the rule 'off' or "
@@ -168,7 +214,7 @@ class Models:
                 try:
                     self._uem = load_uem(self.uem_path)[0]
                 except ValueError as e:
-                    raise _error(str(e)) from e
+                    raise self.error(str(e)) from e
             return self._uem
 
 
