@@ -159,13 +159,15 @@ class LatestStats:
 
 def record_trace(trace: list, rows: torch.Tensor, steps: torch.Tensor, progress: torch.Tensor, value: torch.Tensor,
                  threshold: Optional[torch.Tensor], committed: torch.Tensor, masked_before: torch.Tensor,
-                 halted: torch.Tensor, spans: torch.Tensor) -> None:
+                 halted: torch.Tensor, spans: torch.Tensor, stopped: Optional[torch.Tensor] = None) -> None:
     """Append one :class:`~diffexit.dllm.output.TraceStep` per active sample (``rows`` ``[A]``, the rest ``[A]``
-    or, for ``spans``, ``[A, L]``); each field is moved to the host once."""
+    or, for ``spans``, ``[A, L]``; ``stopped``, None where nothing stops at an end-of-text block); each field is
+    moved to the host once."""
     from .output import TraceStep
 
-    fields = [t.tolist() for t in (rows, steps, progress, value, committed, masked_before, halted, spans)]
+    stopped = torch.zeros_like(halted) if stopped is None else stopped
+    fields = [t.tolist() for t in (rows, steps, progress, value, committed, masked_before, halted, spans, stopped)]
     limits = threshold.tolist() if threshold is not None else [None] * len(fields[0])
-    for r, step, prog, val, comm, before, halt, span, limit in zip(*fields, limits):
+    for r, step, prog, val, comm, before, halt, span, stop, limit in zip(*fields, limits):
         trace[r].append(TraceStep(step=step, progress=prog, margin=val, threshold=limit, committed=comm,
-                                  masked_before=before, halted=halt, tokens=span))
+                                  masked_before=before, halted=halt, tokens=span, stopped=stop))

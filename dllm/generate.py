@@ -6,10 +6,13 @@ The loop, top to bottom; every step treats all samples still decoding as one bat
    steps run only the part that changes (:mod:`diffexit.dllm.kv_cache`);
 2. ``token_stats`` of the span logits: argmax, its probability, the top-1 minus top-2 margin;
 3. the halting rule (if any) decides per sample; a sample that halts gets every remaining mask, in every block,
-   filled with the current argmax, and leaves the batch;
+   filled with the current argmax, and leaves the batch. On a block-causal model it decides per block instead
+   (:mod:`diffexit.dllm.block_decoding`): a block that halts gets its own masks filled, and the sample goes on
+   with its next block, unless that block is all end-of-text (``eos_token_ids``), which ends the sample;
 4. the others commit the most confident masked tokens of their current block: the scheduled number (steps split
    evenly, remainder to the earliest steps), or with ``parallel_threshold`` also every token at least that probable;
-5. a sample moves to its next block when this one's steps are spent (or, with parallel commits, its masks).
+5. a sample moves to its next block when this one's steps are spent (or, with parallel commits, its masks), and
+   leaves the batch after its last.
 
 The bookkeeping is a few batched tensor ops per step on the logits' device, whatever the batch size.
 
@@ -44,6 +47,7 @@ from .decoding import (
     suppress,
     topk_commit,
 )
+from .block_decoding import BlockHalting, check_block_causal, eos_stop
 from .halting import HaltingRule, aggregate_margin
 from .exact_cache import ExactPrefixCache, block_causal_layout
 from .kv_cache import CACHES, BlockCache
@@ -88,22 +92,6 @@ def _check_cache(cache, num_blocks: int, cfg_scale: float) -> None:
                          "cfg_scale=0")
 
 
-def _check_block_causal(layout: tuple[int, int], prompt_length: int, block_length: int, cache, halting) -> None:
-    model_prompt, model_block = layout
-    if block_length != model_block:
-        raise ValueError(f"the model is block-causal with blocks of {model_block}; decode with "
-                         f"block_length={model_block}, not {block_length}")
-    if prompt_length != model_prompt:
-        raise ValueError(f"the model is block-causal and its prompt block is {model_prompt} positions; pad the "
-                         f"prompts to {model_prompt} (they are {prompt_length})")
-    if cache == "dual":
-        raise ValueError("cache='dual' keeps the K/V after the current block, and in a block-causal model nothing "
-                         "attends to a later block: use cache='prefix', which is exact for it")
-    if cache is not None and halting is not None:
-        raise ValueError("halting reads the statistics of the whole span, and the exact cache computes the current "
-                         "block's only; decode with cache=None to halt, or halting=None with the cache")
-
-
 @torch.no_grad()
 def generate(
     model,
@@ -121,6 +109,7 @@ def generate(
     parallel_threshold: Optional[float] = None,
     suppress_token_ids: Sequence[int] = (),
     cache: Optional[str] = None,
+    eos_token_ids: Sequence[int] = (),
     generator: Optional[torch.Generator] = None,
     return_trace: bool = False,
 ) -> GenerationOutput:
@@ -137,7 +126,7 @@ def generate(
         temperature: 0 for greedy; otherwise Gumbel-max sampling at this temperature (float64 noise).
         mask_id: the mask token id (required).
         halting: a :class:`~diffexit.dllm.halting.HaltingRule` (e.g. ``SchED``), decided per sample; None runs
-            every step.
+            every step. On a block-causal model it decides per block (:mod:`diffexit.dllm.block_decoding`).
         attention_mask: ``[B, P]`` 1 for real prompt tokens, 0 for padding; the span is always attended.
         cfg_scale: classifier-free guidance; the unconditional copy has its prompt masked.
         parallel_threshold: Fast-dLLM-style parallel commits: also commit every masked token of the current
@@ -146,6 +135,9 @@ def generate(
         cache: None, ``"prefix"`` or ``"dual"``: Fast-dLLM's block-wise approximate KV caches (what the model
             must support: :mod:`diffexit.dllm.kv_cache`). On a block-causal model ``"prefix"`` is the exact cache
             (:mod:`diffexit.dllm.exact_cache`): the same tokens as ``cache=None``.
+        eos_token_ids: end-of-text ids (EOS, padding). With ``halting`` on a block-causal model, a sample whose
+            committed block is all of these stops, its remaining masks filled with the first; unused otherwise
+            (a bidirectional model's later blocks still move the earlier ones' logits).
         generator: RNG for temperature sampling and random remasking.
         return_trace: record a :class:`~diffexit.dllm.output.TraceStep` per sample per forward pass.
 
@@ -169,7 +161,11 @@ def generate(
     _check_cache(cache, num_blocks, cfg_scale)
     layout = block_causal_layout(model)
     if layout is not None:
-        _check_block_causal(layout, input_ids.shape[1], block_length, cache, halting)
+        check_block_causal(layout, input_ids.shape[1], block_length, cache, halting)
+    eos_token_ids = tuple(eos_token_ids)
+    if not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 and i != mask_id for i in eos_token_ids):
+        raise ValueError(f"eos_token_ids must be token ids (ints >= 0, not the mask id {mask_id}), got "
+                         f"{list(eos_token_ids)}; pass e.g. [tokenizer.eos_token_id]")
     steps_per_block = steps // num_blocks
 
     batch, plen = input_ids.shape
@@ -197,7 +193,11 @@ def generate(
     done = torch.zeros(batch, dtype=torch.bool, device=device)
     latest = LatestStats(batch, gen_length, device)
     trace = [[] for _ in range(batch)] if return_trace else None
-    if halting is not None:
+    # On a block-causal model the rule decides per block (it cannot see later blocks through the exact cache, so
+    # it never does, and cached decoding stays uncached decoding).
+    per_block = BlockHalting(halting, batch, num_blocks, block_length, steps_per_block, device) \
+        if halting is not None and layout is not None else None
+    if halting is not None and per_block is None:
         halting.start(batch, gen_length, device, steps)
     neg_inf = torch.tensor(float("-inf"), dtype=torch.float64, device=device)
 
@@ -215,9 +215,13 @@ def generate(
         span = x[rows, plen:]
         masked = span == mask_id
         x0 = span.scatter(1, block_cols, x0_block)
-        step = block[rows] * steps_per_block + block_step[rows]  # nominal: parallel commits move it on too
+        step_in_block = block_step[rows]
+        step = block[rows] * steps_per_block + step_in_block  # nominal: parallel commits move it on too
 
-        if halting is not None:
+        if per_block is not None:
+            decision = per_block.decide(stats, masked, block_cols, block[rows], step_in_block, rows)
+            halt = decision.halt.to(device)
+        elif halting is not None:
             decision = halting.decide(stats, masked, step, rows)
             halt = decision.halt.to(device)
         else:
@@ -229,33 +233,44 @@ def generate(
         full_conf = torch.full((len(rows), plen + gen_length), float("-inf"), dtype=torch.float64, device=device)
         full_conf[:, plen:] = torch.where(in_block, conf, neg_inf)
         available = in_block.sum(-1)
-        k = torch.minimum(schedule[block_step[rows]], available)
+        k = torch.minimum(schedule[step_in_block], available)
         pick = topk_commit(full_conf, torch.where(halt, 0, k))[:, plen:]
         if parallel_threshold is not None:
             pick |= (full_conf[:, plen:] >= parallel_threshold) & ~halt[:, None]
-        # A halted sample takes this step's argmax at every remaining mask, in all blocks: no extra pass.
-        fill = pick | (masked & halt[:, None])
+        # A halted sample takes this step's argmax at every remaining mask, in all blocks (per block: in its
+        # current block): no extra pass.
+        fill = pick | ((in_block if per_block is not None else masked) & halt[:, None])
         fill_with = torch.where(halt[:, None], stats.top1_id, x0)
-        x[rows, plen:] = torch.where(fill, fill_with, span)
+        new_span = torch.where(fill, fill_with, span)
         committed = fill.sum(-1)
 
-        # Only parallel commits end a block early: the reference runs every scheduled step, even ones that
-        # commit nothing (steps_per_block > block_length).
-        next_step = block_step[rows] + 1
+        # Only parallel commits (and halting per block) end a block early: the reference runs every scheduled step,
+        # even ones that commit nothing (steps_per_block > block_length).
+        next_step = step_in_block + 1
         finished = next_step == steps_per_block
         if parallel_threshold is not None:
             finished |= committed == available
+        stop = torch.zeros_like(halt)
+        if per_block is not None:
+            finished |= halt
+            if eos_token_ids:
+                # An all-EOS block ends the sample: the EOS it fills count as committed at this step.
+                before = (new_span == mask_id).sum(-1)
+                stop, new_span = eos_stop(new_span, finished, block[rows], span_block, num_blocks, eos_token_ids,
+                                          mask_id)
+                committed = committed + before - (new_span == mask_id).sum(-1)
+        x[rows, plen:] = new_span
         block[rows] = block[rows] + finished.long()
         block_step[rows] = torch.where(finished, 0, next_step)
-        done[rows] = halt | (block[rows] == num_blocks)
+        done[rows] = (halt if per_block is None else stop) | (block[rows] == num_blocks)
         halt_step[rows] = torch.where(halt, nfe[rows] - 1, halt_step[rows])
 
         if trace is not None:
             value = (decision.value if halting is not None
                      else aggregate_margin(stats.logit_margin, masked, "mean"))
-            record_trace(trace, rows, nfe[rows] - 1, progress(step, steps), value,
-                         decision.threshold if halting is not None else None, committed, masked.sum(-1), halt,
-                         x[rows, plen:])
+            shown = progress(step_in_block, steps_per_block) if per_block is not None else progress(step, steps)
+            record_trace(trace, rows, nfe[rows] - 1, shown, value, decision.threshold if halting is not None else None,
+                         committed, masked.sum(-1), halt, x[rows, plen:], stopped=stop)
 
     return GenerationOutput(sequences=x, nfe=nfe.cpu(), halt_step=halt_step.cpu(), prompt_length=plen, trace=trace)
 
