@@ -227,6 +227,10 @@ def test_api_types_the_inputs_as_the_handlers_take_them(client):
     as_type = {"int": int, "float": float, "str": str, "list[int]": lambda v: [int(x) for x in v]}
     typed = {n: as_type[types["/images"][n]](v) for n, v in dict(digits=["3"], count="2", steps="3", seed="1").items()}
     assert run_images(client, **typed, rule="off")[4]["labels"] == [3, 3]
+    # Typed without subclassing a gradio component, which writes a .pyi stub into the package at import.
+    import diffexit.app.demo as demo_package
+
+    assert not list(Path(demo_package.__file__).parent.glob("*.pyi"))
 
 
 def test_the_page_has_a_title_before_its_script_runs(served):

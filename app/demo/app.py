@@ -33,7 +33,7 @@ import gradio as gr
 from ...common.cli_help import HelpFormatter
 from ...dllm.halting import STATS
 from ..models import embedded_text_models
-from .forms import MAX_IMAGE_STEPS, MAX_IMAGES, SCHEDULE_KINDS, IntCheckboxGroup
+from .forms import MAX_IMAGE_STEPS, MAX_IMAGES, SCHEDULE_KINDS, int_checkboxes
 from .gemma_text import GEMMA_SPAN_COLORS, GEMMA_TRACE_HEADERS, STOP_SCHED, STOP_STOCK
 from .gemma_text import STOPPING as GEMMA_STOPPING
 from .gemma_text import gemma_example, run_gemma_text
@@ -106,9 +106,9 @@ def build_app(text_model: Optional[str | Path] = None, image_pipeline: Optional[
                 with gr.Column(scale=1, min_width=300):
                     num_classes = models.num_classes()
                     if num_classes <= MAX_CLASS_BOXES:
-                        digits = IntCheckboxGroup([(str(d), d) for d in range(num_classes)],
-                                                  value=list(range(min(8, num_classes))), label="classes",
-                                                  info="images cycle through these", elem_id="classes")
+                        digits = int_checkboxes([(str(d), d) for d in range(num_classes)],
+                                                value=list(range(min(8, num_classes))), label="classes",
+                                                info="images cycle through these", elem_id="classes")
                     else:
                         digits = gr.Textbox(", ".join(map(str, range(4))), label=f"classes (0-{num_classes - 1})",
                                             info="class ids, separated by commas; images cycle through them",

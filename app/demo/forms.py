@@ -15,20 +15,19 @@ MAX_IMAGE_STEPS = 200
 MAX_TEXT_STEPS = 512
 
 
-class IntCheckboxGroup(gr.CheckboxGroup):
-    """A ``gr.CheckboxGroup`` whose choices are ints, typed ``list[int]`` in the API schema.
+def int_checkboxes(choices: Sequence[tuple[str, int]], **kwargs) -> gr.CheckboxGroup:
+    """A ``gr.CheckboxGroup`` of ``(label, int)`` choices, typed ``list[int]`` in the API schema.
 
     gradio types every CheckboxGroup's items as strings whatever its values, and ``gradio_client`` prints any enum
     as string literals, so ``view_api()`` told callers to send ``['3']``, which the server's own choice check then
-    refused (the choice is the int 3). The schema names the valid values in words instead of an enum.
+    refused (the choice is the int 3). The schema names the valid values in words instead of an enum. The schema is
+    set on the instance: a subclass of a gradio component makes gradio write a ``.pyi`` beside this file.
     """
-
-    is_template = True  # the page draws it with the stock CheckboxGroup
-
-    def api_info(self) -> dict:
-        values = [value for _, value in self.choices]
-        return {"type": "array", "title": "Checkbox Group",
-                "items": {"type": "integer", "description": f"one of {values}"}}
+    boxes = gr.CheckboxGroup(list(choices), **kwargs)
+    schema = {"type": "array", "title": "Checkbox Group",
+              "items": {"type": "integer", "description": f"one of {[value for _, value in choices]}"}}
+    boxes.api_info = lambda: schema
+    return boxes
 
 
 def _error(message: str) -> gr.Error:
