@@ -82,8 +82,9 @@ def build_app(text_model: Optional[str | Path] = None, image_pipeline: Optional[
               uem: Optional[str | Path] = None, load_text: bool = False) -> gr.Blocks:
     """The demo as a ``gr.Blocks`` with its queue set up; nothing is loaded until a request needs it.
 
-    Args: as :class:`Models` (paths, or an embedded text model's name; None means the embedded model); ``load_text``: load the text model now, so a
-    broken one raises here (``gr.Error``) instead of on its tab's first request. Serve it with :func:`launch`.
+    Args: as :class:`Models` (paths, or an embedded text model's name; None means the embedded model);
+    ``load_text``: load the text model now, so a broken one raises here (``gr.Error``) instead of on its tab's first
+    request. Serve it with :func:`launch`.
 
     API endpoints (``gradio_client``): ``/images``, ``/text`` (a generator: intermediate results stream) and
     ``/example``.
