@@ -48,17 +48,13 @@ from ..common.cli_help import HelpFormatter
 from ..uem.block_adapters import num_blocks
 from ..uem.exit_config import EarlyExitConfig
 from ..uem.rule_spec import METHODS, PARAMS
-from .job_inputs import check_keys, read_config, read_jsonl
+from .job_inputs import Item, JobError, check_item_id, check_keys, item_seed, make_job, read_config, read_jsonl
 from .jobs import (
-    Item,
-    JobError,
     JobResult,
-    check_item_id,
     check_job,
     describe_run,
-    item_seed,
     job_spec,
-    make_job,
+    lock_out_dir,
     prepare_out_dir,
     process_state,
     run_job,
@@ -218,10 +214,7 @@ def _pipeline_id(path: Optional[Path]) -> str:
 def run(argv: Sequence[str], prog: str = "diffexit generate images") -> tuple[JobResult, Optional[JobResult]]:
     """Parse ``argv``, generate, print the summary on the main process; returns the method's and full depth's
     :class:`~diffexit.app.jobs.JobResult` (None without ``--compare-full``). Bad input raises :class:`JobError`."""
-    from ..samplers.early_exits import attach_early_exits
-    from ..uem.exit_rules import FullDepth
     from ..uem.uem_folder import heads_dir
-    from .models import class_count, default_guidance_scale, load_dit_pipeline
 
     args = _parser(prog).parse_args(list(argv))
     if args.classes is not None and args.per_class is None:
@@ -234,7 +227,6 @@ def run(argv: Sequence[str], prog: str = "diffexit generate images") -> tuple[Jo
         raise JobError(f"--guidance-scale must be a finite number >= 0, got {args.guidance_scale} (1 or below turns "
                        f"guidance off)")
     config = resolve_config(args)
-    method = config.method
     if config.uem is not None:
         try:
             heads_dir(config.uem)  # a broken folder fails now, not after the pipeline has loaded
@@ -244,9 +236,23 @@ def run(argv: Sequence[str], prog: str = "diffexit generate images") -> tuple[Jo
     out = prepare_out_dir(args.out)
 
     state = process_state()
+    # Held from before the model loads: a folder another job is writing is refused before that work.
+    with lock_out_dir(out, state):
+        return _generate(args, out, state, config, items)
+
+
+def _generate(args, out: Path, state, config: EarlyExitConfig,
+              items: Optional[list[Item]]) -> tuple[JobResult, Optional[JobResult]]:
+    """:func:`run`'s work once the inputs are checked and the folder is locked; ``items`` is None for
+    ``--per-class``, whose classes are known once the pipeline is."""
+    from ..samplers.early_exits import attach_early_exits
+    from ..uem.exit_rules import FullDepth
+    from .models import LoadError, class_count, default_guidance_scale, load_dit_pipeline
+
+    method = config.method
     try:
         pipe = load_dit_pipeline(args.pipeline, state.device)
-    except ValueError as e:
+    except LoadError as e:
         raise JobError(str(e)) from None
     n_classes = class_count(pipe)
     if items is None:

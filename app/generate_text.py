@@ -20,9 +20,10 @@ Models: the embedded model by default, or ``--model``:
   steps per canvas and ``--gen-length`` the tokens of a prompt without a task; methods ``full`` and ``sched``
   (``schedule``, ``stat`` in mean/median/quantile/min/mean_entropy, ``q``, ``patience``); ``nfe`` counts decoder
   passes and ``halt_step`` is null (each canvas stops on its own);
-- anything else goes through transformers (``--trust-remote-code`` for LLaDA and Dream), decoded with
-  ``--gen-length``, ``--steps``, ``--block-length`` and ``--loop`` (``llada`` or ``dream``); ``--mask-id`` for
-  tokenizers that declare no mask token (LLaDA: 126336).
+- anything else goes through transformers: a folder, or a Hub id already in the local Hugging Face cache (nothing
+  is downloaded here: ``hf download GSAI-ML/LLaDA-8B-Instruct`` first). ``--trust-remote-code`` for LLaDA and Dream;
+  decoded with ``--gen-length``, ``--steps``, ``--block-length`` and ``--loop`` (``llada`` or ``dream``);
+  ``--mask-id`` for tokenizers that declare no mask token (LLaDA: 126336).
 
 Methods (``--method``, or ``--config FILE``; flags override the file):
 
@@ -55,15 +56,13 @@ from ..common.cli_help import HelpFormatter
 from ..dllm.decode_spec import DecodeSpec, spec_from_options
 from ..dllm.kv_cache import CACHES
 from ..dllm.rule_spec import METHODS, PARAMS
-from .job_inputs import check_keys, read_config, read_jsonl
+from .job_inputs import Item, JobError, check_keys, make_job, read_config, read_jsonl
 from .jobs import (
-    Item,
-    JobError,
     JobResult,
     check_job,
     describe_run,
     job_spec,
-    make_job,
+    lock_out_dir,
     prepare_out_dir,
     process_state,
     run_job,
@@ -94,8 +93,8 @@ def _parser(prog: str) -> argparse.ArgumentParser:
     p.add_argument("--config", type=Path, metavar="FILE",
                    help='JSON {"method": ..., parameters...}, or a `diffexit calibrate sched` file')
     p.add_argument("--model", metavar="NAME",
-                   help="charlm, charlm-block or gemma (the embedded models), a model folder, or a hub id "
-                        "(default: charlm)")
+                   help="charlm, charlm-block or gemma (the embedded models), a model folder, or a Hub id in the "
+                        "local Hugging Face cache (default: charlm)")
     p.add_argument("--trust-remote-code", action="store_true", default=None,
                    help="transformers models: run the checkpoint's own code (LLaDA, Dream)")
     p.add_argument("--loop", choices=("llada", "dream"), help="transformers models: decoding loop (default: llada)")
@@ -218,44 +217,34 @@ def transformers_options(args) -> dict:
 
 
 def load_model(args, device):
-    """``(kind, model_or_pipeline, tokenizer)``; kind is ``"embedded"``, ``"gemma"`` or ``"transformers"``."""
+    """``(kind, model_or_pipeline, tokenizer)``; kind is ``"embedded"``, ``"gemma"`` or ``"transformers"``.
+    ``args.model`` becomes the folder it names (a Hub id: its snapshot in the local cache; nothing is downloaded)."""
     import torch
 
+    from .models import (
+        LoadError,
+        load_gemma_or_embedded,
+        load_masked_diffusion_pipeline,
+        load_text_model_or_embedded,
+        resolve_text_model,
+    )
+
     dtype = getattr(torch, args.dtype)
-    where = args.model or "the embedded text model"
     try:
-        from .models import resolve_text_model
-
         args.model = None if args.model is None else str(resolve_text_model(args.model, hub=True))
-    except ValueError as e:
-        raise JobError(str(e)) from None
-    try:
         if args.model is None or is_embedded_format(Path(args.model)):
-            from .models import load_text_model_or_embedded
-
-            model, tokenizer = load_text_model_or_embedded(Path(args.model) if args.model else None, dtype=dtype)
+            model, tokenizer = load_text_model_or_embedded(args.model and Path(args.model), dtype=dtype)
             return "embedded", model.to(device), tokenizer
         if is_diffusion_gemma(Path(args.model)):
-            from ..dllm.charlm.gemma import load_gemma_model
-
-            model, tokenizer = load_gemma_model(Path(args.model), dtype=dtype)
+            model, tokenizer = load_gemma_or_embedded(Path(args.model), dtype=dtype)
             return "gemma", model.to(device), tokenizer
-        local = Path(args.model).is_absolute() or args.model.startswith((".", "~"))
-        if local and not Path(args.model).expanduser().exists():
-            # Said here: transformers would call a missing path a malformed hub id.
-            raise ValueError(f"no such folder {args.model}; pass a model folder or a hub model id")
-        from ..dllm.pipeline import MaskedDiffusionPipeline
-
         options = transformers_options(args)
-        pipe = MaskedDiffusionPipeline.from_transformers(
-            args.model, trust_remote_code=options["trust_remote_code"], loop=options["loop"],
-            mask_id=options["mask_id"], torch_dtype=dtype, device=device)
-        pipe.set_progress_bar_config(disable=True)
+        pipe = load_masked_diffusion_pipeline(args.model, dtype=dtype, device=device, loop=options["loop"],
+                                              mask_id=options["mask_id"],
+                                              trust_remote_code=options["trust_remote_code"])
         return "transformers", pipe, pipe.tokenizer
-    except Exception as e:  # any failure to load is reported the same way: what, where, why
-        # The loaders below already say "cannot load ... from WHERE" for the failures they know.
-        said = str(e).startswith("cannot load")
-        raise JobError(str(e) if said else f"cannot load the text model from {where}: {e}") from e
+    except LoadError as e:  # it names the model, where, and why, once
+        raise JobError(str(e)) from None
 
 
 def _model_id(model: Optional[str]) -> str:
@@ -284,6 +273,14 @@ def run(argv: Sequence[str], prog: str = "diffexit generate text") -> tuple[JobR
     out = prepare_out_dir(args.out)
 
     state = process_state()
+    # Held from before the model loads: a folder another job is writing is refused before that work.
+    with lock_out_dir(out, state):
+        return _generate(args, out, state, method, params, loop, items)
+
+
+def _generate(args, out: Path, state, method: str, params: dict, loop: DecodeSpec,
+              items: list[Item]) -> tuple[JobResult, Optional[JobResult]]:
+    """:func:`run`'s work once the inputs are checked and the folder is locked."""
     kind, model, tokenizer = load_model(args, state.device)
     if kind == "gemma":
         from ..dllm.rule_spec import gemma_stopping

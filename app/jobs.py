@@ -19,115 +19,33 @@ ever appear whole (rename), and the part file goes last, so a kill (SIGKILL incl
 worst, batches without their mark. A rerun runs those batches again with the same items and seeds, writes the files
 that are missing and the mark, and leaves the files that exist alone. Temp files a kill left behind are removed by
 the main process before any work starts; the manifest is rewritten, whole, from the part files at the end.
+
+**One job per folder.** A job holds ``OUT/.job.lock`` (``flock``, taken by the main process) from before its
+model loads until it ends; a second job on the same folder is refused at once, naming the holder. The OS drops the
+lock when its holder dies, so a killed job never blocks the rerun that resumes it. Only the holder removes temp
+files, so it never deletes another job's file mid-write.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import os
-import re
+import socket
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Hashable, Optional, Protocol, Sequence
+from typing import Optional, Protocol, Sequence
 
 from ..common.results import atomic_write_bytes
+from .job_inputs import Batch, Item, Job, JobError, deal
 
 JOB_FILE = "job.json"
 PARTS_DIR = ".parts"
-ID_PATTERN = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
-MAX_ID_LENGTH = 128
-
-
-class JobError(ValueError):
-    """Bad input to a job (a file, a flag, a model, the output folder): the message names it and the fix."""
-
-
-# Items and batches ------------------------------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class Item:
-    """One unit of output.
-
-    Attributes:
-        id: unique within the job; where it names files (images), :func:`check_item_id` restricts its characters.
-        seed: the item's random seed (see :func:`item_seed`), or None where nothing is random (greedy decoding).
-        payload: what the engine needs (a class label, a prompt...); JSON-serialisable.
-        source: where the item came from, for error messages (e.g. ``"requests.jsonl line 3"``).
-    """
-
-    id: str
-    seed: Optional[int]
-    payload: dict
-    source: str = field(default="", compare=False)
-
-
-@dataclass(frozen=True)
-class Batch:
-    """Items run together. ``index`` names the batch's part file; it is fixed by the job, not by the process."""
-
-    index: int
-    items: tuple[Item, ...]
-
-
-def item_seed(item_id: str, base_seed: int = 0) -> int:
-    """A seed in ``[0, 2**32)`` that depends only on ``base_seed`` and the item's id (not on order or count)."""
-    digest = hashlib.sha256(f"{base_seed}/{item_id}".encode()).digest()
-    return int.from_bytes(digest[:4], "little")
-
-
-def check_item_id(item_id, where: str) -> str:
-    """Return ``item_id`` if it can name a file; raise :class:`JobError` naming ``where`` otherwise."""
-    if not isinstance(item_id, str) or not ID_PATTERN.fullmatch(item_id) or len(item_id) > MAX_ID_LENGTH:
-        raise JobError(f"{where}: id {item_id!r} cannot name a file; use up to {MAX_ID_LENGTH} letters, digits, "
-                       f"'_', '.' or '-', not starting with '.' or '-'")
-    return item_id
-
-
-def check_unique(items: Sequence[Item]) -> None:
-    seen: dict[str, Item] = {}
-    for item in items:
-        if item.id in seen:
-            first = seen[item.id].source or "another item"
-            raise JobError(f"{item.source or 'input'}: id {item.id!r} is already used by {first}; ids must be unique")
-        seen[item.id] = item
-    if not items:
-        raise JobError("the job has no items; give at least one")
-
-
-@dataclass(frozen=True)
-class Job:
-    """The items, in order, and the batches they are cut into."""
-
-    items: tuple[Item, ...]
-    batches: tuple[Batch, ...]
-
-
-def make_job(items: Sequence[Item], batch_size: int, group: Optional[Callable[[Item], Hashable]] = None) -> Job:
-    """Cut ``items`` into batches of at most ``batch_size``, in item order.
-
-    With ``group``, items of different groups never share a batch (e.g. text prompts with different layouts):
-    groups come in order of first appearance, each cut in item order.
-    """
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise JobError(f"the batch size must be a positive int, got {batch_size!r}")
-    check_unique(items)
-    groups: dict[Hashable, list[Item]] = {}
-    for item in items:
-        groups.setdefault(group(item) if group else None, []).append(item)
-    batches = []
-    for members in groups.values():
-        for start in range(0, len(members), batch_size):
-            batches.append(Batch(len(batches), tuple(members[start:start + batch_size])))
-    return Job(tuple(items), tuple(batches))
-
-
-def deal(pending: Sequence[Batch], process_index: int, num_processes: int) -> list[Batch]:
-    """The batches of ``pending`` that process ``process_index`` of ``num_processes`` runs: every
-    ``num_processes``-th, starting at its own index."""
-    return list(pending[process_index::num_processes])
+LOCK_FILE = ".job.lock"
 
 
 # The output folder -------------------------------------------------------------------------------------------------
@@ -142,10 +60,70 @@ def prepare_out_dir(out: Path) -> Path:
         # Named like atomic_write_bytes' temp files, so a kill right here leaves nothing the next run won't remove.
         fd, probe = tempfile.mkstemp(dir=out, prefix=".write-probe.", suffix=".tmp")
         os.close(fd)
-        os.unlink(probe)
+        # The lock holder of a job already running here may have removed it as a stale temp file.
+        Path(probe).unlink(missing_ok=True)
     except OSError as e:
         raise JobError(f"cannot write to output folder {out}: {e.strerror or e}; pass --out a writable folder") from e
     return out
+
+
+# The folder's lock: a kernel-held flock, so it dies with its holder and leaves no stale state to clear.
+_HELD: dict[Path, Optional[int]] = {}  # folder -> its lock file's descriptor (None on the other processes)
+
+
+def _try_lock(out: Path) -> int:
+    """A descriptor of ``out/LOCK_FILE`` holding its flock; :class:`JobError` naming the holder if a job has it."""
+    path = out / LOCK_FILE
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            holder = os.read(fd, 200).decode(errors="replace").strip() or "a job that is starting"
+            os.close(fd)
+            if isinstance(e, BlockingIOError):
+                raise JobError(f"output folder {out} is in use by another diffexit job ({holder}); wait for it to "
+                               f"end and rerun to resume, or pass another --out") from None
+            raise JobError(f"cannot lock output folder {out}: {e.strerror or e}; pass --out a folder on a disk "
+                           f"that supports file locks") from e
+        # A holder unlinks the file before it unlocks, so a lock won on an unlinked file is no lock: retry.
+        with contextlib.suppress(FileNotFoundError):
+            if os.stat(path).st_ino == os.fstat(fd).st_ino:
+                os.ftruncate(fd, 0)
+                os.write(fd, f"pid {os.getpid()} on host {socket.gethostname()}".encode())
+                return fd
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def lock_out_dir(out: Path, state):
+    """Hold ``out``'s job lock for the block (a no-op inside a block that holds it already). Every process of the
+    job enters together (``state``: :func:`process_state`'s): the main process takes the lock and tells the others
+    whether it did, so all raise the same :class:`JobError` when another job holds the folder."""
+    out = Path(out).resolve()
+    if out in _HELD:
+        yield
+        return
+    fd, error = None, [None]
+    if state.is_main_process:
+        try:
+            fd = _try_lock(out)
+        except JobError as e:
+            error[0] = str(e)
+    if state.num_processes > 1:
+        from accelerate.utils import broadcast_object_list
+
+        broadcast_object_list(error)
+    if error[0] is not None:
+        raise JobError(error[0])
+    _HELD[out] = fd
+    try:
+        yield
+    finally:
+        del _HELD[out]
+        if fd is not None:
+            (out / LOCK_FILE).unlink(missing_ok=True)  # while still locked: see _try_lock
+            os.close(fd)
 
 
 def _canonical(obj) -> str:
@@ -259,6 +237,7 @@ def batch_done(out: Path, batch: Batch, engine: Engine) -> bool:
 
 def _remove_stale_temp_files(out: Path) -> None:
     # atomic_write_bytes writes `.{name}.XXXX.tmp` beside the target; a kill between write and rename leaves one.
+    # Called under the folder's lock, so no other job is writing one.
     for folder in (out, out / PARTS_DIR):
         if folder.is_dir():
             for path in folder.glob(".*.tmp"):
@@ -270,12 +249,17 @@ def run_job(out: Path, spec: dict, job: Job, engine: Engine, *, manifest: str, d
 
     Every process calls this with the same arguments. ``spec`` is :func:`job_spec`'s (it becomes ``job.json``; a
     folder holding another job is refused). ``manifest`` is the merged JSONL's file name. The main process draws the
-    progress bar and merges.
+    progress bar and merges. The run holds the folder's lock (:func:`lock_out_dir`); a command takes it earlier,
+    before it loads a model, so a folder in use is refused before that work.
     """
+    state = state or process_state()
+    with lock_out_dir(out, state):
+        return _run_locked(Path(out), spec, job, engine, manifest, desc, state)
+
+
+def _run_locked(out: Path, spec: dict, job: Job, engine: Engine, manifest: str, desc: str, state) -> JobResult:
     from tqdm.auto import tqdm
 
-    out = Path(out)
-    state = state or process_state()
     check_job(out, spec)
     if state.is_main_process:
         if not (out / JOB_FILE).exists():

@@ -1,7 +1,8 @@
 """One loader per kind of model, shared by every command, the demo, the benches and batch generation.
 
-Each takes a folder (or None for the embedded model) and raises ``ValueError`` with one line that names the folder,
-what is wrong with it and what to pass instead; each surface turns that into its own kind of error.
+Each takes a folder (or None for the embedded model) and raises :class:`LoadError` with one line that names the
+folder, what is wrong with it and what to pass instead; each surface turns that into its own kind of error. A
+message about a folder that exists but does not load starts with ``cannot load``.
 
 - :func:`load_dit_pipeline`: a DiT pipeline to sample with (``DigitsDiTPipeline``, ``DiTPipeline``, or a bare
   ``DiTTransformer2DModel`` folder such as a full fine-tune's ``transformer/``, sampled with the embedded
@@ -9,7 +10,10 @@ what is wrong with it and what to pass instead; each surface turns that into its
 - :func:`load_dit_backbone`: the same folders, as what training needs: transformer, VAE, noise schedule.
 - :func:`load_uem`: UEM heads, from ``UEMStack.save_pretrained`` or a ``diffexit train uem --out`` run folder
   (which may bring its fine-tuned backbone); ``attach_early_exits`` reads the same folders itself.
-- :func:`load_text_model_or_embedded`: the embedded text model's format.
+- :func:`load_text_model_or_embedded`: the embedded text model's format; :func:`load_gemma_or_embedded`: a
+  DiffusionGemma; :func:`load_masked_diffusion_pipeline`: any other masked-diffusion LM, through transformers.
+  :func:`resolve_text_model` turns a ``--model`` value (an embedded name, a folder, a Hub id already in the local
+  Hugging Face cache) into a folder; nothing is downloaded.
 """
 
 from __future__ import annotations
@@ -22,14 +26,22 @@ from typing import Optional
 import torch
 
 PIPELINES = ("DigitsDiTPipeline", "DiTPipeline")
+# The files AutoTokenizer builds a tokenizer from. Without any of them transformers tries to convert a slow tokenizer
+# and says only that sentencepiece or tiktoken is needed, naming neither the folder nor the files.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt")
+
+
+class LoadError(ValueError):
+    """A model that cannot be loaded: one line naming the folder (or name), what is wrong and what to pass instead.
+    A ``ValueError``, so a caller that catches those keeps working."""
 
 
 def _folder(path, what: str) -> Path:
     path = Path(path)
     if not path.exists():
-        raise ValueError(f"no such folder {path}; pass the folder that holds the {what}")
+        raise LoadError(f"no such folder {path}; pass {what}")
     if not path.is_dir():
-        raise ValueError(f"{path} is a file, not a folder; pass the folder that holds the {what}")
+        raise LoadError(f"{path} is a file, not a folder; pass {what}")
     return path
 
 
@@ -37,7 +49,16 @@ def _class_name(config_file: Path) -> Optional[str]:
     try:
         return json.loads(config_file.read_text()).get("_class_name")
     except (OSError, ValueError) as e:
-        raise ValueError(f"cannot read {config_file}: {e}") from e
+        raise LoadError(f"cannot read {config_file}: {e}") from e
+
+
+def check_tokenizer_files(folder: Path, what: str, needed: tuple[str, ...] = TOKENIZER_FILES) -> None:
+    """Raise :class:`LoadError` if ``folder`` holds none of ``needed`` (the files a tokenizer loads from)."""
+    if not any((Path(folder) / name).is_file() for name in needed):
+        missing = f"no {needed[0]}" if len(needed) == 1 else f"none of {', '.join(needed)}"
+        raise LoadError(f"cannot load the {what} from {folder}: it has no tokenizer ({missing}); save the model's "
+                        f"tokenizer there (`tokenizer.save_pretrained('{folder}')`), or copy its tokenizer files from "
+                        f"the model it came from")
 
 
 def _transformer(folder: Path):
@@ -47,11 +68,14 @@ def _transformer(folder: Path):
 
     name = _class_name(folder / "config.json")
     if name != "DiTTransformer2DModel":
-        raise ValueError(f"{folder} holds a {name}; DeeDiff's trainer, calibration and batch generation run a "
-                         f"class-conditional DiTTransformer2DModel (PixArt and SD3 need captions)")
-    # Computed in fp32 whatever the stored dtype (the embedded model ships fp16).
-    return load_pretrained(DiTTransformer2DModel, folder, "DiTTransformer2DModel",
-                           "pass a folder that save_pretrained wrote whole")
+        raise LoadError(f"{folder} holds a {name}; DeeDiff's trainer, calibration and batch generation run a "
+                        f"class-conditional DiTTransformer2DModel (PixArt and SD3 need captions)")
+    try:
+        # Computed in fp32 whatever the stored dtype (the embedded model ships fp16).
+        return load_pretrained(DiTTransformer2DModel, folder, "DiTTransformer2DModel",
+                               "pass a folder that save_pretrained wrote whole")
+    except ValueError as e:  # its message says "cannot load the DiTTransformer2DModel", where, and the fix
+        raise LoadError(str(e)) from None
 
 
 def load_dit_pipeline(path: Optional[Path], device="cpu"):
@@ -64,18 +88,19 @@ def load_dit_pipeline(path: Optional[Path], device="cpu"):
         try:
             pipe = load_embedded_pipeline(device)
         except FileNotFoundError as e:
-            raise ValueError(str(e)) from None
+            raise LoadError(str(e)) from None
         pipe.set_progress_bar_config(disable=True)
         return pipe
-    folder = _folder(path, "a diffusers DiT pipeline (model_index.json) or a DiTTransformer2DModel (config.json)")
+    folder = _folder(path, "a diffusers DiT pipeline folder (model_index.json) or a DiTTransformer2DModel folder "
+                           "(config.json), or leave it out for the embedded digits DiT")
     try:
         if (folder / "model_index.json").is_file():
             try:
                 name = _class_name(folder / "model_index.json")
-            except ValueError as e:
-                raise ValueError(f"cannot load the image pipeline from {folder}: {e}") from None
+            except LoadError as e:
+                raise LoadError(f"cannot load the image pipeline from {folder}: {e}") from None
             if name not in PIPELINES:
-                raise ValueError(f"{folder} holds a {name}; this runs {' or '.join(PIPELINES)}")
+                raise LoadError(f"{folder} holds a {name}; this runs {' or '.join(PIPELINES)}")
             if name == "DiTPipeline":
                 from diffusers import DiTPipeline as cls
             else:
@@ -87,13 +112,13 @@ def load_dit_pipeline(path: Optional[Path], device="cpu"):
             scheduler = DDIMScheduler.from_pretrained(DIT_DIR / "scheduler")
             pipe = DigitsDiTPipeline(transformer=_transformer(folder), scheduler=scheduler)
         else:
-            raise ValueError(f"{folder} is not a diffusers pipeline folder (no model_index.json) nor a model folder "
-                             f"(no config.json); pass the folder that pipe.save_pretrained (or `diffexit train image "
-                             f"--export DIR`) wrote")
-    except ValueError:
+            raise LoadError(f"{folder} is not a diffusers pipeline folder (no model_index.json) nor a model folder "
+                            f"(no config.json); pass the folder that pipe.save_pretrained (or `diffexit train image "
+                            f"--export DIR`) wrote")
+    except LoadError:
         raise
     except Exception as e:  # a broken or partial folder: say which, and why
-        raise ValueError(f"cannot load the image pipeline from {folder}: {e}") from e
+        raise LoadError(f"cannot load the image pipeline from {folder}: {e}") from e
     pipe.transformer.eval()
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
@@ -110,23 +135,30 @@ def load_dit_backbone(path: Optional[Path]):
     from ..uem.digits.files import DIT_COMMAND, DIT_DIR
 
     if path is None and not (DIT_DIR / "model_index.json").is_file():
-        raise ValueError(f"the embedded digits DiT is missing from {DIT_DIR}; make it with `{DIT_COMMAND}`, or "
-                         f"pass --model")
-    folder = DIT_DIR if path is None else _folder(path, "a DiT pipeline or DiTTransformer2DModel")
-    if (folder / "model_index.json").exists():
-        transformer = _transformer(folder / "transformer")
-        vae = AutoencoderKL.from_pretrained(folder / "vae", dtype=torch.float32) if (folder / "vae").is_dir() else None
-        sched_dir = folder / "scheduler"
-        scheduler = DDPMScheduler.from_config(DDPMScheduler.load_config(sched_dir)) if sched_dir.is_dir() else None
-    elif (folder / "config.json").exists():
-        transformer, vae, scheduler = _transformer(folder), None, None
-    else:
-        raise ValueError(f"{folder} is neither a diffusers model directory (config.json) nor a pipeline "
-                         f"directory (model_index.json)")
+        raise LoadError(f"the embedded digits DiT is missing from {DIT_DIR}; make it with `{DIT_COMMAND}`, or "
+                        f"pass --model")
+    folder = DIT_DIR if path is None else _folder(path, "a DiT pipeline folder or DiTTransformer2DModel folder, or "
+                                                        "leave it out for the embedded digits DiT")
+    try:
+        if (folder / "model_index.json").exists():
+            transformer = _transformer(folder / "transformer")
+            vae = (AutoencoderKL.from_pretrained(folder / "vae", dtype=torch.float32) if (folder / "vae").is_dir()
+                   else None)
+            sched_dir = folder / "scheduler"
+            scheduler = DDPMScheduler.from_config(DDPMScheduler.load_config(sched_dir)) if sched_dir.is_dir() else None
+        elif (folder / "config.json").exists():
+            transformer, vae, scheduler = _transformer(folder), None, None
+        else:
+            raise LoadError(f"{folder} is neither a diffusers model directory (config.json) nor a pipeline "
+                            f"directory (model_index.json)")
+    except LoadError:
+        raise
+    except Exception as e:  # a broken VAE or scheduler: say which folder, and why
+        raise LoadError(f"cannot load the DiT backbone from {folder}: {e}") from e
     scheduler = scheduler or DDPMScheduler()
     if scheduler.config.prediction_type != "epsilon":
-        raise ValueError(f"the DeeDiff loss is on predicted noise, but the model predicts "
-                         f"{scheduler.config.prediction_type!r}")
+        raise LoadError(f"the DeeDiff loss is on predicted noise, but the model in {folder} predicts "
+                        f"{scheduler.config.prediction_type!r}")
     return transformer, vae, scheduler
 
 
@@ -145,7 +177,10 @@ def load_uem(directory: Path):
     """
     from ..uem.uem_folder import load_uem_folder
 
-    folder = load_uem_folder(directory)
+    try:
+        folder = load_uem_folder(directory)
+    except ValueError as e:  # its message names the folder, what is wrong and the fix
+        raise LoadError(str(e)) from None
     return folder.uem, folder.backbone, folder.heads
 
 
@@ -174,48 +209,83 @@ def embedded_text_models() -> dict[str, Path]:
 
 def resolve_text_model(name, *, hub: bool = False) -> Optional[Path]:
     """The folder a ``--model`` value names: an embedded model's name, or a folder that exists; None stays None.
-    With ``hub``, anything else that looks like a Hub id (``owner/name``) is passed on as it is; otherwise it is a
-    ``ValueError`` that lists the embedded names, said at once instead of after a Hub connection attempt."""
+    With ``hub``, an ``owner/name`` Hub id already in the local Hugging Face cache names its cached snapshot. Anything
+    else is a :class:`LoadError` that lists the embedded names, said at once: nothing is downloaded here."""
     if name is None:
         return None
     embedded = embedded_text_models()
     if str(name) in embedded:
         return embedded[str(name)]
     path = Path(name).expanduser()
-    if path.exists() or (hub and "/" in str(name) and not str(name).startswith((".", "/", "~"))):
+    if path.exists():
         return path
-    raise ValueError(f"--model {name}: no such folder, and not an embedded model; pass a model folder, "
-                     f"{'a Hub id (owner/name), ' if hub else ''}or one of {list(embedded)}")
+    if hub and "/" in str(name) and not str(name).startswith((".", "/", "~")):
+        from huggingface_hub import snapshot_download
+        from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
+
+        try:
+            return Path(snapshot_download(str(name), local_files_only=True))
+        except (HFValidationError, LocalEntryNotFoundError):
+            raise LoadError(f"cannot load the text model {name}: no such folder, not an embedded model, and not in "
+                            f"the local Hugging Face cache (nothing is downloaded here); download it first (`hf "
+                            f"download {name}`), or pass a model folder or one of {list(embedded)}") from None
+    raise LoadError(f"cannot load the text model {name}: no such folder, and not an embedded model; pass a model "
+                    f"folder{', a Hub id (owner/name) in the local Hugging Face cache,' if hub else ''} or one of "
+                    f"{list(embedded)}")
 
 
 def load_text_model_or_embedded(path: Optional[Path], dtype: torch.dtype = torch.float32):
-    """``(model, tokenizer)``: the exported model folder ``path`` (``diffexit train text --export``), or the embedded
-    model when it is None."""
+    """``(model, tokenizer)``: the exported model folder ``path`` (``diffexit train text --export``) or embedded name,
+    or the embedded model when it is None."""
     from ..dllm.charlm.model import load_embedded_text_model, load_text_model
 
-    try:
-        if path is None:
-            return load_embedded_text_model(dtype=dtype)
-        return load_text_model(_folder(resolve_text_model(path), "an exported text model (`diffexit train text "
-                                       "--export DIR`)"), dtype=dtype)
-    except ValueError:
-        raise
-    except Exception as e:  # missing files, a broken config: say which folder, and why
-        raise ValueError(f"cannot load the text model from {path or 'the package'}: {e}") from e
+    if path is None:
+        return _loaded("text model", None, lambda: load_embedded_text_model(dtype=dtype))
+    folder = _folder(resolve_text_model(path), "an exported text model folder (`diffexit train text --export DIR`)")
+    if not (folder / "config.json").is_file():
+        raise LoadError(f"cannot load the text model from {path}: no config.json there; pass the folder that "
+                        f"`diffexit train text --export DIR` wrote")
+    check_tokenizer_files(folder, "text model", ("tokenizer.json",))
+    return _loaded("text model", path, lambda: load_text_model(folder, dtype=dtype))
 
 
 def load_gemma_or_embedded(path: Optional[Path], dtype: torch.dtype = torch.float32):
-    """``(model, tokenizer)``: a DiffusionGemma folder ``path``, or the embedded one when it is None."""
+    """``(model, tokenizer)``: a DiffusionGemma folder ``path`` (or embedded name), or the embedded one when it is
+    None."""
     from ..dllm.charlm.gemma import load_embedded_gemma_model, load_gemma_model
 
     if path is None:
-        return load_embedded_gemma_model(dtype=dtype)
+        return _loaded("DiffusionGemma model", None, lambda: load_embedded_gemma_model(dtype=dtype))
+    folder = _folder(resolve_text_model(path), "a DiffusionGemma model folder")
+    check_tokenizer_files(folder, "DiffusionGemma model", ("tokenizer.json",))
+    return _loaded("DiffusionGemma model", path, lambda: load_gemma_model(folder, dtype=dtype))
+
+
+def load_masked_diffusion_pipeline(name, *, dtype: torch.dtype, device, **options):
+    """A :class:`~diffexit.dllm.pipeline.MaskedDiffusionPipeline` around the transformers model ``name`` (a folder, or
+    a Hub id in the local cache), its progress bar off; ``options`` are ``from_transformers``' (``loop``,
+    ``mask_id``, ``trust_remote_code``)."""
+    from ..dllm.pipeline import MaskedDiffusionPipeline
+
+    folder = _folder(resolve_text_model(name, hub=True), "a model folder or a Hub id (owner/name)")
+    check_tokenizer_files(folder, "text model")
+    pipe = _loaded("text model", name, lambda: MaskedDiffusionPipeline.from_transformers(
+        str(folder), torch_dtype=dtype, device=device, **options))
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _loaded(what: str, where, load):
+    """``load()``, any failure (missing files, a broken config, missing weights) a :class:`LoadError` saying which
+    model, where (None: the embedded one), and why."""
     try:
-        return load_gemma_model(_folder(path, "a DiffusionGemma model folder"), dtype=dtype)
-    except ValueError:
+        return load()
+    except LoadError:
         raise
     except Exception as e:
-        raise ValueError(f"cannot load a DiffusionGemma model from {path}: {e}") from e
+        if where is None and isinstance(e, FileNotFoundError):  # the embedded loaders' own message names the fix
+            raise LoadError(str(e)) from None
+        raise LoadError(f"cannot load the {what} from {where or 'the package'}: {e}") from e
 
 
 def class_count(pipe) -> int:

@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
-from .jobs import Item, JobError
+from .job_inputs import Item, JobError
 
 
 def is_embedded_format(path: Path) -> bool:
@@ -39,9 +39,9 @@ def is_diffusion_gemma(path: Path) -> bool:
 class GemmaEngine:
     """A ``DiffusionGemmaForBlockDiffusion``, decoded by its own ``generate`` with an optional SchED stopping rule.
 
-    The model samples, so each item is decoded alone, each canvas seeded from its id (``diffexit.app.jobs.item_seed``)
-    and its index (``CanvasSeeds``): an answer depends on neither its batch nor the process, and a stopping rule
-    changes no later canvas's noise. A prompt of an embedded task is left-padded to its
+    The model samples, so each item is decoded alone, each canvas seeded from its id
+    (``diffexit.app.job_inputs.item_seed``) and its index (``CanvasSeeds``): an answer depends on neither its batch
+    nor the process, and a stopping rule changes no later canvas's noise. A prompt of an embedded task is left-padded to its
     layout and decodes its span in whole canvases, ``steps`` denoising steps each (default: one per canvas token);
     any other prompt goes through the tokenizer's chat template and decodes ``gen_length`` tokens (default 128) at
     ``steps`` per canvas (default: the model's ``max_denoising_steps``).
@@ -84,7 +84,7 @@ class GemmaEngine:
         from ..dllm.charlm.tasks import layout_of, score
         from ..dllm.charlm.tokenizer import decode_answer, encode_prompts
         from ..dllm.diffusion_gemma import CanvasSeeds, decoder_forward_passes, sched_enabled
-        from .jobs import item_seed
+        from .job_inputs import item_seed
 
         device = next(self.model.parameters()).device
         canvas = self.model.config.canvas_length

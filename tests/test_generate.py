@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from diffexit.app import generate_images, generate_text, jobs
+from diffexit.app import generate_images, generate_text, job_inputs, jobs
 from diffexit.dllm.decode_spec import DecodeSpec
 
 TIME_FIELDS = ("seconds",)
@@ -136,31 +136,31 @@ def text_reference(text_models, tmp_path_factory):
 # The machinery --------------------------------------------------------------------------------------------------------
 
 def test_item_seed_is_fixed_by_id_and_base_seed():
-    assert jobs.item_seed("c3-0001") == jobs.item_seed("c3-0001")
-    assert jobs.item_seed("c3-0001") != jobs.item_seed("c3-0002")
-    assert jobs.item_seed("c3-0001", 1) != jobs.item_seed("c3-0001", 0)
-    assert 0 <= jobs.item_seed("x") < 2**32
+    assert job_inputs.item_seed("c3-0001") == job_inputs.item_seed("c3-0001")
+    assert job_inputs.item_seed("c3-0001") != job_inputs.item_seed("c3-0002")
+    assert job_inputs.item_seed("c3-0001", 1) != job_inputs.item_seed("c3-0001", 0)
+    assert 0 <= job_inputs.item_seed("x") < 2**32
 
 
 def test_batches_are_cut_before_they_are_dealt():
-    items = [jobs.Item(f"i{k}", k, {"g": k % 3 == 0}) for k in range(10)]
-    job = jobs.make_job(items, 3, group=lambda it: it.payload["g"])
+    items = [job_inputs.Item(f"i{k}", k, {"g": k % 3 == 0}) for k in range(10)]
+    job = job_inputs.make_job(items, 3, group=lambda it: it.payload["g"])
     assert [[it.id for it in b.items] for b in job.batches] == [
         ["i0", "i3", "i6"], ["i9"], ["i1", "i2", "i4"], ["i5", "i7", "i8"]]
     for world in (1, 2, 3, 5):
-        dealt = [b.index for rank in range(world) for b in jobs.deal(job.batches, rank, world)]
+        dealt = [b.index for rank in range(world) for b in job_inputs.deal(job.batches, rank, world)]
         assert sorted(dealt) == [b.index for b in job.batches]
 
 
 def test_duplicate_ids_are_refused():
-    items = [jobs.Item("a", 0, {}, "f line 1"), jobs.Item("a", 1, {}, "f line 4")]
+    items = [job_inputs.Item("a", 0, {}, "f line 1"), job_inputs.Item("a", 1, {}, "f line 4")]
     with pytest.raises(jobs.JobError, match="f line 4: id 'a' is already used by f line 1"):
-        jobs.make_job(items, 2)
+        job_inputs.make_job(items, 2)
 
 
 
 def test_a_non_finite_setting_is_refused_before_job_json_is_written(tmp_path):
-    job = jobs.make_job([jobs.Item("a", 0, {})], 1)
+    job = job_inputs.make_job([job_inputs.Item("a", 0, {})], 1)
     spec = jobs.job_spec({"guidance_scale": float("inf")}, job)
     with pytest.raises(jobs.JobError, match="non-finite number .*give finite values"):
         jobs.run_job(tmp_path, spec, job, engine=None, manifest="m.jsonl", desc="x")
@@ -347,7 +347,7 @@ def test_embedded_format_decodes_each_prompt_in_its_tasks_layout(text_models):
 
     model, tok = load_text_model(text_models[0])
     engine = generate_text.EmbeddedEngine(model, tok, DecodeSpec())
-    item = lambda prompt, **task: jobs.Item("x", None, {"prompt": prompt, **task}, "test")  # noqa: E731
+    item = lambda prompt, **task: job_inputs.Item("x", None, {"prompt": prompt, **task}, "test")  # noqa: E731
     for name, task in TASKS.items():
         assert engine.layout(item(sample(name, "heldout", 0, 1)[0].prompt, task=name)) == LAYOUTS[task.layout]
     assert engine.layout(item("hello")) == LAYOUTS["short"]
