@@ -259,6 +259,19 @@ def test_the_page_and_its_errors_show_no_absolute_paths(served, model_dirs, bare
     assert not _absolute(Path(os.getcwd()).parent, message) and not _absolute("/tmp", message)
 
 
+def test_an_image_pipeline_that_does_not_load_says_so_once(tmp_path):
+    import gradio as gr
+
+    (tmp_path / "pipe" / "transformer").mkdir(parents=True)
+    (tmp_path / "pipe" / "model_index.json").write_text('{"_class_name": "DigitsDiTPipeline"}')
+    (tmp_path / "pipe" / "transformer" / "config.json").write_text("{}")
+    with pytest.raises(gr.Error) as info:
+        Models(image_pipeline=tmp_path / "pipe").pipeline()
+    message = info.value.message
+    assert message.startswith("cannot load the image pipeline from ") and message.count("cannot load") == 1
+    assert not _absolute(tmp_path, message)
+
+
 def test_embedded_models_are_shown_by_name():
     models = Models(text_model="charlm-block")
     assert models.text_path.is_dir() and "embedded `charlm-block`" in models.describe()

@@ -126,7 +126,7 @@ class Models:
 
     def pipeline(self):
         """The image pipeline on CPU in float32, loaded once."""
-        from ..models import load_dit_pipeline, load_uem, with_backbone
+        from ..models import LoadError, load_dit_pipeline, load_uem, with_backbone
 
         with self._image_load_lock:
             if self._pipe is None:
@@ -135,10 +135,8 @@ class Models:
                     if self.uem_path is not None:
                         # UEMs trained with a fine-tuned backbone (train uem --mode full) run on it.
                         pipe = with_backbone(pipe, load_uem(self.uem_path)[1])
-                except ValueError as e:
-                    # The loaders' messages already name what failed to load and where.
-                    raise self.error(str(e) if str(e).startswith("cannot load") else
-                                     f"cannot load the image pipeline: {e}") from e
+                except LoadError as e:  # one line naming what failed to load, where, and the fix
+                    raise self.error(str(e)) from e
                 # The first call pays one-off costs (allocations, first dispatch); paying them now keeps them out
                 # of the timed comparison.
                 pipe([0], guidance_scale=1.0, num_inference_steps=1, output_type="pt")
