@@ -3,8 +3,9 @@
 Records full-depth sampling runs of ``--model`` (default: the embedded digits DiT) with every exit of the UEMs in
 ``--uem``, then, per budget, picks each step's rule (:mod:`diffexit.uem.calibration` has the method and the units)
 and saves it beside the UEMs (or in ``--out``) as ``calibration-<budget>.json``, with ``-steps<N>`` before
-``.json`` for a step count other than 25 (:mod:`diffexit.uem.calibration_file`). ``diffexit generate images --method deediff --budget B``, the demo and
-``diffexit bench images`` read those files; a file holds only for the sampler, steps and guidance it was made with.
+``.json`` for a step count other than 25 (:mod:`diffexit.uem.calibration_file`). ``diffexit generate images --method
+deediff --budget B``, the demo and ``diffexit bench images`` read those files; a file holds only for the sampler,
+steps and guidance it was made with.
 """
 
 from __future__ import annotations

@@ -192,8 +192,8 @@ def resolve_method(args) -> tuple[str, dict]:
 def loop_options(args) -> DecodeSpec:
     """The loop's options from the flags (lengths, ``--cache``, ``--parallel-threshold``), checked before anything
     loads; the loop, the default lengths and the method join them once the model's kind is known."""
-    flags = {"gen_length": args.gen_length, "steps": args.steps, "block_length": args.block_length, "cache": None if args.cache == "none" else args.cache,
-             "parallel_threshold": args.parallel_threshold}
+    flags = {"gen_length": args.gen_length, "steps": args.steps, "block_length": args.block_length,
+             "cache": None if args.cache == "none" else args.cache, "parallel_threshold": args.parallel_threshold}
     try:
         return spec_from_options({k: v for k, v in flags.items() if v is not None})
     except ValueError as e:

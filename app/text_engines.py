@@ -41,10 +41,10 @@ class GemmaEngine:
 
     The model samples, so each item is decoded alone, each canvas seeded from its id
     (``diffexit.app.job_inputs.item_seed``) and its index (``CanvasSeeds``): an answer depends on neither its batch
-    nor the process, and a stopping rule changes no later canvas's noise. A prompt of an embedded task is left-padded to its
-    layout and decodes its span in whole canvases, ``steps`` denoising steps each (default: one per canvas token);
-    any other prompt goes through the tokenizer's chat template and decodes ``gen_length`` tokens (default 128) at
-    ``steps`` per canvas (default: the model's ``max_denoising_steps``).
+    nor the process, and a stopping rule changes no later canvas's noise. A prompt of an embedded task is left-padded
+    to its layout and decodes its span in whole canvases, ``steps`` denoising steps each (default: one per canvas
+    token); any other prompt goes through the tokenizer's chat template and decodes ``gen_length`` tokens (default
+    128) at ``steps`` per canvas (default: the model's ``max_denoising_steps``).
     """
 
     def __init__(self, model, tokenizer, method: str, make_rule: Optional[Callable], steps: Optional[int],
@@ -62,7 +62,8 @@ class GemmaEngine:
         for item in items:
             try:
                 if "task" in item.payload:
-                    encode_prompts(self.tokenizer, [item.payload["prompt"]], layout_of(item.payload["task"]).prompt_length)
+                    encode_prompts(self.tokenizer, [item.payload["prompt"]],
+                                   layout_of(item.payload["task"]).prompt_length)
                 else:
                     self._chat_ids(item.payload["prompt"])
             except ValueError as e:

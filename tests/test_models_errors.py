@@ -131,6 +131,28 @@ def test_resolve_lists_the_embedded_names_and_never_downloads(no_network):
     assert not no_network
 
 
+def test_a_hub_id_in_the_local_cache_decodes_from_its_snapshot(text_folders, no_network, monkeypatch, tmp_path):
+    import json
+    import shutil
+
+    import huggingface_hub.constants
+
+    # The cache's layout: models--OWNER--NAME/refs/main names the snapshot folder that holds the files.
+    repo = tmp_path / "hub" / "models--someowner--cached-model"
+    snapshot = repo / "snapshots" / ("0" * 40)
+    shutil.copytree(text_folders["transformers"], snapshot)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("0" * 40)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    assert models.resolve_text_model("someowner/cached-model", hub=True) == snapshot
+    out = tmp_path / "out"
+    result, _ = generate_text.run(["--task", "pick", "--n", "1", "--model", "someowner/cached-model",
+                                   "--gen-length", "8", "--steps", "2", "--out", str(out)])
+    assert result.generated == 1
+    assert json.loads((out / "job.json").read_text())["model"] == str(snapshot.resolve())
+    assert not no_network
+
+
 @pytest.mark.parametrize("argv, message", [
     (["generate", "text", "--task", "pick", "--n", "1", "--model", HUB_ID], EMBEDDED),
     (["bench", "text", "--quick", "--model", HUB_ID], EMBEDDED),
