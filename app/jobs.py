@@ -75,7 +75,10 @@ def _try_lock(out: Path) -> int:
     """A descriptor of ``out/LOCK_FILE`` holding its flock; :class:`JobError` naming the holder if a job has it."""
     path = out / LOCK_FILE
     while True:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise JobError(f"cannot create the lock file {path}: {e.strerror or e}; pass --out a writable folder") from e
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as e:

@@ -122,3 +122,11 @@ def test_the_lock_is_taken_again_once_released(tmp_path):
                 assert (tmp_path / jobs.LOCK_FILE).read_text().startswith(f"pid {os.getpid()} on host")
             assert (tmp_path / jobs.LOCK_FILE).exists()
         assert not (tmp_path / jobs.LOCK_FILE).exists()
+
+
+def test_a_folder_that_cannot_hold_the_lock_is_one_clear_error(tmp_path):
+    from diffexit.app.jobs import lock_out_dir, process_state
+
+    with pytest.raises(jobs.JobError, match=f"cannot create the lock file {tmp_path / 'gone'}/.job.lock: No such"):
+        with lock_out_dir(tmp_path / "gone", process_state()):
+            pass
