@@ -480,6 +480,31 @@ def test_closing_the_stream_stops_the_decode(model_dirs):
     assert 1 <= len(calls) < MAX_TEXT_STEPS
 
 
+def test_a_request_frees_what_earlier_requests_left(model_dirs):
+    # A trace figure is a reference cycle holding its renderer's pixels: without a full collection it outlives its
+    # request, and the server's memory grew with every request.
+    import gc
+    import io
+    import weakref
+
+    from diffexit.app.demo.models import release_freed_memory
+
+    demo = Demo(Models(text_model=model_dirs["text"]))
+    figures = []
+    for _ in range(3):
+        final = list(demo.text(**{**TEXT_ARGS, "halting": "none (full steps)", "steps": 4, "block_length": 4}))[-1]
+        final[3].savefig(io.BytesIO(), format="png")  # as gradio encodes it: the renderer is kept
+        figures.append(weakref.ref(final[3]))
+        del final
+    gc.disable()  # only release_freed_memory may collect
+    try:
+        assert any(f() is not None for f in figures)
+        release_freed_memory()
+        assert all(f() is None for f in figures)
+    finally:
+        gc.enable()
+
+
 def test_example_endpoint_fills_the_preset(client):
     from diffexit.dllm.charlm.tasks import DECODE
 

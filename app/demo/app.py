@@ -38,7 +38,7 @@ from .gemma_text import GEMMA_SPAN_COLORS, GEMMA_TRACE_HEADERS, STOP_SCHED, STOP
 from .gemma_text import STOPPING as GEMMA_STOPPING
 from .gemma_text import gemma_example, run_gemma_text
 from .images import IMAGE_RULES, RULE_CALIBRATED, RULE_SCHEDULE, RULE_STATIC, RULE_THRESHOLD, SAMPLERS, run_images
-from .models import Models
+from .models import Models, release_freed_memory
 from .serve import launch
 from .text import FIRST_TASK, HALT_SCHED, HALTING, SPAN_COLORS, TRACE_HEADERS, example, run_text
 
@@ -53,22 +53,27 @@ class Demo:
     def __init__(self, models: Models):
         self.models = models
 
+    # Each handler first hands back to the OS the memory earlier requests freed (:func:`release_freed_memory`):
+    # gradio encodes a handler's outputs after it returns, so their buffers are freed only then.
+
     def images(self, digits, count, steps, sampler, guidance, rule, threshold, kind, high, low, k, depths, seed,
                budget=None, progress=gr.Progress()):
         """Sample with the chosen exit rule, then the same noise at full depth (:func:`.images.run_images`)."""
+        release_freed_memory()
         return run_images(self.models, digits, count, steps, sampler, guidance, rule, threshold, kind, high, low, k,
                           depths, seed, budget, progress)
 
     def text(self, prompt, gen_length, steps, block_length, halting, kind, high, low, k, stat):
         """Decode ``prompt`` under the halting rule, streaming; then full steps (:func:`.text.run_text`)."""
+        release_freed_memory()
         yield from run_text(self.models, prompt, gen_length, steps, block_length, halting, kind, high, low, k, stat)
 
     def gemma_text(self, prompt, gen_length, steps, stopping, kind, high, low, k, stat, confidence):
         """Decode ``prompt`` with a DiffusionGemma's ``generate`` under the stopping rule, streaming; then every
         step (:func:`.gemma_text.run_gemma_text`)."""
+        release_freed_memory()
         yield from run_gemma_text(self.models, prompt, gen_length, steps, stopping, kind, high, low, k, stat,
                                   confidence)
-
 
 INTRO = """# diffexit demo
 Cheaper diffusion sampling by stopping work that no longer changes the answer.

@@ -3,6 +3,7 @@ by every request."""
 
 from __future__ import annotations
 
+import gc
 import os
 import threading
 from pathlib import Path
@@ -27,6 +28,34 @@ def shown_path(path: Union[str, Path]) -> str:
         return os.path.relpath(path)
     except ValueError:
         return path.name
+
+
+def release_freed_memory() -> None:
+    """Free what earlier requests left as garbage and hand it back to the OS (glibc's ``malloc_trim``).
+
+    Nothing a request makes outlives it, but its matplotlib figure is a reference cycle holding its renderer's
+    pixel buffer, freed only by a full garbage collection, which Python runs rarely with a million long-lived
+    objects about (the libraries, the models); and glibc keeps freed buffers for reuse instead of returning them.
+    So the server's RSS grew with every request: 1078 -> 1159 MB over 100 small ones. Collecting at the start of
+    every request keeps it flat (1066 -> 1070 MB over 100); the models' loaders ``gc.freeze()`` what exists once a
+    model is loaded, so the collection scans only what requests made since (an object of a request in flight
+    then is never collected: at most one request's worth, once per model).
+    """
+    gc.collect()
+    if _MALLOC_TRIM is not None:
+        _MALLOC_TRIM(0)
+
+
+def _malloc_trim():
+    import ctypes
+
+    try:
+        return getattr(ctypes.CDLL(None), "malloc_trim", None)  # glibc only
+    except OSError:
+        return None
+
+
+_MALLOC_TRIM = _malloc_trim()
 
 
 class Models:
@@ -122,6 +151,7 @@ class Models:
                     raise self.error(str(e)) from e
                 (_warm_up_gemma if gemma else _warm_up_text)(model, tok)
                 self._text = model, tok
+                gc.freeze()
             return self._text
 
     def pipeline(self):
@@ -141,6 +171,7 @@ class Models:
                 # of the timed comparison.
                 pipe([0], guidance_scale=1.0, num_inference_steps=1, output_type="pt")
                 self._pipe = pipe
+                gc.freeze()
             return self._pipe
 
     def num_classes(self) -> int:
@@ -211,6 +242,7 @@ class Models:
             if self._uem is None:
                 try:
                     self._uem = load_uem(self.uem_path)[0]
+                    gc.freeze()
                 except ValueError as e:
                     raise self.error(str(e)) from e
             return self._uem
