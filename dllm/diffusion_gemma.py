@@ -15,11 +15,12 @@ the step's progress instead::
 In diffusers, ``diffexit.samplers.diffusion_gemma_pipeline.SchEDDiffusionGemmaPipeline`` takes the same rule as
 ``stopping=``.
 
-Statistics (over the whole canvas: no position of it is "masked" in uniform-corruption diffusion): ``mean``,
-``median``, ``quantile`` and ``min`` of the top-1 minus top-2 logit margin, and ``mean_entropy``, minus the mean
-token entropy in nats: the stock rule's own statistic, so that ``SchEDStopping(ThresholdSchedule("constant",
--0.005, -0.005), stat="mean_entropy", patience=1)`` stops where the stock rule does. ``patience`` is the stock
-rule's stability gate (the argmax unchanged for that many steps).
+Statistics (the ``canvas`` surface of :data:`diffexit.dllm.statistics.STATISTICS`: the whole canvas, since no
+position of it is "masked" in uniform-corruption diffusion): ``mean``, ``median``, ``quantile`` and ``min`` of the
+top-1 minus top-2 logit margin, and ``mean_entropy``, minus the mean token entropy in nats: the stock rule's own
+statistic, so that ``SchEDStopping(ThresholdSchedule("constant", -0.005, -0.005), stat="mean_entropy", patience=1)``
+stops where the stock rule does. ``patience`` is the stock rule's stability gate (the argmax unchanged for that many
+steps).
 
 The hook: ``enable_sched`` sets two attributes on the model instance, ``generate`` (a wrapper that refuses the stock
 ``stability_threshold`` / ``confidence_threshold`` beside a rule of ours) and ``_prepare_diffusion_stopping_criteria``
@@ -39,9 +40,10 @@ from transformers.models.diffusion_gemma.generation_diffusion_gemma import Diffu
 
 from ..common.schedules import ThresholdSchedule, progress
 from ..kernels import token_stats
-from .halting import MARGIN_STATS, aggregate_margin
+from .halting import aggregate_margin
+from .statistics import CANVAS, check_stat, names
 
-STATS = (*MARGIN_STATS, "mean_entropy")
+STATS = names(CANVAS)
 STOCK = ("stability_threshold", "confidence_threshold")
 
 
@@ -63,8 +65,7 @@ class SchEDStopping(DiffusionGemmaAdaptiveStopping):
         if not isinstance(schedule, ThresholdSchedule):
             raise ValueError(f"schedule must be a ThresholdSchedule (e.g. ThresholdSchedule('cosine', 7.5, 2.5)), "
                              f"got {type(schedule).__name__}")
-        if stat not in STATS:
-            raise ValueError(f"stat must be one of {STATS}, got {stat!r}")
+        check_stat(stat, CANVAS)
         if not 0.0 <= q <= 1.0:
             raise ValueError(f"q must be in [0, 1], got {q}")
         if isinstance(patience, bool) or not isinstance(patience, int) or patience < 0:

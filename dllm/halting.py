@@ -9,7 +9,8 @@ Rules:
 - :class:`SchED` -- the SchED paper's rule: aggregate the top-1 minus top-2 logit margin over every still-masked
   position of the span (``stat="mean"`` in the paper) and halt once it reaches a threshold that follows a
   :class:`~diffexit.samplers.ThresholdSchedule` of decoding progress. Beyond the paper, the statistic can be
-  the minimum, a quantile, the mean without EOS/padding positions, or an entropy (:func:`span_statistic`):
+  the minimum, a quantile, the mean without EOS/padding positions, or minus the largest entropy
+  (:func:`span_statistic`; :mod:`diffexit.dllm.statistics` has the table of names):
   the full-span mean can be inflated by easy padding positions and halt too early.
 - :class:`Prophet` -- the Prophet baseline, as its reference ``generate_earlyexit.py`` decides: the mean margin over a
   fixed answer window of ``window`` positions from ``answer_start`` (decoded ones included) against 7.5 / 5.0 / 2.5
@@ -31,9 +32,9 @@ from typing import Optional, Sequence
 import torch
 
 from ..common.schedules import ThresholdSchedule, progress
+from .statistics import SPAN, check_stat, names
 
-STATS = ("mean", "median", "quantile", "min", "mean_content", "entropy")
-MARGIN_STATS = ("mean", "median", "quantile", "min")
+STATS = names(SPAN)
 
 
 @dataclass
@@ -57,7 +58,8 @@ def aggregate_margin(margin: torch.Tensor, masked: torch.Tensor, stat: str, q: f
     Args:
         margin: ``[A, L]`` float, top-1 minus top-2 logit per position.
         masked: ``[A, L]`` bool, positions that count.
-        stat: one of ``MARGIN_STATS``. ``median`` is the lower median (``torch.median``'s choice).
+        stat: ``mean``, ``median``, ``quantile`` or ``min``. ``median`` is the lower median (``torch.median``'s
+            choice).
         q: the quantile for ``stat="quantile"``, in ``[0, 1]``.
 
     Returns:
@@ -81,7 +83,7 @@ def aggregate_margin(margin: torch.Tensor, masked: torch.Tensor, stat: str, q: f
     elif stat == "quantile":
         idx = torch.floor(q * (count - 1).clamp(min=0).float()).long()
     else:
-        raise ValueError(f"stat must be one of {MARGIN_STATS}, got {stat!r}")
+        raise ValueError(f"aggregate_margin takes stat mean, median, quantile or min, got {stat!r}")
     out = ordered.gather(-1, idx[:, None]).squeeze(-1)
     return torch.where(count > 0, out, torch.full_like(out, float("inf")))
 
@@ -90,23 +92,24 @@ def span_statistic(stats, masked: torch.Tensor, stat: str, q: float = 0.1,
                    ignore_token_ids: Sequence[int] = ()) -> torch.Tensor:
     """SchED's confidence statistic of each row's masked span: larger means more sure; ``[A]`` float32.
 
+    ``stat`` is a name the span accepts in :data:`~diffexit.dllm.statistics.STATISTICS`:
+
     - ``mean | median | quantile | min``: that aggregate of the logit margins (:func:`aggregate_margin`).
     - ``mean_content``: the mean margin over masked positions whose argmax is not in ``ignore_token_ids``
       (EOS / padding), so that easy padding cannot inflate it; rows whose every masked position predicts
       padding fall back to the plain mean.
-    - ``entropy``: minus the largest entropy (nats) among the masked positions; thresholds are then <= 0.
+    - ``max_entropy``: minus the largest entropy (nats) among the masked positions; thresholds are then <= 0.
     """
-    if stat in MARGIN_STATS:
-        return aggregate_margin(stats.logit_margin, masked, stat, q)
+    check_stat(stat, SPAN)
     if stat == "mean_content":
         content = masked & ~torch.isin(stats.top1_id, torch.as_tensor(list(ignore_token_ids), dtype=torch.long,
                                                                        device=masked.device))
         value = aggregate_margin(stats.logit_margin, content, "mean")
         return torch.where(content.any(-1), value, aggregate_margin(stats.logit_margin, masked, "mean"))
-    if stat == "entropy":
+    if stat == "max_entropy":
         worst = torch.where(masked, stats.entropy.float(), torch.full_like(stats.entropy.float(), -float("inf")))
         return -worst.amax(-1)
-    raise ValueError(f"stat must be one of {STATS}, got {stat!r}")
+    return aggregate_margin(stats.logit_margin, masked, stat, q)
 
 
 class HaltingRule:
@@ -151,7 +154,7 @@ class SchED(HaltingRule):
         schedule: the threshold as a function of progress. Paper defaults: ``high=7.5``, ``low=2.5``,
             kinds ``linear``, ``cosine`` or ``exp`` (``k=4``).
         stat: the span statistic (:func:`span_statistic`): ``mean`` (the paper), ``median``,
-            ``quantile`` (the ``q``-th quantile), ``min``, ``mean_content`` (padding excluded) or ``entropy``
+            ``quantile`` (the ``q``-th quantile), ``min``, ``mean_content`` (padding excluded) or ``max_entropy``
             (minus the worst position's entropy; give it a schedule of non-positive thresholds).
         q: quantile for ``stat="quantile"``.
         ignore_token_ids: the EOS / padding ids that ``mean_content`` leaves out (required for it).
@@ -176,8 +179,7 @@ class SchED(HaltingRule):
             schedule = ThresholdSchedule("cosine", high=7.5, low=2.5)
         if not isinstance(schedule, ThresholdSchedule):
             raise ValueError(f"schedule must be a ThresholdSchedule, got {type(schedule).__name__}")
-        if stat not in STATS:
-            raise ValueError(f"stat must be one of {STATS}, got {stat!r}")
+        check_stat(stat, SPAN)
         if not 0.0 <= q <= 1.0:
             raise ValueError(f"q must be in [0, 1], got {q}")
         if stat == "mean_content" and not ignore_token_ids:

@@ -19,7 +19,8 @@ from diffusers.configuration_utils import register_to_config
 from diffusers.schedulers.scheduling_block_refinement import BlockRefinementSchedulerOutput
 
 from ..common.schedules import ThresholdSchedule
-from ..dllm.halting import MARGIN_STATS, SchED
+from ..dllm.halting import SchED
+from ..dllm.statistics import BLOCK, check_stat
 from ..kernels import token_stats
 
 
@@ -30,7 +31,8 @@ class SchEDScheduler(BlockRefinementScheduler):
         schedule: threshold kind, ``constant | linear | cosine | exp | step``.
         high, low: the threshold at block progress 0 and 1, in logits of margin.
         k: decay rate, used by ``exp`` only.
-        stat: ``mean | median | quantile | min`` over the block's masked positions.
+        stat: ``mean | median | quantile | min`` over the block's masked positions (the ``block`` surface of
+            :data:`diffexit.dllm.statistics.STATISTICS`).
         q: the quantile for ``stat="quantile"``.
         min_progress: never halt a block before this progress.
         patience, max_change_ratio: SchED's stability gate (see :class:`diffexit.dllm.SchED`).
@@ -56,8 +58,7 @@ class SchEDScheduler(BlockRefinementScheduler):
     ):
         super().__init__(block_length=block_length, num_inference_steps=num_inference_steps, threshold=threshold,
                          editing_threshold=editing_threshold, minimal_topk=minimal_topk)
-        if stat not in MARGIN_STATS:
-            raise ValueError(f"SchEDScheduler's stat must be one of {MARGIN_STATS} (margins of the block), got {stat!r}")
+        check_stat(stat, BLOCK)
         self.halting = SchED(
             ThresholdSchedule(schedule, high, low, k=k if schedule == "exp" else None),
             stat=stat, q=q, min_progress=min_progress, patience=patience, max_change_ratio=max_change_ratio,

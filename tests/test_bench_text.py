@@ -25,7 +25,7 @@ def _bench(tmp_path, tiny_text_model, tasks):
     groups = ["controls"] + (["discriminating"] if set(tasks) - {"reverse", "add"} else [])
     assert {r["task"] for r in result["rows"]} == {*tasks, *groups}
     stats = {r["params"].get("stat") for r in result["rows"] if r["task"] == "controls"}
-    assert {"mean", "median", "quantile", "min", "mean_content", "entropy"} <= stats
+    assert {"mean", "median", "quantile", "min", "mean_content", "max_entropy"} <= stats
     caches = {r["params"]["cache"] for r in result["rows"] if "cache" in r["params"]}
     assert caches == {"prefix", "dual"}
     for task in (*tasks, *groups):

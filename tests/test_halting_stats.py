@@ -55,12 +55,12 @@ def test_mean_content_falls_back_when_everything_is_padding():
     assert span_statistic(stats, masked, "mean_content", ignore_token_ids=[EOS]).item() == 4.0
 
 
-def test_entropy_statistic_is_minus_the_worst_entropy():
+def test_max_entropy_statistic_is_minus_the_worst_entropy():
     stats = make_stats([[1.0, 1.0, 1.0]], [[5, 6, 7]], entropy=[[0.1, 0.7, 2.0]])
     masked = torch.tensor([[True, True, False]])
-    assert span_statistic(stats, masked, "entropy").item() == pytest.approx(-0.7)
-    tight = SchED(ThresholdSchedule("constant", -0.5, -0.5), stat="entropy")
-    loose = SchED(ThresholdSchedule("constant", -0.8, -0.8), stat="entropy")
+    assert span_statistic(stats, masked, "max_entropy").item() == pytest.approx(-0.7)
+    tight = SchED(ThresholdSchedule("constant", -0.5, -0.5), stat="max_entropy")
+    loose = SchED(ThresholdSchedule("constant", -0.8, -0.8), stat="max_entropy")
     args = (stats, masked, torch.zeros(1, dtype=torch.long), torch.zeros(1, dtype=torch.long))
     assert not tight.decide(*args).halt.item() and loose.decide(*args).halt.item()
 

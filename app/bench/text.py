@@ -77,14 +77,14 @@ def sched_methods() -> list[Method]:
     return out
 
 
-# Entropy halting compares minus the worst masked position's entropy (nats) with the schedule: from "every
+# max_entropy halting compares minus the worst masked position's entropy (nats) with the schedule: from "every
 # position below 0.1 nats" early on to "below 1 nat" at the end.
 ENTROPY_SCHEDULE = ThresholdSchedule("linear", -0.1, -1.0)
 
 
 def stat_methods(ignore_token_ids: tuple[int, ...]) -> list[Method]:
     """SchED with the statistics beyond the paper's mean, each at the paper's cosine (7.5 -> 2.5) and at a linear
-    schedule down to 0; entropy at :data:`ENTROPY_SCHEDULE`. ``ignore_token_ids``: EOS and padding."""
+    schedule down to 0; ``max_entropy`` at :data:`ENTROPY_SCHEDULE`. ``ignore_token_ids``: EOS and padding."""
     out = []
     for stat in ("median", "quantile", "min", "mean_content"):
         for sched in (ThresholdSchedule("cosine", 7.5, 2.5), ThresholdSchedule("linear", 7.5, 0.0)):
@@ -92,8 +92,8 @@ def stat_methods(ignore_token_ids: tuple[int, ...]) -> list[Method]:
             out.append(Method(f"sched-{sched.kind}-low{sched.low:g}-{stat}",
                               {"schedule": sched.to_dict(), "stat": stat, **({"q": 0.1} if stat == "quantile" else {})},
                               halting=lambda s=sched, st=stat, ig=ignore: SchED(s, stat=st, ignore_token_ids=ig)))
-    out.append(Method("sched-entropy", {"schedule": ENTROPY_SCHEDULE.to_dict(), "stat": "entropy"},
-                      halting=lambda: SchED(ENTROPY_SCHEDULE, stat="entropy")))
+    out.append(Method("sched-max_entropy", {"schedule": ENTROPY_SCHEDULE.to_dict(), "stat": "max_entropy"},
+                      halting=lambda: SchED(ENTROPY_SCHEDULE, stat="max_entropy")))
     return out
 
 

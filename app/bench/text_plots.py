@@ -15,7 +15,7 @@ SUMMARIES = ("discriminating", "controls")
 COLORS = {"sched": "tab:blue", "full": "black", "one-step": "tab:red", "prophet": "tab:orange",
           "parallel": "tab:green", "sched-cosine+parallel": "tab:purple", "sched (min)": "tab:cyan",
           "sched (quantile)": "tab:olive", "sched (median)": "tab:pink", "sched (mean_content)": "tab:brown",
-          "sched (entropy)": "navy"}
+          "sched (max_entropy)": "navy"}
 
 
 def _family(row: dict) -> str:

@@ -7,8 +7,8 @@ import time
 from functools import lru_cache
 from typing import Optional, Sequence
 
-from ...dllm.halting import STATS
 from ...dllm.rule_spec import check_halting_params, describe_halting, halting_rule
+from ...dllm.statistics import SPAN, Statistic, check_stat
 from .forms import MAX_TEXT_STEPS, _as_int, _choice, _error, _schedule
 from .models import Models
 from .streaming import Decoded, Tap, decode_streaming, relay
@@ -19,6 +19,8 @@ HALTING = (HALT_SCHED, HALT_PROPHET, HALT_NONE)
 MASK_GLYPH, EOS_GLYPH, SPACE_GLYPH = "▒", "·", "␣"
 SPAN_COLORS = {"masked": "#d4d4d8", "new": "#86efac", "filled at halt": "#fcd34d", "EOS padding": "#e0e7ff"}
 TRACE_HEADERS = ["pass", "progress", "statistic", "threshold", "committed", "masked before", "halted", "span after"]
+# The form's thresholds stay within this magnitude: far beyond any margin or entropy a model gives.
+MAX_THRESHOLD = 1e4
 
 
 @lru_cache(maxsize=1)
@@ -64,6 +66,13 @@ def _prompt_length(tokenizer, prompt: str, task: Optional[str]) -> int:
     return fits[0]
 
 
+def threshold_bounds(stat: Statistic) -> tuple[float, float]:
+    """The thresholds the form takes for ``stat``: its table range (margins >= 0, minus an entropy <= 0, so a
+    threshold of the wrong sign would halt at once or never), cut at :data:`MAX_THRESHOLD`."""
+    low, high = stat.bounds
+    return max(low, -MAX_THRESHOLD), min(high, MAX_THRESHOLD)
+
+
 def halting_from_form(name: str, kind, high, low, k, stat, tokenizer):
     """A fresh halting rule from the form (rules keep per-run state), or None for full steps; ``mean_content``
     leaves out the tokenizer's EOS and padding."""
@@ -72,11 +81,11 @@ def halting_from_form(name: str, kind, high, low, k, stat, tokenizer):
         return None
     if name == HALT_PROPHET:
         return halting_rule("prophet", {})
-    # Margins are top-1 minus top-2 logits, so never negative: a negative threshold would halt at once. Entropy is
-    # compared as minus the worst position's entropy, so its thresholds are <= 0.
-    stat = _choice("span statistic", stat, STATS)
-    bounds = (-1e4, 0.0) if stat == "entropy" else (0.0, 1e4)
-    schedule = _schedule(kind, high, low, k, what="entropy" if stat == "entropy" else "margin", bounds=bounds)
+    try:
+        entry = check_stat(stat, SPAN)
+    except ValueError as e:
+        raise _error(str(e)) from e
+    schedule = _schedule(kind, high, low, k, what=entry.reads, bounds=threshold_bounds(entry))
     try:
         return halting_rule("sched", check_halting_params(
             "sched", {"schedule": schedule.to_dict(), "stat": stat}, ignore_token_ids=(tokenizer.eos_token_id, tokenizer.pad_token_id)))
