@@ -26,7 +26,8 @@ COMMANDS: dict[tuple[str, str], tuple[str, str]] = {
     ("calibrate", "uem"): ("diffexit.app.calibrate_uem", "per-timestep exit thresholds within an error budget"),
     ("calibrate", "sched"): ("diffexit.app.calibrate_sched", "SchED parameters with a split-conformal risk bound"),
 }
-SINGLE = {"demo": ("diffexit.app.demo", "the Gradio demo on 127.0.0.1")}
+SINGLE = {"demo": ("diffexit.app.demo", "the Gradio demo on 127.0.0.1"),
+          "eval": ("diffexit.app.eval.command", "lm-evaluation-harness with the diffexit model and the shipped tasks")}
 
 
 def _parser() -> argparse.ArgumentParser:
