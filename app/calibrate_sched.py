@@ -20,9 +20,18 @@ from ..dllm.calibrate import SCAN_STATS, evaluate, family, record, save_sched, s
 from ..dllm.charlm.tasks import DECODE, TASK_NAMES, layout_of, sample
 from ..dllm.charlm.tokenizer import decode_answer, encode_prompts
 from ..dllm.halting import SchED
+from ..dllm.statistics import SPAN, check_scanned, describe
 from .models import load_text_model_or_embedded
 
 BATCH = 50
+
+
+def scanned_stat(name: str) -> str:
+    """``--stat``: a statistic that calibration scans, refused with the same message as every other surface."""
+    try:
+        return check_scanned(name).name
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def record_task(model, tok, task: str, seed: int, n: int, stat: str, q: float):
@@ -44,7 +53,8 @@ def main(argv: list[str], prog: str = "diffexit calibrate sched") -> int:
     p.add_argument("--risk", type=float, required=True, help="allowed rate of answer-changing halts, in (0, 1)")
     p.add_argument("--kind", default="cosine", choices=("linear", "cosine", "exp", "step"),
                    help="threshold schedule kind (default: %(default)s)")
-    p.add_argument("--stat", default="min", choices=SCAN_STATS, help="span statistic (default: %(default)s)")
+    p.add_argument("--stat", default="min", type=scanned_stat, metavar="{" + ",".join(SCAN_STATS) + "}",
+                   help=f"span statistic: {describe(SPAN, only_scanned=True)} (default: %(default)s)")
     p.add_argument("--q", type=float, default=0.1, help="quantile for --stat quantile (default: %(default)s)")
     p.add_argument("--tasks", nargs="+", default=list(TASK_NAMES), choices=TASK_NAMES, metavar="TASK",
                    help=f"tasks to calibrate on (default: all of {', '.join(TASK_NAMES)})")

@@ -15,7 +15,8 @@ conformal risk control (the split-conformal recipe that LYNX applies to early ex
 4. Measure the chosen rule on a separate validation split, with a 95% Wilson interval.
 
 The parameters go to a JSON file (``{"sched": {...}, ...}``, :func:`save_sched`) that ``diffexit generate text``, the
-demo and :func:`load_sched` accept. Only margin statistics are scanned (their thresholds are positive and scale).
+demo and :func:`load_sched` accept. Only the statistics marked ``scanned`` in :data:`~diffexit.dllm.statistics.STATISTICS`
+are scanned: margins, whose thresholds are positive and scale.
 The command itself, which records the embedded tasks, is ``diffexit.app.calibrate_sched``.
 """
 
@@ -33,8 +34,9 @@ from ..common.results import atomic_write_bytes
 from ..common.schedules import ThresholdSchedule
 from .generate import generate
 from .halting import HaltDecision, HaltingRule, SchED, span_statistic
+from .statistics import check_scanned, scanned_names
 
-SCAN_STATS = ("mean", "median", "quantile", "min", "mean_content")
+SCAN_STATS = scanned_names()
 SCALES = tuple(round(4.0 * 0.9 ** i, 6) for i in range(60))  # 4.0 down to about 0.008
 
 
@@ -43,6 +45,7 @@ class Recorder(HaltingRule):
     positions and the argmax: what any threshold on that statistic would have done."""
 
     def __init__(self, stat: str, q: float, ignore_token_ids: Sequence[int]):
+        check_scanned(stat)
         self.stat, self.q, self.ignore = stat, q, tuple(ignore_token_ids)
         self.steps: list[list[tuple[float, float, torch.Tensor, torch.Tensor]]] = []
 

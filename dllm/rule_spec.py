@@ -8,6 +8,8 @@ A rule is named by a method and its parameters, JSON-ready::
     prophet  {"window": 5, "answer_start": 0, "thresholds": [7.5, 5.0, 2.5]}   Prophet (its reference's rule)
 
 A schedule is written ``KIND:HIGH:LOW[:K]``, as a number (a constant threshold) or as a ``ThresholdSchedule`` dict.
+``stat`` names a statistic of :data:`diffexit.dllm.statistics.STATISTICS` (the rules check it against the table, so a
+bad name gets the same message here as everywhere).
 :func:`check_halting_params` validates and normalises parameters, :func:`halting_rule` builds a fresh rule (rules
 keep per-run state, so each decode needs its own), and :func:`describe_halting` says in a few words what one does.
 

@@ -14,13 +14,13 @@ decodes take the model's lock one at a time.
 from __future__ import annotations
 
 import time
-from functools import lru_cache
 from typing import Optional
 
+from ...dllm.statistics import CANVAS, check_stat
 from .forms import MAX_TEXT_STEPS, _as_float, _as_int, _choice, _error, _schedule
 from .models import Models
 from .streaming import Decoded, DraftTap, decode_streaming, relay
-from .text import EOS_GLYPH, SPACE_GLYPH, task_of, verdict
+from .text import EOS_GLYPH, SPACE_GLYPH, task_of, threshold_bounds, verdict
 
 STOP_SCHED, STOP_STOCK, STOP_NONE = "SchED", "stock (stable and confident)", "none (all steps)"
 STOPPING = (STOP_SCHED, STOP_STOCK, STOP_NONE)
@@ -42,13 +42,6 @@ def gemma_example(task: str, index: int, canvas_length: int) -> tuple[str, int, 
         canvas_length
 
 
-@lru_cache(maxsize=1)
-def _stats() -> tuple[str, ...]:
-    from ...dllm.diffusion_gemma import STATS
-
-    return STATS
-
-
 def stopping_from_form(name, kind, high, low, k, stat, confidence):
     """``(SchEDStopping or None, stock confidence threshold or None)`` from the form; both None: every step."""
     from ...dllm.diffusion_gemma import SchEDStopping
@@ -58,10 +51,11 @@ def stopping_from_form(name, kind, high, low, k, stat, confidence):
         return None, None
     if name == STOP_STOCK:
         return None, _as_float("confidence threshold", confidence, 0.0)
-    stat = _choice("canvas statistic", stat, _stats())
-    # Margins are never negative, so a negative threshold would stop at once; minus the mean entropy is <= 0.
-    bounds = (-1e4, 0.0) if stat == "mean_entropy" else (0.0, 1e4)
-    schedule = _schedule(kind, high, low, k, what="entropy" if stat == "mean_entropy" else "margin", bounds=bounds)
+    try:
+        entry = check_stat(stat, CANVAS)
+    except ValueError as e:
+        raise _error(str(e)) from e
+    schedule = _schedule(kind, high, low, k, what=entry.reads, bounds=threshold_bounds(entry))
     return SchEDStopping(schedule, stat=stat), None
 
 
