@@ -247,41 +247,10 @@ def load_model(args, device):
         raise JobError(str(e)) from None
 
 
-def _model_id(model: Optional[str]) -> str:
-    if model is None:
-        return "embedded"
-    return str(Path(model).resolve()) if Path(model).exists() else model
-
-
-# The command ---------------------------------------------------------------------------------------------------------
-
-def run(argv: Sequence[str], prog: str = "diffexit generate text") -> tuple[JobResult, Optional[JobResult]]:
-    """Parse ``argv``, generate, print the summary on the main process; returns the method's and full steps'
-    :class:`~diffexit.app.jobs.JobResult` (None without ``--compare-full``). Bad input raises :class:`JobError`."""
-    args = _parser(prog).parse_args(list(argv))
-    if args.n is not None and args.task is None:
-        raise JobError("--n goes with --task; a --prompts file lists its prompts")
-    if args.batch_size < 1:
-        raise JobError(f"--batch-size must be positive, got {args.batch_size}")
-    for name in ("gen_length", "steps", "block_length"):
-        value = getattr(args, name)
-        if value is not None and value < 1:
-            raise JobError(f"--{name.replace('_', '-')} must be positive, got {value}")
-    method, params = resolve_method(args)
-    loop = loop_options(args)
-    items = read_prompts(args.prompts) if args.prompts else task_items(args.task, args.n, args.seed)
-    out = prepare_out_dir(args.out)
-
-    state = process_state()
-    # Held from before the model loads: a folder another job is writing is refused before that work.
-    with lock_out_dir(out, state):
-        return _generate(args, out, state, method, params, loop, items)
-
-
-def _generate(args, out: Path, state, method: str, params: dict, loop: DecodeSpec,
-              items: list[Item]) -> tuple[JobResult, Optional[JobResult]]:
-    """:func:`run`'s work once the inputs are checked and the folder is locked."""
-    kind, model, tokenizer = load_model(args, state.device)
+def build_engines(args, kind: str, model, tokenizer, method: str, params: dict, loop: DecodeSpec):
+    """``(engine, full_engine, decode)`` for a loaded model (:func:`load_model`): the method's engine, the full-steps
+    one, and the decoding settings ``job.json`` records. ``args`` holds the flags (``TRANSFORMERS_ONLY``, the block
+    length, cache and parallel threshold); ``diffexit eval`` builds its engine here too, so both decode alike."""
     if kind == "gemma":
         from ..dllm.rule_spec import gemma_stopping
 
@@ -320,6 +289,45 @@ def _generate(args, out: Path, state, method: str, params: dict, loop: DecodeSpe
         decode = {"decode": spec.to_dict()}
         if kind == "transformers":
             decode.update(mask_id=options["mask_id"], trust_remote_code=options["trust_remote_code"])
+    return engine, full_engine, decode
+
+
+def _model_id(model: Optional[str]) -> str:
+    if model is None:
+        return "embedded"
+    return str(Path(model).resolve()) if Path(model).exists() else model
+
+
+# The command ---------------------------------------------------------------------------------------------------------
+
+def run(argv: Sequence[str], prog: str = "diffexit generate text") -> tuple[JobResult, Optional[JobResult]]:
+    """Parse ``argv``, generate, print the summary on the main process; returns the method's and full steps'
+    :class:`~diffexit.app.jobs.JobResult` (None without ``--compare-full``). Bad input raises :class:`JobError`."""
+    args = _parser(prog).parse_args(list(argv))
+    if args.n is not None and args.task is None:
+        raise JobError("--n goes with --task; a --prompts file lists its prompts")
+    if args.batch_size < 1:
+        raise JobError(f"--batch-size must be positive, got {args.batch_size}")
+    for name in ("gen_length", "steps", "block_length"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise JobError(f"--{name.replace('_', '-')} must be positive, got {value}")
+    method, params = resolve_method(args)
+    loop = loop_options(args)
+    items = read_prompts(args.prompts) if args.prompts else task_items(args.task, args.n, args.seed)
+    out = prepare_out_dir(args.out)
+
+    state = process_state()
+    # Held from before the model loads: a folder another job is writing is refused before that work.
+    with lock_out_dir(out, state):
+        return _generate(args, out, state, method, params, loop, items)
+
+
+def _generate(args, out: Path, state, method: str, params: dict, loop: DecodeSpec,
+              items: list[Item]) -> tuple[JobResult, Optional[JobResult]]:
+    """:func:`run`'s work once the inputs are checked and the folder is locked."""
+    kind, model, tokenizer = load_model(args, state.device)
+    engine, full_engine, decode = build_engines(args, kind, model, tokenizer, method, params, loop)
     engine.check(items)
 
     job = make_job(items, args.batch_size, group=engine.group)

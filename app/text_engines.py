@@ -176,7 +176,8 @@ class EmbeddedEngine:
         ids, attention = encode_prompts(self.tokenizer, prompts, layout.prompt_length)
         device = next(self.model.parameters()).device
         out = generate(self.model, ids.to(device), attention_mask=attention.to(device),
-                       mask_id=self.tokenizer.mask_token_id, **self.layout_spec(layout).loop_kwargs())
+                       mask_id=self.tokenizer.mask_token_id, eos_token_ids=[self.tokenizer.eos_token_id],
+                       **self.layout_spec(layout).loop_kwargs())
         texts = [decode_answer(self.tokenizer, span) for span in out.generated.cpu()]
         return _records(items, texts, out, self.method)
 

@@ -209,8 +209,7 @@ def test_written_keys_and_values_are_those_of_a_fresh_forward(tok):
 
 
 def test_block_causal_decoding_refuses_what_does_not_fit(tok):
-    from diffexit.dllm import SchED, generate
-    from diffexit.samplers import ThresholdSchedule
+    from diffexit.dllm import Prophet, generate
 
     model = block_model(tok)
     ids, mask = encode_prompts(tok, ["rev:ab"], PROMPT)
@@ -219,8 +218,8 @@ def test_block_causal_decoding_refuses_what_does_not_fit(tok):
         generate(model, ids, block_length=2, **kw)
     with pytest.raises(ValueError, match="use cache='prefix'"):
         generate(model, ids, block_length=BLOCK, cache="dual", **kw)
-    with pytest.raises(ValueError, match="halting=None with the cache"):
-        generate(model, ids, block_length=BLOCK, cache="prefix", halting=SchED(ThresholdSchedule("constant", 1, 1)), **kw)
+    with pytest.raises(ValueError, match="use SchED"):
+        generate(model, ids, block_length=BLOCK, cache="prefix", halting=Prophet(), **kw)
     short, short_mask = encode_prompts(tok, ["rev:ab"], PROMPT - 2)
     with pytest.raises(ValueError, match=f"pad the prompts to {PROMPT}"):
         generate(model, short, **{**kw, "attention_mask": short_mask}, block_length=BLOCK)

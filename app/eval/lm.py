@@ -180,32 +180,19 @@ def _process_state():
 
 
 def _engine(model_options: dict, spec, device):
-    """The engine ``generate text`` decodes with, for this model and spec (its loader, its checks)."""
+    """The engine ``generate text`` decodes with, for this model and spec: its loader and its engine builder."""
     from .. import generate_text as gt
     from ..jobs import JobError
-    from ..text_engines import EmbeddedEngine, GemmaEngine, TransformersEngine
 
     args = SimpleNamespace(model=model_options.get("model"), dtype=model_options.get("dtype", "float32"),
-                           gen_length=spec.gen_length, steps=spec.steps, loop=model_options.get("loop"),
+                           gen_length=spec.gen_length, steps=spec.steps, block_length=spec.block_length,
+                           cache=spec.cache, parallel_threshold=spec.parallel_threshold, loop=model_options.get("loop"),
                            mask_id=model_options.get("mask_id"), trust_remote_code=model_options.get("trust_remote_code"))
     if args.dtype not in gt.DTYPES:
         raise ValueError(f"dtype must be one of {list(gt.DTYPES)}, got {args.dtype!r}")
     try:
         kind, model, tokenizer = gt.load_model(args, device or _process_state().device)
-        if kind == "gemma":
-            from ...dllm.rule_spec import gemma_stopping
-
-            if spec.block_length or spec.cache or spec.parallel_threshold is not None:
-                raise ValueError("block_length, cache and parallel_threshold are not for a DiffusionGemma model, "
-                                 "which decodes with its own generate")
-            rule = gemma_stopping(spec.method, spec.params)
-            params = {} if rule is None else rule.to_dict()
-            make_rule = None if rule is None else (lambda: gemma_stopping(spec.method, params))
-            return GemmaEngine(model, tokenizer, spec.method, make_rule, spec.steps, spec.gen_length)
-        if kind == "transformers":
-            options = gt.transformers_options(args)
-            spec = spec.replace(loop=options["loop"]).with_lengths(options["gen_length"], options["steps"], None)
-        spec = gt.with_method(spec, spec.method, spec.params, tokenizer)
-        return EmbeddedEngine(model, tokenizer, spec) if kind == "embedded" else TransformersEngine(model, spec)
+        loop = spec.replace(method="full", params={})
+        return gt.build_engines(args, kind, model, tokenizer, spec.method, spec.params, loop)[0]
     except JobError as e:
         raise ValueError(str(e)) from None
