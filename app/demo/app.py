@@ -31,9 +31,11 @@ from typing import Optional, Sequence
 import gradio as gr
 
 from ...common.cli_help import HelpFormatter
-from ...dllm.halting import STATS
+from ...dllm.statistics import CANVAS, SPAN
+from ...dllm.statistics import describe as describe_stats
+from ...dllm.statistics import names as stat_names
 from ..models import embedded_text_models
-from .forms import MAX_IMAGE_STEPS, MAX_IMAGES, SCHEDULE_KINDS, int_checkboxes
+from .forms import CACHE_NONE, CACHES, MAX_IMAGE_STEPS, MAX_IMAGES, SCHEDULE_KINDS, int_checkboxes
 from .gemma_text import GEMMA_SPAN_COLORS, GEMMA_TRACE_HEADERS, STOP_SCHED, STOP_STOCK
 from .gemma_text import STOPPING as GEMMA_STOPPING
 from .gemma_text import gemma_example, run_gemma_text
@@ -63,10 +65,13 @@ class Demo:
         return run_images(self.models, digits, count, steps, sampler, guidance, rule, threshold, kind, high, low, k,
                           depths, seed, budget, progress)
 
-    def text(self, prompt, gen_length, steps, block_length, halting, kind, high, low, k, stat):
-        """Decode ``prompt`` under the halting rule, streaming; then full steps (:func:`.text.run_text`)."""
+    def text(self, prompt, gen_length, steps, block_length, halting, kind, high, low, k, stat, cache=CACHE_NONE,
+             parallel=0.0):
+        """Decode ``prompt`` under the halting rule, KV cache and parallel commits, streaming; then plain full steps
+        (:func:`.text.run_text`)."""
         release_freed_memory()
-        yield from run_text(self.models, prompt, gen_length, steps, block_length, halting, kind, high, low, k, stat)
+        yield from run_text(self.models, prompt, gen_length, steps, block_length, halting, kind, high, low, k, stat,
+                            cache, parallel)
 
     def gemma_text(self, prompt, gen_length, steps, stopping, kind, high, low, k, stat, confidence):
         """Decode ``prompt`` with a DiffusionGemma's ``generate`` under the stopping rule, streaming; then every
@@ -178,7 +183,7 @@ def build_app(text_model: Optional[str | Path] = None, image_pipeline: Optional[
         if models.text_is_gemma():
             _gemma_text_tab(demo, models)
         else:
-            _text_tab(demo)
+            _text_tab(demo, models)
 
     app.queue(default_concurrency_limit=TEXT_CONCURRENCY, max_size=MAX_QUEUE)
     return app
@@ -200,11 +205,17 @@ def _text_outputs(span_label: str, colors: dict, trace_label: str, table_title: 
     return [answer, summary, span, trace, table, details]
 
 
-def _text_tab(demo: Demo) -> None:
+def _text_tab(demo: Demo, models: Models) -> None:
     """The text tab for a LLaDA-style model: the decoding loop of :func:`diffexit.dllm.generate`."""
     from ...dllm.charlm.tasks import TASK_NAMES
 
-    first = example(FIRST_TASK)
+    layout = models.block_causal_layout()
+
+    def preset(task_name, i=0):
+        prompt, gen_length, steps, block = example(task_name, i)
+        return i, prompt, gen_length, steps, block if layout is None else layout[1]  # a block-causal model's own
+
+    first = preset(FIRST_TASK)[1:]
     with gr.Tab("Text: SchED halting", id="text"):
         with gr.Row():
             with gr.Column(scale=1, min_width=300):
@@ -229,16 +240,17 @@ def _text_tab(demo: Demo) -> None:
                         sched_low = gr.Number(2.5, label="low", elem_id="sched-low")
                         sched_k = gr.Number(4.0, label="k (exp only)", elem_id="sched-k")
                     # The min keeps every answer on the embedded model (README); the paper's mean changes 61%.
-                    stat = gr.Dropdown(list(STATS), value="min", label="statistic over the masked span",
-                                       info="mean: the paper's; quantile: the 10% quantile; mean_content: "
-                                            "EOS padding left out; entropy: minus the worst position's "
-                                            "entropy (give thresholds <= 0)")
+                    stat = gr.Dropdown(list(stat_names(SPAN)), value="min", label="statistic over the masked span",
+                                       info=describe_stats(SPAN))
+                with gr.Row():
+                    cache = gr.Radio(list(CACHES), value=CACHE_NONE, label="KV cache", elem_id="cache",
+                                     info="Fast-dLLM's block-wise caches; on a block-causal model prefix is exact")
+                    parallel = gr.Number(0.0, label="parallel commits", elem_id="parallel",
+                                         info="0: off; a confidence in (0, 1]: also commit every masked token of "
+                                              "the block at least this probable")
                 run_text = gr.Button("Decode", variant="primary", elem_id="run-text")
             outputs = _text_outputs("span (streams while decoding)", SPAN_COLORS, "margin against threshold",
                                     "the span after every forward pass", TRACE_HEADERS)
-
-        def preset(task_name, i=0):
-            return (i, *example(task_name, i))
 
         preset_outputs = [index, prompt, gen_length, text_steps, block_length]
         task.change(preset, task, preset_outputs, api_name="example")
@@ -248,7 +260,7 @@ def _text_tab(demo: Demo) -> None:
         run_text.click(
             demo.text,
             [prompt, gen_length, text_steps, block_length, halting, sched_kind, sched_high, sched_low, sched_k,
-             stat],
+             stat, cache, parallel],
             outputs,
             api_name="text",
         )
@@ -257,7 +269,6 @@ def _text_tab(demo: Demo) -> None:
 def _gemma_text_tab(demo: Demo, models: Models) -> None:
     """The text tab for a DiffusionGemma: its own ``generate``, under SchED, the stock rule or every step."""
     from ...dllm.charlm.tasks import TASK_NAMES
-    from ...dllm.diffusion_gemma import STATS as GEMMA_STATS
 
     canvas = models.gemma_canvas_length()
     first = gemma_example(FIRST_TASK, 0, canvas)
@@ -288,9 +299,8 @@ def _gemma_text_tab(demo: Demo, models: Models) -> None:
                         sched_high = gr.Number(8.0, label="high", elem_id="sched-high")
                         sched_low = gr.Number(3.0, label="low", elem_id="sched-low")
                         sched_k = gr.Number(4.0, label="k (exp only)", elem_id="sched-k")
-                    stat = gr.Dropdown(list(GEMMA_STATS), value="min", label="statistic over the canvas",
-                                       info="of the temperature-scaled logits' top-1 minus top-2 margin; "
-                                            "mean_entropy: minus the mean token entropy (give thresholds <= 0)")
+                    stat = gr.Dropdown(list(stat_names(CANVAS)), value="min", label="statistic over the canvas",
+                                       info="of the temperature-scaled logits: " + describe_stats(CANVAS))
                 run_text = gr.Button("Decode", variant="primary", elem_id="run-text")
             outputs = _text_outputs("argmax canvas (streams while decoding)", GEMMA_SPAN_COLORS,
                                     "statistic against threshold", "the canvas after every denoising step",

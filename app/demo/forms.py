@@ -9,10 +9,14 @@ import gradio as gr
 
 from ...common.schedules import KINDS as SCHEDULE_KINDS
 from ...common.schedules import ThresholdSchedule
+from ...dllm.kv_cache import CACHES as KV_CACHES
 
 MAX_IMAGES = 16
 MAX_IMAGE_STEPS = 200
 MAX_TEXT_STEPS = 512
+# The text tab's KV cache choices: none, or the loop's (dllm.kv_cache.CACHES).
+CACHE_NONE = "none"
+CACHES = (CACHE_NONE, *KV_CACHES)
 
 
 def int_checkboxes(choices: Sequence[tuple[str, int]], **kwargs) -> gr.CheckboxGroup:

@@ -129,6 +129,20 @@ class Models:
 
         return self.text_path is not None and is_diffusion_gemma(Path(self.text_path))
 
+    def block_causal_layout(self) -> Optional[tuple[int, int]]:
+        """``(prompt_length, block_length)`` of a block-causal text model, from its config alone (nothing is
+        loaded); None for any other (:func:`diffexit.dllm.exact_cache.block_causal_layout`)."""
+        import json
+        from types import SimpleNamespace
+
+        from ...dllm.exact_cache import block_causal_layout
+
+        try:
+            config = json.loads((self.text_path / "config.json").read_text()) if self.text_path else {}
+        except (OSError, ValueError):
+            return None  # loading the model says what is wrong with it
+        return block_causal_layout(SimpleNamespace(config=SimpleNamespace(**config)))
+
     def gemma_canvas_length(self) -> int:
         """The DiffusionGemma text model's canvas length, from its config alone."""
         import json
@@ -249,12 +263,15 @@ class Models:
 
 
 def _warm_up_text(model, tokenizer) -> None:
-    """One short decode, so the first request's timings do not include one-off costs."""
+    """One short decode, so the first request's timings do not include one-off costs; a block-causal model's in
+    its own layout (a prompt block, then one span block)."""
     from ...dllm.charlm.tokenizer import encode_prompts
+    from ...dllm.exact_cache import block_causal_layout
     from ...dllm.generate import generate
 
-    ids, attn = encode_prompts(tokenizer, ["a"], 1)
-    generate(model, ids, attention_mask=attn, gen_length=2, steps=1, mask_id=tokenizer.mask_token_id)
+    prompt_length, block = block_causal_layout(model) or (1, 2)
+    ids, attn = encode_prompts(tokenizer, ["a"], prompt_length)
+    generate(model, ids, attention_mask=attn, gen_length=block, steps=1, mask_id=tokenizer.mask_token_id)
 
 
 def _warm_up_gemma(model, tokenizer) -> None:

@@ -30,23 +30,33 @@ class _Cancelled(Exception):
 
 
 class Tap:
-    """The model as ``generate`` sees it: every forward pass first reports the span it is about to read.
+    """The model as ``generate`` sees it: every forward pass first reports the span as it stands.
+
+    A cached pass (``cache="prefix"`` / ``"dual"``) reads only a window of the sequence, starting at its first
+    ``position_ids``; the window is written over the span as last reported, since tokens outside it did not change.
 
     Args:
-        model: the text model (``model(input_ids, attention_mask=...)`` -> ``.logits``).
-        prompt_length: where the span starts in ``input_ids``.
-        events: gets the span token ids ``list[int]`` of every forward pass (batch of one).
+        model: the text model (``model(input_ids, attention_mask=..., ...)`` -> ``.logits``).
+        prompt_length: where the span starts in the sequence.
+        span: the span's token ids before the first pass (every position masked), ``list[int]``.
+        events: gets the span ``list[int]`` at every forward pass (batch of one).
         cancelled: set when nobody is listening any more; the next forward raises ``_Cancelled``.
     """
 
-    def __init__(self, model, prompt_length: int, events: queue.Queue, cancelled: threading.Event):
-        self.model, self.config = model, model.config
-        self.prompt_length, self.events, self.cancelled = prompt_length, events, cancelled
+    def __init__(self, model, prompt_length: int, span: list[int], events: queue.Queue, cancelled: threading.Event):
+        # ``forward`` is what the caches inspect for the model's cache keyword; calls come through ``__call__``.
+        self.model, self.config, self.forward = model, model.config, model.forward
+        self.prompt_length, self.span, self.events, self.cancelled = prompt_length, list(span), events, cancelled
 
     def __call__(self, input_ids, **kwargs):
         if self.cancelled.is_set():
             raise _Cancelled
-        self.events.put(input_ids[0, self.prompt_length:].tolist())
+        positions = kwargs.get("position_ids")
+        start = 0 if positions is None else int(positions[0, 0])
+        for i, token in enumerate(input_ids[0].tolist(), start - self.prompt_length):
+            if 0 <= i < len(self.span):
+                self.span[i] = token
+        self.events.put(list(self.span))
         return self.model(input_ids, **kwargs)
 
 

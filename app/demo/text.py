@@ -7,9 +7,10 @@ import time
 from functools import lru_cache
 from typing import Optional, Sequence
 
-from ...dllm.rule_spec import check_halting_params, describe_halting, halting_rule
+from ...dllm.decode_spec import DecodeSpec
+from ...dllm.rule_spec import check_halting_params, describe_halting, halting_rule, halting_spec
 from ...dllm.statistics import SPAN, Statistic, check_stat
-from .forms import MAX_TEXT_STEPS, _as_int, _choice, _error, _schedule
+from .forms import CACHE_NONE, MAX_TEXT_STEPS, _as_int, _choice, _error, _schedule
 from .models import Models
 from .streaming import Decoded, Tap, decode_streaming, relay
 
@@ -88,7 +89,26 @@ def halting_from_form(name: str, kind, high, low, k, stat, tokenizer):
     schedule = _schedule(kind, high, low, k, what=entry.reads, bounds=threshold_bounds(entry))
     try:
         return halting_rule("sched", check_halting_params(
-            "sched", {"schedule": schedule.to_dict(), "stat": stat}, ignore_token_ids=(tokenizer.eos_token_id, tokenizer.pad_token_id)))
+            "sched", {"schedule": schedule.to_dict(), "stat": stat},
+            ignore_token_ids=(tokenizer.eos_token_id, tokenizer.pad_token_id)))
+    except ValueError as e:
+        raise _error(str(e)) from e
+
+
+def spec_from_form(gen_length: int, steps: int, block_length: int, halting: str, rule, cache,
+                   parallel) -> DecodeSpec:
+    """The :class:`~diffexit.dllm.decode_spec.DecodeSpec` the form names, checked by the spec itself, so a bad
+    option gets the message ``generate text`` gives. ``halting``: the form's rule name, ``rule``:
+    :func:`halting_from_form`'s (its parameters already leave out the tokenizer's EOS and padding); ``cache``:
+    ``CACHE_NONE``, ``prefix`` or ``dual``; ``parallel``: 0 (or empty) for off, else the commit threshold."""
+    # Prophet runs with its defaults, and its to_dict() also names its cutoffs, which its parameters do not take.
+    method = {HALT_NONE: "full", HALT_PROPHET: "prophet"}.get(halting)
+    named = {"method": method, "params": {}} if method else halting_spec(rule)
+    try:
+        return DecodeSpec(gen_length=gen_length, steps=steps, block_length=block_length,
+                          cache=None if cache == CACHE_NONE else cache,
+                          parallel_threshold=None if parallel in (None, 0) else parallel,
+                          **named)
     except ValueError as e:
         raise _error(str(e)) from e
 
@@ -165,8 +185,11 @@ def _trace_rows(tokenizer, trace: list) -> list[list]:
              "yes" if t.halted else "", span_text(tokenizer, t.tokens)] for t in trace]
 
 
-def run_text(models: Models, prompt, gen_length, steps, block_length, halting, kind, high, low, k, stat):
-    """Decode ``prompt`` under the halting rule, streaming each forward pass; then full steps to compare.
+def run_text(models: Models, prompt, gen_length, steps, block_length, halting, kind, high, low, k, stat,
+             cache=CACHE_NONE, parallel=0.0):
+    """Decode ``prompt`` under the halting rule, KV cache and parallel commits (:func:`spec_from_form`), streaming
+    each forward pass; then plain full steps (no rule, no cache, no parallel commits) to compare, unless that is
+    what was decoded.
 
     Yields ``(answer, summary markdown, span highlights, trace figure, trace table, details dict)``; updates
     while decoding carry only the status and the span (the answer is empty, the rest None).
@@ -182,6 +205,9 @@ def run_text(models: Models, prompt, gen_length, steps, block_length, halting, k
     block_length = _as_int("block length", block_length, 1)
     model, tok = models.text()
     rule = halting_from_form(halting, kind, high, low, k, stat, tok)
+    spec = spec_from_form(gen_length, steps, block_length, halting, rule, cache, parallel)
+    # Made afresh, not spec.replace(...): a Prophet spec's normalised parameters do not pass its own check again.
+    baseline = DecodeSpec(gen_length=gen_length, steps=steps, block_length=block_length)
 
     unknown = sorted({c for c in prompt if tok.convert_tokens_to_ids(c) == tok.unk_token_id})
     if unknown:
@@ -199,17 +225,18 @@ def run_text(models: Models, prompt, gen_length, steps, block_length, halting, k
     except ValueError as e:  # longer than the task's prompt layout
         raise _error(str(e)) from e
 
-    def decode(rule_for_run):
+    def decode(run_spec: DecodeSpec):
         def run(events, cancelled):
+            tap = Tap(model, prompt_length, [tok.mask_token_id] * gen_length, events, cancelled)
             start = time.perf_counter()
-            out = generate(Tap(model, prompt_length, events, cancelled), ids, attention_mask=attn,
-                           gen_length=gen_length, steps=steps, block_length=block_length,
-                           mask_id=tok.mask_token_id, halting=rule_for_run, return_trace=True)
+            out = generate(tap, ids, attention_mask=attn, mask_id=tok.mask_token_id, return_trace=True,
+                           **run_spec.loop_kwargs())
             return Decoded(out, time.perf_counter() - start)
 
         return run
 
-    name = describe_halting(rule)
+    name = "; ".join([describe_halting(rule)] + ([f"cache {spec.cache}"] if spec.cache else [])
+                     + ([f"parallel >= {spec.parallel_threshold:g}"] if spec.parallel_threshold else []))
     shown: list = [None]  # the span on the page, so the next update can mark what is new
 
     # While decoding, the previous request's results are cleared: only the status and the span show.
@@ -220,14 +247,15 @@ def run_text(models: Models, prompt, gen_length, steps, block_length, halting, k
     def comparing(passes, span):
         # Drawn like the halted run's updates, so both timed decodes share the page's overhead alike.
         value, shown[0] = _highlighted(tok, span, shown[0]), span
-        status = (f"Halted after {int(decoded.out.nfe[0])} forward passes. Decoding with full steps to compare: "
+        status = (f"Done in {int(decoded.out.nfe[0])} forward passes. Decoding with full steps to compare: "
                   f"pass {passes} of {steps}.")
         return "", status, value, None, None, None
 
     try:
-        decoded = yield from relay(decode_streaming(decode(rule)), live)
-        full = decoded if rule is None else (yield from relay(decode_streaming(decode(None)), comparing))
-    except ValueError as e:  # generate's checks: block length, steps per block, ...
+        decoded = yield from relay(decode_streaming(decode(spec)), live)
+        compared = spec != baseline
+        full = (yield from relay(decode_streaming(decode(baseline)), comparing)) if compared else decoded
+    except ValueError as e:  # the loop's checks: a block-causal model's blocks, dual cache on it, ...
         raise _error(str(e)) from e
 
     out, trace = decoded.out, decoded.out.trace[0]
@@ -247,13 +275,15 @@ def run_text(models: Models, prompt, gen_length, steps, block_length, halting, k
             pass
     details = {
         "task": task, "prompt_length": prompt_length, "gen_length": gen_length, "steps": steps,
-        "block_length": block_length, "halting": name, "answer": answer, "nfe": nfe, "halt_step": halt_step,
+        "block_length": block_length, "halting": describe_halting(rule), "decoding": name, "cache": spec.cache,
+        "parallel_threshold": spec.parallel_threshold, "decode": spec.to_dict(), "compared": compared,
+        "answer": answer, "nfe": nfe, "halt_step": halt_step,
         "full_steps_answer": full_answer, "full_steps_nfe": full_nfe, "speedup_nfe": full_nfe / nfe,
         "seconds": decoded.seconds, "seconds_full_steps": full.seconds,
         "speedup_wall": full.seconds / decoded.seconds, "valid": valid, "full_steps_valid": full_valid,
     }
     yield (answer, _text_summary(details), _highlighted(tok, out.generated[0].tolist(), filled=filled),
-           trace_plot(trace, None if rule is None else full.out.trace[0],
+           trace_plot(trace, full.out.trace[0] if compared else None,
                       None if rule is None else rule.threshold_per_step(steps),
                       f"{name}: {nfe} of {full_nfe} forward passes"),
            _trace_rows(tok, trace), details)
@@ -266,13 +296,14 @@ def verdict(valid: Optional[bool]) -> str:
 
 def _text_summary(d: dict) -> str:
     head = f"Answer `{d['answer']}`{verdict(d['valid'])}."
-    if d["halting"] == "full steps":
+    if not d["compared"]:
         return f"{head} **NFE {d['nfe']}**: full steps, no halting rule ({d['seconds']:.2f} s)."
-    halted = f"halted at pass {d['halt_step'] + 1}" if d["halt_step"] >= 0 else "never halted"
+    halted = "" if d["halting"] == "full steps" else \
+        f"; {'halted at pass ' + str(d['halt_step'] + 1) if d['halt_step'] >= 0 else 'never halted'}"
     same = ("the same answer" if d["answer"] == d["full_steps_answer"]
             else f"`{d['full_steps_answer']}`{verdict(d['full_steps_valid'])}")
     return (
         f"{head} **NFE {d['nfe']}** against {d['full_steps_nfe']} for full steps: **{d['speedup_nfe']:.2f}x fewer "
         f"forward passes**, {d['speedup_wall']:.2f}x wall-clock ({d['seconds']:.2f} s against "
-        f"{d['seconds_full_steps']:.2f} s); {halted}. Full steps give {same}."
+        f"{d['seconds_full_steps']:.2f} s), decoding with {d['decoding']}{halted}. Full steps give {same}."
     )
