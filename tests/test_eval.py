@@ -147,3 +147,10 @@ def test_two_processes_give_the_single_process_results(tmp_path):
     assert [[r["nfe"] for r in s["diffexit"]] for s in two] == [[r["nfe"] for r in s["diffexit"]] for s in one]
     assert _results(tmp_path / "two")["diffexit_trio"]["exact_match,none"] == \
         _results(tmp_path / "one")["diffexit_trio"]["exact_match,none"]
+
+
+def test_apply_chat_template_without_a_template_is_a_one_line_error(tmp_path, capsys):
+    code = eval_main(["--tasks", "diffexit_pick", "--limit", "1", "--apply_chat_template", "--output_path", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "has no chat template; drop --apply_chat_template" in err

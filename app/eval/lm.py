@@ -100,6 +100,25 @@ class DiffexitLM(LM):
 
         dist.barrier()
 
+    # Chat templates (lm-eval's --apply_chat_template): the model's tokenizer's own.
+
+    @property
+    def _tokenizer(self):
+        return self.engine.pipe.tokenizer if hasattr(self.engine, "pipe") else self.engine.tokenizer
+
+    @property
+    def tokenizer_name(self) -> str:
+        return str(getattr(self._tokenizer, "name_or_path", "") or type(self._tokenizer).__name__).replace("/", "__")
+
+    def chat_template(self, chat_template=False):
+        return getattr(self._tokenizer, "chat_template", None) if chat_template else None
+
+    def apply_chat_template(self, chat_history, add_generation_prompt=True) -> str:
+        if getattr(self._tokenizer, "chat_template", None) is None:
+            raise ValueError(f"the tokenizer of {self.tokenizer_name} has no chat template; drop --apply_chat_template")
+        return self._tokenizer.apply_chat_template(chat_history, tokenize=False,
+                                                   add_generation_prompt=add_generation_prompt)
+
     # Requests.
 
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
