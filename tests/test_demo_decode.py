@@ -100,3 +100,19 @@ def test_halting_and_parallel_commits_compose(demo):
     details = decode(demo, halting="SchED", parallel=0.9, cache="prefix")[-1][5]
     assert details["decode"]["method"] == "sched" and details["decode"]["cache"] == "prefix"
     assert 1 <= details["nfe"] <= 16 and details["full_steps_nfe"] == 16
+
+
+def test_the_page_reads_the_statistics_table_and_a_block_causal_models_blocks():
+    import gradio as gr
+
+    from diffexit.app.demo import build_app
+    from diffexit.dllm.statistics import SPAN, describe, names
+
+    app = build_app(text_model="charlm-block")
+    stat = next(b for b in app.blocks.values() if isinstance(b, gr.Dropdown)
+                and b.label == "statistic over the masked span")
+    assert [value for _, value in stat.choices] == list(names(SPAN)) and stat.info == describe(SPAN)
+    preset = next(fn for fn in app.fns.values() if fn.api_name == "example").fn
+    # chain's layout decodes in blocks of 34; the block-causal model only in its own blocks of 4.
+    assert preset("chain")[1:] == (example("chain", 0)[0], 136, 136, 4)
+    assert example("chain", 0)[3] == 34
