@@ -82,9 +82,13 @@ def main(argv: list[str], prog: str = "diffexit calibrate sched") -> int:
         print(f"{prog}: {e}", file=sys.stderr)
         return 1
     cal, val = [], []
-    for task in tqdm(args.tasks, desc="recording full-step runs"):
-        cal += record_task(model, tok, task, 1, args.n_cal, args.stat, args.q)
-        val += record_task(model, tok, task, 2, args.n_val, args.stat, args.q)
+    try:
+        for task in tqdm(args.tasks, desc="recording full-step runs"):
+            cal += record_task(model, tok, task, 1, args.n_cal, args.stat, args.q)
+            val += record_task(model, tok, task, 2, args.n_val, args.stat, args.q)
+    except ValueError as e:  # a model calibration cannot record (a block-causal one): refused at its first batch
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        return 2
     scale, scan = select_scale(cal, args.kind, args.risk)
     if scale is None:
         print(f"{prog}: no scale meets risk {args.risk} on {len(cal)} examples", file=sys.stderr)

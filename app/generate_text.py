@@ -18,8 +18,8 @@ Models: the embedded model by default, or ``--model``:
 - a ``DiffusionGemmaForBlockDiffusion`` folder (``diffexit train text --arch diffusion-gemma --export`` writes one):
   decoded by the model's own ``generate``, each item alone and seeded by its id; ``--steps`` sets the denoising
   steps per canvas and ``--gen-length`` the tokens of a prompt without a task; methods ``full`` and ``sched``
-  (``schedule``, ``stat`` in mean/median/quantile/min/mean_entropy, ``q``, ``patience``); ``nfe`` counts decoder
-  passes and ``halt_step`` is null (each canvas stops on its own);
+  (``schedule``, ``stat`` a canvas statistic of ``diffexit.dllm.statistics.STATISTICS``, ``q``, ``patience``);
+  ``nfe`` counts decoder passes and ``halt_step`` is null (each canvas stops on its own);
 - anything else goes through transformers: a folder, or a Hub id already in the local Hugging Face cache (nothing
   is downloaded here: ``hf download GSAI-ML/LLaDA-8B-Instruct`` first). ``--trust-remote-code`` for LLaDA and Dream;
   decoded with ``--gen-length``, ``--steps``, ``--block-length`` and ``--loop`` (``llada`` or ``dream``);
@@ -56,6 +56,7 @@ from ..common.cli_help import HelpFormatter
 from ..dllm.decode_spec import DecodeSpec, spec_from_options
 from ..dllm.kv_cache import CACHES
 from ..dllm.rule_spec import METHODS, PARAMS
+from ..dllm.statistics import SPAN, describe
 from .job_inputs import Item, JobError, check_keys, make_job, read_config, read_jsonl
 from .jobs import (
     JobResult,
@@ -88,7 +89,7 @@ def _parser(prog: str) -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="with --task: which draw of held-out prompts (default: 0)")
     p.add_argument("--method", choices=METHODS, help="full (default), sched or prophet")
     p.add_argument("--schedule", metavar="SPEC", help="sched: the threshold, KIND:HIGH:LOW[:K] or a number")
-    p.add_argument("--stat", help="sched: the span statistic (mean, min, quantile, ...)")
+    p.add_argument("--stat", help=f"sched: the span statistic; {describe(SPAN)}")
     p.add_argument("--window", type=int, help="prophet: answer window in tokens")
     p.add_argument("--config", type=Path, metavar="FILE",
                    help='JSON {"method": ..., parameters...}, or a `diffexit calibrate sched` file')

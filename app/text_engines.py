@@ -154,8 +154,19 @@ class EmbeddedEngine:
     def check(self, items: Sequence[Item]) -> None:
         from ..dllm.charlm.tokenizer import encode_prompts
 
+        from ..dllm.block_decoding import check_block_causal
+        from ..dllm.exact_cache import block_causal_layout
+
+        block_causal = block_causal_layout(self.model)
         for layout in {self.layout(item).span_length: self.layout(item) for item in items}.values():
-            self.layout_spec(layout)
+            spec = self.layout_spec(layout)
+            if block_causal is not None:
+                # Said before any work: the loop would refuse it only at its first batch, mid-job.
+                try:
+                    check_block_causal(block_causal, layout.prompt_length, spec.block_length, spec.cache,
+                                       spec.halting_rule())
+                except ValueError as e:
+                    raise JobError(str(e)) from None
         for item in items:
             try:
                 ids, _ = encode_prompts(self.tokenizer, [item.payload["prompt"]], self.layout(item).prompt_length)

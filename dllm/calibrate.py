@@ -86,6 +86,12 @@ def record(model, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor
 
     ``decode`` turns a span ``[gen_length]`` of token ids into the answer text that halting must not change.
     """
+    from .exact_cache import block_causal_layout
+
+    if block_causal_layout(model) is not None:
+        # The recorded trajectories are whole-span halting's; such a model halts per block (block_decoding).
+        raise ValueError("calibration records whole-span halting, and a block-causal model halts per block: "
+                         "calibrate the bidirectional model (--model charlm), or pick a schedule with bench text")
     rec = Recorder(stat, q, ignore_token_ids)
     gen = generate(model, input_ids, attention_mask=attention_mask, gen_length=gen_length, steps=steps,
                    block_length=block_length, mask_id=mask_id, halting=rec)

@@ -5,7 +5,7 @@ A rule is named by a method and its parameters, JSON-ready::
 
     full                                               every step, no rule
     sched    {"schedule": "cosine:7.5:2.5", "stat": "min", ...}   SchED (parameters of SchED.to_dict)
-    prophet  {"window": 5, "answer_start": 0, "thresholds": [7.5, 5.0, 2.5]}   Prophet (its reference's rule)
+    prophet  {"window": 5, "answer_start": 0, "thresholds": [7.5, 5.0, 2.5], "cutoffs": [0.33, 0.67]}   Prophet
 
 A schedule is written ``KIND:HIGH:LOW[:K]``, as a number (a constant threshold) or as a ``ThresholdSchedule`` dict.
 ``stat`` names a statistic of :data:`diffexit.dllm.statistics.STATISTICS` (the rules check it against the table, so a
@@ -29,7 +29,7 @@ METHODS = ("full", "sched", "prophet")
 PARAMS = {
     "full": (),
     "sched": ("schedule", "stat", "q", "ignore_token_ids", "min_progress", "patience", "max_change_ratio"),
-    "prophet": ("window", "answer_start", "thresholds"),
+    "prophet": ("window", "answer_start", "thresholds", "cutoffs"),
 }
 
 

@@ -98,3 +98,13 @@ def test_an_unwritable_out_is_refused_before_the_calibration(tmp_path, capsys, m
         with pytest.raises(SystemExit):
             cli(["calibrate", "sched", "--risk", "0.2", "--tasks", "add", "--out", str(out)])
         assert message in capsys.readouterr().err
+
+
+def test_a_block_causal_model_is_refused_in_one_line(tmp_path, capsys):
+    from diffexit.app.calibrate_sched import main
+
+    assert main(["--risk", "0.2", "--model", "charlm-block", "--tasks", "pick", "--n-cal", "4", "--n-val", "2",
+                 "--out", str(tmp_path / "s.json")]) == 2
+    err = capsys.readouterr().err
+    assert "a block-causal model halts per block" in err and "Traceback" not in err
+    assert not (tmp_path / "s.json").exists()

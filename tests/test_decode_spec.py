@@ -121,3 +121,13 @@ def test_the_shared_text_loader_takes_the_embedded_names():
     assert model.config.block_length == 4
     with pytest.raises(ValueError, match=r"one of \['charlm', 'charlm-block', 'gemma'\]"):
         load_text_model_or_embedded(Path("charlm-blok"))
+
+
+def test_a_prophet_spec_survives_replace_and_json():
+    # Prophet.to_dict writes its phase cutoffs; the spec must take back what the rule writes.
+    from diffexit.dllm.decode_spec import DecodeSpec
+
+    spec = DecodeSpec(method="prophet", params={"cutoffs": [0.25, 0.75]})
+    again = DecodeSpec.from_dict(spec.replace(steps=8, gen_length=8).to_dict())
+    assert again.params["cutoffs"] == [0.25, 0.75]
+    assert again.halting_rule().cutoffs == (0.25, 0.75)

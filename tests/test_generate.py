@@ -602,3 +602,10 @@ def test_images_deediff_with_a_calibrated_budget(image_models, tmp_path, capsys)
                            ([], "got neither")]:
         with pytest.raises(jobs.JobError, match=message):
             generate_images.run([*base, *extra, "--out", str(tmp_path / "bad")])
+
+
+def test_a_block_causal_model_refuses_the_dual_cache_before_any_work(tmp_path):
+    out = tmp_path / "out"
+    with pytest.raises(jobs.JobError, match="use cache='prefix', which is exact for it"):
+        generate_text.run(["--model", "charlm-block", "--task", "zip", "--n", "2", "--cache", "dual", "--out", str(out)])
+    assert not (out / "job.json").exists()
