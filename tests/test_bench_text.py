@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from diffexit.app.cli import main as cli
-from diffexit.app.bench.text import all_methods
+from diffexit.app.bench.text import all_methods, block_methods
 
 FIELDS = {"task", "method", "params", "score", "full_score", "agreement", "nfe", "speedup_nfe", "speedup_wall", "qps4"}
 
@@ -26,8 +26,12 @@ def _bench(tmp_path, tiny_text_model, tasks):
     assert {r["task"] for r in result["rows"]} == {*tasks, *groups}
     stats = {r["params"].get("stat") for r in result["rows"] if r["task"] == "controls"}
     assert {"mean", "median", "quantile", "min", "mean_content", "max_entropy"} <= stats
-    caches = {r["params"]["cache"] for r in result["rows"] if "cache" in r["params"]}
-    assert caches == {"prefix", "dual"}
+    assert {r["params"]["cache"] for r in result["rows"]} == {None, "prefix", "dual"}
+    assert {r["model"] for r in result["rows"]} == {str(tmp_path / "model")}
+    # One bidirectional model: its own full row is the bidirectional baseline; no block-causal goals to report.
+    assert all(r["speedup_wall_vs_bidirectional"] == pytest.approx(r["speedup_wall"]) for r in result["rows"]
+               if r["baseline"] == "full")
+    assert result["goals"] == {"model": None}
     for task in (*tasks, *groups):
         rows = [r for r in result["rows"] if r["task"] == task]
         assert {r["method"] for r in rows} == names
@@ -65,3 +69,35 @@ def test_bench_text_quick(tmp_path, tiny_text_model):
 @pytest.mark.slow
 def test_bench_text_quick_long_form(tmp_path, tiny_text_model):
     _bench(tmp_path, tiny_text_model, ["add", "chain"])
+
+
+def test_bench_text_both_embedded_models(tmp_path, capsys):
+    out = tmp_path / "bench"
+    assert cli(["bench", "text", "--quick", "--n", "2", "--batch", "2", "--tasks", "add", "--out", str(out)]) == 0
+    result = json.loads((out / "results.json").read_text())
+    rows = {(r["model"], r["task"], r["method"]): r for r in result["rows"]}
+    block = {r["method"] for r in result["rows"] if r["model"] == "charlm-block" and r["task"] == "add"}
+    assert block == {m.name for m in block_methods()}
+    for (model, task, method), r in rows.items():
+        assert r["block_causal"] == (model == "charlm-block")
+        assert {"cache", "parallel_threshold"} <= set(r["params"])
+        assert r["baseline"] in ("full", "llada2-stock")
+        bidirectional_full = rows[("charlm", task, "full")]["seconds"]
+        assert r["speedup_wall_vs_bidirectional"] == pytest.approx(bidirectional_full / r["seconds"])
+    # Each model is measured against its own uncached full steps, which the exact prefix cache reproduces.
+    for model in ("charlm", "charlm-block"):
+        assert rows[(model, "add", "full")]["agreement"] == 1.0 and rows[(model, "add", "full")]["speedup_wall"] == 1.0
+        assert rows[(model, "add", "full+prefix")]["agreement"] == 1.0
+    goals = result["goals"]
+    assert goals["model"] == "charlm-block" and goals["cached_full_agrees"] is True
+    assert goals["discriminating"] is None and goals["chain"] is None  # the run has neither
+    assert "charlm-block" in capsys.readouterr().out
+
+
+def test_bench_text_unknown_model_is_one_line(tmp_path, capsys):
+    assert cli(["bench", "text", "--models", "nosuch", "--out", str(tmp_path)]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("diffexit bench text: error: cannot load the text model nosuch") and "\n" not in err
+    assert err.count("cannot load") == 1
+    with pytest.raises(SystemExit):
+        cli(["bench", "text", "--models", "charlm", "--model", str(tmp_path), "--out", str(tmp_path)])

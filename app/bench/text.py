@@ -13,6 +13,12 @@ blocks of 4 at 16 steps; ``chain`` decodes 136 tokens in 4 blocks of 34 at 136 s
 The embedded model also runs inside diffusers' ``LLaDA2Pipeline`` (blocks of 8, one token per step), with the stock
 ``BlockRefinementScheduler`` and with ``SchEDScheduler``.
 
+Models (``--models``, default ``charlm charlm-block``) run side by side. The block-causal ``charlm-block`` decodes in
+its own blocks of 4 and gets its own rows (full steps, the exact prefix cache, and over it the robust statistics,
+parallel commits and both), each measured against its own uncached full steps; every row's
+``speedup_wall_vs_bidirectional`` divides the bidirectional model's full-steps time by its own. ``goals`` in the
+results says whether issue #27's goals were met.
+
 Averages: the controls (``reverse``, ``add``), which one-step decoding solves, cannot tell rules apart, so the
 headline row (``task="discriminating"``) averages the other tasks; ``task="controls"`` averages the controls.
 
@@ -38,6 +44,7 @@ from ...common.results import markdown_table, write_results
 from ...common.schedules import ThresholdSchedule
 from ...dllm.charlm.tasks import CONTROLS, DECODE, TASK_NAMES, layout_of, sample, score
 from ...dllm.charlm.tokenizer import decode_answer, encode_prompts
+from ...dllm.exact_cache import block_causal_layout
 from ...dllm.generate import generate
 from ...dllm.halting import HaltingRule, Prophet, SchED
 from .text_plots import plot_pareto, plot_trace, plot_wall
@@ -46,6 +53,8 @@ PIPELINE_BLOCK = 8
 PIPELINE_THRESHOLD = 0.95  # BlockRefinementScheduler's default: it also commits every token this probable
 PARALLEL_THRESHOLD = 0.9
 GAMMA = 4
+# The embedded models run side by side by default: the bidirectional one and its block-causal twin (issue #27).
+MODELS = ("charlm", "charlm-block")
 
 
 @dataclass
@@ -133,12 +142,40 @@ def all_methods(ignore_token_ids: tuple[int, ...]) -> list[Method]:
     ]
 
 
+ROBUST_STATS = ("min", "quantile")
+
+
+def block_methods() -> list[Method]:
+    """The rows of a block-causal model (issue #27): full steps, the exact prefix cache, and over it the robust
+    statistics, parallel commits and both. No one-step, Prophet, dual-cache or pipeline rows: a block-causal model
+    decodes in its own blocks, and Prophet and the dual cache are refused on it."""
+    cosine = ThresholdSchedule("cosine", 7.5, 2.5)
+    out = [Method("full", {"steps": "full"}),
+           Method("full+prefix", {"cache": "prefix"}, cache="prefix"),
+           Method("parallel+prefix", {"cache": "prefix", "threshold": PARALLEL_THRESHOLD},
+                  parallel_threshold=PARALLEL_THRESHOLD, cache="prefix")]
+    for parallel in (None, PARALLEL_THRESHOLD):
+        for stat in ROBUST_STATS:
+            params = {"cache": "prefix", "schedule": cosine.to_dict(), "stat": stat,
+                      **({"q": 0.1} if stat == "quantile" else {}), **({"threshold": parallel} if parallel else {})}
+            name = f"sched-cosine-{stat}" + ("+parallel" if parallel else "") + "+prefix"
+            out.append(Method(name, params, halting=lambda st=stat: SchED(cosine, stat=st),
+                              parallel_threshold=parallel, cache="prefix"))
+    return out
+
+
 def _run_generate(model, tok, method: Method, ids, attn, span: int):
     block, full_steps = DECODE[span]
+    layout = block_causal_layout(model)
+    if layout is not None:
+        # A block-causal model decodes in its own blocks; an all-EOS block ends a sample.
+        block, eos = layout[1], (tok.eos_token_id,)
+    else:
+        eos = ()
     steps, block_length = (1, span) if method.one_step else (full_steps, block)
     out = generate(model, ids, attention_mask=attn, gen_length=span, steps=steps, block_length=block_length,
                    mask_id=tok.mask_token_id, halting=method.halting() if method.halting else None,
-                   parallel_threshold=method.parallel_threshold, cache=method.cache)
+                   parallel_threshold=method.parallel_threshold, cache=method.cache, eos_token_ids=eos)
     return out.generated, out.nfe.float()
 
 
@@ -174,8 +211,10 @@ def run_task(model, tok, task: str, methods: list[Method], n: int, batch: int, b
     # One untimed pass of each runner first, so no method's time includes one-off start-up costs; on two examples
     # and, for generate(), one step, so that it costs little even on the long span.
     ids, attn = encode_prompts(tok, [e.prompt for e in examples[:2]], layout.prompt_length)
-    _run_generate(model, tok, next(m for m in methods if m.one_step), ids, attn, layout.span_length)
-    _run_pipeline(model, tok, next(m for m in methods if m.pipeline), ids, attn, layout.span_length)
+    one_step = next((m for m in methods if m.one_step), None)
+    _run_generate(model, tok, one_step or methods[0], ids, attn, layout.span_length)
+    if any(m.pipeline for m in methods):
+        _run_pipeline(model, tok, next(m for m in methods if m.pipeline), ids, attn, layout.span_length)
     rows, answers = [], {}
     for method in methods:
         right, nfe, seconds, answers[method.name] = 0, [], 0.0, []
@@ -190,13 +229,14 @@ def run_task(model, tok, task: str, methods: list[Method], n: int, batch: int, b
             texts = [decode_answer(tok, s) for s in spans]
             answers[method.name] += texts
             right += sum(score(task, e.prompt, t) for e, t in zip(chunk, texts))
-        rows.append({"task": task, "method": method.name, "params": method.params, "score": right / n,
+        params = {**method.params, "cache": method.cache, "parallel_threshold": method.parallel_threshold}
+        rows.append({"task": task, "method": method.name, "params": params, "score": right / n,
                      "nfe": float(torch.cat(nfe).mean()), "seconds": seconds})
         bar.update(1)
     # Pipeline rows are measured against the stock pipeline (blocks of 8, truncated context, its own parallel
     # commits): a different regime from generate()'s full steps.
     baselines = {False: next(r for r in rows if r["method"] == "full"),
-                 True: next(r for r in rows if r["method"] == "llada2-stock")}
+                 True: next((r for r in rows if r["method"] == "llada2-stock"), None)}
     for r, m in zip(rows, methods):
         full = baselines[m.pipeline is not None]
         r["baseline"] = full["method"]
@@ -207,9 +247,10 @@ def run_task(model, tok, task: str, methods: list[Method], n: int, batch: int, b
         r["speedup_nfe"] = full["nfe"] / r["nfe"]
         r["speedup_wall"] = full["seconds"] / r["seconds"]
         r["qps4"] = (r["speedup_nfe"] * (r["score"] / full["score"]) ** GAMMA) if full["score"] > 0 else None
-    one = next(r for r in rows if r["method"] == "one-step")
-    # A task that one-step decoding already solves as well as full steps measures nothing about halting.
-    matches = one["score"] >= baselines[False]["score"]
+    one = next((r for r in rows if r["method"] == "one-step"), None)
+    # A task that one-step decoding already solves as well as full steps measures nothing about halting (None: the
+    # model has no one-step row).
+    matches = None if one is None else one["score"] >= baselines[False]["score"]
     for r in rows:
         r["one_step_matches_full"] = matches
     return rows
@@ -229,7 +270,7 @@ def summarise(rows: list[dict], methods: list[Method]) -> list[dict]:
             qps = [r["qps4"] for r in per if r["qps4"] is not None]
             mean = lambda key: sum(r[key] for r in per) / len(per)
             out.append({
-                "task": group, "method": m.name, "params": m.params, "baseline": per[0]["baseline"],
+                "task": group, "method": m.name, "params": per[0]["params"], "baseline": per[0]["baseline"],
                 "tasks": sorted(tasks), "score": mean("score"), "full_score": mean("full_score"),
                 "agreement": mean("agreement"), "nfe": mean("nfe"), "speedup_nfe": mean("speedup_nfe"),
                 "speedup_wall": sum(r["seconds"] for r in full) / sum(r["seconds"] for r in per),
@@ -238,7 +279,41 @@ def summarise(rows: list[dict], methods: list[Method]) -> list[dict]:
     return out
 
 
-COLUMNS = [("task", "task", ""), ("method", "method", ""), ("score", "acc", ".3f"), ("full_score", "full acc", ".3f"),
+def compare_models(rows: list[dict]) -> None:
+    """Sets ``speedup_wall_vs_bidirectional`` on every row: the first bidirectional model's full-steps time on the
+    same task (or summary group) over the row's; None when the run has no bidirectional model."""
+    bidirectional = next((r["model"] for r in rows if not r["block_causal"]), None)
+    full = {r["task"]: r["seconds"] for r in rows if r["model"] == bidirectional and r["method"] == "full"}
+    for r in rows:
+        r["speedup_wall_vs_bidirectional"] = full[r["task"]] / r["seconds"] if r["task"] in full else None
+
+
+GOAL_AGREEMENT = 0.995
+GOAL_WALL = {"discriminating": 8.0, "chain": 12.0}
+
+
+def goals(rows: list[dict]) -> dict:
+    """Issue #27's goals on the first block-causal model, met or not: a composed row (cache plus halting and/or
+    parallel commits) keeping >= 99.5% of full steps' answers at >= 8x wall on the discriminating tasks and >= 12x
+    on ``chain``; every cached full-steps row agreeing 100%. A goal whose task the run lacks is None."""
+    model = next((r["model"] for r in rows if r["block_causal"]), None)
+    if model is None:
+        return {"model": None}
+    mine = [r for r in rows if r["model"] == model]
+    out = {"model": model, "agreement_at_least": GOAL_AGREEMENT}
+    for task, wall in GOAL_WALL.items():
+        kept = [r for r in mine if r["task"] == task and r["params"]["cache"] and not r["method"].startswith("full")
+                and r["agreement"] >= GOAL_AGREEMENT]
+        best = max(kept, key=lambda r: r["speedup_wall"], default=None)
+        out[task] = None if not any(r["task"] == task for r in mine) else {
+            "wall_at_least": wall, "met": best is not None and best["speedup_wall"] >= wall,
+            "best": None if best is None else {k: best[k] for k in ("method", "agreement", "speedup_wall")}}
+    cached_full = [r for r in mine if r["method"] == "full+prefix"]
+    out["cached_full_agrees"] = all(r["agreement"] == 1.0 for r in cached_full) if cached_full else None
+    return out
+
+
+COLUMNS = [("model", "model", ""), ("task", "task", ""), ("method", "method", ""), ("score", "acc", ".3f"), ("full_score", "full acc", ".3f"),
            ("agreement", "same as full", ".3f"),
            ("nfe", "NFE", ".1f"), ("speedup_nfe", "speedup NFE", ".2f"), ("speedup_wall", "speedup wall", ".2f"),
            ("qps4", "QPS_4", ".2f")]
@@ -252,38 +327,60 @@ def main(argv: list[str], prog: str = "diffexit bench text") -> int:
     p.add_argument("--batch", type=int, default=50, help="examples decoded together (default: %(default)s)")
     p.add_argument("--tasks", nargs="+", default=list(TASK_NAMES), choices=TASK_NAMES, metavar="TASK",
                    help=f"tasks to run (default: all of {', '.join(TASK_NAMES)})")
-    p.add_argument("--model", type=Path, default=None, help="an exported model folder (default: the embedded one)")
+    p.add_argument("--models", nargs="+", default=None, metavar="NAME",
+                   help=f"embedded models to run side by side (default: {' '.join(MODELS)})")
+    p.add_argument("--model", type=Path, default=None, help="one exported model folder instead of --models")
     args = p.parse_args(argv)
     n = args.n if args.n is not None else (8 if args.quick else 200)
     if n <= 0 or args.batch <= 0:
         p.error("--n and --batch must be positive")
+    if args.model is not None and args.models is not None:
+        p.error("--model (one folder) and --models (embedded names) exclude each other; pass one of them")
 
-    from ..models import load_text_model_or_embedded
+    from ..models import LoadError, load_text_model_or_embedded
 
+    names = [str(args.model)] if args.model is not None else (args.models or list(MODELS))
+    rows, loaded = [], []
     try:
-        model, tok = load_text_model_or_embedded(args.model)
-    except ValueError as e:
-        print(f"{prog}: cannot load the model: {e}", file=sys.stderr)
+        loaded = [(name, *load_text_model_or_embedded(name)) for name in names]
+    except LoadError as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
         return 1
-    methods = all_methods((tok.eos_token_id, tok.pad_token_id))
-    rows = []
-    with tqdm(total=len(args.tasks) * len(methods), desc="bench text", unit="run") as bar:
-        for task in args.tasks:
-            bar.set_postfix_str(task)
-            rows += run_task(model, tok, task, methods, n, args.batch, bar)
-    rows += summarise(rows, methods)
+    for name, model, tok in loaded:
+        block_causal = block_causal_layout(model) is not None
+        methods = block_methods() if block_causal else all_methods((tok.eos_token_id, tok.pad_token_id))
+        mine = []
+        with tqdm(total=len(args.tasks) * len(methods), desc=f"bench text {name}", unit="run") as bar:
+            for task in args.tasks:
+                bar.set_postfix_str(task)
+                mine += run_task(model, tok, task, methods, n, args.batch, bar)
+        mine += summarise(mine, methods)
+        rows += [{"model": name, "block_causal": block_causal, **r} for r in mine]
+    compare_models(rows)
+    goal = goals(rows)
     args.out.mkdir(parents=True, exist_ok=True)
-    path = write_results(args.out, "text", args.quick, rows, n_per_task=n, torch_threads=torch.get_num_threads())
+    path = write_results(args.out, "text", args.quick, rows, n_per_task=n, torch_threads=torch.get_num_threads(),
+                         goals=goal)
     plot_pareto(rows, args.out / "pareto.png")
     plot_wall(rows, args.out / "wall.png")
-    # The long-form task shows the most: its span is long and its margins rise slowly.
-    plot_trace(model, tok, "chain" if "chain" in args.tasks else args.tasks[0], args.out / "trace.png")
+    # The trace follows one run of the whole span, which a bidirectional model decodes; the long-form task shows
+    # the most: its span is long and its margins rise slowly.
+    traced = next(((model, tok) for _, model, tok in loaded if block_causal_layout(model) is None), None)
+    plots = [args.out / "pareto.png", args.out / "wall.png"]
+    if traced is not None:
+        plot_trace(*traced, "chain" if "chain" in args.tasks else args.tasks[0], args.out / "trace.png")
+        plots.append(args.out / "trace.png")
     headline = "discriminating" if any(r["task"] == "discriminating" for r in rows) else "controls"
     print(f"averaged over the {headline} tasks ({', '.join(next(r for r in rows if r['task'] == headline)['tasks'])}):")
     print(markdown_table([r for r in rows if r["task"] == headline], COLUMNS))
     flagged = sorted({r["task"] for r in rows if r.get("one_step_matches_full")})
     if flagged:
         print(f"\none-step decoding matches full steps on: {', '.join(flagged)} (these tasks cannot tell rules apart)")
-    print(f"\nper-task rows, plots: {path}, {args.out / 'pareto.png'}, {args.out / 'wall.png'}, "
-          f"{args.out / 'trace.png'}")
+    for task, g in goal.items():
+        if isinstance(g, dict):
+            best = g["best"]
+            print(f"goal {goal['model']} {task}: >= {g['wall_at_least']:g}x wall at >= {100 * GOAL_AGREEMENT:g}% same "
+                  f"as full: {'met' if g['met'] else 'not met'}" + (f" (best {best['method']}: "
+                  f"{best['speedup_wall']:.2f}x, {100 * best['agreement']:.1f}%)" if best else ""))
+    print(f"\nper-task rows, plots: {path}, {', '.join(map(str, plots))}")
     return 0

@@ -31,6 +31,18 @@ def _marker(row: dict) -> str:
     return {"prefix": "s", "dual": "D"}.get(row["params"].get("cache"), "o")
 
 
+def _scatter(ax, row: dict, x: float, y: float) -> None:
+    """One row's point: colour by family, shape by cache; a block-causal model's points are hollow and its legend
+    entries name the model, so both models share one panel."""
+    family = _family(row)
+    color = COLORS.get(family, "tab:gray")
+    if row.get("block_causal"):
+        ax.scatter(x, y, facecolors="none", edgecolors=color, s=22, marker=_marker(row),
+                   label=f"{family} [{row['model']}]")
+    else:
+        ax.scatter(x, y, color=color, s=18, marker=_marker(row), label=family)
+
+
 def plot_pareto(rows: list[dict], path: Path) -> None:
     import matplotlib
 
@@ -41,9 +53,7 @@ def plot_pareto(rows: list[dict], path: Path) -> None:
     fig, axes = plt.subplots(1, len(tasks), figsize=(3.2 * len(tasks), 3.4), squeeze=False)
     for ax, task in zip(axes[0], tasks):
         for r in (r for r in rows if r["task"] == task):
-            family = _family(r)
-            ax.scatter(r["speedup_nfe"], 100 * r["score"], color=COLORS.get(family, "tab:gray"), s=18, label=family,
-                       marker=_marker(r))
+            _scatter(ax, r, r["speedup_nfe"], 100 * r["score"])
         ax.set_title(task)
         ax.set_xscale("log")
         ax.set_xlabel("NFE speedup")
@@ -51,15 +61,16 @@ def plot_pareto(rows: list[dict], path: Path) -> None:
     axes[0][0].set_ylabel("accuracy (%)")
     handles, labels = axes[0][0].get_legend_handles_labels()
     uniq = dict(zip(labels, handles))
-    fig.legend(uniq.values(), uniq.keys(), loc="lower center", ncol=len(uniq), fontsize=8)
-    fig.tight_layout(rect=(0, 0.08, 1, 1))
+    fig.legend(uniq.values(), uniq.keys(), loc="lower center", ncol=min(len(uniq), 6), fontsize=8)
+    fig.tight_layout(rect=(0, 0.14, 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
 def plot_wall(rows: list[dict], path: Path) -> None:
     """Wall-clock speedup over uncached full steps against the share of answers the same as full steps, per summary
-    group and on ``chain``; squares are prefix-cached rows, diamonds dual-cached ones."""
+    group and on ``chain``, each model against its own full steps; squares are prefix-cached rows, diamonds
+    dual-cached ones, hollow points a block-causal model's."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -69,9 +80,7 @@ def plot_wall(rows: list[dict], path: Path) -> None:
     fig, axes = plt.subplots(1, len(panels), figsize=(3.6 * len(panels), 3.4), squeeze=False)
     for ax, task in zip(axes[0], panels):
         for r in (r for r in rows if r["task"] == task and r["baseline"] == "full"):
-            family = _family(r)
-            ax.scatter(r["speedup_wall"], 100 * r["agreement"], color=COLORS.get(family, "tab:gray"), s=18,
-                       marker=_marker(r), label=family)
+            _scatter(ax, r, r["speedup_wall"], 100 * r["agreement"])
         ax.set_title(task)
         ax.set_xscale("log")
         ax.set_xlabel("wall-clock speedup")
