@@ -269,12 +269,12 @@ def main(argv: list[str], prog: str = "diffexit bench gemma") -> int:
     if n <= 0 or args.batch <= 0 or args.steps <= 0:
         p.error("--n, --batch and --steps must be positive")
 
-    from ..models import load_gemma_or_embedded
+    from ..models import LoadError, load_gemma_or_embedded
 
     try:
         model, tok = load_gemma_or_embedded(args.model)
-    except (OSError, ValueError) as e:
-        print(f"{prog}: cannot load the model: {e}", file=sys.stderr)
+    except LoadError as e:  # its message already says what cannot be loaded and why
+        print(f"{prog}: error: {e}", file=sys.stderr)
         return 1
     table = rows()
     results = []
