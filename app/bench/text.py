@@ -17,7 +17,8 @@ Models (``--models``, default ``charlm charlm-block``) run side by side. The blo
 its own blocks of 4 and gets its own rows (full steps, the exact prefix cache, and over it the robust statistics,
 parallel commits and both), each measured against its own uncached full steps; every row's
 ``speedup_wall_vs_bidirectional`` divides the bidirectional model's full-steps time by its own. ``goals`` in the
-results says whether issue #27's goals were met.
+results says whether issue #27's goals were met. Each run appends its headline figures to ``DIR/history.jsonl``;
+``--compare FILE`` prints each row's change against an earlier results.json.
 
 Averages: the controls (``reverse``, ``add``), which one-step decoding solves, cannot tell rules apart, so the
 headline row (``task="discriminating"``) averages the other tasks; ``task="controls"`` averages the controls.
@@ -47,6 +48,7 @@ from ...dllm.charlm.tokenizer import decode_answer, encode_prompts
 from ...dllm.exact_cache import block_causal_layout
 from ...dllm.generate import generate
 from ...dllm.halting import HaltingRule, Prophet, SchED
+from .history import append_history, compare, history_line, load_earlier
 from .text_plots import plot_pareto, plot_trace, plot_wall
 
 PIPELINE_BLOCK = 8
@@ -330,12 +332,18 @@ def main(argv: list[str], prog: str = "diffexit bench text") -> int:
     p.add_argument("--models", nargs="+", default=None, metavar="NAME",
                    help=f"embedded models to run side by side (default: {' '.join(MODELS)})")
     p.add_argument("--model", type=Path, default=None, help="one exported model folder instead of --models")
+    p.add_argument("--compare", type=Path, default=None, metavar="FILE",
+                   help="an earlier results.json: print each row's change of agreement, NFE and wall speedup")
     args = p.parse_args(argv)
     n = args.n if args.n is not None else (8 if args.quick else 200)
     if n <= 0 or args.batch <= 0:
         p.error("--n and --batch must be positive")
     if args.model is not None and args.models is not None:
         p.error("--model (one folder) and --models (embedded names) exclude each other; pass one of them")
+    try:  # before any decoding: a bad file should not cost a whole run
+        earlier = load_earlier(args.compare) if args.compare is not None else None
+    except ValueError as e:
+        p.error(str(e))
 
     from ..models import LoadError, load_text_model_or_embedded
 
@@ -361,6 +369,7 @@ def main(argv: list[str], prog: str = "diffexit bench text") -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     path = write_results(args.out, "text", args.quick, rows, n_per_task=n, torch_threads=torch.get_num_threads(),
                          goals=goal)
+    history = append_history(path, history_line(rows, goal, args.quick, n))
     plot_pareto(rows, args.out / "pareto.png")
     plot_wall(rows, args.out / "wall.png")
     # The trace follows one run of the whole span, which a bidirectional model decodes; the long-form task shows
@@ -382,5 +391,7 @@ def main(argv: list[str], prog: str = "diffexit bench text") -> int:
             print(f"goal {goal['model']} {task}: >= {g['wall_at_least']:g}x wall at >= {100 * GOAL_AGREEMENT:g}% same "
                   f"as full: {'met' if g['met'] else 'not met'}" + (f" (best {best['method']}: "
                   f"{best['speedup_wall']:.2f}x, {100 * best['agreement']:.1f}%)" if best else ""))
-    print(f"\nper-task rows, plots: {path}, {', '.join(map(str, plots))}")
+    if earlier is not None:
+        print(f"\nagainst {args.compare}:\n{compare(rows, earlier)}")
+    print(f"\nper-task rows, plots: {path}, {', '.join(map(str, plots))}; history: {history}")
     return 0
