@@ -1,4 +1,5 @@
-"""The bench text history (issue #29): one JSON line of headline figures per run in ``history.jsonl`` beside
+"""The headline figures of ``diffexit bench text``: each row's wall speedup over the bidirectional model, issue #27's
+goals, and the history (issue #29): one JSON line of headline figures per run in ``history.jsonl`` beside
 ``results.json``, and ``--compare``, the change of each row's figures against an earlier ``results.json``."""
 
 from __future__ import annotations
@@ -18,6 +19,41 @@ FIGURES = ("agreement", "speedup_nfe", "speedup_wall")
 SUMMARIES = ("discriminating", "controls")
 # Results written before --models carry no model: they came from the default, the embedded bidirectional model.
 LEGACY_MODEL = "charlm"
+
+
+def compare_models(rows: list[dict]) -> None:
+    """Sets ``speedup_wall_vs_bidirectional`` on every row: the first bidirectional model's full-steps time on the
+    same task (or summary group) over the row's; None when the run has no bidirectional model."""
+    bidirectional = next((r["model"] for r in rows if not r["block_causal"]), None)
+    full = {r["task"]: r["seconds"] for r in rows if r["model"] == bidirectional and r["method"] == "full"}
+    for r in rows:
+        r["speedup_wall_vs_bidirectional"] = full[r["task"]] / r["seconds"] if r["task"] in full else None
+
+
+GOAL_AGREEMENT = 0.995
+GOAL_WALL = {"discriminating": 8.0, "chain": 12.0}
+
+
+def goals(rows: list[dict]) -> dict:
+    """Issue #27's goals on the first block-causal model, met or not: a composed row (cache plus halting and/or
+    parallel commits) keeping >= 99.5% of full steps' answers at >= 8x wall on the discriminating tasks and >= 12x
+    on ``chain``; every cached full-steps row agreeing 100%. A goal whose task the run lacks is None."""
+    model = next((r["model"] for r in rows if r["block_causal"]), None)
+    if model is None:
+        return {"model": None}
+    mine = [r for r in rows if r["model"] == model]
+    out = {"model": model, "agreement_at_least": GOAL_AGREEMENT}
+    for task, wall in GOAL_WALL.items():
+        kept = [r for r in mine if r["task"] == task and r["params"]["cache"] and not r["method"].startswith("full")
+                and r["agreement"] >= GOAL_AGREEMENT]
+        best = max(kept, key=lambda r: r["speedup_wall"], default=None)
+        out[task] = None if not any(r["task"] == task for r in mine) else {
+            "wall_at_least": wall, "met": best is not None and best["speedup_wall"] >= wall,
+            "best": None if best is None else {k: best[k] for k in ("method", "agreement", "speedup_wall")}}
+    cached_full = [r for r in mine if r["method"] == "full+prefix"]
+    out["cached_full_agrees"] = all(r["agreement"] == 1.0 for r in cached_full) if cached_full else None
+    return out
+
 
 
 def _commit() -> Optional[str]:

@@ -14,8 +14,8 @@ The embedded model also runs inside diffusers' ``LLaDA2Pipeline`` (blocks of 8, 
 ``BlockRefinementScheduler`` and with ``SchEDScheduler``.
 
 Models (``--models``, default ``charlm charlm-block``) run side by side. The block-causal ``charlm-block`` decodes in
-its own blocks of 4 and gets its own rows (full steps, the exact prefix cache, and over it the robust statistics,
-parallel commits and both), each measured against its own uncached full steps; every row's
+its own blocks of 4 and gets its own rows (full steps, the exact prefix cache, and over it parallel commits, the
+robust statistics and both, which the bidirectional model runs too), each measured against its own uncached full steps; every row's
 ``speedup_wall_vs_bidirectional`` divides the bidirectional model's full-steps time by its own. ``goals`` in the
 results says whether issue #27's goals were met. Each run appends its headline figures to ``DIR/history.jsonl``;
 ``--compare FILE`` prints each row's change against an earlier results.json.
@@ -48,7 +48,7 @@ from ...dllm.charlm.tokenizer import decode_answer, encode_prompts
 from ...dllm.exact_cache import block_causal_layout
 from ...dllm.generate import generate
 from ...dllm.halting import HaltingRule, Prophet, SchED
-from .history import append_history, compare, history_line, load_earlier
+from .history import GOAL_AGREEMENT, append_history, compare, compare_models, goals, history_line, load_earlier
 from .text_plots import plot_pareto, plot_trace, plot_wall
 
 PIPELINE_BLOCK = 8
@@ -135,6 +135,7 @@ def all_methods(ignore_token_ids: tuple[int, ...]) -> list[Method]:
         Method("sched-cosine+parallel", {"schedule": cosine.to_dict(), "threshold": PARALLEL_THRESHOLD},
                halting=lambda: SchED(cosine), parallel_threshold=PARALLEL_THRESHOLD),
         *cache_methods(cosine),
+        *robust_cache_methods(),
         Method("llada2-stock", {"block_length": PIPELINE_BLOCK, "scheduler": "BlockRefinementScheduler",
                                 "threshold": PIPELINE_THRESHOLD}, pipeline="stock"),
         Method("llada2-sched-off", {"block_length": PIPELINE_BLOCK, "scheduler": "SchEDScheduler",
@@ -147,15 +148,11 @@ def all_methods(ignore_token_ids: tuple[int, ...]) -> list[Method]:
 ROBUST_STATS = ("min", "quantile")
 
 
-def block_methods() -> list[Method]:
-    """The rows of a block-causal model (issue #27): full steps, the exact prefix cache, and over it the robust
-    statistics, parallel commits and both. No one-step, Prophet, dual-cache or pipeline rows: a block-causal model
-    decodes in its own blocks, and Prophet and the dual cache are refused on it."""
+def robust_cache_methods() -> list[Method]:
+    """SchED with the robust statistics (cosine), over the prefix cache, without and with parallel commits: the
+    composed rows both models run (issue #27)."""
     cosine = ThresholdSchedule("cosine", 7.5, 2.5)
-    out = [Method("full", {"steps": "full"}),
-           Method("full+prefix", {"cache": "prefix"}, cache="prefix"),
-           Method("parallel+prefix", {"cache": "prefix", "threshold": PARALLEL_THRESHOLD},
-                  parallel_threshold=PARALLEL_THRESHOLD, cache="prefix")]
+    out = []
     for parallel in (None, PARALLEL_THRESHOLD):
         for stat in ROBUST_STATS:
             params = {"cache": "prefix", "schedule": cosine.to_dict(), "stat": stat,
@@ -164,6 +161,15 @@ def block_methods() -> list[Method]:
             out.append(Method(name, params, halting=lambda st=stat: SchED(cosine, stat=st),
                               parallel_threshold=parallel, cache="prefix"))
     return out
+
+
+def block_methods() -> list[Method]:
+    """The rows of a block-causal model: full steps, the exact prefix cache, parallel commits over it, and the
+    composed rows. No one-step, Prophet, dual-cache or pipeline rows: a block-causal model decodes in its own
+    blocks, and Prophet and the dual cache are refused on it."""
+    return [Method("full", {"steps": "full"}), Method("full+prefix", {"cache": "prefix"}, cache="prefix"),
+            Method("parallel+prefix", {"cache": "prefix", "threshold": PARALLEL_THRESHOLD},
+                   parallel_threshold=PARALLEL_THRESHOLD, cache="prefix"), *robust_cache_methods()]
 
 
 def _run_generate(model, tok, method: Method, ids, attn, span: int):
@@ -278,40 +284,6 @@ def summarise(rows: list[dict], methods: list[Method]) -> list[dict]:
                 "speedup_wall": sum(r["seconds"] for r in full) / sum(r["seconds"] for r in per),
                 "qps4": sum(qps) / len(qps) if qps else None, "seconds": sum(r["seconds"] for r in per),
             })
-    return out
-
-
-def compare_models(rows: list[dict]) -> None:
-    """Sets ``speedup_wall_vs_bidirectional`` on every row: the first bidirectional model's full-steps time on the
-    same task (or summary group) over the row's; None when the run has no bidirectional model."""
-    bidirectional = next((r["model"] for r in rows if not r["block_causal"]), None)
-    full = {r["task"]: r["seconds"] for r in rows if r["model"] == bidirectional and r["method"] == "full"}
-    for r in rows:
-        r["speedup_wall_vs_bidirectional"] = full[r["task"]] / r["seconds"] if r["task"] in full else None
-
-
-GOAL_AGREEMENT = 0.995
-GOAL_WALL = {"discriminating": 8.0, "chain": 12.0}
-
-
-def goals(rows: list[dict]) -> dict:
-    """Issue #27's goals on the first block-causal model, met or not: a composed row (cache plus halting and/or
-    parallel commits) keeping >= 99.5% of full steps' answers at >= 8x wall on the discriminating tasks and >= 12x
-    on ``chain``; every cached full-steps row agreeing 100%. A goal whose task the run lacks is None."""
-    model = next((r["model"] for r in rows if r["block_causal"]), None)
-    if model is None:
-        return {"model": None}
-    mine = [r for r in rows if r["model"] == model]
-    out = {"model": model, "agreement_at_least": GOAL_AGREEMENT}
-    for task, wall in GOAL_WALL.items():
-        kept = [r for r in mine if r["task"] == task and r["params"]["cache"] and not r["method"].startswith("full")
-                and r["agreement"] >= GOAL_AGREEMENT]
-        best = max(kept, key=lambda r: r["speedup_wall"], default=None)
-        out[task] = None if not any(r["task"] == task for r in mine) else {
-            "wall_at_least": wall, "met": best is not None and best["speedup_wall"] >= wall,
-            "best": None if best is None else {k: best[k] for k in ("method", "agreement", "speedup_wall")}}
-    cached_full = [r for r in mine if r["method"] == "full+prefix"]
-    out["cached_full_agrees"] = all(r["agreement"] == 1.0 for r in cached_full) if cached_full else None
     return out
 
 
