@@ -15,10 +15,10 @@ The embedded model also runs inside diffusers' ``LLaDA2Pipeline`` (blocks of 8, 
 
 Models (``--models``, default ``charlm charlm-block``) run side by side. The block-causal ``charlm-block`` decodes in
 its own blocks of 4 and gets its own rows (full steps, the exact prefix cache, and over it parallel commits, the
-robust statistics and both, which the bidirectional model runs too), each measured against its own uncached full steps; every row's
-``speedup_wall_vs_bidirectional`` divides the bidirectional model's full-steps time by its own. ``goals`` in the
-results says whether issue #27's goals were met. Each run appends its headline figures to ``DIR/history.jsonl``;
-``--compare FILE`` prints each row's change against an earlier results.json.
+robust statistics and both, which the bidirectional model runs too), each measured against its own uncached full
+steps; every row's ``speedup_wall_vs_bidirectional`` divides the bidirectional model's full-steps time by its own.
+``goals`` in the results says whether issue #27's goals were met. Each run appends its headline figures to
+``DIR/history.jsonl``; ``--compare FILE`` prints each row's change against an earlier results.json.
 
 Averages: the controls (``reverse``, ``add``), which one-step decoding solves, cannot tell rules apart, so the
 headline row (``task="discriminating"``) averages the other tasks; ``task="controls"`` averages the controls.
@@ -287,7 +287,8 @@ def summarise(rows: list[dict], methods: list[Method]) -> list[dict]:
     return out
 
 
-COLUMNS = [("model", "model", ""), ("task", "task", ""), ("method", "method", ""), ("score", "acc", ".3f"), ("full_score", "full acc", ".3f"),
+COLUMNS = [("model", "model", ""), ("task", "task", ""), ("method", "method", ""), ("score", "acc", ".3f"),
+           ("full_score", "full acc", ".3f"),
            ("agreement", "same as full", ".3f"),
            ("nfe", "NFE", ".1f"), ("speedup_nfe", "speedup NFE", ".2f"), ("speedup_wall", "speedup wall", ".2f"),
            ("qps4", "QPS_4", ".2f")]
