@@ -15,15 +15,17 @@ SUMMARIES = ("discriminating", "controls")
 COLORS = {"sched": "tab:blue", "full": "black", "one-step": "tab:red", "prophet": "tab:orange",
           "parallel": "tab:green", "sched-cosine+parallel": "tab:purple", "sched (min)": "tab:cyan",
           "sched (quantile)": "tab:olive", "sched (median)": "tab:pink", "sched (mean_content)": "tab:brown",
-          "sched (max_entropy)": "navy"}
+          "sched (max_entropy)": "navy", "sched (min)+parallel": "teal", "sched (quantile)+parallel": "darkolivegreen"}
 
 
 def _family(row: dict) -> str:
     """The legend entry of a row: its method without the cache, the SchED grid pooled by statistic."""
     method = row["method"].split("+prefix")[0].split("+dual")[0]
+    stat = row["params"].get("stat", "mean")
     if method.startswith("sched-") and "+" not in method:
-        stat = row["params"].get("stat", "mean")
         return "sched" if stat == "mean" else f"sched ({stat})"
+    if method.startswith("sched-") and method.endswith("+parallel") and stat != "mean":
+        return f"sched ({stat})+parallel"
     return method
 
 
@@ -61,9 +63,9 @@ def plot_pareto(rows: list[dict], path: Path) -> None:
     axes[0][0].set_ylabel("accuracy (%)")
     handles, labels = axes[0][0].get_legend_handles_labels()
     uniq = dict(zip(labels, handles))
-    fig.legend(uniq.values(), uniq.keys(), loc="lower center", ncol=min(len(uniq), 6), fontsize=8)
-    fig.tight_layout(rect=(0, 0.14, 1, 1))
-    fig.savefig(path, dpi=110)
+    fig.tight_layout()
+    fig.legend(uniq.values(), uniq.keys(), loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=8)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
 
 
@@ -88,9 +90,9 @@ def plot_wall(rows: list[dict], path: Path) -> None:
     axes[0][0].set_ylabel("answers the same as full steps (%)")
     handles, labels = axes[0][0].get_legend_handles_labels()
     uniq = dict(zip(labels, handles))
-    fig.legend(uniq.values(), uniq.keys(), loc="lower center", ncol=min(len(uniq), 6), fontsize=8)
-    fig.tight_layout(rect=(0, 0.14, 1, 1))
-    fig.savefig(path, dpi=110)
+    fig.tight_layout()
+    fig.legend(uniq.values(), uniq.keys(), loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=8)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
 
 
