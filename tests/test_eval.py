@@ -23,6 +23,21 @@ from diffexit.dllm.charlm.tasks import TASK_NAMES, sample  # noqa: E402
 SCHED = "method=sched,schedule=cosine:7.5:2.5,stat=quantile"
 
 
+@pytest.fixture(autouse=True)
+def fresh_lm_eval_log_handler():
+    """lm-eval's log handler keeps the stderr it was made with (one command per process in real use); a handler
+    made under an earlier test's capture would write to a closed stream, so each test's command makes its own."""
+    import logging
+
+    import lm_eval.utils
+
+    yield
+    logger = logging.getLogger("lm_eval")
+    for handler in list(logger.handlers):
+        logger.removeHandler(handler)
+    lm_eval.utils._LOGGING_CONFIGURED = False
+
+
 def _samples(out: Path, task: str) -> list[dict]:
     (path,) = out.rglob(f"samples_{task}_*.jsonl")
     return sorted((json.loads(line) for line in path.read_text().splitlines()), key=lambda s: s["doc_id"])
