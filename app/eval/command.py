@@ -76,11 +76,15 @@ def main(argv: Sequence[str], prog: str = "diffexit eval") -> int:
 
 
 def _gathered(records: list[dict], model):
-    """Every process's request records on the main process (None on the others)."""
-    if model.world_size == 1:
-        return records
-    parts = model.gather_object(records, dst=0)
-    return None if parts is None else [r for part in parts for r in part]
+    """Every process's request records on the main process (None on the others), each request once: lm-eval pads
+    a process that has fewer requests with copies of one of its own, which are decoded but not scored."""
+    parts = [records] if model.world_size == 1 else model.gather_object(records, dst=0)
+    if parts is None:
+        return None
+    unique: dict = {}
+    for r in (r for part in parts for r in part):
+        unique.setdefault((r["task"], r["doc_id"], r["idx"]), r)
+    return list(unique.values())
 
 
 def _annotate_samples(output_path: Path, records: list[dict]) -> None:
