@@ -71,8 +71,10 @@ class DiffexitLM(LM):
                 spec = spec.replace(**lengths)
         except (TypeError, ValueError) as e:
             raise ValueError(f"--model_args: {e}") from None
-        self.engine = _engine(model_options, spec, device)
-        state = _process_state()
+        from ..jobs import process_state
+
+        state = process_state()
+        self.engine = _engine(model_options, spec, device or state.device)
         self._rank, self._world_size = state.process_index, state.num_processes
         self.records: list[dict] = []
         DiffexitLM.instances.append(self)
@@ -192,12 +194,6 @@ def _cut(text: str, until) -> str:
     return text
 
 
-def _process_state():
-    from ..jobs import process_state
-
-    return process_state()
-
-
 def _engine(model_options: dict, spec, device):
     """The engine ``generate text`` decodes with, for this model and spec: its loader and its engine builder."""
     from .. import generate_text as gt
@@ -210,7 +206,7 @@ def _engine(model_options: dict, spec, device):
     if args.dtype not in gt.DTYPES:
         raise ValueError(f"dtype must be one of {list(gt.DTYPES)}, got {args.dtype!r}")
     try:
-        kind, model, tokenizer = gt.load_model(args, device or _process_state().device)
+        kind, model, tokenizer = gt.load_model(args, device)
         loop = spec.replace(method="full", params={})
         return gt.build_engines(args, kind, model, tokenizer, spec.method, spec.params, loop)[0]
     except JobError as e:
