@@ -19,6 +19,7 @@ from ..common.cli_help import HelpFormatter
 from ..dllm.calibrate import SCAN_STATS, evaluate, family, record, save_sched, select_scale
 from ..dllm.charlm.tasks import DECODE, TASK_NAMES, layout_of, sample
 from ..dllm.charlm.tokenizer import decode_answer, encode_prompts
+from ..dllm.exact_cache import block_causal_layout
 from ..dllm.halting import SchED
 from ..dllm.statistics import SPAN, check_scanned, describe
 from .models import load_text_model_or_embedded
@@ -81,14 +82,16 @@ def main(argv: list[str], prog: str = "diffexit calibrate sched") -> int:
     except ValueError as e:
         print(f"{prog}: {e}", file=sys.stderr)
         return 1
-    cal, val = [], []
-    try:
-        for task in tqdm(args.tasks, desc="recording full-step runs"):
-            cal += record_task(model, tok, task, 1, args.n_cal, args.stat, args.q)
-            val += record_task(model, tok, task, 2, args.n_val, args.stat, args.q)
-    except ValueError as e:  # a model calibration cannot record (a block-causal one): refused at its first batch
-        print(f"{prog}: error: {e}", file=sys.stderr)
+    if block_causal_layout(model) is not None:
+        # The trajectories recorded here are whole-span halting's; said before minutes of recording start.
+        print(f"{prog}: error: --model {args.model} is block-causal, and a block-causal model halts per block while "
+              f"calibration records whole-span halting: calibrate the bidirectional model (--model charlm), or pick "
+              f"a schedule for it with `diffexit bench text --models charlm-block`", file=sys.stderr)
         return 2
+    cal, val = [], []
+    for task in tqdm(args.tasks, desc="recording full-step runs"):
+        cal += record_task(model, tok, task, 1, args.n_cal, args.stat, args.q)
+        val += record_task(model, tok, task, 2, args.n_val, args.stat, args.q)
     scale, scan = select_scale(cal, args.kind, args.risk)
     if scale is None:
         print(f"{prog}: no scale meets risk {args.risk} on {len(cal)} examples", file=sys.stderr)

@@ -100,11 +100,17 @@ def test_an_unwritable_out_is_refused_before_the_calibration(tmp_path, capsys, m
         assert message in capsys.readouterr().err
 
 
-def test_a_block_causal_model_is_refused_in_one_line(tmp_path, capsys):
+def test_a_block_causal_model_is_refused_in_one_line_before_any_recording(tmp_path, capsys, monkeypatch):
+    from diffexit.app import calibrate_sched
     from diffexit.app.calibrate_sched import main
 
+    def recorded(*args, **kwargs):
+        raise AssertionError("the refusal must come before the first recorded batch")
+
+    monkeypatch.setattr(calibrate_sched, "record_task", recorded)
     assert main(["--risk", "0.2", "--model", "charlm-block", "--tasks", "pick", "--n-cal", "4", "--n-val", "2",
                  "--out", str(tmp_path / "s.json")]) == 2
     err = capsys.readouterr().err
-    assert "a block-causal model halts per block" in err and "Traceback" not in err
+    assert "a block-causal model halts per block" in err and "--model charlm" in err and "Traceback" not in err
+    assert len([line for line in err.splitlines() if "error:" in line]) == 1
     assert not (tmp_path / "s.json").exists()
