@@ -57,8 +57,9 @@ class SchEDStopping(DiffusionGemmaAdaptiveStopping):
         patience: also require the argmax canvas to have been unchanged for this many steps (0: no gate).
 
     ``stop_steps`` ``[B]`` holds each sample's 0-based stop step in the latest canvas (-1: it ran every step) and
-    ``canvas_stops`` those of every canvas so far in the call (a list of ``[B]`` tensors). The decoder passes a
-    sample took are what the model counts (``decoder_forward_passes``).
+    ``canvas_stops`` those of every canvas so far in the call (a list of ``[B]`` tensors); ``B`` is the batch of
+    the canvas's first call. The decoder passes a sample took are what the model counts
+    (``decoder_forward_passes``).
     """
 
     def __init__(self, schedule: ThresholdSchedule, stat: str = "mean", q: float = 0.1, patience: int = 0):
@@ -98,6 +99,15 @@ class SchEDStopping(DiffusionGemmaAdaptiveStopping):
         self._previous = None
         self._stable = None
         self._stopped = None
+        self._rows = None
+
+    def select_rows(self, index: torch.LongTensor) -> None:
+        """Keep the state of the batch rows ``index`` only, in that order: the next call gets those samples only
+        (``diffexit.dllm.gemma_loop`` drops stopped samples from the batch). ``stop_steps`` keeps every row."""
+        if self._stopped is None:
+            return
+        self._previous = None if self._previous is None else self._previous[index]
+        self._stable, self._stopped, self._rows = self._stable[index], self._stopped[index], self._rows[index]
 
     def statistic(self, logits: torch.Tensor) -> torch.Tensor:
         """The canvas statistic of ``logits`` ``[B, canvas, V]``: ``[B]`` float32, larger means more sure."""
@@ -117,6 +127,7 @@ class SchEDStopping(DiffusionGemmaAdaptiveStopping):
             self._stable = torch.zeros(batch, dtype=torch.long, device=device)
             self.stop_steps = torch.full((batch,), -1, dtype=torch.long, device=device)
             self.canvas_stops.append(self.stop_steps)
+            self._rows = torch.arange(batch, device=device)  # each current row's index in stop_steps
         threshold = self.schedule(progress(min(self._step, self.total_steps - 1), self.total_steps))
         stop = self.statistic(logits) >= threshold
         if self.patience:
@@ -125,10 +136,16 @@ class SchEDStopping(DiffusionGemmaAdaptiveStopping):
             stop &= self._stable >= self.patience
         self._previous = argmax_canvas.clone()
         newly = stop & ~self._stopped
-        self.stop_steps[newly] = self._step
+        self.stop_steps[self._rows[newly]] = self._step
         self._stopped |= stop
         self._step += 1
         return stop
+
+
+def canvas_seed(seed: int, canvas: int) -> int:
+    """The seed of canvas ``canvas`` (0-based) of a decode seeded ``seed``: ``CanvasSeeds`` reseeds torch's global
+    generator with it, ``diffexit.dllm.gemma_loop`` each sample's own generator."""
+    return seed * 1_000_003 + canvas
 
 
 class CanvasSeeds:
@@ -147,7 +164,7 @@ class CanvasSeeds:
         self._takes_logits = getattr(inner, "_takes_logits", False)
 
     def put(self, value) -> None:
-        torch.manual_seed(self.seed * 1_000_003 + self.canvas)
+        torch.manual_seed(canvas_seed(self.seed, self.canvas))
         self.canvas += 1
         if self.inner is not None:
             self.inner.put(value)
