@@ -115,7 +115,7 @@ def attach_early_exits(pipe, config: EarlyExitConfig, *, steps: Optional[int] = 
         else:
             rule = exit_rule(config.method, config.params)
         try:
-            early_exit = enable_early_exit(pipe, uem, rule)
+            early_exit = enable_early_exit(pipe, uem, rule, remainder=config.cached_remainder())
         except ValueError as e:
             raise ValueError(f"method {config.method!r} does not fit this model: {e}") from None
     except ValueError:

@@ -15,6 +15,9 @@ one group, and a group stops when the rule lets the more uncertain of its two ro
 amplifies their difference, so both must be settled). ``cfg="auto"`` recognises a guided batch by its two
 identical halves of noisy input, which is how DiT, PixArt and SD3 pipelines build it.
 
+With a cached remainder (:mod:`diffexit.uem.cached_remainder`) an exited row's head reads its state plus the
+residuals its skipped blocks added when they last ran it, and the remainder's refresh steps run every block.
+
 Why a diffusers hook rather than a wrapper module or a patched class: a ``ModelHook`` with ``new_forward``
 registered in the model's ``HookRegistry`` is diffusers' own way to replace a model's forward (FirstBlockCache uses
 it). The model object stays the same one the pipeline holds, ``inspect.signature(transformer.forward)`` still shows
@@ -38,6 +41,7 @@ from torch import nn
 
 from ..common.schedules import ThresholdSchedule
 from .block_adapters import SUPPORTED, adapter_for, num_blocks
+from .cached_remainder import CachedRemainder
 from .exit_rules import ExitRule, UncertaintyThreshold
 from .heads import UEMStack, token_uncertainty
 
@@ -71,13 +75,17 @@ class EarlyExit:
         cfg: ``"auto"``, ``True`` or ``False``: how guided ``[cond; uncond]`` batches are paired (see
             :func:`enable_early_exit`).
         progress: sampling progress in ``[0, 1]`` for the next call, or ``None``; ``ExitAwareScheduler`` sets it.
+        remainder: the :class:`~diffexit.uem.cached_remainder.CachedRemainder` that exited samples add, or
+            ``None`` (an exit hands the head the hidden state it has).
         depth_listener: called after every forward with the blocks each sample ran, int64 ``[G]`` (``G`` samples;
             a guided pair counts once); ``ExitAwareScheduler`` sets it.
         last_depths: the same tensor for the latest forward.
     """
 
-    def __init__(self, transformer: nn.Module, uem: Optional[UEMStack], rule: ExitRule, cfg: Union[str, bool]):
+    def __init__(self, transformer: nn.Module, uem: Optional[UEMStack], rule: ExitRule, cfg: Union[str, bool],
+                 remainder: Optional[CachedRemainder] = None):
         self.transformer = transformer
+        self.remainder = remainder
         self.uem = uem
         self.num_blocks = num_blocks(transformer)
         self.cfg = cfg
@@ -114,9 +122,9 @@ class EarlyExit:
 
     def _forward(self, model: nn.Module, args: tuple, kwargs: dict, original: Callable):
         adapter, num_blocks = self._adapter, self.num_blocks
-        rule, progress = self._rule, self.progress
+        rule, progress, cache = self._rule, self.progress, self.remainder
         first = rule.first_exit(progress, num_blocks)
-        if first >= num_blocks:
+        if first >= num_blocks and cache is None:
             # Nothing can exit at this step: the model's own forward, with no per-block bookkeeping.
             out = original(*args, **kwargs)
             x = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
@@ -126,6 +134,8 @@ class EarlyExit:
         run = adapter.begin(model, args, kwargs)
         hidden, rows = run.hidden, run.rows
         batch, device = hidden.shape[0], hidden.device
+        if cache is not None and cache.begin(progress, batch):
+            first = num_blocks  # a refresh: every block runs and records its residual
         paired = self._paired(hidden)
         groups = batch // 2 if paired else batch
         head_w = head_b = None
@@ -138,8 +148,18 @@ class EarlyExit:
         row_ids = torch.arange(batch, device=device)  # where each remaining row goes in the output
         depths = torch.full((groups,), num_blocks, dtype=torch.long, device=device)
         out = None
+        ran = num_blocks  # blocks the rows still in the batch ran when the loop ends
+
+        def exit_state(hidden, depth, ids):
+            # What the head reads for rows leaving after `depth` blocks: their state, plus the skipped blocks'
+            # cached residuals when there is a remainder.
+            return hidden if cache is None or depth == num_blocks else hidden + cache.remainder(depth, ids)
+
         for index in range(num_blocks):
+            before = hidden
             hidden = adapter.block(model, index, hidden, rows, run.fixed)
+            if cache is not None:
+                cache.record(index, row_ids, hidden - before)
             depth = index + 1
             if depth == num_blocks:
                 break
@@ -162,10 +182,12 @@ class EarlyExit:
                     continue
                 if stopping < stop.shape[0]:
                     stop_rows = torch.cat([stop, stop]) if paired else stop
-                    y = adapter.head(model, hidden[stop_rows], _take(rows, stop_rows), run.fixed, run.grid)
+                    leaving = row_ids[stop_rows]
+                    y = adapter.head(model, exit_state(hidden[stop_rows], depth, leaving), _take(rows, stop_rows),
+                                     run.fixed, run.grid)
                     if out is None:
                         out = y.new_empty(batch, *y.shape[1:])
-                    out[row_ids[stop_rows]] = y
+                    out[leaving] = y
                     depths[active[stop]] = depth
                     keep, keep_rows = ~stop, ~stop_rows
                     active, row_ids, hidden = active[keep], row_ids[keep_rows], hidden[keep_rows]
@@ -176,8 +198,9 @@ class EarlyExit:
             elif not stop:
                 continue
             depths[active] = depth
+            ran = depth
             break
-        y = adapter.head(model, hidden, rows, run.fixed, run.grid)
+        y = adapter.head(model, exit_state(hidden, ran, row_ids), rows, run.fixed, run.grid)
         if out is None:
             out = y
         else:
@@ -213,6 +236,7 @@ def enable_early_exit(
     rule: Union[ExitRule, float, ThresholdSchedule],
     *,
     cfg: Union[str, bool] = "auto",
+    remainder: Optional[CachedRemainder] = None,
 ) -> EarlyExit:
     """Put early exits on a diffusers transformer (or a pipeline's ``.transformer``); the pipeline calls it unchanged.
 
@@ -225,6 +249,8 @@ def enable_early_exit(
             meaning ``UncertaintyThreshold(threshold)``.
         cfg: ``"auto"`` treats a batch whose two halves carry the same noisy input as guided ``[cond; uncond]``
             pairs that exit together; ``True`` always pairs the halves; ``False`` never does.
+        remainder: a :class:`~diffexit.uem.cached_remainder.CachedRemainder`: an exited sample's skipped blocks add
+            their cached residuals (and whole steps run at full depth to refresh them); ``None``: they add nothing.
 
     Returns:
         The :class:`EarlyExit` controller: set ``.progress`` or hand it to ``ExitAwareScheduler``; swap ``.rule``.
@@ -242,7 +268,9 @@ def enable_early_exit(
         if not isinstance(uem, UEMStack):
             raise ValueError(f"uem must be a UEMStack (or None), got {type(uem).__name__}")
         uem.check_matches(model)
-    early_exit = EarlyExit(model, uem, rule, cfg)
+    if remainder is not None and not isinstance(remainder, CachedRemainder):
+        raise ValueError(f"remainder must be a CachedRemainder (or None), got {type(remainder).__name__}")
+    early_exit = EarlyExit(model, uem, rule, cfg, remainder)
     had_registry = hasattr(model, "_diffusers_hook")
     hook = _EarlyExitHook(early_exit, had_registry, "forward" in vars(model))
     HookRegistry.check_if_exists_or_initialize(model).register_hook(hook, HOOK_NAME)

@@ -8,6 +8,10 @@ It round-trips through a JSON dict (``job.json`` records it, so a resumed job re
     EarlyExitConfig("deediff", threshold="linear:0.3:0.05", min_depth=2, uem="runs/uem")
     EarlyExitConfig("deediff", budget=0.02, uem="runs/uem")        # calibration-0.02.json beside the heads
     EarlyExitConfig("static", depths=(4, 8, 12))                   # no heads
+    EarlyExitConfig("static", depths=(6,), remainder="taylor", refresh_every=3, refresh_last=1)
+
+A ``remainder`` composes the exits with feature caching (:mod:`diffexit.uem.cached_remainder`): the blocks a sample
+skips add the residual they added when they last ran it, and whole steps run at full depth to refresh them.
 """
 
 from __future__ import annotations
@@ -17,7 +21,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Union
 
+from .cached_remainder import ORDERS, CachedRemainder
 from .rule_spec import CALIBRATED, check_exit_params
+
+REMAINDERS = ("none", *ORDERS)
+# The fields that say what the skipped blocks add, rather than which rule exits.
+_REMAINDER_FIELDS = ("remainder", "refresh_every", "refresh_last")
+_NOT_RULE = ("method", "uem", *_REMAINDER_FIELDS)
 
 
 @dataclass(frozen=True)
@@ -33,6 +43,12 @@ class EarlyExitConfig:
         calibration: deediff, instead of a threshold or budget: the path of a calibration file.
         depths: static: blocks run per equal stretch of sampling progress, noisiest first.
         uem: deediff: the UEM folder (a ``diffexit train uem --out`` run, or ``UEMStack.save_pretrained``).
+        remainder: what an exited sample's skipped blocks add: ``none`` (nothing), ``cached`` (the residual each
+            added when it last ran that sample) or ``taylor`` (that residual extrapolated to first order from its
+            last two runs).
+        refresh_every: with a remainder, every this many steps runs at full depth (1: every step, which is full
+            depth); ``None``: only the first step and the last ``refresh_last``.
+        refresh_last: with a remainder, the last this many steps run at full depth (``None``: 0).
     """
 
     method: str = "full"
@@ -42,9 +58,12 @@ class EarlyExitConfig:
     calibration: Optional[str] = None
     depths: Optional[tuple] = None
     uem: Optional[str] = None
+    remainder: str = "none"
+    refresh_every: Optional[int] = None
+    refresh_last: Optional[int] = None
 
     def __post_init__(self):
-        raw = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in ("method", "uem")}
+        raw = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in _NOT_RULE}
         params = check_exit_params(self.method, {k: v for k, v in raw.items() if v is not None})
         for name in raw:
             value = params.get(name)
@@ -56,12 +75,30 @@ class EarlyExitConfig:
             raise ValueError(f"uem only applies to method 'deediff', not {self.method!r}; drop it")
         if self.uem is not None:
             object.__setattr__(self, "uem", str(Path(self.uem)))
+        if self.remainder not in REMAINDERS:
+            raise ValueError(f"unknown remainder {self.remainder!r}; choose one of {list(REMAINDERS)}")
+        if self.remainder == "none":
+            given = [k for k in ("refresh_every", "refresh_last") if getattr(self, k) is not None]
+            if given:
+                raise ValueError(f"{given[0]} refreshes a cached remainder; set remainder to 'cached' or 'taylor', "
+                                 f"or drop it")
+        elif self.method == "full":
+            raise ValueError("method 'full' runs every block, so no block is skipped to add a remainder; pick an "
+                             "exit method or drop remainder")
+        else:
+            self.cached_remainder()  # the refresh settings' own checks fail here, with the fix
 
     @property
     def params(self) -> dict:
         """The rule's parameters, as :func:`~diffexit.uem.rule_spec.exit_rule` takes them (JSON-ready)."""
-        named = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in ("method", "uem")}
+        named = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in _NOT_RULE}
         return {k: (list(v) if k == "depths" else v) for k, v in named.items() if v is not None}
+
+    def cached_remainder(self) -> Optional[CachedRemainder]:
+        """A fresh :class:`~diffexit.uem.cached_remainder.CachedRemainder` for these settings, or ``None``."""
+        if self.remainder == "none":
+            return None
+        return CachedRemainder(ORDERS[self.remainder], self.refresh_every, self.refresh_last or 0)
 
     @property
     def calibrated(self) -> bool:
@@ -69,8 +106,10 @@ class EarlyExitConfig:
         return any(k in self.params for k in CALIBRATED)
 
     def to_dict(self) -> dict:
-        """``{"method", <the parameters given>, "uem"?}``, JSON-ready; :meth:`from_dict` gives the config back."""
-        return {"method": self.method, **self.params, **({} if self.uem is None else {"uem": self.uem})}
+        """``{"method", <the parameters given>, "uem"?, <remainder settings>?}``, JSON-ready; :meth:`from_dict` gives
+        the config back."""
+        remainder = {k: getattr(self, k) for k in _REMAINDER_FIELDS if getattr(self, k) not in (None, "none")}
+        return {"method": self.method, **self.params, **({} if self.uem is None else {"uem": self.uem}), **remainder}
 
     @classmethod
     def from_dict(cls, data: dict) -> "EarlyExitConfig":

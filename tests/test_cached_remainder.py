@@ -1,0 +1,189 @@
+"""Exits with a cached remainder: refreshed at every step it is full depth, bit for bit; without refresh (and with
+first-order extrapolation) it matches a per-sample re-derivation written from the diffusers DiT source."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from diffexit.samplers import progress
+from diffexit.samplers.early_exits import attach_early_exits
+from diffexit.uem import enable_early_exit
+from diffexit.uem.cached_remainder import CachedRemainder
+from diffexit.uem.exit_config import EarlyExitConfig
+from diffexit.uem.exit_rules import ExitRule
+
+LAYERS = 4
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    # Tiny models on shared cores: OpenMP threads spin against each other and run 10-40x slower.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def random_dit(tiny_dit, seed=0):
+    # adaLN-zero starts each block as the identity; perturbed weights give every block a residual of its own.
+    m = tiny_dit(layers=LAYERS, seed=seed)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    return m
+
+
+class PlannedDepths(ExitRule):
+    """Sample ``g`` stops after ``plan[step][g]`` blocks; the step is read off the progress of ``steps`` steps."""
+
+    needs_uem = False
+
+    def __init__(self, plan, steps):
+        self.plan, self.steps = plan, steps
+
+    def exits(self, depth, progress, uncertainty):
+        # Asked at every depth, for the samples still running: those planned to stop here or deeper.
+        planned = torch.tensor(self.plan[round(progress * (self.steps - 1))])
+        return planned[planned >= depth] == depth
+
+
+def head(m, h, t, y):
+    """DiT's output head on tokens ``h``, written out from the diffusers source."""
+    p, c = m.config.patch_size, m.out_channels
+    cond = m.transformer_blocks[0].norm1.emb(t, y, hidden_dtype=h.dtype)
+    shift, scale = m.proj_out_1(F.silu(cond)).chunk(2, dim=1)
+    h = m.proj_out_2(m.norm_out(h) * (1 + scale[:, None]) + shift[:, None])
+    n = int(h.shape[1] ** 0.5)
+    return torch.einsum("nhwpqc->nchpwq", h.reshape(-1, n, n, p, p, c)).reshape(-1, c, n * p, n * p)
+
+
+def rederived(m, xs, t, y, plan, order):
+    """Each sample alone: blocks it runs record ``(step, residual)``; an exit after ``k`` adds, per skipped block,
+    the last residual (order 0) or its linear extrapolation from the last two (order 1)."""
+    outs = [torch.empty(x.shape[0], m.out_channels, *x.shape[2:]) for x in xs]
+    for g in range(xs[0].shape[0]):
+        history = {j: [] for j in range(LAYERS)}
+        for s, x in enumerate(xs):
+            k = plan[s][g]
+            tg, yg = t[g : g + 1], y[g : g + 1]
+            h = m.pos_embed(x[g : g + 1])
+            for j in range(k):
+                nxt = m.transformer_blocks[j](h, timestep=tg, class_labels=yg)
+                history[j].append((s, nxt - h))
+                h = nxt
+            for j in range(k, LAYERS):
+                (a, ra) = history[j][-1]
+                if order == 1 and len(history[j]) > 1:
+                    (b, rb) = history[j][-2]
+                    ra = ra + (s - a) * (ra - rb) / (a - b)
+                h = h + ra
+            outs[s][g] = head(m, h, tg, yg)[0]
+    return outs
+
+
+def run_steps(m, early, xs, t, y):
+    outs = []
+    for s, x in enumerate(xs):
+        early.progress = progress(s, len(xs))
+        outs.append(m(x, timestep=t, class_labels=y).sample)
+    return outs
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("order", [0, 1])
+def test_per_sample_remainder_matches_rederivation(tiny_dit, order):
+    m = random_dit(tiny_dit)
+    g = torch.Generator().manual_seed(3)
+    steps = 5
+    xs = [torch.randn(3, 1, 8, 8, generator=g) for _ in range(steps)]
+    t, y = torch.tensor([900, 500, 100]), torch.tensor([1, 4, 7])
+    # Step 0 is the cache's own refresh; later steps exit each sample at its own depth, some deep, some not at all.
+    plan = [[4, 4, 4], [1, 3, 4], [2, 1, 3], [1, 2, 1], [3, 1, 2]]
+    early = enable_early_exit(m, None, PlannedDepths(plan, steps), remainder=CachedRemainder(order))
+    got = run_steps(m, early, xs, t, y)
+    want = rederived(m, xs, t, y, plan, order)
+    for s in range(steps):
+        torch.testing.assert_close(got[s], want[s], rtol=1e-5, atol=1e-5, msg=f"step {s}")
+    # Without a remainder the same exits differ: the remainder is what is being checked.
+    early.remainder = None
+    plain = run_steps(m, early, xs, t, y)
+    assert not torch.allclose(plain[1], want[1], atol=1e-3)
+
+
+@torch.no_grad()
+def test_refresh_steps_run_full_depth_and_the_rest_exit(tiny_dit):
+    m = random_dit(tiny_dit)
+    g = torch.Generator().manual_seed(4)
+    steps = 7
+    xs = [torch.randn(2, 1, 8, 8, generator=g) for _ in range(steps)]
+    t, y = torch.tensor([700, 300]), torch.tensor([2, 5])
+    plan = [[1, 2]] * steps
+    early = enable_early_exit(m, None, PlannedDepths(plan, steps),
+                              remainder=CachedRemainder(0, refresh_every=3, refresh_last=2))
+    depths = []
+    for s, x in enumerate(xs):
+        early.progress = progress(s, steps)
+        m(x, timestep=t, class_labels=y)
+        depths.append(early.last_depths.tolist())
+    # Steps 0, 3 (every third) and 5, 6 (the last two) refresh at full depth.
+    assert depths == [[4, 4], [1, 2], [1, 2], [4, 4], [1, 2], [4, 4], [4, 4]]
+
+
+def digits_pipe(transformer):
+    from diffexit.uem.digits.model import build_sampling_scheduler
+    from diffexit.uem.digits.pipeline import DigitsDiTPipeline
+
+    pipe = DigitsDiTPipeline(transformer=transformer, scheduler=build_sampling_scheduler())
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("remainder", ["cached", "taylor"])
+def test_refreshed_at_every_step_is_full_depth_exactly(tiny_dit, remainder):
+    def sample(pipe):
+        return pipe([3, 8], generator=torch.Generator().manual_seed(0), num_inference_steps=4,
+                    output_type="pt").images
+
+    full = sample(digits_pipe(random_dit(tiny_dit)))
+    pipe = digits_pipe(random_dit(tiny_dit))
+    attached = attach_early_exits(pipe, EarlyExitConfig("static", depths=(1,), remainder=remainder,
+                                                        refresh_every=1))
+    assert torch.equal(sample(pipe), full)
+    assert pipe.scheduler.statistics.layer_ratio == 1.0
+    # The same exits refreshed only at the first step are cheaper and differ from full depth.
+    attached.early_exit.remainder = CachedRemainder(0)
+    assert not torch.equal(sample(pipe), full)
+    assert pipe.scheduler.statistics.layer_ratio < 1.0
+
+
+def test_a_new_run_starts_afresh():
+    cache = CachedRemainder(0, refresh_every=None)
+    assert [cache.begin(progress(s, 3), 4) for s in range(3)] == [True, False, False]
+    # The same pipeline called again: progress falls back, so its first step refreshes again; so does a new batch.
+    assert cache.begin(0.0, 4) and not cache.begin(0.5, 4) and cache.begin(1.0, 6)
+
+
+def test_remainder_needs_the_progress(tiny_dit):
+    m = random_dit(tiny_dit)
+    enable_early_exit(m, None, PlannedDepths([[1]], 1), remainder=CachedRemainder(0))
+    with pytest.raises(ValueError, match="ExitAwareScheduler"):
+        m(torch.zeros(1, 1, 8, 8), timestep=torch.tensor([1]), class_labels=torch.tensor([1]))
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"method": "static", "depths": (2,), "remainder": "lru"}, "choose one of"),
+    ({"method": "static", "depths": (2,), "refresh_every": 2}, "set remainder to 'cached' or 'taylor'"),
+    ({"method": "full", "remainder": "cached"}, "pick an exit method"),
+    ({"method": "static", "depths": (2,), "remainder": "cached", "refresh_every": 0}, "refresh_every must be"),
+    ({"method": "static", "depths": (2,), "remainder": "cached", "refresh_last": -1}, "refresh_last must be"),
+])
+def test_bad_remainder_settings_are_refused(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        EarlyExitConfig(**kwargs)
+
+
+def test_remainder_settings_round_trip():
+    config = EarlyExitConfig("static", depths=(2,), remainder="taylor", refresh_every=3, refresh_last=1)
+    assert EarlyExitConfig.from_dict(config.to_dict()) == config
+    assert "remainder" not in EarlyExitConfig("static", depths=(2,)).to_dict()

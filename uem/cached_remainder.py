@@ -1,0 +1,109 @@
+"""The cached remainder of an early exit: the blocks a sample skipped add the residual they added when they last ran.
+
+Exiting after block ``k`` normally hands ``h_k`` to the output head, as if blocks ``k+1..L`` had added nothing. With
+a cached remainder the head reads instead
+
+    h_k + sum over j > k of r_j,      r_j = (output - input) of block j the last time it ran this sample
+
+(``order=0``, the residual reuse of FORA/MagCache), or each ``r_j`` extrapolated to first order from its last two
+runs, ``r_j(s) = r_j(a) + (s - a) (r_j(a) - r_j(b)) / (a - b)`` for runs at steps ``b < a`` (``order=1``, as
+TaylorSeer extrapolates features; a block run only once is reused as is). Residuals are kept per batch row and per
+block, so a sample that exited deep at one step refreshes more of its own remainder than one that exited shallow.
+
+Whole steps run at full depth, refreshing every residual: the first step of a run (nothing is cached yet), every
+``refresh_every``-th step, and the last ``refresh_last`` steps (the clean end of sampling, where errors stay in the
+image). ``refresh_every=1`` is full depth at every step.
+
+Steps are told apart by the sampling progress that ``ExitAwareScheduler`` publishes (``i / (T - 1)`` at step ``i``
+of ``T``): a call whose progress is not above the previous call's, or whose batch differs, starts a new run, and the
+spacing of consecutive progress values gives how many steps remain. So it assumes one model call per sampling step,
+as the DiT, PixArt and SD3 pipelines make (guided halves ride in one batch).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+ORDERS = {"cached": 0, "taylor": 1}
+
+
+class CachedRemainder:
+    """Per-row, per-block residuals of one sampling run, and when each step must refresh them.
+
+    Args:
+        order: ``0`` reuses the last residual, ``1`` extrapolates from the last two.
+        refresh_every: every this many steps (counted from the run's first) runs at full depth; ``None``: only the
+            first step and the last ``refresh_last``.
+        refresh_last: the last this many steps run at full depth.
+    """
+
+    def __init__(self, order: int, refresh_every: Optional[int] = None, refresh_last: int = 0):
+        if order not in (0, 1):
+            raise ValueError(f"the remainder's order is 0 (reuse) or 1 (extrapolate), got {order!r}")
+        if refresh_every is not None and (isinstance(refresh_every, bool) or not isinstance(refresh_every, int)
+                                          or refresh_every < 1):
+            raise ValueError(f"refresh_every must be an int >= 1 (1: full depth at every step), got {refresh_every!r}")
+        if isinstance(refresh_last, bool) or not isinstance(refresh_last, int) or refresh_last < 0:
+            raise ValueError(f"refresh_last must be an int >= 0, got {refresh_last!r}")
+        self.order = order
+        self.refresh_every = refresh_every
+        self.refresh_last = refresh_last
+        self._rows: Optional[int] = None
+        self._progress: Optional[float] = None
+        self._spacing: Optional[float] = None
+        self.step = -1
+
+    def begin(self, progress: Optional[float], rows: int) -> bool:
+        """Start the step at ``progress`` for a batch of ``rows`` rows; True when it must run at full depth."""
+        if progress is None:
+            raise ValueError("a cached remainder counts sampling steps by their progress, but none is set: swap in "
+                             "the exit-aware scheduler (pipe.scheduler = ExitAwareScheduler(pipe.scheduler, "
+                             "early_exit)), or set early_exit.progress before every call")
+        if rows != self._rows or self._progress is None or progress <= self._progress:
+            self._rows, self._spacing, self.step = rows, None, 0
+            self._residuals: dict[int, list] = {}
+        else:
+            self._spacing = progress - self._progress
+            self.step += 1
+        self._progress = progress
+        if self.step == 0 or (self.refresh_every is not None and self.step % self.refresh_every == 0):
+            return True
+        remaining = round((1.0 - progress) / self._spacing)
+        return remaining < self.refresh_last
+
+    def record(self, block: int, row_ids: torch.Tensor, residual: torch.Tensor) -> None:
+        """Keep ``residual`` ``[len(row_ids), N, D]`` as block ``block``'s (0-based) latest for those batch rows."""
+        entry = self._residuals.get(block)
+        if entry is None:
+            shape = (self._rows, *residual.shape[1:])
+            last = residual.new_zeros(shape)
+            never = torch.full((self._rows,), -1, dtype=torch.long, device=residual.device)
+            entry = self._residuals[block] = [last, never.clone(), None, never.clone()]
+        last, last_step, prev, prev_step = entry
+        if self.order == 1:
+            if prev is None:
+                prev = entry[2] = torch.zeros_like(last)
+            prev[row_ids] = last[row_ids]
+            prev_step[row_ids] = last_step[row_ids]
+        last[row_ids] = residual
+        last_step[row_ids] = self.step
+
+    def remainder(self, start: int, row_ids: torch.Tensor) -> torch.Tensor:
+        """What blocks ``start..L-1`` (0-based) would add to those rows now: ``[len(row_ids), N, D]``."""
+        total = None
+        for block in sorted(b for b in self._residuals if b >= start):
+            last, last_step, prev, prev_step = self._residuals[block]
+            # The run's first step ran every block on every row, so each row has a residual here.
+            rows_last, steps_last = last[row_ids], last_step[row_ids]
+            guess = rows_last
+            if self.order == 1:
+                steps_prev = prev_step[row_ids]
+                span = (steps_last - steps_prev).clamp(min=1).to(rows_last.dtype)
+                # A row whose block ran once has no slope yet: reuse its residual as is.
+                ahead = torch.where(steps_prev >= 0, self.step - steps_last, 0).to(rows_last.dtype)
+                shape = (-1, *[1] * (rows_last.dim() - 1))
+                guess = rows_last + (rows_last - prev[row_ids]) * (ahead / span).view(shape)
+            total = guess if total is None else total + guess
+        return total
