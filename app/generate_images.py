@@ -5,6 +5,7 @@
     diffexit generate images --per-class 8 --method deediff --budget 0.02 --steps 25 --out runs/gen-calibrated
     diffexit generate images --requests requests.jsonl --method deediff --threshold linear:0.3:0.05 \\
         --uem runs/uem/uem --out runs/gen-deediff --compare-full
+    diffexit generate images --per-class 8 --plan plan.json --out runs/gen-planned --compare-full
 
 Inputs: ``--per-class N`` images of every class (or of ``--classes``), with ids ``c<class>-<k>``; or
 ``--requests FILE``, a JSONL of ``{"id": ..., "class": ..., "seed": ...}`` (``id`` and ``seed`` optional: the id
@@ -14,8 +15,10 @@ process that draws it. Its pixels can still move by one 8-bit level with ``--bat
 sum in an order the kernels choose by the number of rows, so one sample's output at batch 1 and at batch 4 differ
 by about 1e-6 (2e-6 at most, measured on 8 digits of the embedded DiT at 25 steps), and a pixel that close to a
 rounding boundary lands on the neighbouring level of its PNG (1/255; a few pixels in some images). Under DeeDiff
-exits a sample whose uncertainty lies within that error of its threshold can also exit at the next block. The same
-``--batch-size`` gives bit-identical files on any number of processes.
+exits a sample whose uncertainty lies within that error of its threshold can also exit at the next block. Under a
+plan with FirstBlockCache, images do depend on the batch: the cache skips the remaining blocks for a whole call at
+once, when the first block's output changed little over the batch's rows together, so other images in a batch change
+which steps skip. The same ``--batch-size`` gives bit-identical files on any number of processes.
 
 Methods (``--method``, or ``"method"`` in ``--config FILE`` with the parameters beside it; flags override the file):
 
@@ -28,6 +31,11 @@ Methods (``--method``, or ``"method"`` in ``--config FILE`` with the parameters 
   pipeline; with ``--pipeline``, give ``--uem DIR``, the ``uem/`` folder ``diffexit train uem`` writes.
 - ``static``: a fixed depth per stretch of sampling, ``depths`` (e.g. ``4 8 12`` by thirds); no UEM.
 
+``--plan FILE`` instead of a method: the steps, exits and feature cache ``diffexit calibrate images`` chose for a PSNR
+target (:mod:`diffexit.app.image_plan`). A plan holds only for the pipeline class, weights and guidance it was made
+for; ``--steps`` with a plan names the full step count it was planned against (the plan itself fixes the steps it
+samples), and ``--compare-full`` then runs full depth at those full steps.
+
 Outputs in ``--out``: ``<id>.png`` per item and ``manifest.jsonl`` with one record per item in input order: ``id``,
 ``class``, ``seed``, ``method``, ``file``, ``layers`` (blocks run, summed over steps), ``layer_ratio``, ``depths``
 (blocks run at each step) and ``seconds`` (its share of its batch's time). ``--compare-full`` also makes the full-depth
@@ -38,6 +46,7 @@ images in ``OUT/full`` and reports the speedup. Resumable and ready for ``accele
 from __future__ import annotations
 
 import argparse
+import contextlib
 import io
 import math
 import sys
@@ -83,6 +92,8 @@ def _parser(prog: str) -> argparse.ArgumentParser:
                    help="deediff, instead of --threshold or --budget: a calibration file made by `diffexit calibrate "
                         "uem` (e.g. one it wrote to its --out)")
     p.add_argument("--depths", type=int, nargs="+", metavar="D", help="static: blocks per stretch of sampling")
+    p.add_argument("--plan", type=Path, metavar="FILE",
+                   help="instead of a method: a plan file `diffexit calibrate images` wrote (its steps, exits, cache)")
     p.add_argument("--config", type=Path, metavar="FILE", help='JSON {"method": ..., parameters...}')
     p.add_argument("--pipeline", type=Path, metavar="DIR",
                    help="a DigitsDiTPipeline or DiTPipeline folder (default: the embedded digits DiT)")
@@ -90,7 +101,8 @@ def _parser(prog: str) -> argparse.ArgumentParser:
                    help="deediff: the UEM folder (UEMStack.save_pretrained, or a `diffexit train uem --out` run); "
                         "default with the embedded pipeline: the shipped heads")
     p.add_argument("--steps", type=int,
-                   help=f"denoising steps (default: a calibration's own, else {DEFAULT_STEPS})")
+                   help=f"denoising steps (default: a calibration's own, else {DEFAULT_STEPS}); with --plan, the full "
+                        f"steps it was planned against (checked)")
     p.add_argument("--guidance-scale", type=float,
                    help="classifier-free guidance (default: a calibration's own, else the pipeline's)")
     p.add_argument("--batch-size", type=int, default=16, help="images per batch in a process (default: %(default)s)")
@@ -130,6 +142,22 @@ def resolve_config(args) -> EarlyExitConfig:
     except ValueError as e:
         raise JobError(str(e) if str(e).startswith(("unknown method", "method ")) or " parameter " in str(e)
                        else f"method {method!r}: {e}") from e
+
+
+def read_plan(args):
+    """The :class:`~diffexit.app.image_plan.ImagePlan` that ``--plan`` names; a method's flags beside it are refused."""
+    from .image_plan import ImagePlan
+
+    given = [flag for flag, value in (("--method", args.method), ("--threshold", args.threshold),
+                                      ("--min-depth", args.min_depth), ("--budget", args.budget),
+                                      ("--calibration", args.calibration), ("--depths", args.depths),
+                                      ("--config", args.config), ("--uem", args.uem)) if value is not None]
+    if given:
+        raise JobError(f"--plan fixes the steps, exits and cache; drop {given[0]} (or drop --plan)")
+    try:
+        return ImagePlan.load(args.plan)
+    except ValueError as e:
+        raise JobError(str(e)) from None
 
 
 def per_class_items(classes: Sequence[int], per_class: int, base_seed: int) -> list[Item]:
@@ -175,10 +203,12 @@ def png_bytes(image) -> bytes:
 
 
 class ImageEngine:
-    """Draws a batch of items with one pipeline call; records the depth each sample ran at each step."""
+    """Draws a batch of items with one pipeline call; records the depth each sample ran at each step. With a
+    :class:`~diffexit.app.image_plan.PlanRun` (``planned``), calls run in its context and it reports the depths."""
 
-    def __init__(self, pipe, method: str, steps: int, guidance_scale: float):
+    def __init__(self, pipe, method: str, steps: int, guidance_scale: float, planned=None):
         self.pipe, self.method, self.steps, self.guidance_scale = pipe, method, steps, guidance_scale
+        self.planned = planned
         self.num_blocks = num_blocks(pipe.transformer)
 
     def files(self, item: Item) -> list[str]:
@@ -191,9 +221,12 @@ class ImageEngine:
 
         # One CPU generator per item: its noise is the same on any device and in any batch.
         generators = [torch.Generator().manual_seed(item.seed) for item in items]
-        images = self.pipe([item.payload["class"] for item in items], guidance_scale=self.guidance_scale,
-                           generator=generators, num_inference_steps=self.steps, output_type="np").images
-        if isinstance(self.pipe.scheduler, ExitAwareScheduler):
+        with contextlib.nullcontext() if self.planned is None else self.planned.call_context():
+            images = self.pipe([item.payload["class"] for item in items], guidance_scale=self.guidance_scale,
+                               generator=generators, num_inference_steps=self.steps, output_type="np").images
+        if self.planned is not None:
+            depths = self.planned.depths(len(items))
+        elif isinstance(self.pipe.scheduler, ExitAwareScheduler):
             depths = self.pipe.scheduler.statistics.depths.T.tolist()
         else:
             depths = [[self.num_blocks] * len(self.pipe.scheduler.timesteps)] * len(items)
@@ -226,7 +259,8 @@ def run(argv: Sequence[str], prog: str = "diffexit generate images") -> tuple[Jo
     if args.guidance_scale is not None and not (math.isfinite(args.guidance_scale) and args.guidance_scale >= 0):
         raise JobError(f"--guidance-scale must be a finite number >= 0, got {args.guidance_scale} (1 or below turns "
                        f"guidance off)")
-    config = resolve_config(args)
+    plan = read_plan(args) if args.plan is not None else None
+    config = plan.settings.exits if plan is not None else resolve_config(args)
     if config.uem is not None:
         try:
             heads_dir(config.uem)  # a broken folder fails now, not after the pipeline has loaded
@@ -238,18 +272,19 @@ def run(argv: Sequence[str], prog: str = "diffexit generate images") -> tuple[Jo
     state = process_state()
     # Held from before the model loads: a folder another job is writing is refused before that work.
     with lock_out_dir(out, state):
-        return _generate(args, out, state, config, items)
+        return _generate(args, out, state, config, items, plan)
 
 
-def _generate(args, out: Path, state, config: EarlyExitConfig,
-              items: Optional[list[Item]]) -> tuple[JobResult, Optional[JobResult]]:
+def _generate(args, out: Path, state, config: EarlyExitConfig, items: Optional[list[Item]],
+              plan=None) -> tuple[JobResult, Optional[JobResult]]:
     """:func:`run`'s work once the inputs are checked and the folder is locked; ``items`` is None for
-    ``--per-class``, whose classes are known once the pipeline is."""
+    ``--per-class``, whose classes are known once the pipeline is; ``plan`` is ``--plan``'s."""
     from ..samplers.early_exits import attach_early_exits
     from ..uem.exit_rules import FullDepth
+    from .image_plan import planned_pipeline
     from .models import LoadError, class_count, default_guidance_scale, load_dit_pipeline
 
-    method = config.method
+    method = "plan" if plan is not None else config.method
     try:
         pipe = load_dit_pipeline(args.pipeline, state.device)
     except LoadError as e:
@@ -265,8 +300,19 @@ def _generate(args, out: Path, state, config: EarlyExitConfig,
         if not 0 <= item.payload["class"] < n_classes:
             raise JobError(f"{item.source}: unknown class {item.payload['class']}; this model draws classes "
                            f"0..{n_classes - 1}")
-    steps, guidance, exits = args.steps, args.guidance_scale, None
-    if method != "full":
+    steps, guidance, exits, planned = args.steps, args.guidance_scale, None, None
+    if plan is not None:
+        try:
+            plan.check(pipe, full_steps=steps, guidance_scale=guidance)
+            guidance = plan.made_for["guidance_scale"]
+            planned = planned_pipeline(pipe, plan.settings, guidance)
+        except ValueError as e:
+            raise JobError(f"{args.plan}: {e}") from None
+        steps = plan.settings.steps
+        if not plan.met:
+            print(f"warning: {args.plan} did not meet its {plan.target_psnr:g} dB target on its held-out check",
+                  file=sys.stderr)
+    elif method != "full":
         try:
             # Heads trained with a fine-tuned backbone (diffexit train uem --mode full) sample with it.
             exits = attach_early_exits(pipe, config, steps=steps, guidance_scale=guidance)
@@ -283,27 +329,40 @@ def _generate(args, out: Path, state, config: EarlyExitConfig,
     job = make_job(items, args.batch_size)
     settings = {"command": "generate images", "pipeline": _pipeline_id(args.pipeline), "steps": steps,
                 "guidance_scale": guidance, "batch_size": args.batch_size}
-    spec = job_spec({**settings, "exits": config.to_dict()}, job)
-    full_spec = job_spec({**settings, "exits": EarlyExitConfig("full").to_dict()}, job)
+    planned_for = {} if plan is None else {"plan": {**plan.settings.to_dict(), "target_psnr": plan.target_psnr,
+                                                    "weights_sha256": plan.made_for["weights_sha256"]}}
+    spec = job_spec({**settings, "exits": config.to_dict(), **planned_for}, job)
+    # A plan is compared with the full depth it was planned against: its full steps.
+    full_steps = steps if plan is None else plan.made_for["full_steps"]
+    full_spec = job_spec({**settings, "steps": full_steps, "exits": EarlyExitConfig("full").to_dict()}, job)
     compare = args.compare_full and method != "full"
     check_job(out, spec)
     if compare:
         check_job(out / FULL_DIR, full_spec)
 
-    result = run_job(out, spec, job, ImageEngine(pipe, method, steps, guidance), manifest=MANIFEST,
-                     desc=f"images ({method})", state=state)
+    engine = (ImageEngine(pipe, method, steps, guidance) if planned is None else
+              ImageEngine(planned.pipe, method, steps, guidance, planned))
+    result = run_job(out, spec, job, engine, manifest=MANIFEST, desc=f"images ({method})", state=state)
     full = None
     if compare:
-        # Full depth through the same hook runs the model's own forward, on the backbone the exits used.
-        exits.early_exit.rule = FullDepth()
+        if exits is not None:
+            # Full depth through the same hook runs the model's own forward, on the backbone the exits used.
+            exits.early_exit.rule = FullDepth()
         full_out = prepare_out_dir(out / FULL_DIR)
-        full = run_job(full_out, full_spec, job, ImageEngine(pipe, "full", steps, guidance), manifest=MANIFEST,
+        # A plan ran on a copy: the pipeline itself is the model as the user runs it.
+        full = run_job(full_out, full_spec, job, ImageEngine(pipe, "full", full_steps, guidance), manifest=MANIFEST,
                        desc="images (full)", state=state)
     if state.is_main_process:
         print(describe_run(result, f"generate images ({method})"))
         # Every item runs the same steps on the same blocks, so the mean of the ratios is the overall ratio.
         ratio = sum(r["layer_ratio"] for r in result.records) / len(result.records)
         print(f"layer ratio {ratio:.3f} (blocks run / blocks available, over all {result.items} items)")
+        if plan is not None:
+            held = plan.figures["held_out"]
+            quality = "identical images" if held["psnr"] is None else f"{held['psnr']:.2f} dB"
+            print(f"plan {plan.settings.name}: cost {ratio * steps / full_steps:.3f} against full depth at {full_steps} "
+                  f"steps (its held-out check: {held['layer_ratio']:.3f} at {quality}, target {plan.target_psnr:g} dB "
+                  f"{'met' if held['met'] else 'NOT met'})")
         if args.compare_full and method == "full":
             print("--compare-full: the method is full depth already; nothing to compare")
         if full is not None:

@@ -1,0 +1,277 @@
+"""The image plan that ``diffexit calibrate images`` writes: the sampling steps, early exits and feature cache it
+chose for a PSNR target, what it was made for, and how a pipeline runs it.
+
+A plan file is JSON::
+
+    {"format": "diffexit-image-plan", "version": 1,
+     "settings": {"steps": 10, "exits": {"method": "full"}, "cache": {"kind": "fbc", "threshold": 0.1}},
+     "target_psnr": 25.0,
+     "made_for": {"pipeline_class", "scheduler", "weights_sha256", "full_steps", "guidance_scale", "pipeline"},
+     "figures": {"calibration": {"layer_ratio", "psnr", "samples", "seed"},
+                 "held_out": {"layer_ratio", "psnr", "samples", "seed", "met"}},
+     "provenance": {"command", ...}}
+
+``settings`` is what to run (:class:`PlanSettings`); ``made_for`` is the model and the reference it was measured
+against: PSNR and cost (``layer_ratio``, blocks run over what full depth at ``full_steps`` runs) are against the
+same pipeline at full depth and ``full_steps`` steps, from the same noise. :meth:`ImagePlan.check` refuses another
+pipeline class, other weights (the SHA-256 of the transformer's state dict at fp16), another full step count or
+another guidance scale, each with the fix. :func:`planned_pipeline` sets a copy of a pipeline up to run the settings.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator, Optional
+
+from ..common.results import atomic_write_bytes
+from ..uem.calibration_file import weights_digest
+from ..uem.exit_config import EarlyExitConfig
+
+FORMAT = "diffexit-image-plan"
+VERSION = 1
+# Feature caches a plan can name, by kind, with their one parameter. FirstBlockCache passes a skipped block's input
+# through, so it cannot follow an early exit (rows that exited never reach the blocks it compares): the two never
+# share a plan.
+CACHES = {"fbc": "threshold"}
+
+
+@dataclass(frozen=True)
+class PlanSettings:
+    """What a plan runs.
+
+    Attributes:
+        steps: denoising steps.
+        exits: the early exits (``EarlyExitConfig("full")`` for none).
+        cache: ``{"kind": "fbc", "threshold": T}`` (diffusers' FirstBlockCache) or None.
+    """
+
+    steps: int
+    exits: EarlyExitConfig = field(default_factory=EarlyExitConfig)
+    cache: Optional[dict] = None
+
+    def __post_init__(self):
+        if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 1:
+            raise ValueError(f"a plan's steps must be a whole number >= 1, got {self.steps!r}")
+        if not isinstance(self.exits, EarlyExitConfig):
+            raise ValueError(f"a plan's exits must be an EarlyExitConfig, got {type(self.exits).__name__}")
+        if self.cache is not None:
+            kind = self.cache.get("kind") if isinstance(self.cache, dict) else None
+            if kind not in CACHES or set(self.cache) != {"kind", CACHES[kind]}:
+                raise ValueError(f"a plan's cache must be one of {[{'kind': k, p: '...'} for k, p in CACHES.items()]} "
+                                 f"or null, got {self.cache!r}")
+            value = self.cache[CACHES[kind]]
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+                raise ValueError(f"a plan's {kind} {CACHES[kind]} must be a finite number > 0, got {value!r}")
+            if self.exits.method != "full":
+                raise ValueError(f"a plan cannot put the {kind} cache on early exits (it skips blocks that exited rows "
+                                 f"never reach); choose one of them")
+
+    @property
+    def name(self) -> str:
+        """A short name: ``steps-10``, ``steps-10+fbc-0.1``, ``steps-8+deediff-<heads>-cal-0.02-steps8``."""
+        parts = [f"steps-{self.steps}"]
+        if self.exits.method != "full":
+            what = self.exits.params.get("calibration", self.exits.params.get("budget"))
+            label = (Path(what).stem.removeprefix("calibration-") if isinstance(what, str) else
+                     "-".join(f"{v}" for v in self.exits.params.values()))
+            heads = f"-{Path(self.exits.uem).name}" if self.exits.uem else ""
+            parts.append(f"{self.exits.method}{heads}-{'cal-' if self.exits.calibrated else ''}{label}")
+        if self.cache is not None:
+            parts.append(f"{self.cache['kind']}-{self.cache[CACHES[self.cache['kind']]]:g}")
+        return "+".join(parts)
+
+    def techniques(self, full_steps: int) -> list[str]:
+        """The ways of saving compute it joins: ``steps`` (fewer than ``full_steps``), the exit method, the cache."""
+        return ((["steps"] if self.steps < full_steps else []) + ([self.exits.method] if self.exits.method != "full"
+                else []) + ([self.cache["kind"]] if self.cache is not None else []))
+
+    def to_dict(self) -> dict:
+        return {"steps": self.steps, "exits": self.exits.to_dict(), "cache": self.cache}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "PlanSettings":
+        if not isinstance(data, dict) or set(data) - {"steps", "exits", "cache"} or "steps" not in data:
+            raise ValueError(f"a plan's settings are {{steps, exits?, cache?}}, got {data!r}")
+        return cls(data["steps"], EarlyExitConfig.from_dict(data.get("exits", {"method": "full"})), data.get("cache"))
+
+
+def describe_pipeline(pipe, full_steps: int, guidance_scale: float, pipeline: str) -> dict:
+    """What a plan is made for: ``pipe``'s class, scheduler class and transformer digest, the full step count and the
+    guidance scale of its reference, and ``pipeline`` (where it was loaded from, for messages)."""
+    return {"pipeline_class": type(pipe).__name__, "scheduler": type(pipe.scheduler).__name__,
+            "weights_sha256": weights_digest(pipe.transformer), "full_steps": int(full_steps),
+            "guidance_scale": float(guidance_scale), "pipeline": pipeline}
+
+
+@dataclass
+class ImagePlan:
+    """A plan (see the module docstring for the fields)."""
+
+    settings: PlanSettings
+    target_psnr: float
+    made_for: dict
+    figures: dict = field(default_factory=dict)
+    provenance: dict = field(default_factory=dict)
+
+    @property
+    def met(self) -> bool:
+        """Whether the held-out check met the target."""
+        return bool(self.figures["held_out"]["met"])
+
+    def check(self, pipe, *, full_steps: Optional[int] = None, guidance_scale: Optional[float] = None) -> None:
+        """Raise ``ValueError`` unless ``pipe`` (before any exits or caches) is the pipeline this plan was made for and
+        ``full_steps`` / ``guidance_scale`` (None: the plan's own) are its reference's."""
+        made = self.made_for
+
+        def remake(extra: str = "") -> str:
+            steps = "" if full_steps is None else f" --steps {full_steps}"
+            return f"make a plan for it with `diffexit calibrate images --psnr {self.target_psnr:g}{steps}{extra}`"
+
+        fix = remake()
+        if type(pipe).__name__ != made["pipeline_class"]:
+            raise ValueError(f"this plan was made for a {made['pipeline_class']}, not a {type(pipe).__name__}; {fix}")
+        if type(pipe.scheduler).__name__ != made["scheduler"]:
+            raise ValueError(f"this plan was made for the {made['scheduler']} sampler, not "
+                             f"{type(pipe.scheduler).__name__}; {fix}")
+        if weights_digest(pipe.transformer) != made["weights_sha256"]:
+            raise ValueError(f"this plan was made for other weights ({made['pipeline']}); "
+                             f"{remake(' --model DIR')} with DIR this pipeline, or pass the pipeline it was made for")
+        if full_steps is not None and full_steps != made["full_steps"]:
+            raise ValueError(f"this plan was made against {made['full_steps']} full steps (it samples "
+                             f"{self.settings.steps}), not {full_steps}; drop --steps, or {fix}")
+        if guidance_scale is not None and float(guidance_scale) != float(made["guidance_scale"]):
+            raise ValueError(f"this plan was made for guidance {made['guidance_scale']:g}, not {guidance_scale:g}; "
+                             f"drop the guidance scale, or {remake(f' --guidance-scale {guidance_scale:g}')}")
+
+    def to_dict(self) -> dict:
+        return {"format": FORMAT, "version": VERSION, "settings": self.settings.to_dict(),
+                "target_psnr": self.target_psnr, "made_for": self.made_for, "figures": self.figures,
+                "provenance": self.provenance}
+
+    def save(self, path) -> Path:
+        """Write the plan as JSON to ``path``, atomically."""
+        atomic_write_bytes(Path(path), (json.dumps(self.to_dict(), indent=2) + "\n").encode())
+        return Path(path)
+
+    @classmethod
+    def load(cls, path) -> "ImagePlan":
+        """Read a plan :meth:`save` wrote; anything else is refused with ``ValueError`` naming the file and the fix."""
+        path = Path(path)
+        fix = "make one with `diffexit calibrate images --psnr DB --out FILE`"
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ValueError(f"cannot read an image plan from {path}: {e}; {fix}") from None
+        if not isinstance(data, dict) or data.get("format") != FORMAT:
+            raise ValueError(f"{path} is not an image plan file; {fix}")
+        if data.get("version") != VERSION:
+            raise ValueError(f"{path} is a version {data.get('version')} image plan; this diffexit reads version "
+                             f"{VERSION}: {fix}")
+        missing = [k for k in ("settings", "target_psnr", "made_for") if k not in data]
+        if missing:
+            raise ValueError(f"{path} lacks {', '.join(missing)}; {fix}")
+        lacking = [k for k in ("pipeline_class", "scheduler", "weights_sha256", "full_steps", "guidance_scale",
+                               "pipeline") if k not in data["made_for"]]
+        if lacking:
+            raise ValueError(f"{path}: made_for lacks {', '.join(lacking)}; {fix}")
+        held = data.get("figures", {}).get("held_out") if isinstance(data.get("figures"), dict) else None
+        if not isinstance(held, dict) or not {"layer_ratio", "psnr", "met"} <= set(held):
+            raise ValueError(f"{path} lacks its held-out check (figures.held_out: layer_ratio, psnr, met); {fix}")
+        try:
+            settings = PlanSettings.from_dict(data["settings"])
+        except ValueError as e:
+            raise ValueError(f"{path}: {e}; {fix}") from None
+        return cls(settings, float(data["target_psnr"]), data["made_for"], data["figures"], data.get("provenance", {}))
+
+
+@dataclass
+class PlanRun:
+    """A pipeline set up for a plan's settings.
+
+    Attributes:
+        pipe: a copy of the pipeline given (its own transformer and scheduler), with the exits and cache on.
+        steps: denoising steps per call.
+        exit_scheduler: the ``ExitAwareScheduler`` when the plan exits early, else None.
+        call_context: wraps every call of ``pipe`` (a cache starts afresh in it).
+        block_calls: with a cache, blocks run at each transformer call of the last pipeline call, appended by hooks.
+    """
+
+    pipe: object
+    steps: int
+    exit_scheduler: object = None
+    call_context: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
+    block_calls: list = field(default_factory=list)
+
+    def depths(self, batch: int) -> list[list[int]]:
+        """Blocks each of the last call's ``batch`` samples ran at each step, ``[batch][steps]``: the exits' own
+        record, the cache's count (one for the whole batch: it skips for all rows together), else every block."""
+        from ..uem.block_adapters import num_blocks
+
+        if self.exit_scheduler is not None:
+            return self.exit_scheduler.statistics.depths.T.tolist()
+        if self.cache_on:
+            return [list(self.block_calls)] * batch
+        return [[num_blocks(self.pipe.transformer)] * self.steps] * batch
+
+    @property
+    def cache_on(self) -> bool:
+        return self.call_context is not contextlib.nullcontext
+
+
+def copy_pipeline(pipe):
+    """A pipeline of the same class around deep copies of ``pipe``'s transformer and scheduler, free to hook."""
+    components = {**pipe.components, "transformer": copy.deepcopy(pipe.transformer),
+                  "scheduler": copy.deepcopy(pipe.scheduler)}
+    copied = type(pipe)(**components)
+    copied.set_progress_bar_config(disable=True)
+    return copied
+
+
+def planned_pipeline(pipe, settings: PlanSettings, guidance_scale: float) -> PlanRun:
+    """A copy of ``pipe`` running ``settings`` (``pipe`` itself is untouched); ``ValueError`` names a setting that does
+    not fit (a calibration made for other weights or steps, say)."""
+    from ..samplers.early_exits import attach_early_exits
+
+    run = PlanRun(copy_pipeline(pipe), settings.steps)
+    if settings.exits.method != "full":
+        attach_early_exits(run.pipe, settings.exits, steps=settings.steps, guidance_scale=guidance_scale)
+        run.exit_scheduler = run.pipe.scheduler
+    if settings.cache is not None:
+        run.call_context = _first_block_cache(run, settings.cache["threshold"])
+    return run
+
+
+def _first_block_cache(run: PlanRun, threshold: float) -> Callable[[], contextlib.AbstractContextManager]:
+    """Put diffusers' FirstBlockCache on ``run.pipe.transformer``; returns the context each call runs in. Hooks on the
+    blocks count, per transformer call, the blocks that ran (a skipped block hands back its input tensor)."""
+    from diffusers.hooks import FirstBlockCacheConfig, HookRegistry, apply_first_block_cache
+    from diffusers.models.cache_utils import CacheMixin
+
+    from ..uem.block_adapters import blocks
+
+    model = run.pipe.transformer
+    model.register_forward_pre_hook(lambda module, args: run.block_calls.append(0))
+
+    def count(module, args, kwargs, output):
+        if output is not (args[0] if args else kwargs["hidden_states"]):
+            run.block_calls[-1] += 1
+
+    for block in blocks(model):
+        block.register_forward_hook(count, with_kwargs=True)
+    apply_first_block_cache(model, FirstBlockCacheConfig(threshold=threshold))
+
+    @contextlib.contextmanager
+    def call_context() -> Iterator[None]:
+        # Neither DiT pipeline names a cache context or resets the cache, so both happen here: each call starts
+        # afresh, and one context covers the call because the guided batch holds cond and uncond rows together.
+        run.block_calls.clear()
+        HookRegistry.check_if_exists_or_initialize(model).reset_stateful_hooks(recurse=True)
+        with CacheMixin.cache_context(model, "cond"):
+            yield
+
+    return call_context
