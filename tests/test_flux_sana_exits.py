@@ -12,6 +12,7 @@ from diffusers import FluxTransformer2DModel, SanaTransformer2DModel
 
 from diffexit.uem import FullDepth, StaticDepth, UEMStack, enable_early_exit, exit_predictions
 from diffexit.uem.block_adapters import SUPPORTED, blocks, hidden_size, num_blocks
+from diffexit.uem.cached_remainder import CachedRemainder
 from diffexit.uem.exit_rules import ExitRule
 
 DUAL, SINGLE = 2, 2  # Flux's two stacks: 4 blocks behind one index
@@ -52,18 +53,20 @@ def flux(guidance=True):
             inp["guidance"] = torch.full((batch,), 3.5)
         return inp
 
-    def by_hand(m, inp, k):
+    def trace(m, inp):
         h = m.x_embedder(inp["hidden_states"])
         t = inp["timestep"] * 1000
         pooled = inp["pooled_projections"]
         temb = m.time_text_embed(t, inp["guidance"] * 1000, pooled) if guidance else m.time_text_embed(t, pooled)
         text = m.context_embedder(inp["encoder_hidden_states"])
         rope = m.pos_embed(torch.cat([inp["txt_ids"], inp["img_ids"]]))
-        for block in [*m.transformer_blocks, *m.single_transformer_blocks][:k]:
+        states = [h]
+        for block in [*m.transformer_blocks, *m.single_transformer_blocks]:
             text, h = block(hidden_states=h, encoder_hidden_states=text, temb=temb, image_rotary_emb=rope)
-        return m.proj_out(m.norm_out(h, temb))
+            states.append(h)
+        return states, lambda h: m.proj_out(m.norm_out(h, temb))
 
-    return model, make_inputs, by_hand
+    return model, make_inputs, trace
 
 
 def sana(guidance=False):
@@ -88,7 +91,7 @@ def sana(guidance=False):
             inp["guidance"] = torch.full((batch,), 4.5)
         return inp
 
-    def by_hand(m, inp, k):
+    def trace(m, inp):
         x = inp["hidden_states"]
         b, side, p = x.shape[0], x.shape[-1], 2
         n = side // p
@@ -99,13 +102,19 @@ def sana(guidance=False):
         else:
             t6, emb = m.time_embed(inp["timestep"], batch_size=b, hidden_dtype=h.dtype)
         text = m.caption_norm(m.caption_projection(inp["encoder_hidden_states"]).view(b, -1, h.shape[-1]))
-        for block in m.transformer_blocks[:k]:
+        states = [h]
+        for block in m.transformer_blocks:
             h = block(h, None, text, bias, t6, n, n)
-        shift, scale = (m.scale_shift_table[None] + emb[:, None]).chunk(2, dim=1)
-        h = m.proj_out(m.norm_out.norm(h) * (1 + scale) + shift)
-        return torch.einsum("nhwpqc->nchpwq", h.reshape(b, n, n, p, p, -1)).reshape(b, -1, side, side)
+            states.append(h)
 
-    return model, make_inputs, by_hand
+        def head(h):
+            shift, scale = (m.scale_shift_table[None] + emb[:, None]).chunk(2, dim=1)
+            h = m.proj_out(m.norm_out.norm(h) * (1 + scale) + shift)
+            return torch.einsum("nhwpqc->nchpwq", h.reshape(b, n, n, p, p, -1)).reshape(b, -1, side, side)
+
+        return states, head
+
+    return model, make_inputs, trace
 
 
 MODELS = {
@@ -115,6 +124,12 @@ MODELS = {
     "sana-sprint": lambda: sana(guidance=True),
 }
 DEPTH = {"flux-dev": DUAL + SINGLE, "flux-schnell": DUAL + SINGLE, "sana": SANA_LAYERS, "sana-sprint": SANA_LAYERS}
+
+
+def by_hand(trace, m, inp, k):
+    """The model's own head after its first ``k`` blocks."""
+    states, head = trace(m, inp)
+    return head(states[k])
 
 
 class AskedEveryBlock(ExitRule):
@@ -170,25 +185,25 @@ def test_full_depth_through_the_adapter_equals_the_stock_forward(name):
 @torch.no_grad()
 @pytest.mark.parametrize("name", MODELS)
 def test_exit_after_block_k_is_a_hand_truncated_forward(name):
-    model, make_inputs, by_hand = MODELS[name]()
+    model, make_inputs, trace = MODELS[name]()
     inp = make_inputs(3)
-    torch.testing.assert_close(by_hand(model, inp, DEPTH[name]), model(**inp).sample, rtol=0, atol=1e-5)
+    torch.testing.assert_close(by_hand(trace, model, inp, DEPTH[name]), model(**inp).sample, rtol=0, atol=1e-5)
     early = enable_early_exit(model, None, StaticDepth([1]))
     for k in range(1, DEPTH[name] + 1):  # for Flux: inside the dual stack, at its end, inside the single stack
         early.rule = StaticDepth([k])
-        torch.testing.assert_close(model(**inp).sample, by_hand(model, inp, k), rtol=0, atol=1e-5)
+        torch.testing.assert_close(model(**inp).sample, by_hand(trace, model, inp, k), rtol=0, atol=1e-5)
         assert early.last_depths.tolist() == [k] * 3
 
 
 @torch.no_grad()
 @pytest.mark.parametrize("name", ["flux-dev", "sana"])
 def test_uem_exits_compact_the_batch_and_each_sample_equals_its_own_truncated_forward(name):
-    model, make_inputs, by_hand = MODELS[name]()
+    model, make_inputs, trace = MODELS[name]()
     uem = spread_uem(model)
     inp = make_inputs(4)
     pred = exit_predictions(model, uem, **inp)
     for k in range(DEPTH[name]):
-        torch.testing.assert_close(pred.sample[k], by_hand(model, inp, k + 1), rtol=0, atol=1e-5)
+        torch.testing.assert_close(pred.sample[k], by_hand(trace, model, inp, k + 1), rtol=0, atol=1e-5)
     mean_u = pred.uncertainty.mean(-1)[:-1]  # [L - 1, B]: the blocks a sample can exit after
     # The threshold between the two extreme first-block uncertainties sends some samples out after block 1.
     tau = float(mean_u[0].sort().values[1:3].mean())
@@ -200,6 +215,27 @@ def test_uem_exits_compact_the_batch_and_each_sample_equals_its_own_truncated_fo
     assert early.last_depths.tolist() == want.tolist()
     for i in range(4):
         torch.testing.assert_close(batched[i], pred.sample[int(want[i]) - 1, i], rtol=0, atol=1e-5)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("name", MODELS)
+def test_a_cached_remainder_adds_the_skipped_blocks_last_residuals(name):
+    # Step 0 of two refreshes every block; at step 1 an exit after block k reads h_k plus what blocks k+1..L added
+    # to the image tokens at step 0, which telescopes to h_k + (h_L - h_k) of step 0.
+    model, make_inputs, trace = MODELS[name]()
+    first, second = make_inputs(2, seed=3), make_inputs(2, seed=4)
+    before, _ = trace(model, first)
+    k, depth = 1, DEPTH[name]
+    states, head = trace(model, second)
+    want = head(states[k] + before[depth] - before[k])
+    assert not torch.allclose(want, head(states[k]), atol=1e-3)  # the remainder moves the output
+    early = enable_early_exit(model, None, StaticDepth([k]), remainder=CachedRemainder(order=0))
+    early.progress = 0.0
+    torch.testing.assert_close(model(**first).sample, by_hand(trace, model, first, depth), rtol=0, atol=1e-5)
+    assert early.last_depths.tolist() == [depth, depth]
+    early.progress = 1.0
+    torch.testing.assert_close(model(**second).sample, want, rtol=0, atol=1e-5)
+    assert early.last_depths.tolist() == [k, k]
 
 
 @torch.no_grad()
