@@ -47,6 +47,18 @@ def per_row(t: Optional[torch.Tensor], batch: int, name: str) -> Optional[torch.
     raise ValueError(f"{name} has {t.shape[0]} rows but the batch has {batch}")
 
 
+def mask_biases(arguments: dict, dtype: torch.dtype, batch: int) -> dict[str, Optional[torch.Tensor]]:
+    """The forward's ``attention_mask`` and ``encoder_attention_mask``, one per row, as the models convert them: a
+    keep (1) / discard (0) mask ``[B, K]`` becomes an additive bias ``[B, 1, K]`` (0 or -10000); a bias stays."""
+    masks = {}
+    for name in ("attention_mask", "encoder_attention_mask"):
+        mask = arguments[name]
+        if mask is not None and mask.ndim == 2:
+            mask = ((1 - mask.to(dtype)) * -10000.0).unsqueeze(1)
+        masks[name] = per_row(mask, batch, name)
+    return masks
+
+
 def unpatchify(tokens: torch.Tensor, grid: tuple[int, int], patch: int, channels: int) -> torch.Tensor:
     """``[b, gh * gw, p * p * C]`` patch tokens -> ``[b, C, gh * p, gw * p]`` images."""
     gh, gw = grid

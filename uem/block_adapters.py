@@ -29,7 +29,7 @@ from diffusers import (
 )
 from torch import nn
 
-from .adapter_pass import Pass, bind_forward, per_row, refuse, unpatchify
+from .adapter_pass import Pass, bind_forward, mask_biases, per_row, refuse, unpatchify
 
 
 class _OneStack:
@@ -89,13 +89,7 @@ class _PixArt(_OneStack):
             raise ValueError("`added_cond_kwargs` cannot be None when using additional conditions for `adaln_single`.")
         x = a["hidden_states"]
         batch, p = x.shape[0], model.config.patch_size
-        masks = {}
-        for name in ("attention_mask", "encoder_attention_mask"):
-            mask = a[name]
-            if mask is not None and mask.ndim == 2:
-                # A keep/discard mask becomes an additive bias with a singleton query axis, as in the model.
-                mask = ((1 - mask.to(x.dtype)) * -10000.0).unsqueeze(1)
-            masks[name] = per_row(mask, batch, name)
+        masks = mask_biases(a, x.dtype, batch)
         hidden = model.pos_embed(x)
         timestep, embedded = model.adaln_single(
             a["timestep"], a["added_cond_kwargs"], batch_size=batch, hidden_dtype=hidden.dtype
@@ -246,13 +240,7 @@ class _Sana:
                "attention_kwargs", a["attention_kwargs"])
         x = a["hidden_states"]
         batch, p = x.shape[0], model.config.patch_size
-        masks = {}
-        for name in ("attention_mask", "encoder_attention_mask"):
-            mask = a[name]
-            if mask is not None and mask.ndim == 2:
-                # A keep/discard mask becomes an additive bias with a singleton query axis, as in the model.
-                mask = ((1 - mask.to(x.dtype)) * -10000.0).unsqueeze(1)
-            masks[name] = per_row(mask, batch, name)
+        masks = mask_biases(a, x.dtype, batch)
         hidden = model.patch_embed(x)
         if a["guidance"] is None:
             timestep, embedded = model.time_embed(a["timestep"], batch_size=batch, hidden_dtype=hidden.dtype)
