@@ -185,21 +185,25 @@ class Planner:
     def pick(self, tried: Sequence[Tried], target: float) -> Tried:
         """The cheapest setting meeting ``target`` on all calibration samples, confirming the screened ones near
         it cheapest first; :class:`NoPlan` names the closest if none does."""
-        near = sorted((t for t in tried if t.screen is not None and t.screen[1] >= target - MARGIN_DB),
-                      key=lambda t: t.screen[0])
+        # A setting that ran every block at every step (a cache that never fired) saves nothing: no plan.
+        saving = [t for t in tried if t.screen is not None and t.screen[0] < 1]
+        near = sorted((t for t in saving if t.screen[1] >= target - MARGIN_DB), key=lambda t: t.screen[0])
         best = None
         for t in tqdm(near, desc=f"calibrate images: confirming {target:g} dB", unit="setting"):
             if best is not None and t.screen[0] > best.calibration[0]:
                 break  # screened costs track measured ones: nothing dearer on the screen is likely cheaper
             if t.calibration is None:
                 t.calibration = self.measure(t.settings, self.samples, self.batch, self.seed)
-            if t.calibration[1] >= target and (best is None or t.calibration[0] < best.calibration[0]):
+            if t.calibration[1] >= target and t.calibration[0] < 1 and (best is None or
+                                                                       t.calibration[0] < best.calibration[0]):
                 best = t
         if best is not None:
             return best
-        measured = [t for t in tried if (t.calibration or t.screen) is not None]
+        measured = [t for t in saving if (t.calibration or t.screen)[0] < 1]
         if not measured:
-            raise NoPlan("no setting could run on this pipeline: " + "; ".join(sorted({t.skipped for t in tried})))
+            reasons = sorted({t.skipped for t in tried if t.skipped and not t.skipped.startswith("dominated")})
+            raise NoPlan("no searched setting ran and saved compute on this pipeline"
+                         + (": " + "; ".join(reasons) if reasons else ""))
         closest = max(measured, key=lambda t: (t.calibration or t.screen)[1])
         cost, value = closest.calibration or closest.screen
         where = "the calibration" if closest.calibration else "the screening"
