@@ -1,52 +1,62 @@
-"""``diffexit bench gemma``: SchED against DiffusionGemma's own adaptive stopping, in the model's own ``generate``.
+"""``diffexit bench gemma``: SchED against DiffusionGemma's own adaptive stopping, in a loop where a stopped sample
+leaves the batch.
 
 Every row decodes the same held-out examples of each task with a ``DiffusionGemmaForBlockDiffusion`` (``--model``,
-default the embedded one that ``diffexit train text --arch diffusion-gemma`` makes), with the model's sampler and
-temperature schedule at ``--steps`` denoising steps per canvas (default 16, one per canvas token), seeded the same for
-every row, so a row differs from all steps only where its rule stopped a canvas early:
+default the embedded one that ``diffexit train text --arch diffusion-gemma`` makes), with the model's own encoder and
+decoder calls, sampler and temperature schedule at ``--steps`` denoising steps per canvas (default 16, one per canvas
+token), through :func:`diffexit.dllm.gemma_loop.decode`: a sample that stopped leaves the batch, so a row's
+wall-clock follows its passes instead of its slowest sample's (transformers' ``generate`` keeps stopped samples in
+the batch). Each example draws its noise from its own generator (seeded by its index, each canvas from that and the
+canvas index), so it decodes as it would alone, and a row differs from all steps only where its rule stopped a
+canvas early. The rows (``family`` in parentheses):
 
-- ``all-steps``: every denoising step (no adaptive stopping): the reference;
-- ``stock-C``: transformers' ``StableAndConfidentStoppingCriteria`` (the argmax stable for one step and mean token
-  entropy below ``C``), at the pipeline's default 0.005 and over a sweep of ``confidence_threshold``;
-- ``sched-...``: :class:`~diffexit.dllm.diffusion_gemma.SchEDStopping`, per schedule and statistic;
-- ``oracle``: stops each canvas at the first step whose argmax is the canvas all steps end with (read from a
+- ``all-steps`` (all-steps): every denoising step (no adaptive stopping): the reference;
+- ``stock-C`` (stock): transformers' ``StableAndConfidentStoppingCriteria`` (the argmax stable for one step and mean
+  token entropy below ``C``), at the pipeline's default 0.005 and over a sweep of ``confidence_threshold``;
+- ``sched-...`` (sched): :class:`~diffexit.dllm.diffusion_gemma.SchEDStopping`, per schedule and statistic;
+- ``oracle`` (oracle): stops each canvas at the first step whose argmax is the canvas all steps end with (read from a
   recorded all-steps run of the same batch, untimed): the fewest passes any stopping rule in this loop can take and
   keep every answer, so the floor for the rows above.
 
-Per task and row: ``passes`` (decoder forward passes per sample, as the model counts them), the wall-clock speedup
-over all steps (timed in the same run), ``score``, and ``agreement``, the share of answers identical to all steps'.
-Rows ``task="discriminating"`` and ``task="controls"`` average the tasks of each kind (see ``diffexit bench text``).
-
-Each canvas's noise is seeded from the batch and the canvas index (``CanvasSeeds``): a batch whose samples all
-stopped early skips the draws of the steps it did not run, and without that seed every later canvas of ``chain``
-(nine canvases) would see other noise than at all steps, whether or not the rule changed anything.
+Per task and row: ``nfe`` (decoder forward passes per sample), ``speedup_nfe`` and ``speedup_wall`` over all steps,
+``passes_over_oracle``, ``score``, and ``agreement``, the share of answers identical to all steps'. Wall-clock: the
+rows of a task are timed interleaved, ``REPEATS`` times (median ``seconds``, ``seconds_spread`` the slowest minus
+the fastest repeat), and a row whose wall speedup is outside 0.5-1.5x its NFE speedup is ``noisy``
+(:mod:`diffexit.app.bench.timing`). Rows ``task="discriminating"`` and ``task="controls"`` average the tasks of each
+kind (see ``diffexit bench text``).
 
 Writes ``DIR/results.json`` (with ``goal``, per group and per task: the fewest passes of a stock and of a SchED row
-that keep 99.5% of the answers the same as all steps, their ratio, and the oracle's passes over the stock row's) and
-``DIR/pareto.png`` (passes saved against agreement), and prints the headline group's markdown table and the goal
-lines.
+that keep 99.5% of the answers the same as all steps, their ratio, each over the oracle's, and issue #31's goal:
+the SchED row within 1.15x the oracle's passes, at a wall speedup 0.9-1.5x its NFE speedup), ``DIR/pareto.png``
+(passes saved against agreement) and a line in ``DIR/history.jsonl``, and prints the headline group's markdown table
+and the goal lines.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
+import functools
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from tqdm.auto import tqdm
-from transformers.models.diffusion_gemma.generation_diffusion_gemma import DiffusionGemmaAdaptiveStopping
+from transformers.models.diffusion_gemma.generation_diffusion_gemma import (
+    DiffusionGemmaAdaptiveStopping,
+    StableAndConfidentStoppingCriteria,
+)
 
 from ...common.cli_help import HelpFormatter
 from ...common.results import markdown_table, write_results
 from ...common.schedules import ThresholdSchedule
 from ...dllm.charlm.gemma import gemma_decode
 from ...dllm.charlm.tasks import CONTROLS, TASK_NAMES, layout_of, sample, score
-from ...dllm.diffusion_gemma import SchEDStopping, sched_enabled
+from ...dllm.diffusion_gemma import SchEDStopping
+from .history import append_history, history_line
+from .rows import RowId, bench_row
+from .timing import REPEATS, is_noisy, time_interleaved
 
 STOCK_CONFIDENCES = (0.005, 0.01, 0.05, 0.1, 0.2, 0.5)
 # (name, schedule, statistic, patience). Margins here are of temperature-scaled logits (the sampler divides by 0.8
@@ -69,105 +79,123 @@ ORACLE = "oracle"
 
 @dataclass(frozen=True)
 class Row:
-    name: str
-    params: dict
-    stock: Optional[float] = None  # confidence_threshold of the stock rule
-    sched: Optional[tuple] = None  # (schedule, stat, patience) of SchEDStopping
+    """A bench row: its identity, and a call that makes a fresh stopping rule (None: every step) or, for the
+    oracle, that makes it from the recorded all-steps canvases."""
+
+    identity: RowId
+    rule: Callable[..., Optional[DiffusionGemmaAdaptiveStopping]]
+
+    @property
+    def name(self) -> str:
+        return self.identity.name
+
+
+def _stock(confidence: float) -> StableAndConfidentStoppingCriteria:
+    return StableAndConfidentStoppingCriteria(1, confidence)
+
+
+def _sched(schedule: ThresholdSchedule, stat: str, patience: int) -> SchEDStopping:
+    return SchEDStopping(schedule, stat=stat, patience=patience)
 
 
 def rows() -> list[Row]:
-    out = [Row("all-steps", {"stopping": None})]
-    out += [Row(f"stock-{c:g}", {"stability_threshold": 1, "confidence_threshold": c}, stock=c)
-            for c in STOCK_CONFIDENCES]
-    out += [Row(name, {"schedule": s.to_dict(), "stat": stat, "patience": patience}, sched=(s, stat, patience))
-            for name, s, stat, patience in SCHED_ROWS]
-    return out + [Row(ORACLE, {"stopping": "first step whose argmax is the all-steps canvas"})]
+    out = [Row(RowId("all-steps", "all-steps", {"stopping": None}), lambda: None)]
+    out += [Row(RowId(f"stock-{c:g}", "stock", {"stability_threshold": 1, "confidence_threshold": c}),
+                functools.partial(_stock, c)) for c in STOCK_CONFIDENCES]
+    out += [Row(RowId(name, "sched", {"schedule": s.to_dict(), "stat": stat, "patience": patience}),
+                functools.partial(_sched, s, stat, patience)) for name, s, stat, patience in SCHED_ROWS]
+    return out + [Row(RowId(ORACLE, "oracle", {"stopping": "first step whose argmax is the all-steps canvas"}),
+                      FirstFinalStopping)]
 
 
-class CanvasRecorder(DiffusionGemmaAdaptiveStopping):
+class _RowTracking(DiffusionGemmaAdaptiveStopping):
+    """A rule that knows, within a canvas, which row of the canvas's first call each of its current rows is (the
+    loop drops stopped samples from the batch and tells the rule through ``select_rows``)."""
+
+    def __init__(self):
+        self.canvas, self.rows = -1, None
+
+    def reset(self):  # the loop calls this before each canvas's denoising loop
+        self.canvas, self.rows = self.canvas + 1, None
+
+    def select_rows(self, index: torch.LongTensor) -> None:
+        self.rows = self.rows[index]
+
+    def _rows_of(self, argmax_canvas: torch.LongTensor) -> torch.LongTensor:
+        if self.rows is None:
+            self.rows = torch.arange(argmax_canvas.shape[0], device=argmax_canvas.device)
+        return self.rows
+
+
+class CanvasRecorder(_RowTracking):
     """Never stops; ``canvases[k]`` is canvas ``k``'s argmax after its latest step, ``[B, canvas_length]``."""
 
     def __init__(self):
-        self.canvases = []
-
-    def reset(self):  # generate calls this before each canvas's denoising loop
-        self.canvases.append(None)
+        super().__init__()
+        self.canvases: list[torch.LongTensor] = []
 
     def __call__(self, argmax_canvas: torch.LongTensor, logits: torch.Tensor, **kwargs) -> torch.BoolTensor:
-        self.canvases[-1] = argmax_canvas.clone()
+        if self.rows is None:
+            self.canvases.append(argmax_canvas.clone())
+        self.canvases[self.canvas][self._rows_of(argmax_canvas)] = argmax_canvas
         return torch.zeros(argmax_canvas.shape[0], dtype=torch.bool, device=argmax_canvas.device)
 
 
-class FirstFinalStopping(DiffusionGemmaAdaptiveStopping):
+class FirstFinalStopping(_RowTracking):
     """Stops a sample at the first step whose argmax equals ``finals[k]``, the canvas every step ends with. A stopped
     canvas keeps that argmax, and the seeded noise is the same, so every canvas and answer is all steps'."""
 
     def __init__(self, finals: list[torch.LongTensor]):
-        self.finals, self._canvas = finals, -1
-
-    def reset(self):
-        self._canvas += 1
+        super().__init__()
+        self.finals = finals
 
     def __call__(self, argmax_canvas: torch.LongTensor, logits: torch.Tensor, **kwargs) -> torch.BoolTensor:
-        return (argmax_canvas == self.finals[self._canvas]).all(-1)
+        return (argmax_canvas == self.finals[self.canvas][self._rows_of(argmax_canvas)]).all(-1)
 
 
-@contextlib.contextmanager
-def _stopping(model, rule: DiffusionGemmaAdaptiveStopping):
-    """``generate`` consults ``rule`` for the ``with`` block (the hook ``enable_sched`` uses, for any rule)."""
-    model._prepare_diffusion_stopping_criteria = lambda generation_config: rule
-    try:
-        yield
-    finally:
-        del model._prepare_diffusion_stopping_criteria
+def _decodes(model, tok, row: Row, chunks, layout, steps: int, finals, bar):
+    """A call that decodes every chunk ``(seed, prompts)`` under ``row``'s rule: ``(answers, passes [n])``."""
+    def run():
+        answers, passes = [], []
+        for (seed, prompts), chunk_finals in zip(chunks, finals):
+            rule = row.rule(chunk_finals) if row.name == ORACLE else row.rule()
+            texts, chunk_passes = gemma_decode(model, tok, prompts, layout, steps, seed=seed, stopping=rule)
+            answers += texts
+            passes.append(chunk_passes)
+        bar.update(1)
+        return answers, torch.cat(passes).float()
+
+    return run
 
 
-def _decode(model, tok, row: Row, prompts, layout, steps: int, seed: int):
-    """``(answers, passes [B], seconds)``; seconds leave out the oracle's recording run."""
-    if row.name == ORACLE:
-        recorder = CanvasRecorder()
-        with _stopping(model, recorder):
-            gemma_decode(model, tok, prompts, layout, steps, seed=seed)
-        with _stopping(model, FirstFinalStopping(recorder.canvases)):
-            return _timed(gemma_decode, model, tok, prompts, layout, steps, seed=seed)
-    if row.sched is not None:
-        schedule, stat, patience = row.sched
-        with sched_enabled(model, SchEDStopping(schedule, stat=stat, patience=patience)):
-            return _timed(gemma_decode, model, tok, prompts, layout, steps, seed=seed)
-    kwargs = {} if row.stock is None else {"stability_threshold": 1, "confidence_threshold": row.stock}
-    return _timed(gemma_decode, model, tok, prompts, layout, steps, seed=seed, **kwargs)
-
-
-def _timed(fn, *args, **kwargs):
-    start = time.perf_counter()
-    answers, passes = fn(*args, **kwargs)
-    return answers, passes, time.perf_counter() - start
-
-
-def run_task(model, tok, task: str, table: list[Row], n: int, batch: int, steps: int, bar) -> list[dict]:
+def run_task(model, tok, task: str, table: list[Row], n: int, batch: int, steps: int, bar,
+             model_name: str) -> list[dict]:
     layout = layout_of(task)
     examples = sample(task, "heldout", seed=0, n=n)
-    _decode(model, tok, table[0], [examples[0].prompt], layout, 1, 0)  # untimed warm-up
-    results, answers = [], {}
+    gemma_decode(model, tok, [examples[0].prompt], layout, 1)  # untimed warm-up
+    chunks = [(i, [e.prompt for e in examples[i:i + batch]]) for i in range(0, n, batch)]
+    finals = []
+    for seed, prompts in chunks:  # the oracle's all-steps recording, untimed
+        recorder = CanvasRecorder()
+        gemma_decode(model, tok, prompts, layout, steps, seed=seed, stopping=recorder)
+        finals.append(recorder.canvases)
+    timed = time_interleaved({row.name: _decodes(model, tok, row, chunks, layout, steps, finals, bar)
+                              for row in table})
+    full_answers, full_passes = timed["all-steps"].result
+    full_nfe, full_seconds = float(full_passes.mean()), timed["all-steps"].median
+    oracle_nfe = float(timed[ORACLE].result[1].mean())
+    full_score = sum(score(task, e.prompt, a) for e, a in zip(examples, full_answers)) / n
+    results = []
     for row in table:
-        passes, seconds, answers[row.name] = [], 0.0, []
-        for i in range(0, n, batch):
-            chunk = examples[i:i + batch]
-            texts, chunk_passes, chunk_seconds = _decode(model, tok, row, [e.prompt for e in chunk], layout, steps,
-                                                         seed=i)
-            seconds += chunk_seconds
-            passes.append(chunk_passes.float())
-            answers[row.name] += texts
-        right = sum(score(task, e.prompt, t) for e, t in zip(examples, answers[row.name]))
-        results.append({"task": task, "method": row.name, "params": row.params, "score": right / n,
-                        "passes": float(torch.cat(passes).mean()), "seconds": seconds})
-        bar.update(1)
-    full = results[0]
-    for r in results:
-        r["full_score"] = full["score"]
-        r["agreement"] = sum(a == b for a, b in zip(answers[r["method"]], answers["all-steps"])) / n
-        r["speedup_passes"] = full["passes"] / r["passes"]
-        r["speedup_wall"] = full["seconds"] / r["seconds"]
+        answers, passes = timed[row.name].result
+        nfe = float(passes.mean())
+        speedup_nfe, speedup_wall = full_nfe / nfe, full_seconds / timed[row.name].median
+        results.append(bench_row(
+            row.identity, task=task, model=model_name,
+            score=sum(score(task, e.prompt, a) for e, a in zip(examples, answers)) / n, full_score=full_score,
+            agreement=sum(a == b for a, b in zip(answers, full_answers)) / n, nfe=nfe, speedup_nfe=speedup_nfe,
+            speedup_wall=speedup_wall, passes_over_oracle=nfe / oracle_nfe, **timed[row.name].figures(),
+            noisy=is_noisy(speedup_wall, speedup_nfe)))
     return results
 
 
@@ -177,37 +205,49 @@ def summarise(per_task: list[dict], table: list[Row]) -> list[dict]:
         tasks = sorted({r["task"] for r in per_task if (r["task"] in CONTROLS) == (group == "controls")})
         if not tasks:
             continue
+        full = [r for r in per_task if r["method"] == "all-steps" and r["task"] in tasks]
+        oracle = [r for r in per_task if r["method"] == ORACLE and r["task"] in tasks]
         for row in table:
             these = [r for r in per_task if r["method"] == row.name and r["task"] in tasks]
-            full = [r for r in per_task if r["method"] == "all-steps" and r["task"] in tasks]
             mean = lambda key: sum(r[key] for r in these) / len(these)
-            out.append({"task": group, "tasks": tasks, "method": row.name, "params": row.params,
-                        "score": mean("score"), "full_score": mean("full_score"), "agreement": mean("agreement"),
-                        "passes": mean("passes"), "speedup_passes": mean("speedup_passes"),
-                        "speedup_wall": sum(r["seconds"] for r in full) / sum(r["seconds"] for r in these),
-                        "seconds": sum(r["seconds"] for r in these)})
+            speedup_wall = sum(r["seconds"] for r in full) / sum(r["seconds"] for r in these)
+            out.append(bench_row(
+                row.identity, task=group, tasks=tasks, model=these[0]["model"], score=mean("score"),
+                full_score=mean("full_score"), agreement=mean("agreement"), nfe=mean("nfe"),
+                speedup_nfe=mean("speedup_nfe"), speedup_wall=speedup_wall,
+                passes_over_oracle=mean("nfe") / (sum(r["nfe"] for r in oracle) / len(oracle)),
+                seconds=sum(r["seconds"] for r in these), seconds_spread=sum(r["seconds_spread"] for r in these),
+                repeats=these[0]["repeats"], noisy=is_noisy(speedup_wall, mean("speedup_nfe"))))
     return out
 
 
 GOAL_AGREEMENT = 0.995
+GOAL_OVER_ORACLE = 1.15  # issue #31 (3): the best SchED row within 1.15x the oracle's passes...
+GOAL_WALL_OVER_NFE = (0.9, 1.5)  # ...at a wall speedup 0.9-1.5x its NFE speedup
 
 
 def goal(results: list[dict], group: str) -> dict:
-    """The issue's yardstick on ``group``'s rows: the fewest decoder passes of a stock row and of a SchED row that
-    keep at least ``GOAL_AGREEMENT`` of the answers the same as all steps, and SchED's passes over the stock's."""
-    def best(prefix):
-        rows = [r for r in results if r["task"] == group and r["method"].startswith(prefix)
+    """The yardsticks on ``group``'s rows: the fewest decoder passes of a stock row and of a SchED row that keep at
+    least ``GOAL_AGREEMENT`` of the answers the same as all steps, SchED's passes over the stock's, and issue #31's
+    goal (3), met or not: that SchED row within ``GOAL_OVER_ORACLE`` of the oracle's passes, its wall speedup within
+    ``GOAL_WALL_OVER_NFE`` times its NFE speedup."""
+    def best(family):
+        rows = [r for r in results if r["task"] == group and r["family"] == family
                 and r["agreement"] >= GOAL_AGREEMENT]
-        row = min(rows, key=lambda r: r["passes"], default=None)
-        return None if row is None else {"method": row["method"], "passes": row["passes"],
-                                         "agreement": row["agreement"]}
+        row = min(rows, key=lambda r: r["nfe"], default=None)
+        return None if row is None else {k: row[k] for k in ("method", "nfe", "agreement", "passes_over_oracle",
+                                                             "speedup_nfe", "speedup_wall")}
 
     stock, sched = best("stock"), best("sched")
-    ratio = sched["passes"] / stock["passes"] if stock and sched else None
-    oracle = next(r["passes"] for r in results if r["task"] == group and r["method"] == ORACLE)
+    oracle = next(r["nfe"] for r in results if r["task"] == group and r["method"] == ORACLE)
+    wall_over_nfe = sched["speedup_wall"] / sched["speedup_nfe"] if sched else None
+    low, high = GOAL_WALL_OVER_NFE
     return {"task": group, "agreement_at_least": GOAL_AGREEMENT, "stock": stock, "sched": sched,
-            "sched_over_stock": ratio, "oracle_passes": oracle,
-            "oracle_over_stock": oracle / stock["passes"] if stock else None}
+            "sched_over_stock": sched["nfe"] / stock["nfe"] if stock and sched else None, "oracle_nfe": oracle,
+            "oracle_over_stock": oracle / stock["nfe"] if stock else None,
+            "sched_wall_over_nfe": wall_over_nfe,
+            "met": sched is not None and sched["passes_over_oracle"] <= GOAL_OVER_ORACLE
+            and low <= wall_over_nfe <= high}
 
 
 def plot_pareto(results: list[dict], path: Path) -> None:
@@ -219,12 +259,13 @@ def plot_pareto(results: list[dict], path: Path) -> None:
     panels = [t for t in ("discriminating", "controls", "chain") if any(r["task"] == t for r in results)]
     fig, axes = plt.subplots(1, len(panels), figsize=(4.0 * len(panels), 3.4), squeeze=False)
     for ax, task in zip(axes[0], panels):
-        for kind, color in (("all-steps", "black"), ("stock", "tab:orange"), ("sched", "tab:blue"),
-                            (ORACLE, "tab:green")):
-            pts = sorted((r["speedup_passes"], 100 * r["agreement"]) for r in results
-                         if r["task"] == task and r["method"].startswith(kind))
+        for family, color in (("all-steps", "black"), ("stock", "tab:orange"), ("sched", "tab:blue"),
+                              ("oracle", "tab:green")):
+            pts = sorted((r["speedup_nfe"], 100 * r["agreement"]) for r in results
+                         if r["task"] == task and r["family"] == family)
             if pts:
-                ax.plot(*zip(*pts), "o-" if kind in ("stock", "sched") else "*", color=color, label=kind, markersize=5)
+                ax.plot(*zip(*pts), "o-" if family in ("stock", "sched") else "*", color=color, label=family,
+                        markersize=5)
         ax.set_title(task)
         ax.set_xlabel("fewer decoder passes (x)")
         ax.grid(alpha=0.3)
@@ -236,21 +277,26 @@ def plot_pareto(results: list[dict], path: Path) -> None:
 
 
 def describe_goal(g: dict) -> str:
-    """One line: the fewest passes of each kind at the agreement the goal asks for, and their ratio."""
+    """One line: the fewest passes of each kind at the agreement the goal asks for, their ratios, and goal (3)."""
     def one(row):
-        return "none" if row is None else f"{row['method']} ({row['passes']:.2f} passes, {row['agreement']:.3f} same)"
+        return "none" if row is None else (f"{row['method']} ({row['nfe']:.2f} passes, {row['agreement']:.3f} same, "
+                                           f"{row['passes_over_oracle']:.2f}x the oracle's)")
 
     def ratio(x):
         return "n/a" if x is None else f"{x:.2f}"
 
+    low, high = GOAL_WALL_OVER_NFE
     return (f"{g['task']}, at >= {g['agreement_at_least']:.1%} the same as all steps: best stock {one(g['stock'])}, "
-            f"best SchED {one(g['sched'])}; SchED / stock passes = {ratio(g['sched_over_stock'])} (goal: <= 0.70); "
-            f"oracle {g['oracle_passes']:.2f} passes, {ratio(g['oracle_over_stock'])} of the stock row's")
+            f"best SchED {one(g['sched'])}; SchED / stock passes = {ratio(g['sched_over_stock'])}; oracle "
+            f"{g['oracle_nfe']:.2f} passes; goal (SchED <= {GOAL_OVER_ORACLE}x the oracle's passes, wall speedup "
+            f"{low}-{high}x its pass speedup: {ratio(g['sched_wall_over_nfe'])}): "
+            f"{'met' if g['met'] else 'not met'}")
 
 
 COLUMNS = [("task", "task", ""), ("method", "method", ""), ("score", "acc", ".3f"),
-           ("agreement", "same as all steps", ".3f"), ("passes", "passes", ".1f"),
-           ("speedup_passes", "fewer passes", ".2f"), ("speedup_wall", "speedup wall", ".2f")]
+           ("agreement", "same as all steps", ".3f"), ("nfe", "passes", ".1f"),
+           ("passes_over_oracle", "x oracle", ".2f"), ("speedup_nfe", "fewer passes", ".2f"),
+           ("speedup_wall", "speedup wall", ".2f"), ("seconds_spread", "spread s", ".2f"), ("noisy", "noisy", "")]
 
 
 def main(argv: list[str], prog: str = "diffexit bench gemma") -> int:
@@ -276,20 +322,22 @@ def main(argv: list[str], prog: str = "diffexit bench gemma") -> int:
     except LoadError as e:  # its message already says what cannot be loaded and why
         print(f"{prog}: error: {e}", file=sys.stderr)
         return 1
+    model_name = "embedded" if args.model is None else str(args.model)
     table = rows()
     results = []
-    with tqdm(total=len(args.tasks) * len(table), desc="bench gemma", unit="run") as bar:
+    with tqdm(total=len(args.tasks) * len(table) * REPEATS, desc="bench gemma", unit="run") as bar:
         for task in args.tasks:
             bar.set_postfix_str(task)
-            results += run_task(model, tok, task, table, n, args.batch, args.steps, bar)
+            results += run_task(model, tok, task, table, n, args.batch, args.steps, bar, model_name)
     results += summarise(results, table)
     groups = [g for g in ("discriminating", "controls") if any(r["task"] == g for r in results)]
     goals = [goal(results, g) for g in [*groups, *args.tasks]]
     args.out.mkdir(parents=True, exist_ok=True)
-    path = write_results(args.out, "gemma", args.quick, results, n_per_task=n, steps=args.steps,
+    path = write_results(args.out, "gemma", args.quick, results, n_per_task=n, batch=args.batch, steps=args.steps,
                          torch_threads=torch.get_num_threads(), goal=goals)
+    history = append_history(path, history_line(results, {"gemma": goals}, args.quick, n))
     plot_pareto(results, args.out / "pareto.png")
     print(markdown_table([r for r in results if r["task"] == groups[0]], COLUMNS))
     print("\n" + "\n".join(describe_goal(g) for g in goals))
-    print(f"\nper-task rows, plot: {path}, {args.out / 'pareto.png'}")
+    print(f"\nper-task rows, plot, history: {path}, {args.out / 'pareto.png'}, {history}")
     return 0

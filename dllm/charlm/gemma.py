@@ -1,6 +1,7 @@
 """The embedded text tasks in DiffusionGemma's format: a small ``DiffusionGemmaForBlockDiffusion`` config over the
 character tokenizer, that tokenizer with a chat template (as ``DiffusionGemmaPipeline`` encodes prompts), the span
-layout in whole canvases, loading, and decoding the tasks with the model's own ``generate``.
+layout in whole canvases, loading, and decoding the tasks with the model's own encoder, decoder and sampling
+(``diffexit.dllm.gemma_loop``).
 
 DiffusionGemma is an encoder-decoder over one set of weights: a causal encoder reads the prompt into a KV cache, a
 bidirectional decoder denoises a canvas of ``canvas_length`` tokens that starts as uniform random tokens. Its config
@@ -120,26 +121,28 @@ def load_embedded_gemma_model(*, dtype: torch.dtype = torch.float32):
 
 @torch.no_grad()
 def gemma_decode(model, tokenizer, prompts: Sequence[str], layout: Layout, steps: int, *, seed: int = 0,
-                 **generate_kwargs) -> tuple[list[str], torch.Tensor]:
-    """Decode ``prompts`` with the model's own ``generate``: ``(answers, decoder passes per sample [B])``.
+                 stopping=None, streamer=None, **generate_kwargs) -> tuple[list[str], torch.Tensor]:
+    """Decode ``prompts`` with the model's own encoder and decoder calls and sampling, a stopped sample out of the
+    batch (``diffexit.dllm.gemma_loop.decode``): ``(answers, decoder passes per sample [B])``.
 
-    ``steps`` is ``max_denoising_steps`` per canvas. Without ``generate_kwargs`` every step runs
-    (``confidence_threshold=None``); pass the stock thresholds, or enable SchED on the model
-    (``diffexit.dllm.diffusion_gemma.enable_sched``), to stop early. Sampling is the model's, each canvas seeded
-    from ``seed`` and its index (``CanvasSeeds``), so an early stop changes no later canvas's noise.
+    ``steps`` is ``max_denoising_steps`` per canvas. With no ``stopping`` rule, no stock thresholds in
+    ``generate_kwargs`` and none enabled on the model (``diffexit.dllm.diffusion_gemma.enable_sched``), every step
+    runs. Sample ``j`` draws its noise from its own generator seeded ``seed + j`` (each canvas from that and its
+    index), so an answer depends on neither its batch nor an early stop of an earlier canvas.
     """
-    from ..diffusion_gemma import CanvasSeeds, decoder_forward_passes
+    from ..gemma_loop import decode
 
     canvas_length = model.config.canvas_length
     ids, mask = encode_prompts(tokenizer, list(prompts), layout.prompt_length)
     device = next(model.parameters()).device
-    if not generate_kwargs and getattr(model, "_diffexit_stopping", None) is None:
-        generate_kwargs = {"confidence_threshold": None}
-    out = model.generate(ids.to(device), attention_mask=mask.to(device),
-                         max_new_tokens=gemma_span(layout, canvas_length), max_denoising_steps=steps,
-                         return_dict_in_generate=True, streamer=CanvasSeeds(seed), **generate_kwargs)
+    stock = {"stability_threshold", "confidence_threshold"} & set(generate_kwargs)
+    if stopping is None and not stock and getattr(model, "_diffexit_stopping", None) is None:
+        generate_kwargs = {**generate_kwargs, "confidence_threshold": None}
+    out = decode(model, ids.to(device), attention_mask=mask.to(device), stopping=stopping,
+                 seeds=[seed + j for j in range(len(ids))], streamer=streamer,
+                 max_new_tokens=gemma_span(layout, canvas_length), max_denoising_steps=steps, **generate_kwargs)
     answers = [decode_answer(tokenizer, row) for row in out.sequences[:, layout.prompt_length:].cpu()]
-    return answers, decoder_forward_passes(out, layout.prompt_length, tokenizer.pad_token_id).cpu()
+    return answers, out.passes.cpu()
 
 
 def gemma_decode_table(model, tokenizer, n: int, tasks: Optional[Sequence[str]] = None, seed: int = 0) -> dict:
