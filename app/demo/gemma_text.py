@@ -1,14 +1,15 @@
-"""The demo's text tab when the text model is a DiffusionGemma: one prompt decoded by the model's own ``generate``
-under a stopping rule, streamed denoising step by step, then with every step to compare.
+"""The demo's text tab when the text model is a DiffusionGemma: one prompt decoded under a stopping rule by the
+model's own encoder, decoder and sampling in diffexit's loop (``diffexit.dllm.gemma_loop.decode``, which equals
+``generate``), streamed denoising step by step, then with every step to compare.
 
 The rules: SchED (:class:`~diffexit.dllm.diffusion_gemma.SchEDStopping`, a canvas statistic against a schedule
 over the canvas's denoising progress), transformers' stock ``StableAndConfidentStoppingCriteria`` (the argmax
 stable for one step and the mean token entropy under a confidence threshold), or none (every step). The model
-samples; both decodes seed each canvas from ``SEED`` and its index (``CanvasSeeds``), so they differ only where the
+samples; both decodes seed each canvas from ``SEED`` and its index (``canvas_seed``), so they differ only where the
 rule stopped a canvas.
 
-``generate`` holds the rule on the model instance (``enable_sched``), which every request shares, so DiffusionGemma
-decodes take the model's lock one at a time.
+Each decode gets its own rule object; DiffusionGemma decodes still take the model's lock one at a time, so two
+requests never split the machine's cores between them.
 """
 
 from __future__ import annotations
@@ -176,15 +177,17 @@ def _trace_rows(tok, trace: list[dict]) -> list[list]:
 
 
 def run_gemma_text(models: Models, prompt, gen_length, steps, stopping, kind, high, low, k, stat, confidence):
-    """Decode ``prompt`` with the DiffusionGemma's ``generate`` under the stopping rule, streaming each denoising
-    step; then every step to compare.
+    """Decode ``prompt`` with the DiffusionGemma under the stopping rule (``gemma_loop.decode``), streaming each
+    denoising step; then every step to compare.
 
     Yields ``(answer, summary markdown, span highlights, trace figure, trace table, details dict)``; updates while
     decoding carry only the status and the span (the answer is empty, the rest None).
     """
+    from transformers.models.diffusion_gemma.generation_diffusion_gemma import StableAndConfidentStoppingCriteria
+
     from ...dllm.charlm.tasks import score
     from ...dllm.charlm.tokenizer import decode_answer
-    from ...dllm.diffusion_gemma import CanvasSeeds, decoder_forward_passes, sched_enabled
+    from ...dllm.gemma_loop import decode as gemma_loop_decode
 
     if not isinstance(prompt, str) or not prompt.strip():
         raise _error("the prompt is empty: type one, or pick a task to get an example")
@@ -206,15 +209,16 @@ def run_gemma_text(models: Models, prompt, gen_length, steps, stopping, kind, hi
                      f"positions, the answer whole canvases of {canvas}, and the model has {positions}")
 
     def decode(rule_for_run, stock_for_run):
-        kwargs = ({"stability_threshold": 1, "confidence_threshold": stock_for_run} if stock_for_run is not None
-                  else {} if rule_for_run is not None else {"confidence_threshold": None})
+        if stock_for_run is not None:
+            rule_for_run = StableAndConfidentStoppingCriteria(1, stock_for_run)
+        kwargs = {} if rule_for_run is not None else {"confidence_threshold": None}
 
         def run(events, cancelled):
             tap = DraftTap(events, cancelled)
-            with models.gemma_lock, sched_enabled(model, rule_for_run):
+            with models.gemma_lock:
                 start = time.perf_counter()
-                out = model.generate(ids, attention_mask=mask, max_new_tokens=gen_length, max_denoising_steps=steps,
-                                     return_dict_in_generate=True, streamer=CanvasSeeds(SEED, tap), **kwargs)
+                out = gemma_loop_decode(model, ids, attention_mask=mask, stopping=rule_for_run, seeds=[SEED],
+                                        streamer=tap, max_new_tokens=gen_length, max_denoising_steps=steps, **kwargs)
                 return Decoded((out, tap), time.perf_counter() - start)
 
         return run
@@ -232,7 +236,7 @@ def run_gemma_text(models: Models, prompt, gen_length, steps, stopping, kind, hi
             value, None, None, None
 
     def passes_of(result):
-        return int(decoder_forward_passes(result.out[0], ids.shape[1], tok.pad_token_id)[0])
+        return int(result.out[0].passes[0])
 
     try:
         decoded = yield from relay(decode_streaming(decode(rule, stock)), live)
