@@ -119,14 +119,14 @@ def test_refresh_steps_run_full_depth_and_the_rest_exit(tiny_dit):
     t, y = torch.tensor([700, 300]), torch.tensor([2, 5])
     plan = [[1, 2]] * steps
     early = enable_early_exit(m, None, PlannedDepths(plan, steps),
-                              remainder=CachedRemainder(0, refresh_every=3, refresh_last=2))
+                              remainder=CachedRemainder(0, refresh_every=3, refresh_last=2, refresh_first=2))
     depths = []
     for s, x in enumerate(xs):
         early.progress = progress(s, steps)
         m(x, timestep=t, class_labels=y)
         depths.append(early.last_depths.tolist())
-    # Steps 0, 3 (every third) and 5, 6 (the last two) refresh at full depth.
-    assert depths == [[4, 4], [1, 2], [1, 2], [4, 4], [1, 2], [4, 4], [4, 4]]
+    # Steps 0, 1 (the first two), 3 (every third) and 5, 6 (the last two) refresh at full depth.
+    assert depths == [[4, 4], [4, 4], [1, 2], [4, 4], [1, 2], [4, 4], [4, 4]]
 
 
 def digits_pipe(transformer):
@@ -177,6 +177,7 @@ def test_remainder_needs_the_progress(tiny_dit):
     ({"method": "full", "remainder": "cached"}, "pick an exit method"),
     ({"method": "static", "depths": (2,), "remainder": "cached", "refresh_every": 0}, "refresh_every must be"),
     ({"method": "static", "depths": (2,), "remainder": "cached", "refresh_last": -1}, "refresh_last must be"),
+    ({"method": "static", "depths": (2,), "remainder": "cached", "refresh_first": 0}, "refresh_first must be"),
 ])
 def test_bad_remainder_settings_are_refused(kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -184,6 +185,7 @@ def test_bad_remainder_settings_are_refused(kwargs, match):
 
 
 def test_remainder_settings_round_trip():
-    config = EarlyExitConfig("static", depths=(2,), remainder="taylor", refresh_every=3, refresh_last=1)
+    config = EarlyExitConfig("static", depths=(2,), remainder="taylor", refresh_every=3, refresh_last=1,
+                             refresh_first=2)
     assert EarlyExitConfig.from_dict(config.to_dict()) == config
     assert "remainder" not in EarlyExitConfig("static", depths=(2,)).to_dict()

@@ -10,7 +10,8 @@ runs, ``r_j(s) = r_j(a) + (s - a) (r_j(a) - r_j(b)) / (a - b)`` for runs at step
 TaylorSeer extrapolates features; a block run only once is reused as is). Residuals are kept per batch row and per
 block, so a sample that exited deep at one step refreshes more of its own remainder than one that exited shallow.
 
-Whole steps run at full depth, refreshing every residual: the first step of a run (nothing is cached yet), every
+Whole steps run at full depth, refreshing every residual: the first ``refresh_first`` steps of a run (at least the
+first: nothing is cached yet; two give first-order extrapolation its slope, as TaylorSeer's warm-up does), every
 ``refresh_every``-th step, and the last ``refresh_last`` steps (the clean end of sampling, where errors stay in the
 image). ``refresh_every=1`` is full depth at every step.
 
@@ -37,9 +38,10 @@ class CachedRemainder:
         refresh_every: every this many steps (counted from the run's first) runs at full depth; ``None``: only the
             first step and the last ``refresh_last``.
         refresh_last: the last this many steps run at full depth.
+        refresh_first: the first this many steps run at full depth (at least 1).
     """
 
-    def __init__(self, order: int, refresh_every: Optional[int] = None, refresh_last: int = 0):
+    def __init__(self, order: int, refresh_every: Optional[int] = None, refresh_last: int = 0, refresh_first: int = 1):
         if order not in (0, 1):
             raise ValueError(f"the remainder's order is 0 (reuse) or 1 (extrapolate), got {order!r}")
         if refresh_every is not None and (isinstance(refresh_every, bool) or not isinstance(refresh_every, int)
@@ -47,9 +49,13 @@ class CachedRemainder:
             raise ValueError(f"refresh_every must be an int >= 1 (1: full depth at every step), got {refresh_every!r}")
         if isinstance(refresh_last, bool) or not isinstance(refresh_last, int) or refresh_last < 0:
             raise ValueError(f"refresh_last must be an int >= 0, got {refresh_last!r}")
+        if isinstance(refresh_first, bool) or not isinstance(refresh_first, int) or refresh_first < 1:
+            raise ValueError(f"refresh_first must be an int >= 1 (the first step always runs at full depth: nothing "
+                             f"is cached before it), got {refresh_first!r}")
         self.order = order
         self.refresh_every = refresh_every
         self.refresh_last = refresh_last
+        self.refresh_first = refresh_first
         self._rows: Optional[int] = None
         self._progress: Optional[float] = None
         self._spacing: Optional[float] = None
@@ -68,7 +74,7 @@ class CachedRemainder:
             self._spacing = progress - self._progress
             self.step += 1
         self._progress = progress
-        if self.step == 0 or (self.refresh_every is not None and self.step % self.refresh_every == 0):
+        if self.step < self.refresh_first or (self.refresh_every is not None and self.step % self.refresh_every == 0):
             return True
         remaining = round((1.0 - progress) / self._spacing)
         return remaining < self.refresh_last

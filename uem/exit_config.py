@@ -26,7 +26,7 @@ from .rule_spec import CALIBRATED, check_exit_params
 
 REMAINDERS = ("none", *ORDERS)
 # The fields that say what the skipped blocks add, rather than which rule exits.
-_REMAINDER_FIELDS = ("remainder", "refresh_every", "refresh_last")
+_REMAINDER_FIELDS = ("remainder", "refresh_every", "refresh_last", "refresh_first")
 _NOT_RULE = ("method", "uem", *_REMAINDER_FIELDS)
 
 
@@ -49,6 +49,7 @@ class EarlyExitConfig:
         refresh_every: with a remainder, every this many steps runs at full depth (1: every step, which is full
             depth); ``None``: only the first step and the last ``refresh_last``.
         refresh_last: with a remainder, the last this many steps run at full depth (``None``: 0).
+        refresh_first: with a remainder, the first this many steps run at full depth (``None``: 1, the least).
     """
 
     method: str = "full"
@@ -61,6 +62,7 @@ class EarlyExitConfig:
     remainder: str = "none"
     refresh_every: Optional[int] = None
     refresh_last: Optional[int] = None
+    refresh_first: Optional[int] = None
 
     def __post_init__(self):
         raw = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in _NOT_RULE}
@@ -78,7 +80,7 @@ class EarlyExitConfig:
         if self.remainder not in REMAINDERS:
             raise ValueError(f"unknown remainder {self.remainder!r}; choose one of {list(REMAINDERS)}")
         if self.remainder == "none":
-            given = [k for k in ("refresh_every", "refresh_last") if getattr(self, k) is not None]
+            given = [k for k in _REMAINDER_FIELDS[1:] if getattr(self, k) is not None]
             if given:
                 raise ValueError(f"{given[0]} refreshes a cached remainder; set remainder to 'cached' or 'taylor', "
                                  f"or drop it")
@@ -98,7 +100,9 @@ class EarlyExitConfig:
         """A fresh :class:`~diffexit.uem.cached_remainder.CachedRemainder` for these settings, or ``None``."""
         if self.remainder == "none":
             return None
-        return CachedRemainder(ORDERS[self.remainder], self.refresh_every, self.refresh_last or 0)
+        last, first = self.refresh_last, self.refresh_first
+        return CachedRemainder(ORDERS[self.remainder], self.refresh_every, 0 if last is None else last,
+                               1 if first is None else first)
 
     @property
     def calibrated(self) -> bool:
