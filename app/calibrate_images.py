@@ -27,6 +27,7 @@ the closest. ``plan_methods`` gives ``diffexit bench images`` the picks as rows.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import shlex
 import sys
@@ -38,6 +39,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..common.cli_help import HelpFormatter
+from ..uem.block_adapters import num_blocks
 from ..uem.exit_config import EarlyExitConfig
 from ..uem.image_quality import psnr
 from .bench.image_methods import Method, MethodSkipped, Session
@@ -46,6 +48,11 @@ from .image_plan import ImagePlan, PlanSettings, describe_pipeline, planned_pipe
 
 STEP_FRACTIONS = (0.2, 0.24, 0.28, 0.32, 0.4, 0.48, 0.6, 0.8)  # of the full steps: 5 6 7 8 10 12 15 20 of 25
 FBC_THRESHOLDS = (0.05, 0.1, 0.2, 0.3)
+# Cached remainders for the exits: (kind, a full-depth step every N steps), with the last step at full depth too.
+# Refreshing every 2-3 steps kept 21-25 dB on the embedded DiT at 10-12 steps; never refreshing fell to 14-19 dB.
+REMAINDERS = (("taylor", 2), ("taylor", 3))
+# Training-free exits for the remainders: one fixed depth, as a share of the blocks.
+STATIC_FRACTIONS = (1 / 3, 1 / 2)
 MARGIN_DB = 1.5  # how far a few screening samples' PSNR strays from the calibration set's, in practice
 HELD_OUT_SEED = 1 << 20  # held-out batches are seeded from --seed plus this: no calibration batch shares a seed
 BENCH_SEED = 1 << 21  # the bench's planner calibrates on seeds apart from the bench's own samples
@@ -90,15 +97,30 @@ class CalibratedExit:
     min_depth: str
 
 
-def search_space(full_steps: int, exits: Sequence[CalibratedExit]) -> list[Tried]:
-    """Every setting searched at ``full_steps``: fewer steps, FirstBlockCache, and each of ``exits`` (those made for
-    more than ``full_steps`` steps are left out)."""
+def search_space(full_steps: int, model_blocks: int, exits: Sequence[CalibratedExit]) -> list[Tried]:
+    """Every setting searched at ``full_steps`` on a model of ``model_blocks`` blocks: fewer steps, FirstBlockCache,
+    each of ``exits`` (those made for more than ``full_steps`` steps are left out) alone and with each cached
+    remainder, and static depths with each cached remainder."""
     steps = sorted({max(1, round(f * full_steps)) for f in STEP_FRACTIONS} - {full_steps})
     space = [Tried(PlanSettings(s), "plain", f"plain@{s}") for s in steps]
     space += [Tried(PlanSettings(s, cache={"kind": "fbc", "threshold": t}), f"fbc-{t:g}", f"fbc@{s}", t)
               for t in FBC_THRESHOLDS for s in steps + [full_steps]]
-    space += [Tried(PlanSettings(e.steps, exits=e.config), f"{e.config.uem}:{e.min_depth}:{e.budget:g}",
-                    f"{e.config.uem}:{e.min_depth}@{e.steps}", e.budget) for e in exits if e.steps <= full_steps]
+    remainders = [("none", None)] + list(REMAINDERS)
+    for e in exits:
+        if e.steps > full_steps:
+            continue
+        for kind, every in remainders:
+            config = dataclasses.replace(e.config, remainder=kind, refresh_every=every,
+                                         refresh_last=None if kind == "none" else 1)
+            key = f"{e.config.uem}:{e.min_depth}:{kind}:{every}"
+            space.append(Tried(PlanSettings(e.steps, exits=config), f"{key}:{e.budget:g}", f"{key}@{e.steps}", e.budget))
+    depths = sorted({max(1, round(f * model_blocks)) for f in STATIC_FRACTIONS} - {model_blocks})
+    for kind, every in REMAINDERS:
+        for d in depths:
+            config = EarlyExitConfig("static", depths=(d,), remainder=kind, refresh_every=every, refresh_last=1)
+            # Shallower exits skip more: the group orders depths from the deepest.
+            space += [Tried(PlanSettings(s, exits=config), f"static-{d}:{kind}:{every}", f"static:{kind}:{every}@{s}",
+                            model_blocks - d) for s in steps + [full_steps]]
     return space
 
 
@@ -295,7 +317,7 @@ def main(argv: list[str], prog: str = "diffexit calibrate images") -> int:
     guidance = default_guidance_scale(pipe) if args.guidance_scale is None else args.guidance_scale
     planner = Planner(pipe, full_steps=args.steps, guidance_scale=guidance, samples=args.samples,
                       screen=args.screen, batch=args.batch_size, seed=args.seed, num_classes=class_count(pipe))
-    space = search_space(args.steps, exits)
+    space = search_space(args.steps, num_blocks(pipe.transformer), exits)
     print(f"{prog}: {len(space)} settings against full depth at {args.steps} steps (guidance {guidance:g}); "
           f"{len(exits)} exit calibrations from {[str(d) for d in uem_dirs] or 'no UEM folder'}", file=sys.stderr)
     tried = planner.screen_all(space, [args.psnr])
@@ -352,7 +374,7 @@ def plan_methods(bench, targets: Sequence[float], *, samples: int = 16, screen: 
     planner = Planner(pipe, full_steps=bench.steps, guidance_scale=bench.guidance_scale, samples=samples,
                       screen=screen, batch=samples, seed=seed + BENCH_SEED, num_classes=class_count(pipe))
     exits = calibrated_exits([h.directory for h in bench.heads.values()])
-    tried = planner.screen_all(search_space(bench.steps, exits), targets)
+    tried = planner.screen_all(search_space(bench.steps, bench.num_blocks, exits), targets)
     methods = []
     for target in targets:
         try:

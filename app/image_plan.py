@@ -73,22 +73,30 @@ class PlanSettings:
 
     @property
     def name(self) -> str:
-        """A short name: ``steps-10``, ``steps-10+fbc-0.1``, ``steps-8+deediff-<heads>-cal-0.02-steps8``."""
+        """A short name: ``steps-10``, ``steps-10+fbc-0.1``, ``steps-8+deediff-<heads>-cal-0.02-steps8``,
+        ``steps-10+static-6+taylor-every3-last1``."""
         parts = [f"steps-{self.steps}"]
-        if self.exits.method != "full":
-            what = self.exits.params.get("calibration", self.exits.params.get("budget"))
-            label = (Path(what).stem.removeprefix("calibration-") if isinstance(what, str) else
-                     "-".join(f"{v}" for v in self.exits.params.values()))
-            heads = f"-{Path(self.exits.uem).name}" if self.exits.uem else ""
-            parts.append(f"{self.exits.method}{heads}-{'cal-' if self.exits.calibrated else ''}{label}")
+        exits = self.exits
+        if exits.method != "full":
+            if exits.calibration is not None:
+                label = "cal-" + Path(exits.calibration).stem.removeprefix("calibration-")
+            else:
+                label = "-".join("-".join(map(str, v)) if isinstance(v, (list, tuple)) else f"{v}"
+                                 for v in exits.params.values())
+            parts.append(f"{exits.method}{f'-{Path(exits.uem).name}' if exits.uem else ''}-{label}")
+            if exits.remainder != "none":
+                parts.append(f"{exits.remainder}-every{exits.refresh_every or 'never'}-last{exits.refresh_last or 0}")
         if self.cache is not None:
             parts.append(f"{self.cache['kind']}-{self.cache[CACHES[self.cache['kind']]]:g}")
         return "+".join(parts)
 
     def techniques(self, full_steps: int) -> list[str]:
-        """The ways of saving compute it joins: ``steps`` (fewer than ``full_steps``), the exit method, the cache."""
-        return ((["steps"] if self.steps < full_steps else []) + ([self.exits.method] if self.exits.method != "full"
-                else []) + ([self.cache["kind"]] if self.cache is not None else []))
+        """The ways of saving compute it joins: ``steps`` (fewer than ``full_steps``), the exit method, a cached
+        remainder, the cache."""
+        exits = self.exits
+        return ((["steps"] if self.steps < full_steps else []) + ([exits.method] if exits.method != "full" else [])
+                + ([f"{exits.remainder} remainder"] if exits.remainder != "none" else [])
+                + ([self.cache["kind"]] if self.cache is not None else []))
 
     def to_dict(self) -> dict:
         return {"steps": self.steps, "exits": self.exits.to_dict(), "cache": self.cache}

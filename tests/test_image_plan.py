@@ -91,7 +91,10 @@ def test_the_search_leaves_out_dominated_settings_and_picks_the_cheapest_that_me
     monkeypatch.setattr(calibrate_images.Planner, "measure", measure)
     planner = calibrate_images.Planner(None, full_steps=FULL_STEPS, guidance_scale=1.0, samples=8, screen=2, batch=8,
                                        seed=0, num_classes=10)
-    space = calibrate_images.search_space(FULL_STEPS, [])
+    space = calibrate_images.search_space(FULL_STEPS, 4, [])
+    static = {t.settings.name for t in space if t.settings.exits.method == "static"}
+    assert "steps-3+static-2+taylor-every2-last1" in static and "steps-8+static-1+taylor-every3-last1" in static
+    space = [t for t in space if t.settings.exits.method == "full"]  # the made-up figures know steps and caches
     tried = {t.settings.name: t for t in planner.screen_all(space, [20.0])}
     # Searched at 8 full steps: 2-6 steps, each alone and with each cache, and the caches at 8 steps.
     # steps-5 screens at 23.5 dB, clearing 20 by more than the margin: steps-6 on that chain is not run.
