@@ -37,11 +37,12 @@ def is_diffusion_gemma(path: Path) -> bool:
 
 
 class GemmaEngine:
-    """A ``DiffusionGemmaForBlockDiffusion``, decoded by its own ``generate`` with an optional SchED stopping rule.
+    """A ``DiffusionGemmaForBlockDiffusion``, decoded by its own encoder, decoder and sampling in diffexit's loop
+    (``diffexit.dllm.gemma_loop.decode``, which equals its ``generate``) with an optional SchED stopping rule.
 
-    The model samples, so each item is decoded alone, each canvas seeded from its id
-    (``diffexit.app.job_inputs.item_seed``) and its index (``CanvasSeeds``): an answer depends on neither its batch
-    nor the process, and a stopping rule changes no later canvas's noise. A prompt of an embedded task is left-padded
+    The model samples, so each item draws its own noise, each canvas seeded from its id
+    (``diffexit.app.job_inputs.item_seed``) and its index: an answer depends on neither its batch nor the process,
+    and a stopping rule changes no later canvas's noise. A prompt of an embedded task is left-padded
     to its layout and decodes its span in whole canvases, ``steps`` denoising steps each (default: one per canvas
     token); any other prompt goes through the tokenizer's chat template and decodes ``gen_length`` tokens (default
     128) at ``steps`` per canvas (default: the model's ``max_denoising_steps``).
@@ -84,7 +85,7 @@ class GemmaEngine:
         from ..dllm.charlm.gemma import gemma_span
         from ..dllm.charlm.tasks import layout_of, score
         from ..dllm.charlm.tokenizer import decode_answer, encode_prompts
-        from ..dllm.diffusion_gemma import CanvasSeeds, decoder_forward_passes, sched_enabled
+        from ..dllm.gemma_loop import decode
         from .job_inputs import item_seed
 
         device = next(self.model.parameters()).device
@@ -103,16 +104,14 @@ class GemmaEngine:
                 steps = self.steps or self.model.generation_config.max_denoising_steps or 48
             rule = self.make_rule() if self.make_rule else None
             kwargs = {} if rule is not None else {"confidence_threshold": None}
-            with sched_enabled(self.model, rule):
-                result = self.model.generate(ids.to(device), attention_mask=mask.to(device),
-                                             max_new_tokens=new_tokens, max_denoising_steps=steps,
-                                             return_dict_in_generate=True, streamer=CanvasSeeds(item_seed(item.id)),
-                                             **kwargs)
+            result = decode(self.model, ids.to(device), attention_mask=mask.to(device), stopping=rule,
+                            seeds=[item_seed(item.id)], max_new_tokens=new_tokens, max_denoising_steps=steps,
+                            **kwargs)
             new = result.sequences[0, ids.shape[1]:].cpu()
             text = decode_answer(self.tokenizer, new) if "task" in item.payload else self.tokenizer.decode(
                 new, skip_special_tokens=True)
             record = {"id": item.id, "prompt": prompt, "output": text, "method": self.method,
-                      "nfe": int(decoder_forward_passes(result, ids.shape[1], self.tokenizer.pad_token_id)[0]),
+                      "nfe": int(result.passes[0]),
                       "halt_step": None}
             if "task" in item.payload:
                 record["task"] = item.payload["task"]
