@@ -11,13 +11,85 @@ answer, and any earlier halt changes it. :class:`HaltingOracle` halts there::
 It is a bound for span-halting rules (SchED, Prophet, a learned halting rule), not for rules that commit tokens
 one by one (parallel commits change the trajectory itself). On a block-causal model the loop halts per block
 (:mod:`~diffexit.dllm.block_decoding`), and the oracle then halts each block at its first right step.
+
+:func:`record_full_steps` records that full-steps run pass by pass (:class:`Recording`): its answers feed the
+halting oracle, and its per-pass argmax gives the commit oracle (:meth:`Recording.commit_oracle_nfe`), which commits
+each token at the first pass after which its argmax never changes. The commit oracle is a reference point, not a
+bound: committing a token early changes what the model sees at every later pass, which the recording cannot know.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
+from ..kernels import token_stats
+from .generate import generate
 from .halting import HaltDecision, HaltingRule
+
+
+@dataclass
+class Recording:
+    """A full-steps decode of ``B`` prompts, pass by pass (``T`` passes, span of ``L``).
+
+    Attributes:
+        final: ``[B, L]`` long, the generated span.
+        argmax: ``[T, B, L]`` long, every span position's argmax at each pass (ties to the lowest id, as
+            :func:`~diffexit.kernels.token_stats`).
+        masked: ``[T, B, L]`` bool, the positions still masked when each pass ran.
+    """
+
+    final: torch.Tensor
+    argmax: torch.Tensor
+    masked: torch.Tensor
+
+    def commit_steps(self) -> torch.Tensor:
+        """``[B, L]`` long: each position's first pass ``s`` such that its argmax equals its final token at every
+        pass from ``s`` to the pass that committed it (the last pass it was masked at)."""
+        right = (self.argmax == self.final[None]) | ~self.masked
+        # Walking back from the last pass, a position stays "right since" a pass while every later masked pass is
+        # right; a masked wrong pass resets it.
+        passes = self.argmax.shape[0]
+        since = torch.full(self.final.shape, passes, dtype=torch.long)
+        run = torch.ones(self.final.shape, dtype=torch.bool)
+        for t in range(passes - 1, -1, -1):
+            run &= right[t]
+            since = torch.where(run & self.masked[t], torch.full_like(since, t), since)
+        return since
+
+    def commit_oracle_nfe(self) -> torch.Tensor:
+        """``[B]`` long: the passes of the commit oracle, which commits each token at its :meth:`commit_steps`
+        pass and runs a pass only where it commits something: the number of distinct commit passes per sample."""
+        steps = self.commit_steps()
+        return torch.tensor([len(torch.unique(row)) for row in steps], dtype=torch.long)
+
+
+def record_full_steps(model, input_ids: torch.Tensor, **generate_kwargs) -> Recording:
+    """Decode ``input_ids`` ``[B, P]`` greedily with full steps (``generate`` with ``generate_kwargs``) and record
+    each pass's argmax over the span; ``halting``, a cache, parallel commits, guidance, sampling and suppressed
+    tokens are refused (the recording is of the plain decode those would change)."""
+    for key in ("halting", "cache", "parallel_threshold", "cfg_scale", "temperature", "suppress_token_ids"):
+        if generate_kwargs.get(key):  # each one's plain value (None, 0, ()) is falsy
+            raise ValueError(f"record_full_steps records greedy plain full steps; drop {key}={generate_kwargs[key]!r}")
+    span = generate_kwargs["gen_length"]
+    argmax, masked = [], []
+    mask_id = generate_kwargs["mask_id"]
+
+    def hook(_module, args, output):
+        logits = output.logits if hasattr(output, "logits") else output
+        if logits.shape[0] != input_ids.shape[0]:
+            raise RuntimeError("record_full_steps saw a pass over part of the batch; full steps run every sample "
+                               "at every pass")
+        argmax.append(token_stats(logits[:, -span:]).top1_id.cpu())
+        masked.append((args[0][:, -span:] == mask_id).cpu())
+
+    handle = model.register_forward_hook(hook)
+    try:
+        out = generate(model, input_ids, **generate_kwargs)
+    finally:
+        handle.remove()
+    return Recording(final=out.generated.cpu(), argmax=torch.stack(argmax), masked=torch.stack(masked))
 
 
 class HaltingOracle(HaltingRule):

@@ -8,7 +8,14 @@ import torch
 from diffexit.app.cli import main as cli
 from diffexit.app.bench.text import all_methods, block_methods
 
-FIELDS = {"task", "method", "params", "score", "full_score", "agreement", "nfe", "speedup_nfe", "speedup_wall", "qps4"}
+FIELDS = {"task", "method", "family", "params", "score", "full_score", "agreement", "nfe", "speedup_nfe",
+          "speedup_wall", "qps4", "seconds", "seconds_spread", "repeats", "noisy", "halts", "passes_over_oracle"}
+
+
+def _per_task(result, task, tasks):
+    """The per-task rows of ``task`` by method, one dict per task the row averages (a task stands for itself)."""
+    members = [task] if task in tasks else [t for t in tasks if (t in ("reverse", "add")) == (task == "controls")]
+    return [{r["method"]: r for r in result["rows"] if r["task"] == t} for t in members]
 
 
 def _bench(tmp_path, tiny_text_model, tasks):
@@ -31,13 +38,25 @@ def _bench(tmp_path, tiny_text_model, tasks):
     # One bidirectional model: its own full row is the bidirectional baseline; no block-causal goals to report.
     assert all(r["speedup_wall_vs_bidirectional"] == pytest.approx(r["speedup_wall"]) for r in result["rows"]
                if r["baseline"] == "full")
-    assert result["goals"] == {"model": None}
+    # No discriminating task, so no halting goal either.
+    assert result["goals"] == {"model": None, "halting_vs_oracle": None}
     for task in (*tasks, *groups):
         rows = [r for r in result["rows"] if r["task"] == task]
         assert {r["method"] for r in rows} == names
         for r in rows:
             assert FIELDS <= set(r)
-            assert r["nfe"] > 0 and r["speedup_wall"] > 0
+            assert r["nfe"] > 0
+            assert (r["speedup_wall"] is None) == (r["method"] == "oracle-commit")  # counted on the recording
+            if r["speedup_wall"] is not None:
+                assert r["speedup_wall"] > 0 and r["repeats"] >= 3 and r["seconds_spread"] >= 0
+                assert isinstance(r["noisy"], bool)
+            # Every halting row, and only those, reports its passes over the halting oracle's.
+            assert (r["passes_over_oracle"] is not None) == (r["halts"] and r["baseline"] == "full")
+        by = {r["method"]: r for r in rows}
+        assert by["oracle-halt"]["agreement"] == 1.0 and by["oracle-halt"]["nfe"] <= by["full"]["nfe"]
+        assert by["prophet"]["passes_over_oracle"] == pytest.approx(
+            sum(by2["prophet"]["nfe"] / by2["oracle-halt"]["nfe"] for by2 in _per_task(result, task, tasks))
+            / len(_per_task(result, task, tasks)))
     full = [r for r in result["rows"] if r["method"] == "full" and r["task"] == "add"][0]
     one = [r for r in result["rows"] if r["method"] == "one-step" and r["task"] == "add"][0]
     assert full["nfe"] == 16 and full["speedup_nfe"] == 1.0 and full["agreement"] == 1.0
@@ -83,7 +102,10 @@ def test_bench_text_both_embedded_models(tmp_path, capsys):
         assert {"cache", "parallel_threshold"} <= set(r["params"])
         assert r["baseline"] in ("full", "llada2-stock")
         bidirectional_full = rows[("charlm", task, "full")]["seconds"]
-        assert r["speedup_wall_vs_bidirectional"] == pytest.approx(bidirectional_full / r["seconds"])
+        if method == "oracle-commit":  # counted on the recording, never timed
+            assert r["seconds"] is None and r["speedup_wall_vs_bidirectional"] is None
+        else:
+            assert r["speedup_wall_vs_bidirectional"] == pytest.approx(bidirectional_full / r["seconds"])
     # Each model is measured against its own uncached full steps, which the exact prefix cache reproduces.
     for model in ("charlm", "charlm-block"):
         assert rows[(model, "add", "full")]["agreement"] == 1.0 and rows[(model, "add", "full")]["speedup_wall"] == 1.0

@@ -1,5 +1,5 @@
 """The headline figures of ``diffexit bench text``: each row's wall speedup over the bidirectional model, issue #27's
-goals, and the history (issue #29): one JSON line of headline figures per run in ``history.jsonl`` beside
+goals and issue #31's halting goal, and the history (issue #29): one JSON line of headline figures per run in ``history.jsonl`` beside
 ``results.json``, and ``--compare``, the change of each row's figures against an earlier ``results.json``."""
 
 from __future__ import annotations
@@ -16,6 +16,8 @@ import torch
 from ...common.results import atomic_write_bytes, markdown_table
 
 FIGURES = ("agreement", "speedup_nfe", "speedup_wall")
+# What a history line keeps of each summary row: its identity (app/bench/rows.py) and headline figures.
+SUMMARY_KEYS = ("model", "task", "method", "family", *FIGURES, "passes_over_oracle", "noisy")
 SUMMARIES = ("discriminating", "controls")
 # Results written before --models carry no model: they came from the default, the embedded bidirectional model.
 LEGACY_MODEL = "charlm"
@@ -27,7 +29,8 @@ def compare_models(rows: list[dict]) -> None:
     bidirectional = next((r["model"] for r in rows if not r["block_causal"]), None)
     full = {r["task"]: r["seconds"] for r in rows if r["model"] == bidirectional and r["method"] == "full"}
     for r in rows:
-        r["speedup_wall_vs_bidirectional"] = full[r["task"]] / r["seconds"] if r["task"] in full else None
+        timed = r["task"] in full and r["seconds"] is not None  # the commit oracle is counted, never timed
+        r["speedup_wall_vs_bidirectional"] = full[r["task"]] / r["seconds"] if timed else None
 
 
 GOAL_AGREEMENT = 0.995
@@ -37,10 +40,11 @@ GOAL_WALL = {"discriminating": 8.0, "chain": 12.0}
 def goals(rows: list[dict]) -> dict:
     """Issue #27's goals on the first block-causal model, met or not: a composed row (cache plus halting and/or
     parallel commits) keeping >= 99.5% of full steps' answers at >= 8x wall on the discriminating tasks and >= 12x
-    on ``chain``; every cached full-steps row agreeing 100%. A goal whose task the run lacks is None."""
+    on ``chain``; every cached full-steps row agreeing 100%. A goal whose task the run lacks is None. And issue
+    #31's goal (1) under ``halting_vs_oracle`` (:func:`halting_goal`)."""
     model = next((r["model"] for r in rows if r["block_causal"]), None)
     if model is None:
-        return {"model": None}
+        return {"model": None, "halting_vs_oracle": halting_goal(rows)}
     mine = [r for r in rows if r["model"] == model]
     out = {"model": model, "agreement_at_least": GOAL_AGREEMENT}
     for task, wall in GOAL_WALL.items():
@@ -52,8 +56,55 @@ def goals(rows: list[dict]) -> dict:
             "best": None if best is None else {k: best[k] for k in ("method", "agreement", "speedup_wall")}}
     cached_full = [r for r in mine if r["method"] == "full+prefix"]
     out["cached_full_agrees"] = all(r["agreement"] == 1.0 for r in cached_full) if cached_full else None
+    out["halting_vs_oracle"] = halting_goal(rows)
     return out
 
+
+GOAL_ORACLE_SHARE = 1 / 1.15
+
+
+def halting_goal(rows: list[dict]) -> Optional[dict]:
+    """Issue #31's goal (1) on the first bidirectional model's ``discriminating`` rows, met or not: its best
+    span-halting row without cache or parallel commits (a rule, not an oracle) that keeps >= 99.5% of full steps'
+    answers reaches >= 1/1.15 of the halting oracle's NFE speedup (both the mean of the per-task speedups). None
+    when the run has no such model, task group or oracle row."""
+    model = next((r["model"] for r in rows if not r["block_causal"]), None)
+    mine = [r for r in rows if r["model"] == model and r["task"] == "discriminating"]
+    oracle = next((r for r in mine if r["method"] == "oracle-halt"), None)
+    if oracle is None:
+        return None
+    kept = [r for r in mine if r["halts"] and not r["method"].startswith("oracle") and r["baseline"] == "full"
+            and r["params"]["cache"] is None and r["params"]["parallel_threshold"] is None
+            and r["agreement"] >= GOAL_AGREEMENT]
+    best = max(kept, key=lambda r: r["speedup_nfe"], default=None)
+    need = GOAL_ORACLE_SHARE * oracle["speedup_nfe"]
+    return {"model": model, "oracle_speedup_nfe": oracle["speedup_nfe"], "speedup_nfe_at_least": need,
+            "agreement_at_least": GOAL_AGREEMENT, "met": best is not None and best["speedup_nfe"] >= need,
+            "best": None if best is None else {k: best[k] for k in ("method", "agreement", "speedup_nfe",
+                                                                     "passes_over_oracle")}}
+
+
+def goal_lines(goal: dict) -> list[str]:
+    """The goals block as printed lines, met or not, with the best row's figures."""
+    lines = []
+    for task in GOAL_WALL:
+        g = goal.get(task)
+        if g:
+            best = g["best"]
+            lines.append(f"goal {goal['model']} {task}: >= {g['wall_at_least']:g}x wall at >= "
+                         f"{100 * GOAL_AGREEMENT:g}% same as full: {'met' if g['met'] else 'not met'}"
+                         + (f" (best {best['method']}: {best['speedup_wall']:.2f}x, {100 * best['agreement']:.1f}%)"
+                            if best else ""))
+    h = goal.get("halting_vs_oracle")
+    if h:
+        best = h["best"]
+        lines.append(f"goal {h['model']} discriminating: a halting row (no cache, no parallel commits) at >= "
+                     f"{100 * GOAL_AGREEMENT:g}% same as full reaches >= 1/1.15 of the halting oracle's "
+                     f"{h['oracle_speedup_nfe']:.2f}x NFE speedup ({h['speedup_nfe_at_least']:.2f}x): "
+                     f"{'met' if h['met'] else 'not met'}" + (
+                         f" (best {best['method']}: {best['speedup_nfe']:.2f}x, {100 * best['agreement']:.1f}%, "
+                         f"{best['passes_over_oracle']:.2f}x the oracle's passes)" if best else ""))
+    return lines
 
 
 def _commit() -> Optional[str]:
@@ -73,7 +124,7 @@ def history_line(rows: list[dict], goals: dict, quick: bool, n: int) -> dict:
         "commit": _commit(), "machine": platform.machine(), "platform": platform.platform(),
         "threads": torch.get_num_threads(), "torch": torch.__version__, "quick": quick, "n_per_task": n,
         "goals": goals,
-        "summaries": [{k: r[k] for k in ("model", "task", "method", *FIGURES)} for r in rows if r["task"] in SUMMARIES],
+        "summaries": [{k: r[k] for k in SUMMARY_KEYS} for r in rows if r["task"] in SUMMARIES],
     }
 
 

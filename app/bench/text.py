@@ -17,8 +17,19 @@ Models (``--models``, default ``charlm charlm-block``) run side by side. The blo
 its own blocks of 4 and gets its own rows (full steps, the exact prefix cache, and over it parallel commits, the
 robust statistics and both, which the bidirectional model runs too), each measured against its own uncached full
 steps; every row's ``speedup_wall_vs_bidirectional`` divides the bidirectional model's full-steps time by its own.
-``goals`` in the results says whether issue #27's goals were met. Each run appends its headline figures to
-``DIR/history.jsonl``; ``--compare FILE`` prints each row's change against an earlier results.json.
+``goals`` in the results says whether issue #27's goals and issue #31's halting goal were met. Each run appends its
+headline figures to ``DIR/history.jsonl``; ``--compare FILE`` prints each row's change against an earlier
+results.json.
+
+Oracle rows, per model, from a recorded (untimed) full-steps run of the same batch: ``oracle-halt`` halts each sample
+at the first pass whose masked argmax is the full-steps answer, the fewest passes any span-halting rule can take and
+keep every answer (:mod:`diffexit.dllm.oracle`); every halting row reports its passes over it
+(``passes_over_oracle``). ``oracle-commit`` commits each token at the first pass after which its argmax never
+changes in the recording: a reference point, not a bound (committing early changes what later passes see).
+
+Wall-clock: every row of a task is timed interleaved with the others, ``REPEATS`` times (median ``seconds``, the
+slowest minus the fastest repeat in ``seconds_spread``); a row whose wall ratio is outside 0.5-1.5x its pass ratio,
+both against full steps over the same cache, is ``noisy`` (:mod:`diffexit.app.bench.timing`).
 
 Averages: the controls (``reverse``, ``add``), which one-step decoding solves, cannot tell rules apart, so the
 headline row (``task="discriminating"``) averages the other tasks; ``task="controls"`` averages the controls.
@@ -32,147 +43,33 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable
 
 import torch
 from tqdm.auto import tqdm
 
 from ...common.cli_help import HelpFormatter
 from ...common.results import markdown_table, write_results
-from ...common.schedules import ThresholdSchedule
 from ...dllm.charlm.tasks import CONTROLS, DECODE, TASK_NAMES, layout_of, sample, score
 from ...dllm.charlm.tokenizer import decode_answer, encode_prompts
 from ...dllm.exact_cache import block_causal_layout
 from ...dllm.generate import generate
-from ...dllm.halting import HaltingRule, Prophet, SchED
-from .history import GOAL_AGREEMENT, append_history, compare, compare_models, goals, history_line, load_earlier
+from ...dllm.oracle import HaltingOracle, Recording, record_full_steps
+from .history import append_history, compare, compare_models, goal_lines, goals, history_line, load_earlier
+from .rows import bench_row
+from .text_methods import COMMIT_ORACLE_NOTE, PIPELINE_BLOCK, PIPELINE_THRESHOLD, Method, all_methods, block_methods
+from .timing import REPEATS, is_noisy, time_interleaved
 from .text_plots import plot_pareto, plot_trace, plot_wall
 
-PIPELINE_BLOCK = 8
-PIPELINE_THRESHOLD = 0.95  # BlockRefinementScheduler's default: it also commits every token this probable
-PARALLEL_THRESHOLD = 0.9
 GAMMA = 4
 # The embedded models run side by side by default: the bidirectional one and its block-causal twin (issue #27).
 MODELS = ("charlm", "charlm-block")
 
 
-@dataclass
-class Method:
-    """One decoding configuration. ``halting`` builds a fresh rule per batch (rules keep per-sample state)."""
-
-    name: str
-    params: dict
-    halting: Optional[Callable[[], HaltingRule]] = None
-    parallel_threshold: Optional[float] = None
-    one_step: bool = False
-    cache: Optional[str] = None
-    # Run inside LLaDA2Pipeline instead of generate(): "stock" (BlockRefinementScheduler), "sched"
-    # (SchEDScheduler, cosine) or "sched-off" (SchEDScheduler that never halts: isolates the pass it saves at
-    # each block end from what halting saves).
-    pipeline: Optional[str] = None
-
-
-def sched_methods() -> list[Method]:
-    """The paper's grid: linear, cosine, and exp at k = 2, 4, 8, 16, each with low = 2.5 and low = 0."""
-    out = []
-    for low in (2.5, 0.0):
-        kinds = [("linear", None), ("cosine", None)] + [("exp", k) for k in (2.0, 4.0, 8.0, 16.0)]
-        for kind, k in kinds:
-            sched = ThresholdSchedule(kind, 7.5, low, k=k)
-            name = f"sched-{kind}" + (f"-k{k:g}" if k else "") + f"-low{low:g}"
-            out.append(Method(name, {"schedule": sched.to_dict(), "stat": "mean"},
-                              halting=lambda s=sched: SchED(s)))
-    return out
-
-
-# max_entropy halting compares minus the worst masked position's entropy (nats) with the schedule: from "every
-# position below 0.1 nats" early on to "below 1 nat" at the end.
-ENTROPY_SCHEDULE = ThresholdSchedule("linear", -0.1, -1.0)
-
-
-def stat_methods(ignore_token_ids: tuple[int, ...]) -> list[Method]:
-    """SchED with the statistics beyond the paper's mean, each at the paper's cosine (7.5 -> 2.5) and at a linear
-    schedule down to 0; ``max_entropy`` at :data:`ENTROPY_SCHEDULE`. ``ignore_token_ids``: EOS and padding."""
-    out = []
-    for stat in ("median", "quantile", "min", "mean_content"):
-        for sched in (ThresholdSchedule("cosine", 7.5, 2.5), ThresholdSchedule("linear", 7.5, 0.0)):
-            ignore = ignore_token_ids if stat == "mean_content" else ()
-            out.append(Method(f"sched-{sched.kind}-low{sched.low:g}-{stat}",
-                              {"schedule": sched.to_dict(), "stat": stat, **({"q": 0.1} if stat == "quantile" else {})},
-                              halting=lambda s=sched, st=stat, ig=ignore: SchED(s, stat=st, ignore_token_ids=ig)))
-    out.append(Method("sched-max_entropy", {"schedule": ENTROPY_SCHEDULE.to_dict(), "stat": "max_entropy"},
-                      halting=lambda: SchED(ENTROPY_SCHEDULE, stat="max_entropy")))
-    return out
-
-
-def cache_methods(schedule: ThresholdSchedule) -> list[Method]:
-    """Each cache alone, with parallel commits, with SchED (``schedule``), and with both."""
-    out = []
-    for cache in ("prefix", "dual"):
-        for name, halting, parallel in (("full", False, None), ("parallel", False, PARALLEL_THRESHOLD),
-                                        ("sched-cosine", True, None),
-                                        ("sched-cosine+parallel", True, PARALLEL_THRESHOLD)):
-            params = {"cache": cache, **({"schedule": schedule.to_dict()} if halting else {}),
-                      **({"threshold": parallel} if parallel else {})}
-            out.append(Method(f"{name}+{cache}", params, halting=(lambda: SchED(schedule)) if halting else None,
-                              parallel_threshold=parallel, cache=cache))
-    return out
-
-
-def all_methods(ignore_token_ids: tuple[int, ...]) -> list[Method]:
-    """Every row of the benchmark; ``ignore_token_ids`` (EOS, padding) feed the ``mean_content`` statistic."""
-    cosine = ThresholdSchedule("cosine", 7.5, 2.5)
-    return [
-        Method("full", {"steps": "full"}),
-        Method("one-step", {"steps": 1}, one_step=True),
-        *sched_methods(),
-        *stat_methods(ignore_token_ids),
-        Method("prophet", Prophet().to_dict(), halting=lambda: Prophet()),
-        Method("parallel", {"threshold": PARALLEL_THRESHOLD}, parallel_threshold=PARALLEL_THRESHOLD),
-        Method("sched-cosine+parallel", {"schedule": cosine.to_dict(), "threshold": PARALLEL_THRESHOLD},
-               halting=lambda: SchED(cosine), parallel_threshold=PARALLEL_THRESHOLD),
-        *cache_methods(cosine),
-        *robust_cache_methods(),
-        Method("llada2-stock", {"block_length": PIPELINE_BLOCK, "scheduler": "BlockRefinementScheduler",
-                                "threshold": PIPELINE_THRESHOLD}, pipeline="stock"),
-        Method("llada2-sched-off", {"block_length": PIPELINE_BLOCK, "scheduler": "SchEDScheduler",
-                                    "threshold": PIPELINE_THRESHOLD, "schedule": "never halts"}, pipeline="sched-off"),
-        Method("llada2-sched", {"block_length": PIPELINE_BLOCK, "scheduler": "SchEDScheduler",
-                                "threshold": PIPELINE_THRESHOLD, "schedule": cosine.to_dict()}, pipeline="sched"),
-    ]
-
-
-ROBUST_STATS = ("min", "quantile")
-
-
-def robust_cache_methods() -> list[Method]:
-    """SchED with the robust statistics (cosine), over the prefix cache, without and with parallel commits: the
-    composed rows both models run (issue #27)."""
-    cosine = ThresholdSchedule("cosine", 7.5, 2.5)
-    out = []
-    for parallel in (None, PARALLEL_THRESHOLD):
-        for stat in ROBUST_STATS:
-            params = {"cache": "prefix", "schedule": cosine.to_dict(), "stat": stat,
-                      **({"q": 0.1} if stat == "quantile" else {}), **({"threshold": parallel} if parallel else {})}
-            name = f"sched-cosine-{stat}" + ("+parallel" if parallel else "") + "+prefix"
-            out.append(Method(name, params, halting=lambda st=stat: SchED(cosine, stat=st),
-                              parallel_threshold=parallel, cache="prefix"))
-    return out
-
-
-def block_methods() -> list[Method]:
-    """The rows of a block-causal model: full steps, the exact prefix cache, parallel commits over it, and the
-    composed rows. No one-step, Prophet, dual-cache or pipeline rows: a block-causal model decodes in its own
-    blocks, and Prophet and the dual cache are refused on it."""
-    return [Method("full", {"steps": "full"}), Method("full+prefix", {"cache": "prefix"}, cache="prefix"),
-            Method("parallel+prefix", {"cache": "prefix", "threshold": PARALLEL_THRESHOLD},
-                   parallel_threshold=PARALLEL_THRESHOLD, cache="prefix"), *robust_cache_methods()]
-
-
-def _run_generate(model, tok, method: Method, ids, attn, span: int):
+def _decode_kwargs(model, tok, method: Method, span: int) -> dict:
+    """``generate``'s decoding arguments for ``method`` on a span of ``span`` (rule, cache and parallel commits
+    apart)."""
     block, full_steps = DECODE[span]
     layout = block_causal_layout(model)
     if layout is not None:
@@ -181,13 +78,19 @@ def _run_generate(model, tok, method: Method, ids, attn, span: int):
     else:
         eos = ()
     steps, block_length = (1, span) if method.one_step else (full_steps, block)
-    out = generate(model, ids, attention_mask=attn, gen_length=span, steps=steps, block_length=block_length,
-                   mask_id=tok.mask_token_id, halting=method.halting() if method.halting else None,
-                   parallel_threshold=method.parallel_threshold, cache=method.cache, eos_token_ids=eos)
+    return dict(gen_length=span, steps=steps, block_length=block_length, mask_id=tok.mask_token_id,
+                eos_token_ids=eos)
+
+
+def _run_generate(model, tok, method: Method, ids, attn, span: int, recording: Recording):
+    halting = HaltingOracle(recording.final) if method.oracle == "halt" else \
+        method.halting() if method.halting else None
+    out = generate(model, ids, attention_mask=attn, halting=halting, parallel_threshold=method.parallel_threshold,
+                   cache=method.cache, **_decode_kwargs(model, tok, method, span))
     return out.generated, out.nfe.float()
 
 
-def _run_pipeline(model, tok, method: Method, ids, attn, span: int):
+def _run_pipeline(model, tok, method: Method, ids, attn, span: int, recording: Recording):
     from diffusers import BlockRefinementScheduler, LLaDA2Pipeline
 
     from ...samplers.sched_scheduler import SchEDScheduler
@@ -213,60 +116,85 @@ def _run_pipeline(model, tok, method: Method, ids, attn, span: int):
     return out.sequences, torch.full((ids.shape[0],), float(len(calls)))
 
 
+def _decodes(model, tok, method: Method, chunks, recordings, span: int, bar) -> Callable[[], tuple]:
+    """The timed work of ``method``: decoding every chunk; returns ``(spans per chunk, nfe [n])``."""
+    run = _run_pipeline if method.pipeline else _run_generate
+
+    def call():
+        got = [run(model, tok, method, ids, attn, span, rec) for (_, ids, attn), rec in zip(chunks, recordings)]
+        bar.update(1)
+        return [g[0] for g in got], torch.cat([g[1] for g in got])
+    return call
+
+
 def run_task(model, tok, task: str, methods: list[Method], n: int, batch: int, bar) -> list[dict]:
+    """Every method's per-task row of ``task``: decoded on ``n`` held-out examples in batches of ``batch``, timed
+    interleaved (:func:`~diffexit.app.bench.timing.time_interleaved`), ``REPEATS`` times; ``bar`` counts decodes."""
     layout = layout_of(task)
     examples = sample(task, "heldout", seed=0, n=n)
-    # One untimed pass of each runner first, so no method's time includes one-off start-up costs; on two examples
-    # and, for generate(), one step, so that it costs little even on the long span.
-    ids, attn = encode_prompts(tok, [e.prompt for e in examples[:2]], layout.prompt_length)
-    one_step = next((m for m in methods if m.one_step), None)
-    _run_generate(model, tok, one_step or methods[0], ids, attn, layout.span_length)
+    chunks = [(examples[i:i + batch], *encode_prompts(tok, [e.prompt for e in examples[i:i + batch]],
+                                                       layout.prompt_length)) for i in range(0, n, batch)]
+    full = next(m for m in methods if m.name == "full")
+    # The recorded full steps, untimed, feed the oracles; they are also every runner's warm-up, so no timed call
+    # includes one-off start-up costs.
+    recordings = [record_full_steps(model, ids, attention_mask=attn, **_decode_kwargs(model, tok, full,
+                                                                                      layout.span_length))
+                  for _, ids, attn in chunks]
     if any(m.pipeline for m in methods):
-        _run_pipeline(model, tok, next(m for m in methods if m.pipeline), ids, attn, layout.span_length)
+        _, ids, attn = chunks[0]
+        _run_pipeline(model, tok, next(m for m in methods if m.pipeline), ids[:2], attn[:2], layout.span_length,
+                      recordings[0])
+    timed = time_interleaved({m.name: _decodes(model, tok, m, chunks, recordings, layout.span_length, bar)
+                              for m in methods if m.oracle != "commit"}, REPEATS)
     rows, answers = [], {}
     for method in methods:
-        right, nfe, seconds, answers[method.name] = 0, [], 0.0, []
-        for i in range(0, n, batch):
-            chunk = examples[i:i + batch]
-            ids, attn = encode_prompts(tok, [e.prompt for e in chunk], layout.prompt_length)
-            run = _run_pipeline if method.pipeline else _run_generate
-            start = time.perf_counter()
-            spans, chunk_nfe = run(model, tok, method, ids, attn, layout.span_length)
-            seconds += time.perf_counter() - start
-            nfe.append(chunk_nfe)
-            texts = [decode_answer(tok, s) for s in spans]
-            answers[method.name] += texts
-            right += sum(score(task, e.prompt, t) for e, t in zip(chunk, texts))
-        params = {**method.params, "cache": method.cache, "parallel_threshold": method.parallel_threshold}
-        rows.append({"task": task, "method": method.name, "params": params, "score": right / n,
-                     "nfe": float(torch.cat(nfe).mean()), "seconds": seconds})
-        bar.update(1)
-    # Pipeline rows are measured against the stock pipeline (blocks of 8, truncated context, its own parallel
-    # commits): a different regime from generate()'s full steps.
-    baselines = {False: next(r for r in rows if r["method"] == "full"),
-                 True: next((r for r in rows if r["method"] == "llada2-stock"), None)}
+        if method.oracle == "commit":
+            # Its answers are the recorded ones by construction; only its passes are counted.
+            spans, nfe = [rec.final for rec in recordings], torch.cat([rec.commit_oracle_nfe() for rec in recordings])
+            clock = {"seconds": None, "seconds_spread": None, "repeats": 0}
+        else:
+            (spans, nfe), clock = timed[method.name].result, timed[method.name].figures()
+        answers[method.name] = [decode_answer(tok, s) for chunk in spans for s in chunk]
+        right = sum(score(task, e.prompt, t) for e, t in zip(examples, answers[method.name]))
+        rows.append(bench_row(method.identity, task=task, score=right / n, nfe=float(nfe.float().mean()), **clock,
+                              halts=method.halts))
+    _relate(rows, methods, answers, n)
+    return rows
+
+
+def _relate(rows: list[dict], methods: list[Method], answers: dict, n: int) -> None:
+    """Each per-task row's figures against its baseline, its cost reference (noisy) and the halting oracle."""
+    by = {r["method"]: r for r in rows}
+    oracle = by.get("oracle-halt")
     for r, m in zip(rows, methods):
-        full = baselines[m.pipeline is not None]
+        # Pipeline rows are measured against the stock pipeline (blocks of 8, truncated context, its own parallel
+        # commits): a different regime from generate()'s full steps.
+        full = by["llada2-stock"] if m.pipeline else by["full"]
         r["baseline"] = full["method"]
         r["full_score"] = full["score"]
         # The share of answers identical to the baseline's: 1 - the rate of answer-changing halts. Unlike the
         # score it does not depend on how good the model is.
         r["agreement"] = sum(a == b for a, b in zip(answers[m.name], answers[full["method"]])) / n
         r["speedup_nfe"] = full["nfe"] / r["nfe"]
-        r["speedup_wall"] = full["seconds"] / r["seconds"]
+        r["speedup_wall"] = None if r["seconds"] is None else full["seconds"] / r["seconds"]
         r["qps4"] = (r["speedup_nfe"] * (r["score"] / full["score"]) ** GAMMA) if full["score"] > 0 else None
-    one = next((r for r in rows if r["method"] == "one-step"), None)
+        # Wall-clock should track passes against a row whose passes cost the same: full steps over the same cache
+        # (a cached pass runs fewer tokens than an uncached one).
+        ref = by.get("full" if m.cache is None else f"full+{m.cache}", full) if not m.pipeline else full
+        r["noisy"] = None if r["seconds"] is None else is_noisy(ref["seconds"] / r["seconds"], ref["nfe"] / r["nfe"])
+        r["passes_over_oracle"] = r["nfe"] / oracle["nfe"] if m.halts and oracle and not m.pipeline else None
+    one = by.get("one-step")
     # A task that one-step decoding already solves as well as full steps measures nothing about halting (None: the
     # model has no one-step row).
-    matches = None if one is None else one["score"] >= baselines[False]["score"]
+    matches = None if one is None else one["score"] >= by["full"]["score"]
     for r in rows:
         r["one_step_matches_full"] = matches
-    return rows
 
 
 def summarise(rows: list[dict], methods: list[Method]) -> list[dict]:
     """Per method, a ``task="discriminating"`` row (means over the tasks that are not controls) and a
-    ``task="controls"`` row, for the groups the run has (wall speedup: total full time / total time)."""
+    ``task="controls"`` row, for the groups the run has. Wall speedup: total full time over total time; seconds and
+    their spread: sums over the tasks; noisy: whether any task's row is."""
     out = []
     for group in ("discriminating", "controls"):
         tasks = {r["task"] for r in rows if (r["task"] in CONTROLS) == (group == "controls")}
@@ -275,23 +203,28 @@ def summarise(rows: list[dict], methods: list[Method]) -> list[dict]:
         for m in methods:
             per = [r for r in rows if r["method"] == m.name and r["task"] in tasks]
             full = [r for r in rows if r["method"] == per[0]["baseline"] and r["task"] in tasks]
-            qps = [r["qps4"] for r in per if r["qps4"] is not None]
             mean = lambda key: sum(r[key] for r in per) / len(per)
-            out.append({
-                "task": group, "method": m.name, "params": per[0]["params"], "baseline": per[0]["baseline"],
-                "tasks": sorted(tasks), "score": mean("score"), "full_score": mean("full_score"),
-                "agreement": mean("agreement"), "nfe": mean("nfe"), "speedup_nfe": mean("speedup_nfe"),
-                "speedup_wall": sum(r["seconds"] for r in full) / sum(r["seconds"] for r in per),
-                "qps4": sum(qps) / len(qps) if qps else None, "seconds": sum(r["seconds"] for r in per),
-            })
+            known = lambda key: all(r[key] is not None for r in per)
+            total = lambda key, these: sum(r[key] for r in these) if known(key) else None
+            qps = [r["qps4"] for r in per if r["qps4"] is not None]
+            out.append(bench_row(
+                m.identity, task=group, baseline=per[0]["baseline"], tasks=sorted(tasks), score=mean("score"),
+                full_score=mean("full_score"), agreement=mean("agreement"), nfe=mean("nfe"),
+                speedup_nfe=mean("speedup_nfe"),
+                speedup_wall=total("seconds", full) / total("seconds", per) if known("seconds") else None,
+                qps4=sum(qps) / len(qps) if qps else None, seconds=total("seconds", per),
+                seconds_spread=total("seconds_spread", per), repeats=per[0]["repeats"], halts=m.halts,
+                noisy=any(r["noisy"] for r in per) if known("noisy") else None,
+                passes_over_oracle=mean("passes_over_oracle") if known("passes_over_oracle") else None))
     return out
 
 
 COLUMNS = [("model", "model", ""), ("task", "task", ""), ("method", "method", ""), ("score", "acc", ".3f"),
            ("full_score", "full acc", ".3f"),
            ("agreement", "same as full", ".3f"),
-           ("nfe", "NFE", ".1f"), ("speedup_nfe", "speedup NFE", ".2f"), ("speedup_wall", "speedup wall", ".2f"),
-           ("qps4", "QPS_4", ".2f")]
+           ("nfe", "NFE", ".1f"), ("speedup_nfe", "speedup NFE", ".2f"), ("passes_over_oracle", "NFE / oracle", ".2f"),
+           ("speedup_wall", "speedup wall", ".2f"), ("seconds", "s", ".2f"), ("seconds_spread", "+- s", ".2f"),
+           ("noisy", "noisy", ""), ("qps4", "QPS_4", ".2f")]
 
 
 def main(argv: list[str], prog: str = "diffexit bench text") -> int:
@@ -331,7 +264,8 @@ def main(argv: list[str], prog: str = "diffexit bench text") -> int:
         block_causal = block_causal_layout(model) is not None
         methods = block_methods() if block_causal else all_methods((tok.eos_token_id, tok.pad_token_id))
         mine = []
-        with tqdm(total=len(args.tasks) * len(methods), desc=f"bench text {name}", unit="run") as bar:
+        decodes = len(args.tasks) * REPEATS * sum(m.oracle != "commit" for m in methods)
+        with tqdm(total=decodes, desc=f"bench text {name}", unit="run") as bar:
             for task in args.tasks:
                 bar.set_postfix_str(task)
                 mine += run_task(model, tok, task, methods, n, args.batch, bar)
@@ -358,12 +292,10 @@ def main(argv: list[str], prog: str = "diffexit bench text") -> int:
     flagged = sorted({r["task"] for r in rows if r.get("one_step_matches_full")})
     if flagged:
         print(f"\none-step decoding matches full steps on: {', '.join(flagged)} (these tasks cannot tell rules apart)")
-    for task, g in goal.items():
-        if isinstance(g, dict):
-            best = g["best"]
-            print(f"goal {goal['model']} {task}: >= {g['wall_at_least']:g}x wall at >= {100 * GOAL_AGREEMENT:g}% same "
-                  f"as full: {'met' if g['met'] else 'not met'}" + (f" (best {best['method']}: "
-                  f"{best['speedup_wall']:.2f}x, {100 * best['agreement']:.1f}%)" if best else ""))
+    if any(r["method"] == "oracle-commit" for r in rows):
+        print(f"\noracle-commit is {COMMIT_ORACLE_NOTE}")
+    for line in goal_lines(goal):
+        print(line)
     if earlier is not None:
         print(f"\nagainst {args.compare}:\n{compare(rows, earlier)}")
     print(f"\nper-task rows, plots: {path}, {', '.join(map(str, plots))}; history: {history}")

@@ -12,21 +12,14 @@ from ...dllm.generate import generate
 from ...dllm.halting import SchED
 
 SUMMARIES = ("discriminating", "controls")
+# By row family (app/bench/rows.py): the SchED grid is one family, each other statistic its own.
 COLORS = {"sched": "tab:blue", "full": "black", "one-step": "tab:red", "prophet": "tab:orange",
           "parallel": "tab:green", "sched-cosine+parallel": "tab:purple", "sched (min)": "tab:cyan",
           "sched (quantile)": "tab:olive", "sched (median)": "tab:pink", "sched (mean_content)": "tab:brown",
-          "sched (max_entropy)": "navy", "sched (min)+parallel": "teal", "sched (quantile)+parallel": "darkolivegreen"}
-
-
-def _family(row: dict) -> str:
-    """The legend entry of a row: its method without the cache, the SchED grid pooled by statistic."""
-    method = row["method"].split("+prefix")[0].split("+dual")[0]
-    stat = row["params"].get("stat", "mean")
-    if method.startswith("sched-") and "+" not in method:
-        return "sched" if stat == "mean" else f"sched ({stat})"
-    if method.startswith("sched-") and method.endswith("+parallel") and stat != "mean":
-        return f"sched ({stat})+parallel"
-    return method
+          "sched (max_entropy)": "navy", "sched (min)+parallel": "teal", "sched (quantile)+parallel": "darkolivegreen",
+          "oracle-halt": "gold", "oracle-commit": "goldenrod"}
+# The commit oracle is no bound: its legend says so wherever it shows.
+LABELS = {"oracle-commit": "oracle-commit (reference, not a bound)"}
 
 
 def _marker(row: dict) -> str:
@@ -36,13 +29,15 @@ def _marker(row: dict) -> str:
 def _scatter(ax, row: dict, x: float, y: float) -> None:
     """One row's point: colour by family, shape by cache; a block-causal model's points are hollow and its legend
     entries name the model, so both models share one panel."""
-    family = _family(row)
-    color = COLORS.get(family, "tab:gray")
+    if x is None:  # a row without wall-clock (the commit oracle) on the wall-clock panel
+        return
+    family = row["family"]
+    color, label = COLORS.get(family, "tab:gray"), LABELS.get(family, family)
     if row.get("block_causal"):
         ax.scatter(x, y, facecolors="none", edgecolors=color, s=22, marker=_marker(row),
-                   label=f"{family} [{row['model']}]")
+                   label=f"{label} [{row['model']}]")
     else:
-        ax.scatter(x, y, color=color, s=18, marker=_marker(row), label=family)
+        ax.scatter(x, y, color=color, s=18, marker=_marker(row), label=label)
 
 
 def plot_pareto(rows: list[dict], path: Path) -> None:
