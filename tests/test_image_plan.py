@@ -241,3 +241,44 @@ def test_generate_images_refuses_a_plan_for_other_weights(pipe, pipe_dir, tmp_pa
     plan = make_plan(pipe, PlanSettings(3), weights_sha256="0" * 64).save(tmp_path / "plan.json")
     code, err = generate(["--per-class", 1, "--pipeline", pipe_dir, "--plan", plan, "--out", tmp_path / "o"])
     assert code == 2 and "made for other weights" in err and "diffexit calibrate images" in err
+
+
+def test_the_demo_samples_a_plan_against_its_full_steps(pipe, pipe_dir, tmp_path):
+    import gradio as gr
+
+    from diffexit.app.demo.images import run_plan
+    from diffexit.app.demo.models import Models
+
+    models = Models(image_pipeline=pipe_dir)
+    plan = make_plan(pipe, PlanSettings(4, cache={"kind": "fbc", "threshold": 1e6})).save(tmp_path / "plan.json")
+    planned, full, summary, _, details = run_plan(models, str(plan), [1, 2], 2, 0)
+    assert details["steps"] == 4 and details["full_steps"] == FULL_STEPS and details["guidance_scale"] == 1.0
+    # The first step runs all 4 blocks, the other three only the first: 7 of 8 steps x 4 blocks.
+    assert details["cost"] == pytest.approx(7 / 32)
+    assert details["depth_counts"][0] == [0, 0, 0, 2] and details["depth_counts"][1] == [2, 0, 0, 0]
+    assert "steps-4+fbc-1e+06" in summary and "cost 0.219" in summary
+    reference = models.pipeline()([1, 2], guidance_scale=1.0, num_inference_steps=FULL_STEPS, output_type="pt",
+                                  generator=torch.Generator().manual_seed(0)).images
+    from diffexit.app.demo.images import image_grid
+
+    assert np.array_equal(full, image_grid(reference))  # the reference is full depth at the plan's full steps
+    other = make_plan(pipe, PlanSettings(4), weights_sha256="0" * 64).save(tmp_path / "other.json")
+    with pytest.raises(gr.Error, match="made for other weights"):
+        run_plan(models, str(other), [1], 1, 0)
+    with pytest.raises(gr.Error, match="choose a plan file"):
+        run_plan(models, None, [1], 1, 0)
+
+
+def test_plan_methods_gives_the_bench_a_row_per_target(pipe):
+    from diffexit.app.bench.image_methods import Bench, MethodSkipped
+
+    bench = Bench(pipe, {}, "no heads", FULL_STEPS, 1.0)
+    met, unmet = calibrate_images.plan_methods(bench, (20.0, 300.0), samples=2, screen=2)
+    assert (met.name, unmet.name) == ("plan-20dB", "plan-300dB")
+    settings = PlanSettings.from_dict({k: met.params[k] for k in ("steps", "exits", "cache")})
+    assert met.params["plan"] == settings.name
+    assert met.family == ("composed" if len(settings.techniques(FULL_STEPS)) > 1 else settings.techniques(FULL_STEPS)[0])
+    session = met.build(bench)
+    assert session.steps == settings.steps and session.generate(torch.tensor([1]), 0, 1.0).shape == (1, 1, 8, 8)
+    with pytest.raises(MethodSkipped, match="no searched plan reaches 300 dB; the closest is"):
+        unmet.build(bench)

@@ -193,3 +193,65 @@ def run_images(models: Models, digits, count, steps, sampler, guidance, rule, th
     figure = depth_heatmap(stats.depth_counts, stats.timesteps,
                            f"{describe_exit_rule(exits.rule)}: layer ratio {stats.layer_ratio:.2f}")
     return image_grid(early), image_grid(full), summary, figure, details
+
+
+def run_plan(models: Models, plan_file, digits, count, seed, progress=None):
+    """Sample with a ``diffexit calibrate images`` plan (its steps, exits and cache, at its guidance and sampler),
+    then the same noise at full depth and the plan's full steps, the reference it was made against.
+
+    Returns what :func:`run_images` returns; the details add ``plan`` (its name), ``cost`` (blocks run over the
+    reference's) and the plan's own held-out figures.
+    """
+    from ...uem.block_adapters import num_blocks
+    from ..image_plan import ImagePlan, planned_pipeline
+
+    count = _as_int("number of images", count, 1, MAX_IMAGES)
+    labels = _labels(digits, count, models.num_classes())
+    seed = _as_int("seed", seed, 0, 2**63 - 1)
+    if not plan_file:
+        raise _error("choose a plan file, one `diffexit calibrate images --psnr DB --out FILE` wrote")
+    try:
+        plan = ImagePlan.load(plan_file)
+    except ValueError as e:
+        raise models.error(str(e)) from e
+    pipe = models.pipeline()
+    guidance, full_steps = plan.made_for["guidance_scale"], plan.made_for["full_steps"]
+    with models.image_run_lock:
+        try:
+            plan.check(pipe)
+            run = planned_pipeline(pipe, plan.settings, guidance)
+        except ValueError as e:
+            raise models.error(str(e)) from e
+        if progress is not None:
+            progress(0.0, desc=f"sampling with plan {plan.settings.name}")
+        with run.call_context():
+            planned, planned_s = _sample(run.pipe, labels, run.steps, guidance, seed)
+        depths = torch.tensor(run.depths(count))  # [count, steps]
+        timesteps = run.pipe.scheduler.timesteps.clone()
+        if progress is not None:
+            progress(0.5, desc=f"sampling at full depth, {full_steps} steps")
+        full, full_s = _sample(pipe, labels, full_steps, guidance, seed)
+
+    blocks = num_blocks(pipe.transformer)
+    cost = float(depths.sum()) / (blocks * full_steps * count)
+    counts = torch.zeros(run.steps, blocks, dtype=torch.long)
+    for step, column in enumerate(depths.T):
+        counts[step] += torch.bincount(column - 1, minlength=blocks)
+    quality = psnr(planned, full)
+    held = plan.figures["held_out"]
+    details = {
+        "labels": labels, "steps": run.steps, "full_steps": full_steps, "guidance_scale": guidance, "seed": seed,
+        "plan": plan.settings.name, "target_psnr": plan.target_psnr, "num_blocks": blocks, "cost": cost,
+        "seconds_plan": planned_s, "seconds_full_depth": full_s, "speedup_wall": full_s / planned_s,
+        "psnr_db": quality, "plan_held_out": held, "timesteps": timesteps.tolist(), "depth_counts": counts.tolist(),
+    }
+    verdict = "identical to full depth" if quality is None else f"PSNR {quality:.1f} dB against full depth"
+    held_quality = "identical images" if held["psnr"] is None else f"{held['psnr']:.1f} dB"
+    planned_for = f"its held-out check: cost {held['layer_ratio']:.3f} at {held_quality}"
+    summary = (
+        f"**Plan {plan.settings.name}** (target {plan.target_psnr:g} dB; {planned_for}): **cost {cost:.3f}** of full "
+        f"depth at {full_steps} steps. Plan {planned_s:.2f} s, full {full_s:.2f} s: **{full_s / planned_s:.2f}x** "
+        f"wall-clock. {verdict}."
+    )
+    figure = depth_heatmap(counts, timesteps, f"plan {plan.settings.name}: cost {cost:.2f}")
+    return image_grid(planned), image_grid(full), summary, figure, details
