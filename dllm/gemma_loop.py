@@ -133,7 +133,7 @@ class ModelSampling:
         self.noise.start_canvas(canvas)
         return self.noise.tokens(rows, self.length, self.vocab, device)
 
-    def step(self, logits: torch.Tensor, canvas: torch.LongTensor, step: int, rows: list[int]):
+    def step(self, logits: torch.Tensor, canvas: torch.LongTensor, step: int, rows: list[int], denoise=None):
         # generate counts its steps down from T to 1 and passes the count as an int32 tensor; the temperature is
         # computed from it the same way here, so the scaled logits match to the bit.
         remaining = torch.tensor(self.steps - step, device=canvas.device, dtype=torch.int32)
@@ -142,6 +142,10 @@ class ModelSampling:
         accepted = self.sampler.accept_canvas(canvas, drawn, processed, remaining)
         noise = self.noise.tokens(rows, self.length, self.vocab, canvas.device)
         return torch.where(self.sampler.accepted_token_mask, accepted, noise), processed.to(self.dtype)
+
+    def final(self, canvas: torch.LongTensor, argmax: torch.LongTensor) -> torch.LongTensor:
+        """A canvas that ran every step ends as its last argmax, as ``generate`` appends it."""
+        return argmax
 
 
 @torch.no_grad()
@@ -153,9 +157,11 @@ def run_canvases(model, input_ids: torch.LongTensor, attention_mask: torch.Tenso
     Args:
         input_ids, attention_mask: ``[B, P]``, the prompt (left padding masked out).
         canvases, steps: canvases at most, denoising steps per canvas at most.
-        sampling: ``start_canvas(canvas, rows, device) -> [b, L]`` and ``step(logits, canvas, step, rows) ->
-            (next canvas [b, L], logits [b, L, V] the rule reads and the next step self-conditions on)``; ``rows``
-            are the original batch indices of the ``b`` samples in the call.
+        sampling: ``start_canvas(canvas, rows, device) -> [b, L]`` and ``step(logits, canvas, step, rows, denoise)
+            -> (next canvas [b, L], logits [b, L, V] the rule reads and the next step self-conditions on)``; ``rows``
+            are the original batch indices of the ``b`` samples in the call, ``denoise(canvas, conditioning) ->
+            logits`` one more decoder pass on them (a corrector sweep); and ``final(canvas, argmax) -> [b, L]``, what
+            a canvas that ran every step ends as.
         rule: called ``rule(argmax [b, L], logits [b, L, V]) -> [b]`` after each step; ``reset()`` before each
             canvas; its state compacted by :func:`select_rule_rows`.
         finalize: ``finalize(sequences [B, n], finished [B]) -> (sequences, finished)`` after each canvas (which
@@ -205,11 +211,13 @@ def run_canvases(model, input_ids: torch.LongTensor, attention_mask: torch.Tenso
             config=model.config, inputs_embeds=canvas.unsqueeze(-1), cache=view, decoder_attention_mask=decoder_mask)
         if rule is not None:
             rule.reset()
-        for step in range(steps):
+        def denoise(canvas, conditioning):
             passes[live[active]] += 1
-            logits = model(decoder_input_ids=canvas, cache=view, self_conditioning_logits=conditioning,
-                           decoder_attention_mask=masks, decoder_position_ids=decoder_positions).logits
-            canvas, conditioning = sampling.step(logits, canvas, step, rows)
+            return model(decoder_input_ids=canvas, cache=view, self_conditioning_logits=conditioning,
+                         decoder_attention_mask=masks, decoder_position_ids=decoder_positions).logits
+
+        for step in range(steps):
+            canvas, conditioning = sampling.step(denoise(canvas, conditioning), canvas, step, rows, denoise)
             step_argmax = conditioning.argmax(-1)
             argmax[live[active]] = step_argmax
             if streamer is not None and hasattr(streamer, "put_draft"):
@@ -222,6 +230,7 @@ def run_canvases(model, input_ids: torch.LongTensor, attention_mask: torch.Tenso
                 continue
             stop = rule(step_argmax, conditioning)
             if bool(stop.all()):
+                active = active[:0]
                 break
             if bool(stop.any()):
                 keep = (~stop).nonzero().squeeze(-1)
@@ -233,6 +242,8 @@ def run_canvases(model, input_ids: torch.LongTensor, attention_mask: torch.Tenso
                     config=model.config, inputs_embeds=canvas.unsqueeze(-1), cache=view,
                     decoder_attention_mask=decoder_mask[active])
 
+        if len(active):
+            argmax[live[active]] = sampling.final(canvas, argmax[live[active]])
         sequences, finished = finalize(torch.cat([sequences, argmax], -1), finished)
         mask = F.pad(mask, (0, length), value=True)
         if streamer is not None:

@@ -11,13 +11,19 @@ mean token entropy is below ``confidence_threshold``, inline in its loop. This s
 
 Each denoising step is the stock loop's (model, ``scheduler.step``, self-conditioning on the scheduler's
 ``pred_logits``, the corrector sweeps of a predictor-corrector scheduler), and the stop test is the rule's, on the
-inputs the stock test reads: the argmax of ``pred_logits`` (frozen for finished samples) and ``pred_logits``. So
-the default, ``StableAndConfidentStoppingCriteria(1, 0.005)``, gives the stock pipeline's output token for token
-(tests/test_diffusion_gemma.py checks it).
+inputs the stock test reads: the argmax of ``pred_logits`` (frozen for finished samples) and ``pred_logits``. The
+canvas loop is diffexit's (``diffexit.dllm.gemma_loop.run_canvases``): a sample that stopped leaves the decoder's
+batch, so the decoder passes (the cost) run on the samples still denoising only. The scheduler still steps the
+whole batch (cheap next to a decoder pass), a stopped sample's rows holding its frozen canvas and last logits, so it
+draws the stock loop's noise and keeps its per-sample state, and the output is the stock pipeline's token for token
+with any rule: the default, ``StableAndConfidentStoppingCriteria(1, 0.005)``, gives the stock pipeline's output
+(tests/test_diffusion_gemma.py checks it). With ``eos_early_stop`` a sample that wrote EOS leaves the batch for good
+(the stock pipeline goes on decoding it, and trims its text at the EOS): its later canvases are ``eos_token_id``,
+and where a rule then ends a canvas's steps sooner than the stock loop would, later canvases draw other noise.
 
-The loop is this module's own rather than a call to the parent's for a second reason: diffusers 0.42's pipeline
-passes ``past_key_values=`` to ``create_diffusion_decoder_attention_mask``, which transformers 5.24 renamed to
-``cache=``, so the stock ``__call__`` raises ``TypeError`` with the transformers this project pins.
+The loop is not a call to the parent's for a second reason: diffusers 0.42's pipeline passes ``past_key_values=``
+to ``create_diffusion_decoder_attention_mask``, which transformers 5.24 renamed to ``cache=``, so the stock
+``__call__`` raises ``TypeError`` with the transformers this project pins.
 """
 
 from __future__ import annotations
@@ -25,14 +31,14 @@ from __future__ import annotations
 import inspect
 
 import torch
-import torch.nn.functional as F
 from diffusers import DiffusionGemmaPipeline
 from diffusers.pipelines.diffusion_gemma.pipeline_output import DiffusionGemmaPipelineOutput
-from transformers import DynamicCache, StaticCache
 from transformers.models.diffusion_gemma.generation_diffusion_gemma import (
     DiffusionGemmaAdaptiveStopping,
     StableAndConfidentStoppingCriteria,
 )
+
+from ..dllm.gemma_loop import check_compactable, run_canvases
 
 STOCK_STABILITY, STOCK_CONFIDENCE = 1, 0.005  # DiffusionGemmaPipeline's defaults
 _UNSET = object()
@@ -97,7 +103,10 @@ class SchEDDiffusionGemmaPipeline(DiffusionGemmaPipeline):
         multimodal = {k: v.to(device) for k, v in multimodal.items()}
         batch, prompt_length = ids.shape
         eos_token_id = self.eos_token_id if eos_token_id is None else eos_token_id
-
+        if cache_implementation not in (None, "dynamic"):
+            raise ValueError(f"cache_implementation={cache_implementation!r}: the loop drops rows of a DynamicCache as "
+                             f"samples stop; leave it unset")
+        check_compactable(stopping)
         canvas_length = self.model.config.canvas_length
         num_canvases = -(-gen_length // canvas_length)
         # A predictor-corrector scheduler spends part of the per-canvas budget on corrector sweeps, as the stock
@@ -116,77 +125,21 @@ class SchEDDiffusionGemmaPipeline(DiffusionGemmaPipeline):
         if hasattr(stopping, "begin"):  # SchEDStopping reads its progress from the step budget
             stopping.begin(predictor_steps)
 
-        text_config = self.model.config.get_text_config(decoder=True)
-        cache = (StaticCache(config=text_config, max_cache_len=prompt_length + num_canvases * canvas_length)
-                 if cache_implementation == "static" else DynamicCache(config=text_config))
-        sequence, seq_mask = ids, mask
-        finished = torch.zeros(batch, dtype=torch.bool, device=device)
-        self.decoder_passes = torch.zeros(batch, dtype=torch.long, device=device)
-        global_step = 0
-        bar = self.progress_bar(total=self._num_timesteps)
-        for _ in range(num_canvases):
-            length = sequence.shape[1]
-            positions = torch.arange(length, length + canvas_length, device=device).unsqueeze(0)
-            cached = cache.get_seq_length()
-            torch.compiler.cudagraph_mark_step_begin()
-            self.model.model.encoder(input_ids=sequence[:, cached:], attention_mask=seq_mask, cache=cache,
-                                     position_ids=torch.arange(cached, length, device=device).unsqueeze(0),
-                                     **(multimodal if cached == 0 else {}))
-            masks = self.model.model.decoder.create_diffusion_decoder_attention_mask(
-                config=self.model.config, inputs_embeds=torch.empty((batch, canvas_length, 0), device=device),
-                cache=cache, decoder_attention_mask=F.pad(seq_mask.bool(), (0, canvas_length), value=True),
-            )
-
-            def denoise(canvas, conditioning):
-                torch.compiler.cudagraph_mark_step_begin()
-                return self.model(decoder_input_ids=canvas, cache=cache,
-                                  self_conditioning_logits=conditioning, decoder_attention_mask=masks,
-                                  decoder_position_ids=positions).logits.clone()
-
-            canvas = torch.randint(0, text_config.vocab_size, (batch, canvas_length), device=device,
-                                   generator=generator)
-            conditioning = None
-            done = torch.zeros(batch, dtype=torch.bool, device=device)
-            argmax = canvas
-            if stopping is not None:
-                stopping.reset()
-            for step in range(predictor_steps):
-                self.decoder_passes += (~done) * (1 + (sweeps if step < corrected else 0))
-                logits = denoise(canvas, conditioning)
-                out = self.scheduler.step(model_output=logits, timestep=step, sample=canvas, return_dict=True,
-                                          **step_kwargs)
-                canvas, conditioning = out.prev_sample, out.pred_logits
-                if step < corrected:
-                    for _ in range(sweeps):
-                        canvas = self.scheduler.step_correct(model_output=denoise(canvas, conditioning),
-                                                             timestep=step, sample=canvas,
-                                                             generator=generator).prev_sample
-                if callback_on_step_end is not None:
-                    local = {"canvas": canvas, "logits": logits}
-                    returned = callback_on_step_end(self, global_step, step, {k: local[k] for k in tensor_inputs})
-                    canvas = returned.pop("canvas", canvas)
-                global_step += 1
-                bar.update()
-
-                if stopping is None:
-                    continue
-                # The rule reads what the stock test reads: the prediction (kept as it was for finished samples)
-                # and the logits the scheduler sampled from. A finished sample's canvas is its frozen prediction.
-                argmax = torch.where(done[:, None], argmax, conditioning.argmax(-1))
-                done = done | stopping(argmax, conditioning)
-                canvas = torch.where(done[:, None], argmax, canvas)
-                if bool(done.all()):
-                    break
-
-            sequence = torch.cat([sequence, canvas], -1)
-            seq_mask = F.pad(seq_mask, (0, canvas_length), value=1)
+        def finalize(sequences, finished):
             if eos_early_stop and eos_token_id is not None:
-                finished |= (canvas == eos_token_id).any(-1)
-                if finished.all():
-                    break
-        bar.close()
+                finished = finished | (sequences[:, -canvas_length:] == eos_token_id).any(-1)
+            return sequences, finished
 
-        sequences = sequence[:, prompt_length:]
+        bar = self.progress_bar(total=self._num_timesteps)
+        sampling = _SchedulerSampling(self, batch, step_kwargs, sweeps, corrected, generator,
+                                      callback_on_step_end, tensor_inputs, bar)
+        out = run_canvases(self.model, ids, mask, canvases=num_canvases, steps=predictor_steps, sampling=sampling,
+                           rule=stopping, finalize=finalize, fill_id=0 if eos_token_id is None else eos_token_id,
+                           prefill_kwargs=multimodal)
+        bar.close()
+        self.decoder_passes = out.passes
+
+        sequences = out.sequences[:, prompt_length:]
         texts = None
         if output_type == "text" and self.processor is not None:
             trimmed = [row if eos_token_id is None or not (row == eos_token_id).any()
@@ -195,3 +148,52 @@ class SchEDDiffusionGemmaPipeline(DiffusionGemmaPipeline):
         if not return_dict:
             return sequences, texts
         return DiffusionGemmaPipelineOutput(sequences=sequences, texts=texts)
+
+
+class _SchedulerSampling:
+    """The stock pipeline's denoising step for ``run_canvases``: the scheduler steps the whole batch, the rows of the
+    samples in the decoder call taking its logits and canvas, the others keeping their last ones (no effect on any
+    other row, and the same noise drawn as the stock loop draws); see the module docstring."""
+
+    def __init__(self, pipe, batch: int, step_kwargs: dict, sweeps: int, corrected: int, generator, callback,
+                 tensor_inputs, bar):
+        self.pipe, self.scheduler, self.batch, self.step_kwargs = pipe, pipe.scheduler, batch, step_kwargs
+        self.sweeps, self.corrected, self.generator, self.bar = sweeps, corrected, generator, bar
+        self.callback, self.tensor_inputs, self.global_step = callback, tensor_inputs, 0
+        self.vocab = pipe.model.config.get_text_config(decoder=True).vocab_size
+        self.canvas = self.logits = None
+
+    def start_canvas(self, canvas: int, rows: list[int], device) -> torch.LongTensor:
+        self.canvas = torch.randint(0, self.vocab, (self.batch, self.pipe.model.config.canvas_length), device=device,
+                                    generator=self.generator)
+        self.logits = None
+        return self.canvas[rows]
+
+    def _full(self, logits: torch.Tensor, rows: torch.LongTensor) -> torch.Tensor:
+        if self.logits is None:
+            self.logits = torch.zeros((self.batch, *logits.shape[1:]), dtype=logits.dtype, device=logits.device)
+        self.logits[rows] = logits
+        return self.logits
+
+    def step(self, logits, canvas, step: int, rows: list[int], denoise):
+        index = torch.tensor(rows, device=canvas.device)
+        self.canvas[index] = canvas
+        out = self.scheduler.step(model_output=self._full(logits, index), timestep=step, sample=self.canvas,
+                                  return_dict=True, **self.step_kwargs)
+        self.canvas, conditioning = out.prev_sample, out.pred_logits
+        if step < self.corrected:
+            for _ in range(self.sweeps):
+                swept = self._full(denoise(self.canvas[index], conditioning[index]), index)
+                self.canvas = self.scheduler.step_correct(model_output=swept, timestep=step, sample=self.canvas,
+                                                          generator=self.generator).prev_sample
+        if self.callback is not None:
+            local = {"canvas": self.canvas, "logits": self.logits}
+            returned = self.callback(self.pipe, self.global_step, step, {k: local[k] for k in self.tensor_inputs})
+            self.canvas = returned.pop("canvas", self.canvas)
+        self.global_step += 1
+        self.bar.update()
+        return self.canvas[index], conditioning[index]
+
+    def final(self, canvas: torch.LongTensor, argmax: torch.LongTensor) -> torch.LongTensor:
+        """A canvas that ran every step ends as its last sampled canvas, as in the stock loop."""
+        return canvas
