@@ -103,13 +103,14 @@ def attach_early_exits(pipe, config: EarlyExitConfig, *, steps: Optional[int] = 
             pipe.transformer = tuned if tuned.dtype == original.dtype else tuned.to(original.dtype)
     try:
         if config.calibrated:
-            calibration = _calibration_file(config, folder.heads, steps)
+            calibration = _calibration_file(config, None if config.uem is None else folder.heads, steps)
             try:
                 made = Calibration.load(calibration)
                 steps = made.sampler["steps"] if steps is None else steps
                 guidance_scale = float(made.sampler["guidance_scale"]) if guidance_scale is None else guidance_scale
-                rule = made.checked_rule(pipe.transformer, uem, steps=steps, guidance_scale=guidance_scale,
-                                         scheduler=type(scheduler).__name__)
+                made.checked_rule(pipe.transformer, uem, steps=steps, guidance_scale=guidance_scale,
+                                  scheduler=type(scheduler).__name__)
+                rule = exit_rule(config.method, config.params, made)
             except ValueError as e:
                 raise ValueError(f"{calibration}: {e}") from None
         else:

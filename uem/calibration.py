@@ -44,8 +44,9 @@ from typing import NamedTuple, Optional, Sequence
 import torch
 from torch import nn
 
+from .calibration_file import Calibration, weights_digest
 from .early_exit import exit_predictions
-from .heads import UEMStack
+from .heads import UEMStack, describe_model
 
 # Candidate thresholds per step: quantiles of that step's uncertainties. Finer grids move the chosen thresholds by
 # less than the spread between neighbouring samples' uncertainties.
@@ -55,8 +56,9 @@ GRID = 256
 class ExitRecord(NamedTuple):
     """What every exit would have done along full-depth sampling runs.
 
-    ``uncertainty[s, k - 1, i]``: sample ``i``'s mean UEM output after block ``k`` at step ``s``, as the early-exit
-    forward compares it with a threshold; ``error[s, k - 1, i]``: its exit error ``e_s(k)`` (zero at ``k = L``).
+    ``uncertainty[s, k - 1, i]``: sample ``i``'s statistic after block ``k`` at step ``s`` (its mean UEM output, or
+    for a similarity exit the relative change block ``k`` made), as the early-exit forward compares it with a
+    threshold; ``error[s, k - 1, i]``: its exit error ``e_s(k)`` (zero at ``k = L``).
     Both float32 ``[S, L, n]``.
     """
 
@@ -72,9 +74,14 @@ def _step_kwargs(scheduler, seed: int) -> dict:
 
 
 @torch.no_grad()
-def record_exits(transformer: nn.Module, uem: UEMStack, scheduler, labels: torch.Tensor, *, steps: int,
-                 guidance_scale: float, seed: int, batch_size: int = 64) -> ExitRecord:
+def record_exits(transformer: nn.Module, uem: Optional[UEMStack], scheduler, labels: torch.Tensor, *, steps: int,
+                 guidance_scale: float, seed: int, batch_size: int = 64,
+                 statistic: str = "uncertainty") -> ExitRecord:
     """Sample ``labels`` at full depth with ``scheduler`` and record every exit at every step.
+
+    ``statistic`` is what a rule will compare with its thresholds (:mod:`~diffexit.uem.exit_rules`): the UEMs'
+    mean uncertainty, or ``"change"``, the relative change each block makes (MuE's similarity exit; ``uem`` may then
+    be ``None``). The record keeps it in its ``uncertainty`` field.
 
     The loop is :class:`~diffexit.uem.pipeline.DigitsDiTPipeline`'s (``[cond; uncond]`` halves when
     ``guidance_scale > 1``, the null class ``transformer.config.num_embeds_ada_norm``). The initial noise of all
@@ -83,6 +90,10 @@ def record_exits(transformer: nn.Module, uem: UEMStack, scheduler, labels: torch
     Returns:
         :class:`ExitRecord` with ``S = steps`` and ``n = len(labels)``.
     """
+    if statistic not in ("uncertainty", "change"):
+        raise ValueError(f"unknown statistic {statistic!r}; choose 'uncertainty' or 'change'")
+    if statistic == "uncertainty" and uem is None:
+        raise ValueError("the uncertainty statistic reads the UEMs: pass uem, or record statistic='change'")
     device = next(transformer.parameters()).device
     size, channels = transformer.config.sample_size, transformer.config.in_channels
     noise = torch.randn(len(labels), channels, size, size, generator=torch.Generator().manual_seed(seed))
@@ -101,7 +112,8 @@ def record_exits(transformer: nn.Module, uem: UEMStack, scheduler, labels: torch
                                    class_labels=y, backbone_grad=False)
             # A learned-sigma model (out_channels = 2 * in_channels, every public DiT checkpoint) appends its
             # variance; the sampler steps the noise half, as DiTPipeline does.
-            eps, u = out.sample[:, :, :channels], out.uncertainty.float().mean(-1)  # [L, rows, C, H, W], [L, rows]
+            eps = out.sample[:, :, :channels]  # [L, rows, C, H, W]
+            u = out.change.float() if statistic == "change" else out.uncertainty.float().mean(-1)  # [L, rows]
             if guided:
                 cond, uncond = eps.chunk(2, dim=1)
                 eps = uncond + guidance_scale * (cond - uncond)
@@ -241,3 +253,23 @@ def _measure(record: ExitRecord, chosen: Sequence[PathPoint]) -> dict:
         depths.append(float(depth.double().mean()))
     return {"samples": record.uncertainty.shape[2], "error_per_step": errors, "depth_per_step": depths,
             "max_error": max(errors), "layer_ratio": sum(depths) / (blocks * len(depths))}
+
+
+def calibrate_similarity(transformer: nn.Module, scheduler, labels: torch.Tensor, held_out: torch.Tensor, *,
+                         budgets: Sequence[float], steps: int, guidance_scale: float, seed: int,
+                         min_depth: Optional[int] = None) -> list[Calibration]:
+    """Per-step tolerances for MuE's similarity exit, one :class:`Calibration` per budget: the procedure above on
+    the relative change each block makes instead of the UEMs' uncertainty (no heads involved).
+
+    ``labels`` are recorded from noise seeded ``seed``, ``held_out`` from ``seed + 1``; the files' ``uem`` is empty
+    and their ``statistic`` is ``"change"``, so they check the model's weights and the sampling setup only.
+    """
+    kw = dict(steps=steps, guidance_scale=guidance_scale, statistic="change")
+    record = record_exits(transformer, None, copy.deepcopy(scheduler), labels, seed=seed, **kw)
+    held = record_exits(transformer, None, copy.deepcopy(scheduler), held_out, seed=seed + 1, **kw)
+    model = {**describe_model(transformer), "weights_sha256": weights_digest(transformer)}
+    sampler = {"scheduler": type(scheduler).__name__, "steps": steps, "guidance_scale": guidance_scale}
+    provenance = {"command": "diffexit.uem.calibration.calibrate_similarity", "seed": seed, "samples": len(labels),
+                  "held_out": len(held_out), "min_depth": "auto" if min_depth is None else min_depth}
+    return [Calibration(r["budget"], r["thresholds"], r["min_depths"], model, {}, sampler, r["figures"], provenance,
+                        statistic="change") for r in calibrate(record, budgets, min_depth, held)]

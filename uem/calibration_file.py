@@ -50,6 +50,8 @@ class Calibration:
         figures: what the calibration measured (mean exit error and blocks per step, on the calibration and the
             held-out samples).
         provenance: ``command``, ``seed``, ``samples``, ``held_out`` and ``min_depth`` of the run.
+        statistic: what the thresholds bound: ``"uncertainty"`` (the UEMs') or ``"change"`` (a similarity exit's
+            relative change; ``uem`` is then empty and no heads are checked).
     """
 
     budget: float
@@ -60,13 +62,15 @@ class Calibration:
     sampler: dict
     figures: dict = field(default_factory=dict)
     provenance: dict = field(default_factory=dict)
+    statistic: str = "uncertainty"
 
     def rule(self) -> CalibratedThreshold:
         """The exit rule these thresholds define."""
-        return CalibratedThreshold(self.thresholds, self.min_depths, budget=self.budget)
+        return CalibratedThreshold(self.thresholds, self.min_depths, budget=self.budget, statistic=self.statistic)
 
-    def check_matches(self, transformer: nn.Module, uem: UEMStack) -> None:
-        """Raise ``ValueError`` unless ``transformer`` and ``uem`` are the ones this calibration was made for."""
+    def check_matches(self, transformer: nn.Module, uem: Optional[UEMStack]) -> None:
+        """Raise ``ValueError`` unless ``transformer`` and ``uem`` are the ones this calibration was made for
+        (``uem`` is ``None`` for a similarity calibration, which reads no heads)."""
         fix = "calibrate these weights with `diffexit calibrate uem`, or load the UEMs and model it was made for"
         got = describe_model(transformer)
         want = {k: self.model[k] for k in got}
@@ -74,6 +78,13 @@ class Calibration:
             raise ValueError(f"this calibration was made for a {want['model_class']} with {want['num_blocks']} "
                              f"blocks of width {want['hidden_size']}, but the model is a {got['model_class']} with "
                              f"{got['num_blocks']} blocks of width {got['hidden_size']}; {fix}")
+        if self.statistic == "change":
+            if weights_digest(transformer) != self.model["weights_sha256"]:
+                raise ValueError(f"the model's weights differ from those this similarity calibration was made for; "
+                                 f"calibrate these weights again (diffexit.uem.calibration)")
+            return
+        if uem is None:
+            raise ValueError("this calibration bounds the UEMs' uncertainty: load the UEMs it was made for")
         uem.check_matches(transformer)
         if uem.config.target != self.uem["target"]:
             raise ValueError(f"this calibration was made for UEMs trained on the {self.uem['target']!r} target, "
@@ -98,12 +109,12 @@ class Calibration:
                 f"--steps {steps} --guidance-scale {guidance_scale:g}`"
             )
 
-    def matched_rule(self, transformer: nn.Module, uem: UEMStack) -> CalibratedThreshold:
+    def matched_rule(self, transformer: nn.Module, uem: Optional[UEMStack]) -> CalibratedThreshold:
         """The exit rule, once :meth:`check_matches` has passed (``ValueError`` if not)."""
         self.check_matches(transformer, uem)
         return self.rule()
 
-    def checked_rule(self, transformer: nn.Module, uem: UEMStack, *, steps: int, guidance_scale: float,
+    def checked_rule(self, transformer: nn.Module, uem: Optional[UEMStack], *, steps: int, guidance_scale: float,
                      scheduler: str) -> CalibratedThreshold:
         """The exit rule, once :meth:`check_matches` and :meth:`check_setup` have passed (``ValueError`` if not)."""
         self.check_matches(transformer, uem)

@@ -166,10 +166,13 @@ class EarlyExit:
             if depth < first:
                 continue
 
-            def uncertainty(hidden=hidden, index=index):
-                if head_w is None:
+            def uncertainty(hidden=hidden, before=before, index=index):
+                if rule.statistic == "change":
+                    u = (hidden - before).flatten(1).norm(dim=1) / before.flatten(1).norm(dim=1)
+                elif head_w is None:
                     raise ValueError(f"{rule!r} asked for the uncertainty but says needs_uem=False")
-                u = token_uncertainty(hidden, head_w[index], head_b[index]).mean(dim=1)
+                else:
+                    u = token_uncertainty(hidden, head_w[index], head_b[index]).mean(dim=1)
                 if paired:
                     half = u.shape[0] // 2
                     u = torch.maximum(u[:half], u[half:])
@@ -296,24 +299,29 @@ class ExitPredictions(NamedTuple):
     """What every exit of a model would output, for training and calibration."""
 
     sample: torch.Tensor  # [L, B, C, H, W]: the output head after each block
-    uncertainty: torch.Tensor  # [L, B, N]: each block's per-token UEM output
+    uncertainty: Optional[torch.Tensor]  # [L, B, N]: each block's per-token UEM output (None without UEMs)
+    change: torch.Tensor  # [L, B]: ||h_k - h_{k-1}|| / ||h_{k-1}|| per row, the similarity exit's statistic
 
 
 def exit_predictions(
-    transformer: nn.Module, uem: UEMStack, *args, backbone_grad: bool = True, **kwargs
+    transformer: nn.Module, uem: Optional[UEMStack], *args, backbone_grad: bool = True, **kwargs
 ) -> ExitPredictions:
-    """Run all blocks once and apply the model's own output head and the UEM after every one of them.
+    """Run all blocks once and apply the model's own output head and the UEM (if given) after every one of them.
 
     ``args`` / ``kwargs`` are the transformer's forward arguments. With ``backbone_grad=False`` the backbone runs
     without autograd (a frozen backbone: only the UEMs learn, and its activations are not kept).
     """
     adapter = adapter_for(transformer)
-    uem.check_matches(transformer)
+    if uem is not None:
+        uem.check_matches(transformer)
     with torch.set_grad_enabled(backbone_grad and torch.is_grad_enabled()):
         run = adapter.begin(transformer, args, kwargs)
-        hidden, states, samples = run.hidden, [], []
+        hidden, states, samples, change = run.hidden, [], [], []
         for index in range(num_blocks(transformer)):
+            before = hidden
             hidden = adapter.block(transformer, index, hidden, run.rows, run.fixed)
+            change.append((hidden - before).flatten(1).norm(dim=1) / before.flatten(1).norm(dim=1))
             states.append(hidden)
             samples.append(adapter.head(transformer, hidden, run.rows, run.fixed, run.grid))
-    return ExitPredictions(torch.stack(samples), uem(torch.stack(states), run.cond))
+    uncertainty = None if uem is None else uem(torch.stack(states), run.cond)
+    return ExitPredictions(torch.stack(samples), uncertainty, torch.stack(change))

@@ -35,13 +35,17 @@ class EarlyExitConfig:
     """A run's early exits, checked.
 
     Attributes:
-        method: ``full`` (every block, through the same hook), ``deediff`` (UEM uncertainty) or ``static``.
+        method: ``full`` (every block, through the same hook), ``deediff`` (UEM uncertainty), ``static`` or
+            ``similarity`` (MuE: the relative change each block makes, no heads).
         threshold: deediff: the uncertainty below which a sample exits, a number in ``[0, 1]``, ``KIND:HIGH:LOW[:K]``
             or a ``ThresholdSchedule`` (dict) over sampling progress; stored in its JSON form.
-        min_depth: deediff with a threshold: never exit before this many blocks.
+        min_depth: deediff with a threshold, or similarity with a tolerance: never exit before this many blocks.
         budget: deediff, instead of a threshold: the calibration for this exit-error budget beside the heads.
-        calibration: deediff, instead of a threshold or budget: the path of a calibration file.
+        calibration: deediff, instead of a threshold or budget, or similarity, instead of a tolerance: the path of a
+            calibration file.
         depths: static: blocks run per equal stretch of sampling progress, noisiest first.
+        tolerance: similarity: a sample exits after the first block that changed its hidden state by less than this
+            share of it (a number in ``[0, 1]``, ``KIND:HIGH:LOW[:K]`` or a schedule dict); stored in its JSON form.
         uem: deediff: the UEM folder (a ``diffexit train uem --out`` run, or ``UEMStack.save_pretrained``).
         remainder: what an exited sample's skipped blocks add: ``none`` (nothing), ``cached`` (the residual each
             added when it last ran that sample) or ``taylor`` (that residual extrapolated to first order from its
@@ -58,6 +62,7 @@ class EarlyExitConfig:
     budget: Optional[float] = None
     calibration: Optional[str] = None
     depths: Optional[tuple] = None
+    tolerance: Union[None, float, str, dict] = None
     uem: Optional[str] = None
     remainder: str = "none"
     refresh_every: Optional[int] = None

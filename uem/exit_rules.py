@@ -5,8 +5,11 @@ The early-exit forward (:mod:`diffexit.uem.early_exit`) runs the blocks and asks
 
 - ``progress`` is the sampling progress in ``[0, 1]`` (``diffexit.samplers.progress``), or ``None`` when nothing
   has set it (see ``diffexit.samplers.ExitAwareScheduler``);
-- ``uncertainty()`` computes, on demand, each sample's mean-over-tokens UEM output at this block, ``[G]``, so a
-  rule that does not look at it costs nothing.
+- ``uncertainty()`` computes, on demand, each sample's statistic at this block, ``[G]``, so a rule that does not
+  look at it costs nothing. Which statistic is the rule's ``statistic``: ``"uncertainty"``, the mean-over-tokens
+  UEM output, or ``"change"``, the relative change ``||h_k - h_{k-1}|| / ||h_{k-1}||`` that block ``k`` made to the
+  sample's hidden state (norms over all its tokens and channels), which needs no trained heads (MuE's similarity
+  exit). A guided pair reads the larger of its two rows' values.
 
 The answer is a bool tensor ``[G]`` (True: that sample stops here) or one bool for every sample. After the last
 block every sample stops, so rules are never asked there. A new rule subclasses :class:`ExitRule`.
@@ -72,10 +75,15 @@ def _needs_progress(who: str) -> ValueError:
     )
 
 
+STATISTICS = ("uncertainty", "change")
+
+
 class ExitRule:
-    """Base class. ``needs_uem`` says whether the rule reads the UEMs (if not, none need be loaded)."""
+    """Base class. ``needs_uem`` says whether the rule reads the UEMs (if not, none need be loaded); ``statistic``
+    which statistic its ``uncertainty()`` argument computes (see the module docstring)."""
 
     needs_uem: bool = True
+    statistic: str = "uncertainty"
 
     def check(self, num_blocks: int) -> None:
         """Raise ``ValueError`` if this rule cannot apply to a model with ``num_blocks`` blocks."""
@@ -98,17 +106,17 @@ class UncertaintyThreshold(ExitRule):
             i.e. earlier exits). The comparison is strict, so ``0`` never fires.
     """
 
+    _out_of_range = "uncertainty lies in [0, 1], so the threshold{} must too, got {}"
+
     def __init__(self, threshold: Union[float, ThresholdSchedule]):
         if isinstance(threshold, ThresholdSchedule):
             for name in ("high", "low"):
                 value = getattr(threshold, name)
                 if not 0.0 <= value <= 1.0:
-                    raise ValueError(
-                        f"uncertainty lies in [0, 1], so the threshold schedule's {name} must too, got {value}"
-                    )
+                    raise ValueError(self._out_of_range.format(f" schedule's {name}", value))
         elif isinstance(threshold, (int, float)) and not isinstance(threshold, bool):
             if not (math.isfinite(threshold) and 0.0 <= threshold <= 1.0):
-                raise ValueError(f"uncertainty lies in [0, 1], so the threshold must too, got {threshold}")
+                raise ValueError(self._out_of_range.format("", threshold))
             threshold = float(threshold)
         else:
             raise ValueError(
@@ -134,6 +142,22 @@ class UncertaintyThreshold(ExitRule):
 
     def __repr__(self):
         return f"UncertaintyThreshold({self.threshold!r})"
+
+
+class SimilarityExit(UncertaintyThreshold):
+    """MuE's training-free exit: a sample stops after the first block that changed its hidden state by less than
+    ``tolerance`` relative to it (``||h_k - h_{k-1}|| / ||h_{k-1}||``); any transformer, no heads.
+
+    Args:
+        tolerance: a constant in ``[0, 1]``, or a ``ThresholdSchedule`` over sampling progress; ``0`` never fires.
+    """
+
+    needs_uem = False
+    statistic = "change"
+    _out_of_range = "the tolerance{} must lie in [0, 1] (a share of the hidden state's norm), got {}"
+
+    def __repr__(self):
+        return f"SimilarityExit({self.threshold!r})"
 
 
 class StaticDepth(ExitRule):
@@ -188,6 +212,7 @@ class MinDepth(ExitRule):
         self.rule = rule
         self.depths = _check_depths(depth, "minimum depths")
         self.needs_uem = rule.needs_uem
+        self.statistic = rule.statistic
 
     def check(self, num_blocks):
         if max(self.depths) > num_blocks:
@@ -222,10 +247,16 @@ class CalibratedThreshold(ExitRule):
         thresholds: one threshold in ``[0, 1]`` per step (``0`` never fires: that step runs at full depth).
         min_depths: one minimum depth ``>= 1`` per step; ``None`` means no minimum.
         budget: the exit-error budget the thresholds were calibrated for (shown in ``repr``), or ``None``.
+        statistic: what the thresholds bound: ``"uncertainty"`` (the UEMs') or ``"change"`` (the similarity exit's
+            relative change, no heads).
     """
 
     def __init__(self, thresholds: Sequence[float], min_depths: Optional[Sequence[int]] = None,
-                 budget: Optional[float] = None):
+                 budget: Optional[float] = None, statistic: str = "uncertainty"):
+        if statistic not in STATISTICS:
+            raise ValueError(f"unknown statistic {statistic!r}; choose one of {list(STATISTICS)}")
+        self.statistic = statistic
+        self.needs_uem = statistic == "uncertainty"
         if isinstance(thresholds, (int, float, ThresholdSchedule)):
             raise ValueError(f"CalibratedThreshold takes one threshold per step; for one threshold at every step use "
                              f"UncertaintyThreshold({thresholds!r})")
@@ -234,7 +265,7 @@ class CalibratedThreshold(ExitRule):
             raise ValueError("CalibratedThreshold needs one threshold per step, got none")
         bad = [t for t in thresholds if not (math.isfinite(t) and 0.0 <= t <= 1.0)]
         if bad:
-            raise ValueError(f"uncertainty lies in [0, 1], so every threshold must too, got {bad[0]}")
+            raise ValueError(f"every threshold must lie in [0, 1] (the {statistic} statistic's range), got {bad[0]}")
         min_depths = (1,) * len(thresholds) if min_depths is None else _check_depths(min_depths, "minimum depths")
         if len(min_depths) != len(thresholds):
             raise ValueError(f"got {len(thresholds)} thresholds but {len(min_depths)} minimum depths; give one of "
@@ -262,7 +293,8 @@ class CalibratedThreshold(ExitRule):
 
     def __repr__(self):
         budget = "" if self.budget is None else f"budget={self.budget:g}, "
-        return f"CalibratedThreshold({budget}{len(self.thresholds)} steps)"
+        statistic = "" if self.statistic == "uncertainty" else f"{self.statistic}, "
+        return f"CalibratedThreshold({statistic}{budget}{len(self.thresholds)} steps)"
 
 
 class FullDepth(ExitRule):

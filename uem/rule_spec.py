@@ -10,6 +10,9 @@ A rule is named by a method and its parameters, JSON-ready::
     deediff  {"budget": 0.02}                  the CalibratedThreshold of calibration-0.02.json beside the UEMs
     deediff  {"calibration": "path.json"}      the CalibratedThreshold of that calibration file
     static   {"depths": [4, 8, 12]}            StaticDepth((4, 8, 12))
+    similarity {"tolerance": 0.05}             SimilarityExit(0.05): MuE's training-free exit, no heads
+    similarity {"tolerance": 0.05, "min_depth": 4}
+    similarity {"calibration": "path.json"}    per-step tolerances calibrated on the relative change
 
 :func:`check_exit_params` validates and normalises them (thresholds in their JSON form), :func:`exit_rule` builds the
 rule, and :func:`describe_exit_rule` says in a few words what a rule does.
@@ -22,10 +25,12 @@ from typing import Optional
 
 from ..common.schedules import ThresholdSchedule, parse_threshold, threshold_to_json
 from .calibration_file import Calibration
-from .exit_rules import CalibratedThreshold, ExitRule, FullDepth, MinDepth, StaticDepth, UncertaintyThreshold
+from .exit_rules import (CalibratedThreshold, ExitRule, FullDepth, MinDepth, SimilarityExit, StaticDepth,
+                         UncertaintyThreshold)
 
-METHODS = ("full", "deediff", "static")
-PARAMS = {"full": (), "deediff": ("threshold", "min_depth", "budget", "calibration"), "static": ("depths",)}
+METHODS = ("full", "deediff", "static", "similarity")
+PARAMS = {"full": (), "deediff": ("threshold", "min_depth", "budget", "calibration"), "static": ("depths",),
+          "similarity": ("tolerance", "min_depth", "calibration")}
 CALIBRATED = ("budget", "calibration")
 
 
@@ -48,6 +53,17 @@ def check_exit_params(method: str, params: dict) -> dict:
     params = dict(params)
     if method == "static" and "depths" not in params:
         raise ValueError("method 'static' needs depths (--depths or 'depths' in --config)")
+    if method == "similarity":
+        given = [k for k in ("tolerance", "calibration") if k in params]
+        if len(given) != 1:
+            raise ValueError("method 'similarity' needs a tolerance on the relative change (say 0.05) or a "
+                             f"calibration file, one of the two; got {given or 'neither'}")
+        if "calibration" in params:
+            if "min_depth" in params:
+                raise ValueError("min_depth goes with a tolerance: a calibration sets its own minimum depths")
+            params["calibration"] = str(params["calibration"])
+        else:
+            params["tolerance"] = threshold_to_json(parse_threshold(params["tolerance"]))
     if method == "deediff":
         given = [k for k in ("threshold", *CALIBRATED) if k in params]
         if len(given) != 1:
@@ -79,13 +95,20 @@ def exit_rule(method: str, params: dict, calibration: Optional[Calibration] = No
     if method == "static":
         return StaticDepth(params["depths"])
     if any(k in params for k in CALIBRATED):
+        if calibration is not None and (method == "similarity") != (calibration.statistic == "change"):
+            raise ValueError(f"this calibration bounds the {calibration.statistic} statistic, which method "
+                             f"{method!r} does not read; use it with method "
+                             f"{'similarity' if calibration.statistic == 'change' else 'deediff'}")
         if calibration is None:
             raise ValueError("a calibrated rule needs its calibration: pass "
                              "calibration=Calibration.load(find_calibration(uem_dir, budget))")
         if "budget" in params and float(calibration.budget) != float(params["budget"]):
             raise ValueError(f"the calibration is for budget {calibration.budget:g}, not {params['budget']:g}")
         return calibration.rule()
-    rule = UncertaintyThreshold(parse_threshold(params["threshold"]))
+    if method == "similarity":
+        rule = SimilarityExit(parse_threshold(params["tolerance"]))
+    else:
+        rule = UncertaintyThreshold(parse_threshold(params["threshold"]))
     return MinDepth(rule, params["min_depth"]) if "min_depth" in params else rule
 
 
@@ -94,11 +117,16 @@ def describe_exit_rule(rule: ExitRule) -> str:
     if isinstance(rule, FullDepth):
         return "off (full depth)"
     if isinstance(rule, CalibratedThreshold):
-        return f"DeeDiff, calibrated to budget {rule.budget:g}"
+        who = "similarity exit" if rule.statistic == "change" else "DeeDiff"
+        return f"{who}, calibrated to budget {rule.budget:g}"
     if isinstance(rule, StaticDepth):
         return "static depth " + "/".join(map(str, rule.depths))
     if isinstance(rule, MinDepth):
         return f"{describe_exit_rule(rule.rule)}, at least {'/'.join(map(str, rule.depths))} blocks"
+    if isinstance(rule, SimilarityExit):
+        tolerance = rule.threshold
+        return "similarity exit, " + (tolerance.describe() if isinstance(tolerance, ThresholdSchedule)
+                                      else f"tolerance {tolerance:g}")
     if isinstance(rule, UncertaintyThreshold):
         if isinstance(rule.threshold, ThresholdSchedule):
             return f"DeeDiff, {rule.threshold.describe()}"

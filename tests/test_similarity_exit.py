@@ -1,0 +1,139 @@
+"""MuE's similarity exit: the relative change each block makes decides, with no heads; its per-step tolerances are
+calibrated like the UEMs' thresholds and go through the same file and the same door."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from diffusers import DDIMScheduler
+
+from diffexit.samplers.early_exits import attach_early_exits
+from diffexit.uem import enable_early_exit
+from diffexit.uem.calibration import calibrate_similarity, exit_outcome, record_exits
+from diffexit.uem.calibration_file import Calibration
+from diffexit.uem.exit_config import EarlyExitConfig
+from diffexit.uem.exit_rules import CalibratedThreshold, SimilarityExit
+from diffexit.uem.digits.pipeline import DigitsDiTPipeline
+
+LAYERS = 4
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    # Tiny models on shared cores: OpenMP threads spin against each other and run 10-40x slower.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def random_dit(tiny_dit, seed=0):
+    # adaLN-zero starts each block as the identity (no change at all); perturbed weights make blocks differ.
+    m = tiny_dit(layers=LAYERS, seed=seed)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    return m
+
+
+def by_hand(m, x, t, y):
+    """Per block, each sample's ``||h_k - h_{k-1}|| / ||h_{k-1}||`` ``[L, B]`` and every exit's output
+    ``[L, B, C, H, W]``, written out from the diffusers DiT source."""
+    p, c = m.config.patch_size, m.out_channels
+    h = m.pos_embed(x)
+    cond = m.transformer_blocks[0].norm1.emb(t, y, hidden_dtype=h.dtype)
+    shift, scale = m.proj_out_1(F.silu(cond)).chunk(2, dim=1)
+    n = x.shape[-1] // p
+    changes, outs = [], []
+    for block in m.transformer_blocks:
+        nxt = block(h, timestep=t, class_labels=y)
+        changes.append(torch.stack([(nxt[i] - h[i]).norm() / h[i].norm() for i in range(len(h))]))
+        h = nxt
+        o = m.proj_out_2(m.norm_out(h) * (1 + scale[:, None]) + shift[:, None])
+        outs.append(torch.einsum("nhwpqc->nchpwq", o.reshape(-1, n, n, p, p, c)).reshape(-1, c, n * p, n * p))
+    return torch.stack(changes), torch.stack(outs)
+
+
+@torch.no_grad()
+def test_similarity_exit_stops_at_the_first_block_that_barely_changes_the_state(tiny_dit):
+    m = random_dit(tiny_dit)
+    g = torch.Generator().manual_seed(2)
+    x, t, y = torch.randn(6, 1, 8, 8, generator=g), torch.randint(0, 1000, (6,), generator=g), torch.arange(6)
+    change, outs = by_hand(m, x, t, y)
+    # The tolerance that spreads the samples over the most depths (half-way between observed changes).
+    v = change[:-1].flatten().sort().values
+    candidates = [float(a + b) / 2 for a, b in zip(v[:-1], v[1:])]
+
+    def depths(tol):
+        below = change[:-1] < tol
+        return torch.where(below.any(0), below.int().argmax(0) + 1, LAYERS)
+
+    tol = max(candidates, key=lambda c: len(set(depths(c).tolist())))
+    want = depths(tol)
+    assert len(set(want.tolist())) > 1
+    early = enable_early_exit(m, None, SimilarityExit(tol))
+    got = m(x, timestep=t, class_labels=y).sample
+    assert early.last_depths.tolist() == want.tolist()
+    torch.testing.assert_close(got, outs[want - 1, torch.arange(6)], rtol=1e-5, atol=1e-5)
+
+
+def ddim():
+    return DDIMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2", clip_sample=True,
+                         timestep_spacing="trailing")
+
+
+@torch.no_grad()
+def test_the_recorded_change_is_what_the_rule_reads(tiny_dit):
+    """At the first step the forward sees the recorded input, so its depths are those the recording predicts."""
+    m = random_dit(tiny_dit)
+    labels = torch.arange(6) % 10
+    record = record_exits(m, None, ddim(), labels, steps=3, guidance_scale=2.0, seed=5, statistic="change")
+    assert record.uncertainty.shape == (3, LAYERS, 6)
+    tol = float(record.uncertainty[0, :-1].median())
+    want, _ = exit_outcome(record.uncertainty[0], record.error[0], 1, tol)
+    assert len(set(want.tolist())) > 1
+    pipe = DigitsDiTPipeline(transformer=m, scheduler=ddim())
+    pipe.set_progress_bar_config(disable=True)
+    early = enable_early_exit(pipe, None, CalibratedThreshold([tol, 0.0, 0.0], statistic="change"))
+    depths = []
+    early.progress, early.depth_listener = 0.0, depths.append
+    pipe(labels.tolist(), guidance_scale=2.0, generator=torch.Generator().manual_seed(5), num_inference_steps=1,
+         output_type="pt")
+    assert depths[0].tolist() == want.tolist()
+
+
+@torch.no_grad()
+def test_a_similarity_calibration_goes_through_the_door_and_refuses_other_weights(tiny_dit, tmp_path):
+    m = random_dit(tiny_dit)
+    labels = torch.arange(8) % 10
+    tight, loose = calibrate_similarity(m, ddim(), labels, labels, budgets=[1e-9, 10.0], steps=3,
+                                        guidance_scale=2.0, seed=0)
+    assert tight.statistic == loose.statistic == "change" and tight.uem == {}
+    assert tight.figures["held_out"]["layer_ratio"] == 1.0 > loose.figures["held_out"]["layer_ratio"]
+    path = loose.save(tmp_path / "similarity.json")
+    assert Calibration.load(path).rule().statistic == "change"
+    pipe = DigitsDiTPipeline(transformer=m, scheduler=ddim())
+    pipe.set_progress_bar_config(disable=True)
+    attached = attach_early_exits(pipe, EarlyExitConfig("similarity", calibration=str(path)))
+    assert attached.steps == 3 and attached.rule.statistic == "change"
+    pipe([1, 2], guidance_scale=2.0, num_inference_steps=3, generator=torch.Generator().manual_seed(0))
+    assert pipe.scheduler.statistics.layer_ratio < 1.0
+    other = DigitsDiTPipeline(transformer=random_dit(tiny_dit, seed=9), scheduler=ddim())
+    with pytest.raises(ValueError, match="weights differ"):
+        attach_early_exits(other, EarlyExitConfig("similarity", calibration=str(path)))
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"method": "similarity"}, "needs a tolerance"),
+    ({"method": "similarity", "tolerance": 1.5}, "must lie in"),
+    ({"method": "similarity", "tolerance": 0.1, "uem": "heads"}, "uem only applies"),
+    ({"method": "similarity", "calibration": "c.json", "min_depth": 2}, "min_depth goes with a tolerance"),
+    ({"method": "deediff", "tolerance": 0.1, "uem": "heads"}, "not of 'deediff'"),
+])
+def test_bad_similarity_settings_are_refused(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        EarlyExitConfig(**kwargs)
+
+
+def test_similarity_config_round_trips():
+    config = EarlyExitConfig("similarity", tolerance="linear:0.2:0.05", min_depth=2, remainder="cached")
+    assert EarlyExitConfig.from_dict(config.to_dict()) == config
