@@ -10,14 +10,20 @@ full depth and ``--steps`` steps from the same noise: ``layer_ratio`` (the cost:
 reference runs, counted by hooks on the blocks, as ``diffexit bench images`` counts them) and ``psnr`` (dB, pixels in
 [0, 1]). The settings searched, never the reference itself:
 
-- fewer steps, each alone and with diffusers' FirstBlockCache at each threshold in :data:`FBC_THRESHOLDS` (at the full
-  step count too);
+- fewer steps, each alone and with diffusers' FirstBlockCache at each threshold in :data:`FBC_THRESHOLDS` or its
+  TaylorSeer at each of :data:`TAYLORSEER` (caches at the full step count too);
 - DeeDiff exits by each ``diffexit calibrate uem`` file beside the heads in ``--uem`` (an exit-error budget at the
-  step count it was made for; default: the shipped heads of the exit-trained backbone). FirstBlockCache does not
-  follow exits (:mod:`diffexit.app.image_plan`).
+  step count it was made for; default: the shipped heads of the exit-trained backbone), alone and with each cached
+  remainder in :data:`REMAINDERS` (the skipped blocks add their last residual, extrapolated, with full-depth refresh
+  steps: :mod:`diffexit.uem.cached_remainder`);
+- training-free static exits at the depths in :data:`STATIC_FRACTIONS` with each cached remainder.
 
-How: every setting first runs on ``--screen`` samples. Along one setting at growing step counts, once one clears the
-target by :data:`MARGIN_DB` the larger ones (dearer, and no better needed) are not run. Those within
+The diffusers caches do not follow exits (:mod:`diffexit.app.image_plan`), so no setting joins the two.
+
+How: every setting first runs on ``--screen`` samples, fewest steps and tightest first. Along one setting at growing
+step counts, once one clears the target by :data:`MARGIN_DB` the larger ones (dearer, and no better needed) are not
+run; at one step count, once a setting misses it by more than that, the looser ones of its kind (a higher cache
+threshold or exit budget, a shallower exit) are not run. Those within
 :data:`MARGIN_DB` of the target then run on all ``--samples``, cheapest first, until the cheapest that meets it there
 is known. That plan runs on ``--held-out`` fresh samples, and the check (met or not, its cost and PSNR) is printed
 and recorded in the plan file (:mod:`diffexit.app.image_plan`). No setting meeting the target is an error that names
@@ -48,6 +54,7 @@ from .image_plan import ImagePlan, PlanSettings, describe_pipeline, planned_pipe
 
 STEP_FRACTIONS = (0.2, 0.24, 0.28, 0.32, 0.4, 0.48, 0.6, 0.8)  # of the full steps: 5 6 7 8 10 12 15 20 of 25
 FBC_THRESHOLDS = (0.05, 0.1, 0.2, 0.3)
+TAYLORSEER = ((2, 1), (3, 2), (4, 2))  # diffusers' TaylorSeer: (one full step in every N, full warm-up steps)
 # Cached remainders for the exits: (kind, a full-depth step every N steps), with the last step at full depth too.
 # Refreshing every 2-3 steps kept 21-25 dB on the embedded DiT at 10-12 steps; never refreshing fell to 14-19 dB.
 REMAINDERS = (("taylor", 2), ("taylor", 3))
@@ -105,6 +112,8 @@ def search_space(full_steps: int, model_blocks: int, exits: Sequence[CalibratedE
     space = [Tried(PlanSettings(s), "plain", f"plain@{s}") for s in steps]
     space += [Tried(PlanSettings(s, cache={"kind": "fbc", "threshold": t}), f"fbc-{t:g}", f"fbc@{s}", t)
               for t in FBC_THRESHOLDS for s in steps + [full_steps]]
+    space += [Tried(PlanSettings(s, cache={"kind": "taylorseer", "interval": n, "warmup": w}), f"taylorseer-{n}-{w}",
+                    f"taylorseer@{s}", n) for n, w in TAYLORSEER for s in steps + [full_steps]]
     remainders = [("none", None)] + list(REMAINDERS)
     for e in exits:
         if e.steps > full_steps:

@@ -34,10 +34,11 @@ from ..uem.exit_config import EarlyExitConfig
 
 FORMAT = "diffexit-image-plan"
 VERSION = 1
-# Feature caches a plan can name, by kind, with their one parameter. FirstBlockCache passes a skipped block's input
-# through, so it cannot follow an early exit (rows that exited never reach the blocks it compares): the two never
-# share a plan.
-CACHES = {"fbc": "threshold"}
+# diffusers' feature caches a plan can name, by kind, with their parameters: FirstBlockCache's threshold on the
+# first block's relative change, TaylorSeer's (one full step in every `interval`, `warmup` full steps first). Both
+# decide for a whole batch and keep per-block state of its shape, so neither follows early exits (whose rows leave
+# the batch): a plan has one or the other.
+CACHES = {"fbc": ("threshold",), "taylorseer": ("interval", "warmup")}
 
 
 @dataclass(frozen=True)
@@ -47,7 +48,8 @@ class PlanSettings:
     Attributes:
         steps: denoising steps.
         exits: the early exits (``EarlyExitConfig("full")`` for none).
-        cache: ``{"kind": "fbc", "threshold": T}`` (diffusers' FirstBlockCache) or None.
+        cache: ``{"kind": "fbc", "threshold": T}`` (diffusers' FirstBlockCache), ``{"kind": "taylorseer",
+            "interval": N, "warmup": W}`` (diffusers' TaylorSeer, first order) or None.
     """
 
     steps: int
@@ -61,12 +63,19 @@ class PlanSettings:
             raise ValueError(f"a plan's exits must be an EarlyExitConfig, got {type(self.exits).__name__}")
         if self.cache is not None:
             kind = self.cache.get("kind") if isinstance(self.cache, dict) else None
-            if kind not in CACHES or set(self.cache) != {"kind", CACHES[kind]}:
-                raise ValueError(f"a plan's cache must be one of {[{'kind': k, p: '...'} for k, p in CACHES.items()]} "
-                                 f"or null, got {self.cache!r}")
-            value = self.cache[CACHES[kind]]
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
-                raise ValueError(f"a plan's {kind} {CACHES[kind]} must be a finite number > 0, got {value!r}")
+            if kind not in CACHES or set(self.cache) != {"kind", *CACHES[kind]}:
+                shapes = [{"kind": k, **{p: "..." for p in params}} for k, params in CACHES.items()]
+                raise ValueError(f"a plan's cache must be one of {shapes} or null, got {self.cache!r}")
+            if kind == "fbc":
+                value = self.cache["threshold"]
+                if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+                        or value <= 0:
+                    raise ValueError(f"a plan's fbc threshold must be a finite number > 0, got {value!r}")
+            else:
+                for name, low in (("interval", 1), ("warmup", 0)):
+                    value = self.cache[name]
+                    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                        raise ValueError(f"a plan's taylorseer {name} must be a whole number >= {low}, got {value!r}")
             if self.exits.method != "full":
                 raise ValueError(f"a plan cannot put the {kind} cache on early exits (it skips blocks that exited rows "
                                  f"never reach); choose one of them")
@@ -87,7 +96,8 @@ class PlanSettings:
             if exits.remainder != "none":
                 parts.append(f"{exits.remainder}-every{exits.refresh_every or 'never'}-last{exits.refresh_last or 0}")
         if self.cache is not None:
-            parts.append(f"{self.cache['kind']}-{self.cache[CACHES[self.cache['kind']]]:g}")
+            kind = self.cache["kind"]
+            parts.append("-".join([kind, *(f"{self.cache[p]:g}" for p in CACHES[kind])]))
         return "+".join(parts)
 
     def techniques(self, full_steps: int) -> list[str]:
@@ -250,14 +260,15 @@ def planned_pipeline(pipe, settings: PlanSettings, guidance_scale: float) -> Pla
         attach_early_exits(run.pipe, settings.exits, steps=settings.steps, guidance_scale=guidance_scale)
         run.exit_scheduler = run.pipe.scheduler
     if settings.cache is not None:
-        run.call_context = _first_block_cache(run, settings.cache["threshold"])
+        run.call_context = _diffusers_cache(run, settings.cache)
     return run
 
 
-def _first_block_cache(run: PlanRun, threshold: float) -> Callable[[], contextlib.AbstractContextManager]:
-    """Put diffusers' FirstBlockCache on ``run.pipe.transformer``; returns the context each call runs in. Hooks on the
-    blocks count, per transformer call, the blocks that ran (a skipped block hands back its input tensor)."""
-    from diffusers.hooks import FirstBlockCacheConfig, HookRegistry, apply_first_block_cache
+def _diffusers_cache(run: PlanRun, cache: dict) -> Callable[[], contextlib.AbstractContextManager]:
+    """Put the diffusers cache ``cache`` names on ``run.pipe.transformer``; returns the context each call runs in.
+    Hooks count, per transformer call, the blocks that ran: a block's first norm runs only when the block does (a
+    cache replaces a skipped block's forward)."""
+    from diffusers.hooks import HookRegistry
     from diffusers.models.cache_utils import CacheMixin
 
     from ..uem.block_adapters import blocks
@@ -265,13 +276,28 @@ def _first_block_cache(run: PlanRun, threshold: float) -> Callable[[], contextli
     model = run.pipe.transformer
     model.register_forward_pre_hook(lambda module, args: run.block_calls.append(0))
 
-    def count(module, args, kwargs, output):
-        if output is not (args[0] if args else kwargs["hidden_states"]):
-            run.block_calls[-1] += 1
+    def count(module, args, output):
+        run.block_calls[-1] += 1
 
     for block in blocks(model):
-        block.register_forward_hook(count, with_kwargs=True)
-    apply_first_block_cache(model, FirstBlockCacheConfig(threshold=threshold))
+        block.norm1.register_forward_hook(count)
+    if cache["kind"] == "fbc":
+        from diffusers.hooks import FirstBlockCacheConfig, apply_first_block_cache
+
+        apply_first_block_cache(model, FirstBlockCacheConfig(threshold=cache["threshold"]))
+    else:
+        import re
+
+        import torch
+        from diffusers.hooks import TaylorSeerCacheConfig, apply_taylorseer_cache
+
+        # Every block's output, named as the model names its blocks, with float32 factors (bfloat16, the default,
+        # costs precision the small digits DiT shows).
+        ours = set(blocks(model))
+        names = [re.escape(name) for name, module in model.named_modules() if module in ours]
+        apply_taylorseer_cache(model, TaylorSeerCacheConfig(
+            cache_interval=cache["interval"], disable_cache_before_step=cache["warmup"], max_order=1,
+            taylor_factors_dtype=torch.float32, cache_identifiers=names))
 
     @contextlib.contextmanager
     def call_context() -> Iterator[None]:

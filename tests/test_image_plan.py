@@ -94,7 +94,10 @@ def test_the_search_leaves_out_dominated_settings_and_picks_the_cheapest_that_me
     space = calibrate_images.search_space(FULL_STEPS, 4, [])
     static = {t.settings.name for t in space if t.settings.exits.method == "static"}
     assert "steps-3+static-2+taylor-every2-last1" in static and "steps-8+static-1+taylor-every3-last1" in static
-    space = [t for t in space if t.settings.exits.method == "full"]  # the made-up figures know steps and caches
+    assert "steps-8+taylorseer-3-2" in {t.settings.name for t in space}
+    # The made-up figures know steps and FirstBlockCache.
+    space = [t for t in space if t.settings.exits.method == "full" and (t.settings.cache or {"kind": "fbc"})["kind"]
+             == "fbc"]
     tried = {t.settings.name: t for t in planner.screen_all(space, [20.0])}
     # Searched at 8 full steps: 2-6 steps, each alone and with each cache, and the caches at 8 steps.
     # steps-5 screens at 23.5 dB, clearing 20 by more than the margin: steps-6 on that chain is not run.
@@ -143,7 +146,10 @@ def test_output_paths_are_checked_before_any_sampling(pipe_dir, tmp_path):
 def test_plan_round_trip(pipe, tmp_path):
     exits = EarlyExitConfig("deediff", calibration="/x/calibration-0.02-steps8.json", uem="/x/exit-cost")
     for settings in (PlanSettings(5), PlanSettings(FULL_STEPS, cache={"kind": "fbc", "threshold": 0.1}),
-                     PlanSettings(FULL_STEPS, exits=exits)):
+                     PlanSettings(FULL_STEPS, cache={"kind": "taylorseer", "interval": 3, "warmup": 2}),
+                     PlanSettings(FULL_STEPS, exits=exits),
+                     PlanSettings(4, exits=EarlyExitConfig("static", depths=(2,), remainder="taylor", refresh_every=2,
+                                                           refresh_last=1))):
         plan = make_plan(pipe, settings)
         loaded = ImagePlan.load(plan.save(tmp_path / "plan.json"))
         assert loaded.settings == settings and loaded.to_dict() == plan.to_dict()
@@ -175,6 +181,7 @@ def test_a_plan_for_another_step_count_or_guidance_is_refused_with_the_fix(pipe)
     (lambda d: d.update(version=9), "version 9 image plan"),
     (lambda d: d["settings"].update(cache={"kind": "magic", "threshold": 1}), "cache must be one of"),
     (lambda d: d["settings"].update(steps=0), "steps must be a whole number >= 1"),
+    (lambda d: d["settings"].update(cache={"kind": "taylorseer", "interval": 2, "warmup": -1}), "warmup must be"),
     (lambda d: d["figures"].pop("held_out"), "lacks its held-out check"),
     (lambda d: d["settings"].update(exits={"method": "static", "depths": [2]},
                                     cache={"kind": "fbc", "threshold": 0.1}), "cannot put the fbc cache on early exits"),
@@ -215,6 +222,12 @@ def test_generate_images_runs_the_plans_steps_and_cache(pipe, pipe_dir, tmp_path
     assert generate([*base, "--plan", cached, "--out", tmp_path / "cached"])[0] == 0
     records = [json.loads(line) for line in (tmp_path / "cached" / "manifest.jsonl").read_text().splitlines()]
     assert all(r["depths"] == [4, 1, 1, 1] for r in records)
+    # TaylorSeer: a warm-up step, then one full step in every two; the steps between run no block.
+    seer = make_plan(pipe, PlanSettings(4, cache={"kind": "taylorseer", "interval": 2, "warmup": 1}))
+    assert generate([*base, "--plan", seer.save(tmp_path / "seer.json"), "--out", tmp_path / "seer"])[0] == 0
+    seer_records = [json.loads(line) for line in (tmp_path / "seer" / "manifest.jsonl").read_text().splitlines()]
+    assert all(r["depths"] == [4, 0, 4, 0] for r in seer_records)
+
     run = planned_pipeline(pipe, ImagePlan.load(cached).settings, 1.0)
     with torch.no_grad(), run.call_context():
         images = run.pipe([0, 1], guidance_scale=1.0, num_inference_steps=4, output_type="np",

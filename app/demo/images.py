@@ -236,7 +236,8 @@ def run_plan(models: Models, plan_file, digits, count, seed, progress=None):
     cost = float(depths.sum()) / (blocks * full_steps * count)
     counts = torch.zeros(run.steps, blocks, dtype=torch.long)
     for step, column in enumerate(depths.T):
-        counts[step] += torch.bincount(column - 1, minlength=blocks)
+        # A step a cache predicted whole (TaylorSeer) ran no block: it has no column in the heatmap.
+        counts[step] += torch.bincount(column[column > 0] - 1, minlength=blocks)
     quality = psnr(planned, full)
     held = plan.figures["held_out"]
     details = {
