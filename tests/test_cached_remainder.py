@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from diffexit.samplers import progress
 from diffexit.samplers.early_exits import attach_early_exits
 from diffexit.uem import enable_early_exit
-from diffexit.uem.cached_remainder import CachedRemainder
+from diffexit.uem.cached_remainder import EXIT, REFRESH, SKIP, CachedRemainder
 from diffexit.uem.exit_config import EarlyExitConfig
 from diffexit.uem.exit_rules import ExitRule
 
@@ -89,25 +89,35 @@ def run_steps(m, early, xs, t, y):
     return outs
 
 
+# Step 0 is the cache's own refresh; later steps exit each sample at its own depth, some deep, some not at all.
+PLAN = [[4, 4, 4], [1, 3, 4], [2, 1, 3], [1, 2, 1], [3, 1, 2]]
+# With exit_every=2 the rule runs at steps 2 and 4 only; steps 1 and 3 run no block (depth 0).
+SKIPPING = [[4, 4, 4], [0, 0, 0], [2, 1, 3], [0, 0, 0], [3, 1, 2]]
+
+
 @torch.no_grad()
-@pytest.mark.parametrize("order", [0, 1])
-def test_per_sample_remainder_matches_rederivation(tiny_dit, order):
+@pytest.mark.parametrize("order, exit_every, plan", [(0, None, PLAN), (1, None, PLAN), (0, 2, SKIPPING),
+                                                     (1, 2, SKIPPING)])
+def test_per_sample_remainder_matches_rederivation(tiny_dit, order, exit_every, plan):
     m = random_dit(tiny_dit)
     g = torch.Generator().manual_seed(3)
-    steps = 5
+    steps = len(plan)
     xs = [torch.randn(3, 1, 8, 8, generator=g) for _ in range(steps)]
     t, y = torch.tensor([900, 500, 100]), torch.tensor([1, 4, 7])
-    # Step 0 is the cache's own refresh; later steps exit each sample at its own depth, some deep, some not at all.
-    plan = [[4, 4, 4], [1, 3, 4], [2, 1, 3], [1, 2, 1], [3, 1, 2]]
-    early = enable_early_exit(m, None, PlannedDepths(plan, steps), remainder=CachedRemainder(order))
+    early = enable_early_exit(m, None, PlannedDepths(plan, steps),
+                              remainder=CachedRemainder(order, exit_every=exit_every))
+    depths = []
+    early.depth_listener = depths.append
     got = run_steps(m, early, xs, t, y)
+    assert [d.tolist() for d in depths] == plan
     want = rederived(m, xs, t, y, plan, order)
     for s in range(steps):
         torch.testing.assert_close(got[s], want[s], rtol=1e-5, atol=1e-5, msg=f"step {s}")
     # Without a remainder the same exits differ: the remainder is what is being checked.
-    early.remainder = None
-    plain = run_steps(m, early, xs, t, y)
-    assert not torch.allclose(plain[1], want[1], atol=1e-3)
+    if exit_every is None:
+        early.remainder = None
+        plain = run_steps(m, early, xs, t, y)
+        assert not torch.allclose(plain[1], want[1], atol=1e-3)
 
 
 @torch.no_grad()
@@ -159,9 +169,17 @@ def test_refreshed_at_every_step_is_full_depth_exactly(tiny_dit, remainder):
 
 def test_a_new_run_starts_afresh():
     cache = CachedRemainder(0, refresh_every=None)
-    assert [cache.begin(progress(s, 3), 4) for s in range(3)] == [True, False, False]
+    assert [cache.begin(progress(s, 3), 4) for s in range(3)] == [REFRESH, EXIT, EXIT]
     # The same pipeline called again: progress falls back, so its first step refreshes again; so does a new batch.
-    assert cache.begin(0.0, 4) and not cache.begin(0.5, 4) and cache.begin(1.0, 6)
+    assert [cache.begin(0.0, 4), cache.begin(0.5, 4), cache.begin(1.0, 6)] == [REFRESH, EXIT, REFRESH]
+
+
+def test_exit_every_computes_where_taylorseer_would():
+    # TaylorSeer with cache_interval 5 after 1 warm-up step computes steps 0, 2 and 7 of 10.
+    cache = CachedRemainder(1, exit_every=5)
+    kinds = [cache.begin(progress(s, 10), 2) for s in range(10)]
+    assert [s for s, k in enumerate(kinds) if k != SKIP] == [0, 2, 7]
+    assert kinds[0] == REFRESH and kinds[2] == kinds[7] == EXIT
 
 
 def test_remainder_needs_the_progress(tiny_dit):
@@ -178,6 +196,8 @@ def test_remainder_needs_the_progress(tiny_dit):
     ({"method": "static", "depths": (2,), "remainder": "cached", "refresh_every": 0}, "refresh_every must be"),
     ({"method": "static", "depths": (2,), "remainder": "cached", "refresh_last": -1}, "refresh_last must be"),
     ({"method": "static", "depths": (2,), "remainder": "cached", "refresh_first": 0}, "refresh_first must be"),
+    ({"method": "static", "depths": (2,), "remainder": "cached", "exit_every": 0}, "exit_every must be"),
+    ({"method": "static", "depths": (2,), "exit_every": 2}, "set remainder to 'cached' or 'taylor'"),
 ])
 def test_bad_remainder_settings_are_refused(kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -186,6 +206,6 @@ def test_bad_remainder_settings_are_refused(kwargs, match):
 
 def test_remainder_settings_round_trip():
     config = EarlyExitConfig("static", depths=(2,), remainder="taylor", refresh_every=3, refresh_last=1,
-                             refresh_first=2)
+                             refresh_first=2, exit_every=4)
     assert EarlyExitConfig.from_dict(config.to_dict()) == config
     assert "remainder" not in EarlyExitConfig("static", depths=(2,)).to_dict()

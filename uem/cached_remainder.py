@@ -15,6 +15,12 @@ first: nothing is cached yet; two give first-order extrapolation its slope, as T
 ``refresh_every``-th step, and the last ``refresh_last`` steps (the clean end of sampling, where errors stay in the
 image). ``refresh_every=1`` is full depth at every step.
 
+Between refreshes the exit rule runs at every step; with ``exit_every`` it runs only at one step in every
+``exit_every`` (counted as TaylorSeer's ``cache_interval`` is, after the first ``refresh_first`` steps: the second
+of them is the first to compute), and the steps between run no block at all: each sample's state is its patch
+embedding plus every block's remainder, and it reports depth 0. That is TaylorSeer's step skipping, with exits
+saving depth on the steps that compute.
+
 Steps are told apart by the sampling progress that ``ExitAwareScheduler`` publishes (``i / (T - 1)`` at step ``i``
 of ``T``): a call whose progress is not above the previous call's, or whose batch differs, starts a new run, and the
 spacing of consecutive progress values gives how many steps remain. So it assumes one model call per sampling step,
@@ -28,6 +34,8 @@ from typing import Optional
 import torch
 
 ORDERS = {"cached": 0, "taylor": 1}
+# What a step does (CachedRemainder.begin): every block runs; the exit rule decides; no block runs.
+REFRESH, EXIT, SKIP = "refresh", "exit", "skip"
 
 
 class CachedRemainder:
@@ -39,9 +47,12 @@ class CachedRemainder:
             first step and the last ``refresh_last``.
         refresh_last: the last this many steps run at full depth.
         refresh_first: the first this many steps run at full depth (at least 1).
+        exit_every: the exit rule runs at one step in every this many after the first ``refresh_first``, and no
+            block runs at the others; ``None``: the rule runs at every step that is no refresh.
     """
 
-    def __init__(self, order: int, refresh_every: Optional[int] = None, refresh_last: int = 0, refresh_first: int = 1):
+    def __init__(self, order: int, refresh_every: Optional[int] = None, refresh_last: int = 0, refresh_first: int = 1,
+                 exit_every: Optional[int] = None):
         if order not in (0, 1):
             raise ValueError(f"the remainder's order is 0 (reuse) or 1 (extrapolate), got {order!r}")
         if refresh_every is not None and (isinstance(refresh_every, bool) or not isinstance(refresh_every, int)
@@ -52,7 +63,12 @@ class CachedRemainder:
         if isinstance(refresh_first, bool) or not isinstance(refresh_first, int) or refresh_first < 1:
             raise ValueError(f"refresh_first must be an int >= 1 (the first step always runs at full depth: nothing "
                              f"is cached before it), got {refresh_first!r}")
+        if exit_every is not None and (isinstance(exit_every, bool) or not isinstance(exit_every, int)
+                                       or exit_every < 1):
+            raise ValueError(f"exit_every must be an int >= 1 (1: the exit rule runs at every step), got "
+                             f"{exit_every!r}")
         self.order = order
+        self.exit_every = exit_every
         self.refresh_every = refresh_every
         self.refresh_last = refresh_last
         self.refresh_first = refresh_first
@@ -61,8 +77,9 @@ class CachedRemainder:
         self._spacing: Optional[float] = None
         self.step = -1
 
-    def begin(self, progress: Optional[float], rows: int) -> bool:
-        """Start the step at ``progress`` for a batch of ``rows`` rows; True when it must run at full depth."""
+    def begin(self, progress: Optional[float], rows: int) -> str:
+        """Start the step at ``progress`` for a batch of ``rows`` rows: :data:`REFRESH` (every block runs),
+        :data:`EXIT` (the exit rule decides) or :data:`SKIP` (no block runs)."""
         if progress is None:
             raise ValueError("a cached remainder counts sampling steps by their progress, but none is set: swap in "
                              "the exit-aware scheduler (pipe.scheduler = ExitAwareScheduler(pipe.scheduler, "
@@ -75,9 +92,12 @@ class CachedRemainder:
             self.step += 1
         self._progress = progress
         if self.step < self.refresh_first or (self.refresh_every is not None and self.step % self.refresh_every == 0):
-            return True
-        remaining = round((1.0 - progress) / self._spacing)
-        return remaining < self.refresh_last
+            return REFRESH
+        if round((1.0 - progress) / self._spacing) < self.refresh_last:
+            return REFRESH
+        if self.exit_every is None or (self.step - self.refresh_first - 1) % self.exit_every == 0:
+            return EXIT
+        return SKIP
 
     def record(self, block: int, row_ids: torch.Tensor, residual: torch.Tensor) -> None:
         """Keep ``residual`` ``[len(row_ids), N, D]`` as block ``block``'s (0-based) latest for those batch rows."""

@@ -41,7 +41,7 @@ from torch import nn
 
 from ..common.schedules import ThresholdSchedule
 from .block_adapters import SUPPORTED, adapter_for, num_blocks
-from .cached_remainder import CachedRemainder
+from .cached_remainder import REFRESH, SKIP, CachedRemainder
 from .exit_rules import ExitRule, UncertaintyThreshold
 from .heads import UEMStack, token_uncertainty
 
@@ -78,7 +78,7 @@ class EarlyExit:
         remainder: the :class:`~diffexit.uem.cached_remainder.CachedRemainder` that exited samples add, or
             ``None`` (an exit hands the head the hidden state it has).
         depth_listener: called after every forward with the blocks each sample ran, int64 ``[G]`` (``G`` samples;
-            a guided pair counts once); ``ExitAwareScheduler`` sets it.
+            a guided pair counts once; 0 at a remainder's skipped step); ``ExitAwareScheduler`` sets it.
         last_depths: the same tensor for the latest forward.
     """
 
@@ -134,10 +134,17 @@ class EarlyExit:
         run = adapter.begin(model, args, kwargs)
         hidden, rows = run.hidden, run.rows
         batch, device = hidden.shape[0], hidden.device
-        if cache is not None and cache.begin(progress, batch):
-            first = num_blocks  # a refresh: every block runs and records its residual
+        step = None if cache is None else cache.begin(progress, batch)
+        if step == REFRESH:
+            first = num_blocks  # every block runs and records its residual
         paired = self._paired(hidden)
         groups = batch // 2 if paired else batch
+        if step == SKIP:
+            # No block runs: the patch embedding plus every block's remainder.
+            y = adapter.head(model, hidden + cache.remainder(0, torch.arange(batch, device=device)), rows, run.fixed,
+                             run.grid)
+            self._report(torch.zeros(groups, dtype=torch.long, device=device))
+            return Transformer2DModelOutput(sample=y) if run.return_dict else (y,)
         head_w = head_b = None
         if rule.needs_uem:
             uem = self.uem

@@ -26,7 +26,7 @@ from .rule_spec import CALIBRATED, check_exit_params
 
 REMAINDERS = ("none", *ORDERS)
 # The fields that say what the skipped blocks add, rather than which rule exits.
-_REMAINDER_FIELDS = ("remainder", "refresh_every", "refresh_last", "refresh_first")
+_REMAINDER_FIELDS = ("remainder", "refresh_every", "refresh_last", "refresh_first", "exit_every")
 _NOT_RULE = ("method", "uem", *_REMAINDER_FIELDS)
 
 
@@ -54,6 +54,9 @@ class EarlyExitConfig:
             depth); ``None``: only the first step and the last ``refresh_last``.
         refresh_last: with a remainder, the last this many steps run at full depth (``None``: 0).
         refresh_first: with a remainder, the first this many steps run at full depth (``None``: 1, the least).
+        exit_every: with a remainder, the exit rule runs at one step in every this many (counted as TaylorSeer's
+            ``cache_interval``), and the steps between run no block, only the remainder (``None``: the rule runs at
+            every step that is no refresh).
     """
 
     method: str = "full"
@@ -68,6 +71,7 @@ class EarlyExitConfig:
     refresh_every: Optional[int] = None
     refresh_last: Optional[int] = None
     refresh_first: Optional[int] = None
+    exit_every: Optional[int] = None
 
     def __post_init__(self):
         raw = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in _NOT_RULE}
@@ -107,7 +111,7 @@ class EarlyExitConfig:
             return None
         last, first = self.refresh_last, self.refresh_first
         return CachedRemainder(ORDERS[self.remainder], self.refresh_every, 0 if last is None else last,
-                               1 if first is None else first)
+                               1 if first is None else first, self.exit_every)
 
     @property
     def calibrated(self) -> bool:
