@@ -2,7 +2,8 @@
 
 The model's answers and forward passes are checked against ``diffexit generate text`` on the same prompts and spec
 (an independent path: generate text's own job machinery); the shipped data against the task sampler; bad
-``--model_args`` and log-likelihood tasks against their messages; two processes against one (slow).
+``--model_args`` and a log-likelihood task with the estimator off against their messages (the estimator itself:
+test_eval_loglikelihood.py); two processes against one (slow).
 """
 
 import json
@@ -118,7 +119,7 @@ def test_the_command_reports_bad_model_args_in_one_line(tmp_path, capsys):
     assert "Traceback" not in err
 
 
-def test_a_loglikelihood_task_from_the_users_include_path_says_it_is_unsupported(tmp_path, capsys):
+def test_a_loglikelihood_task_with_the_estimator_off_says_so(tmp_path, capsys):
     tasks = tmp_path / "tasks"
     tasks.mkdir()
     (tasks / "utils.py").write_text(
@@ -128,10 +129,11 @@ def test_a_loglikelihood_task_from_the_users_include_path_says_it_is_unsupported
     (tasks / "ll.yaml").write_text(
         "task: user_ll\noutput_type: loglikelihood\ncustom_dataset: !function utils.docs\ntest_split: test\n"
         "doc_to_text: '{{q}}'\ndoc_to_target: '{{a}}'\nmetric_list:\n  - metric: acc\n")
-    code = eval_main(["--tasks", "user_ll,diffexit_pick", "--limit", "1", "--include_path", str(tasks)])
+    code = eval_main(["--tasks", "user_ll,diffexit_pick", "--limit", "1", "--include_path", str(tasks),
+                      "--model_args", "mc_num=0"])
     err = capsys.readouterr().err
     assert code == 2
-    assert "diffexit eval: error: the diffexit model only generates (generate_until)" in err
+    assert "diffexit eval: error: this task scores log-likelihoods and mc_num=0 turns the estimator off" in err
     assert "Traceback" not in err
 
 

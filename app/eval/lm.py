@@ -17,9 +17,17 @@ names an embedded ``task`` (the shipped ``diffexit_*`` tasks) is decoded with th
 ``generate text --task`` does; any other prompt with the short layout. lm-eval's ``max_gen_toks`` is not used: a
 diffusion LM decodes a fixed span, ``gen_length``.
 
-Per request the model keeps its forward passes (``nfe``) and seconds (its batch's wall-clock over the batch's size):
-:attr:`DiffexitLM.records`, which ``diffexit eval`` adds to lm-eval's logged samples. ``loglikelihood`` is not
-supported (:class:`LoglikelihoodUnsupported`).
+``loglikelihood`` (multiple-choice and loglikelihood tasks) is LLaDA's Monte-Carlo estimator
+(:mod:`diffexit.dllm.likelihood`) on a bidirectional model of the llada loop: ``mc_num`` samples (LLaDA's 128; 0
+turns the estimator off), 32 per forward pass, seeded by the request's text, so a score depends on neither its
+batch nor the process; ``is_check_greedy`` (LLaDA's default, true) also decodes the continuation greedily for
+lm-eval's ``is_greedy``. The decoding options apply to ``generate_until`` only. On the embedded models the context
+is left-padded to its task's layout and the continuation starts where answers do. A block-causal model, the dream
+loop, DiffusionGemma and ``loglikelihood_rolling`` are refused (:class:`LoglikelihoodUnsupported`).
+
+Per request the model keeps its forward passes (``nfe``) and seconds (its batch's wall-clock over the batch's size,
+or the request's own for a log-likelihood): :attr:`DiffexitLM.records`, which ``diffexit eval`` adds to lm-eval's
+logged samples.
 """
 
 from __future__ import annotations
@@ -32,11 +40,12 @@ from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
 
 MODEL_OPTIONS = ("model", "dtype", "trust_remote_code", "loop", "mask_id")
+LIKELIHOOD_OPTIONS = ("mc_num", "is_check_greedy")
 DEFAULT_BATCH_SIZE = 16
 
 
 class LoglikelihoodUnsupported(RuntimeError):
-    """A task asked for log-likelihoods, which this model does not estimate."""
+    """A task asked for log-likelihoods, which this model does not estimate for this model or these options."""
 
 
 @register_model("diffexit")
@@ -58,12 +67,14 @@ class DiffexitLM(LM):
             if "method" in options:
                 raise ValueError("give the halting rule once: halting= and method= name the same option")
             options["method"] = options.pop("halting")
-        valid = list(dict.fromkeys([*MODEL_OPTIONS, "halting", *option_names()]))
+        valid = list(dict.fromkeys([*MODEL_OPTIONS, *LIKELIHOOD_OPTIONS, "halting", *option_names()]))
         unknown = sorted(set(options) - set(valid))
         if unknown:
             raise ValueError(f"unknown --model_args key(s) {unknown}; the keys are {valid}")
         self.batch_size = _batch_size(batch_size)
         model_options = {k: options.pop(k) for k in MODEL_OPTIONS if k in options}
+        self.mc_num, self.check_greedy = _likelihood_options({k: options.pop(k) for k in LIKELIHOOD_OPTIONS
+                                                              if k in options})
         try:
             spec = spec_from_options({k: v for k, v in options.items() if k not in ("gen_length", "steps")})
             lengths = {k: options[k] for k in ("gen_length", "steps") if k in options}
@@ -151,16 +162,132 @@ class DiffexitLM(LM):
         bar.close()
         return answers
 
-    def loglikelihood(self, requests, disable_tqdm: bool = False):
-        raise LoglikelihoodUnsupported(_NO_LOGLIKELIHOOD)
+    def loglikelihood(self, requests, disable_tqdm: bool = False) -> list[tuple[float, bool]]:
+        """LLaDA's estimate of each request's ``(log p(continuation | context), is_greedy)`` (module docstring)."""
+        import torch
+        from tqdm.auto import tqdm
+
+        from ...dllm.likelihood import BATCH_SIZE, greedy_matches, loglikelihood
+        from ..job_inputs import item_seed
+
+        model, mask_id, encode = self._scorer()
+        batch = min(BATCH_SIZE, self.mc_num)
+        out = []
+        for req in tqdm(requests, desc="diffexit loglikelihood", disable=disable_tqdm or self.rank != 0):
+            context, continuation = req.args[0], req.args[1]
+            prompt, prompt_mask, target = encode(context, continuation, (req.doc or {}).get("task")
+                                                 if isinstance(req.doc, dict) else None)
+            began = time.perf_counter()
+            generator = torch.Generator().manual_seed(item_seed(f"{context}\x00{continuation}"))
+            ll = loglikelihood(model, prompt, target, mask_id=mask_id, mc_num=self.mc_num, batch_size=batch,
+                               prompt_mask=prompt_mask, generator=generator)
+            greedy = self.check_greedy and greedy_matches(model, prompt, target, mask_id=mask_id,
+                                                          prompt_mask=prompt_mask)
+            self.records.append({"task": req.task_name, "doc_id": req.doc_id, "idx": req.idx,
+                                 "nfe": self.mc_num // batch + (len(target) if self.check_greedy else 0),
+                                 "seconds": time.perf_counter() - began})
+            out.append((ll, greedy))
+        return out
+
+    def _scorer(self):
+        """``(model, mask_id, encode)`` for :meth:`loglikelihood`, where ``encode(context, continuation, task)``
+        gives ``(prompt_ids [P], prompt_mask [P] or None, continuation_ids [L])`` on the model's device;
+        :class:`LoglikelihoodUnsupported` where the estimator cannot apply."""
+        from ...dllm.likelihood import check_bidirectional
+
+        if self.mc_num == 0:
+            raise LoglikelihoodUnsupported("this task scores log-likelihoods and mc_num=0 turns the estimator off: set "
+                                           "mc_num (LLaDA's default is 128), or pick a generate_until task")
+        if hasattr(self.engine, "pipe"):
+            pipe = self.engine.pipe
+            if pipe.loop != "llada":
+                raise LoglikelihoodUnsupported(f"this task scores log-likelihoods, and LLaDA's estimator reads "
+                                               f"unshifted logits: the {pipe.loop} loop's model shifts them; run it "
+                                               f"with loop=llada if it is a LLaDA-style model, or pick a "
+                                               f"generate_until task")
+            model, tokenizer, mask_id, encode = pipe.model, pipe.tokenizer, pipe.mask_id, _encode_pair
+        elif hasattr(self.engine, "layout"):
+            model, tokenizer, mask_id = self.engine.model, self.engine.tokenizer, self.engine.tokenizer.mask_token_id
+            encode = _embedded_encoder(self.engine)
+        else:
+            raise LoglikelihoodUnsupported("this task scores log-likelihoods, which a DiffusionGemma model does not "
+                                           "give (it denoises uniform noise, not masks): pick a generate_until task")
+        try:
+            check_bidirectional(model)
+        except ValueError as e:
+            raise LoglikelihoodUnsupported(f"this task scores log-likelihoods: {e}") from None
+        device = next(model.parameters()).device
+
+        def on_device(context, continuation, task):
+            prompt, prompt_mask, target = encode(tokenizer, context, continuation, task)
+            return (prompt.to(device), None if prompt_mask is None else prompt_mask.to(device), target.to(device))
+
+        return model, mask_id, on_device
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False):
-        raise LoglikelihoodUnsupported(_NO_LOGLIKELIHOOD)
+        raise LoglikelihoodUnsupported("this task scores rolling log-likelihoods (perplexity), which LLaDA's "
+                                       "estimator does not give: it scores a continuation after a context; pick a "
+                                       "multiple-choice, loglikelihood or generate_until task")
 
 
-_NO_LOGLIKELIHOOD = ("the diffexit model only generates (generate_until): this task scores log-likelihoods, which a "
-                     "diffusion LM needs a Monte-Carlo estimator for (LLaDA's), not implemented here; pick a "
-                     "generate_until task (e.g. gsm8k, or the shipped diffexit_* tasks)")
+def _likelihood_options(given: dict) -> tuple[int, bool]:
+    """``(mc_num, is_check_greedy)`` from ``--model_args`` (lm-eval turns digits into ints, true/false into bools)."""
+    from ...dllm.likelihood import BATCH_SIZE, MC_NUM
+
+    mc_num = given.get("mc_num", MC_NUM)
+    if isinstance(mc_num, str) and mc_num.strip().isdigit():
+        mc_num = int(mc_num)
+    if isinstance(mc_num, bool) or not isinstance(mc_num, int) or mc_num < 0:
+        raise ValueError(f"--model_args: mc_num must be a whole number of Monte-Carlo samples (0: no log-likelihoods), "
+                         f"got {mc_num!r}")
+    if mc_num > BATCH_SIZE and mc_num % BATCH_SIZE:
+        raise ValueError(f"--model_args: mc_num={mc_num} must be at most {BATCH_SIZE} or a multiple of it (the "
+                         f"estimator draws {BATCH_SIZE} per forward pass); use mc_num={mc_num // BATCH_SIZE * BATCH_SIZE}")
+    greedy = given.get("is_check_greedy", True)
+    if isinstance(greedy, str) and greedy.lower() in ("true", "false"):
+        greedy = greedy.lower() == "true"
+    if not isinstance(greedy, bool):
+        raise ValueError(f"--model_args: is_check_greedy must be true or false, got {greedy!r}")
+    return mc_num, greedy
+
+
+def _encode_pair(tokenizer, context: str, continuation: str, task):
+    """LLaDA's encoding of a transformers model's request: the context's trailing spaces move to the continuation,
+    and the continuation's tokens are those of the whole text after the context's."""
+    import torch
+
+    spaces = len(context) - len(context.rstrip())
+    if spaces:
+        context, continuation = context[:-spaces], context[-spaces:] + continuation
+    whole = tokenizer(context + continuation)["input_ids"]
+    prompt = tokenizer(context)["input_ids"]
+    return torch.tensor(prompt), None, torch.tensor(whole[len(prompt):])
+
+
+def _embedded_encoder(engine):
+    """The embedded format's request encoding: the context left-padded to its task's layout (the short one without
+    a task), the continuation's characters after it."""
+    import torch
+
+    from ...dllm.charlm.tasks import TASKS
+    from ...dllm.charlm.tokenizer import encode_prompts
+    from ..jobs import Item
+
+    def encode(tokenizer, context: str, continuation: str, task):
+        payload = {"prompt": context, **({"task": task} if task in TASKS else {})}
+        layout = engine.layout(Item("request", None, payload))
+        try:
+            ids, mask = encode_prompts(tokenizer, [context], layout.prompt_length)
+        except ValueError as e:
+            raise ValueError(f"a log-likelihood request's context: {e}") from None
+        target = torch.tensor(tokenizer(continuation, add_special_tokens=False)["input_ids"], dtype=torch.long)
+        positions = engine.model.config.max_position_embeddings
+        if layout.prompt_length + len(target) > positions:
+            raise ValueError(f"a log-likelihood request's continuation is {len(target)} tokens: after the "
+                             f"{layout.prompt_length}-token prompt it passes the model's {positions} positions")
+        return ids[0], mask[0], target
+
+    return encode
 
 
 def _batch_size(value) -> int:
