@@ -59,24 +59,33 @@ def head(m, h, t, y):
 
 def rederived(m, xs, t, y, plan, order):
     """Each sample alone: blocks it runs record ``(step, residual)``; an exit after ``k`` adds, per skipped block,
-    the last residual (order 0) or its linear extrapolation from the last two (order 1)."""
+    the last residual (order 0) or its linear extrapolation from the last two (order 1); a step of depth 0 hands the
+    head the state it read last (or its extrapolation from the last two such states)."""
+
+    def guess(history, s):
+        (a, va) = history[-1]
+        if order == 1 and len(history) > 1:
+            (b, vb) = history[-2]
+            return va + (s - a) * (va - vb) / (a - b)
+        return va
+
     outs = [torch.empty(x.shape[0], m.out_channels, *x.shape[2:]) for x in xs]
     for g in range(xs[0].shape[0]):
-        history = {j: [] for j in range(LAYERS)}
+        history, states = {j: [] for j in range(LAYERS)}, []
         for s, x in enumerate(xs):
             k = plan[s][g]
             tg, yg = t[g : g + 1], y[g : g + 1]
+            if k == 0:
+                outs[s][g] = head(m, guess(states, s), tg, yg)[0]
+                continue
             h = m.pos_embed(x[g : g + 1])
             for j in range(k):
                 nxt = m.transformer_blocks[j](h, timestep=tg, class_labels=yg)
                 history[j].append((s, nxt - h))
                 h = nxt
             for j in range(k, LAYERS):
-                (a, ra) = history[j][-1]
-                if order == 1 and len(history[j]) > 1:
-                    (b, rb) = history[j][-2]
-                    ra = ra + (s - a) * (ra - rb) / (a - b)
-                h = h + ra
+                h = h + guess(history[j], s)
+            states.append((s, h))
             outs[s][g] = head(m, h, tg, yg)[0]
     return outs
 

@@ -17,9 +17,12 @@ image). ``refresh_every=1`` is full depth at every step.
 
 Between refreshes the exit rule runs at every step; with ``exit_every`` it runs only at one step in every
 ``exit_every`` (counted as TaylorSeer's ``cache_interval`` is, after the first ``refresh_first`` steps: the second
-of them is the first to compute), and the steps between run no block at all: each sample's state is its patch
-embedding plus every block's remainder, and it reports depth 0. That is TaylorSeer's step skipping, with exits
-saving depth on the steps that compute.
+of them is the first to compute), and the steps between run no block at all: each sample's head reads the state
+it read at the last step that computed (order 0), or that state extrapolated from the last two (order 1), and it
+reports depth 0. That is TaylorSeer's step skipping (it extrapolates the last block's output), with exits saving
+depth on the steps that compute. The state rather than the patch embedding plus every remainder: on the digits
+DiT at 10 steps, computing steps 0, 2 and 7 only, the embedding plus the extrapolated residuals kept 24.2 dB
+against full depth where diffusers' TaylorSeer kept 25.2.
 
 Steps are told apart by the sampling progress that ``ExitAwareScheduler`` publishes (``i / (T - 1)`` at step ``i``
 of ``T``): a call whose progress is not above the previous call's, or whose batch differs, starts a new run, and the
@@ -36,6 +39,7 @@ import torch
 ORDERS = {"cached": 0, "taylor": 1}
 # What a step does (CachedRemainder.begin): every block runs; the exit rule decides; no block runs.
 REFRESH, EXIT, SKIP = "refresh", "exit", "skip"
+_STATE = "state"  # the key under which the state the head read is kept, beside the blocks' residuals
 
 
 class CachedRemainder:
@@ -86,7 +90,7 @@ class CachedRemainder:
                              "early_exit)), or set early_exit.progress before every call")
         if rows != self._rows or self._progress is None or progress <= self._progress:
             self._rows, self._spacing, self.step = rows, None, 0
-            self._residuals: dict[int, list] = {}
+            self._kept: dict = {}  # block index (or _STATE) -> [last, its step, previous, its step], per row
         else:
             self._spacing = progress - self._progress
             self.step += 1
@@ -101,35 +105,48 @@ class CachedRemainder:
 
     def record(self, block: int, row_ids: torch.Tensor, residual: torch.Tensor) -> None:
         """Keep ``residual`` ``[len(row_ids), N, D]`` as block ``block``'s (0-based) latest for those batch rows."""
-        entry = self._residuals.get(block)
+        self._keep(block, row_ids, residual)
+
+    def record_state(self, row_ids: torch.Tensor, state: torch.Tensor) -> None:
+        """Keep ``state`` ``[len(row_ids), N, D]``, what the head read for those rows at this step."""
+        self._keep(_STATE, row_ids, state)
+
+    def remainder(self, start: int, row_ids: torch.Tensor) -> torch.Tensor:
+        """What blocks ``start..L-1`` (0-based) would add to those rows now: ``[len(row_ids), N, D]``."""
+        total = None
+        for block in sorted(b for b in self._kept if b != _STATE and b >= start):
+            guess = self._guess(block, row_ids)
+            total = guess if total is None else total + guess
+        return total
+
+    def state(self, row_ids: torch.Tensor) -> torch.Tensor:
+        """The state the head read for those rows, reused or extrapolated to this step: ``[len(row_ids), N, D]``."""
+        return self._guess(_STATE, row_ids)
+
+    def _keep(self, key, row_ids, value):
+        entry = self._kept.get(key)
         if entry is None:
-            shape = (self._rows, *residual.shape[1:])
-            last = residual.new_zeros(shape)
-            never = torch.full((self._rows,), -1, dtype=torch.long, device=residual.device)
-            entry = self._residuals[block] = [last, never.clone(), None, never.clone()]
+            last = value.new_zeros((self._rows, *value.shape[1:]))
+            never = torch.full((self._rows,), -1, dtype=torch.long, device=value.device)
+            entry = self._kept[key] = [last, never.clone(), None, never.clone()]
         last, last_step, prev, prev_step = entry
         if self.order == 1:
             if prev is None:
                 prev = entry[2] = torch.zeros_like(last)
             prev[row_ids] = last[row_ids]
             prev_step[row_ids] = last_step[row_ids]
-        last[row_ids] = residual
+        last[row_ids] = value
         last_step[row_ids] = self.step
 
-    def remainder(self, start: int, row_ids: torch.Tensor) -> torch.Tensor:
-        """What blocks ``start..L-1`` (0-based) would add to those rows now: ``[len(row_ids), N, D]``."""
-        total = None
-        for block in sorted(b for b in self._residuals if b >= start):
-            last, last_step, prev, prev_step = self._residuals[block]
-            # The run's first step ran every block on every row, so each row has a residual here.
-            rows_last, steps_last = last[row_ids], last_step[row_ids]
-            guess = rows_last
-            if self.order == 1:
-                steps_prev = prev_step[row_ids]
-                span = (steps_last - steps_prev).clamp(min=1).to(rows_last.dtype)
-                # A row whose block ran once has no slope yet: reuse its residual as is.
-                ahead = torch.where(steps_prev >= 0, self.step - steps_last, 0).to(rows_last.dtype)
-                shape = (-1, *[1] * (rows_last.dim() - 1))
-                guess = rows_last + (rows_last - prev[row_ids]) * (ahead / span).view(shape)
-            total = guess if total is None else total + guess
-        return total
+    def _guess(self, key, row_ids):
+        last, last_step, prev, prev_step = self._kept[key]
+        # The run's first step ran every block on every row, so each row has a value here.
+        rows_last = last[row_ids]
+        if self.order == 0:
+            return rows_last
+        steps_last, steps_prev = last_step[row_ids], prev_step[row_ids]
+        span = (steps_last - steps_prev).clamp(min=1).to(rows_last.dtype)
+        # A row kept once has no slope yet: reuse its value as is.
+        ahead = torch.where(steps_prev >= 0, self.step - steps_last, 0).to(rows_last.dtype)
+        shape = (-1, *[1] * (rows_last.dim() - 1))
+        return rows_last + (rows_last - prev[row_ids]) * (ahead / span).view(shape)

@@ -140,9 +140,8 @@ class EarlyExit:
         paired = self._paired(hidden)
         groups = batch // 2 if paired else batch
         if step == SKIP:
-            # No block runs: the patch embedding plus every block's remainder.
-            y = adapter.head(model, hidden + cache.remainder(0, torch.arange(batch, device=device)), rows, run.fixed,
-                             run.grid)
+            # No block runs: the head reads the state it read last, reused or extrapolated.
+            y = adapter.head(model, cache.state(torch.arange(batch, device=device)), rows, run.fixed, run.grid)
             self._report(torch.zeros(groups, dtype=torch.long, device=device))
             return Transformer2DModelOutput(sample=y) if run.return_dict else (y,)
         head_w = head_b = None
@@ -159,8 +158,12 @@ class EarlyExit:
 
         def exit_state(hidden, depth, ids):
             # What the head reads for rows leaving after `depth` blocks: their state, plus the skipped blocks'
-            # cached residuals when there is a remainder.
-            return hidden if cache is None or depth == num_blocks else hidden + cache.remainder(depth, ids)
+            # cached residuals when there is a remainder (which keeps it for the steps that run no block).
+            if cache is None:
+                return hidden
+            state = hidden if depth == num_blocks else hidden + cache.remainder(depth, ids)
+            cache.record_state(ids, state)
+            return state
 
         for index in range(num_blocks):
             before = hidden
