@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from diffexit.app import calibrate_images, generate_images
+from diffexit.app import calibrate_images, generate_images, plan_search
 from diffexit.app.image_plan import ImagePlan, PlanSettings, describe_pipeline, planned_pipeline
 from diffexit.uem.exit_config import EarlyExitConfig
 
@@ -88,10 +88,10 @@ def test_the_search_leaves_out_dominated_settings_and_picks_the_cheapest_that_me
         cost = settings.steps / FULL_STEPS * (1 - t)
         return cost, 10 + 2.5 * settings.steps - 20 * t + (1.0 if n == self.screen else 0.0)
 
-    monkeypatch.setattr(calibrate_images.Planner, "measure", measure)
-    planner = calibrate_images.Planner(None, full_steps=FULL_STEPS, guidance_scale=1.0, samples=8, screen=2, batch=8,
+    monkeypatch.setattr(plan_search.Planner, "measure", measure)
+    planner = plan_search.Planner(None, full_steps=FULL_STEPS, guidance_scale=1.0, samples=8, screen=2, batch=8,
                                        seed=0, num_classes=10)
-    space = calibrate_images.search_space(FULL_STEPS, 4, [])
+    space = plan_search.search_space(FULL_STEPS, 4, [])
     static = {t.settings.name for t in space if t.settings.exits.method == "static"}
     assert "steps-3+static-2+taylor-every2-last1" in static and "steps-8+static-1+taylor-every3-last1" in static
     assert "steps-8+taylorseer-3-2" in {t.settings.name for t in space}
@@ -110,7 +110,7 @@ def test_the_search_leaves_out_dominated_settings_and_picks_the_cheapest_that_me
     # (0.475, 19), then steps-4 (0.5, 20 dB) meets it; steps-5+fbc-0.2 (0.5, 18.5) is no dearer, so it is tried too.
     assert best.settings.name == "steps-4" and best.calibration == (0.5, 20.0)
     assert tried["steps-5+fbc-0.2"].calibration is not None and tried["steps-6+fbc-0.3"].calibration is None
-    with pytest.raises(calibrate_images.NoPlan, match=r"closest is steps-8\+fbc-0.3 at 25.00 dB \(cost 0.700\) on "
+    with pytest.raises(plan_search.NoPlan, match=r"closest is steps-8\+fbc-0.3 at 25.00 dB \(cost 0.700\) on "
                                                       r"the screening samples"):
         planner.pick(list(tried.values()), 40.0)
 
