@@ -13,7 +13,7 @@ from diffusers import FluxTransformer2DModel, SanaTransformer2DModel
 from diffexit.uem import FullDepth, StaticDepth, UEMStack, enable_early_exit, exit_predictions
 from diffexit.uem.block_adapters import SUPPORTED, blocks, hidden_size, num_blocks
 from diffexit.uem.cached_remainder import CachedRemainder
-from diffexit.uem.exit_rules import ExitRule
+from diffexit.uem.exit_rules import ExitRule, SimilarityExit
 
 DUAL, SINGLE = 2, 2  # Flux's two stacks: 4 blocks behind one index
 SANA_LAYERS = 3
@@ -215,6 +215,31 @@ def test_uem_exits_compact_the_batch_and_each_sample_equals_its_own_truncated_fo
     assert early.last_depths.tolist() == want.tolist()
     for i in range(4):
         torch.testing.assert_close(batched[i], pred.sample[int(want[i]) - 1, i], rtol=0, atol=1e-5)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("name", MODELS)
+def test_similarity_exits_stop_each_sample_where_its_image_tokens_stop_changing(name):
+    model, make_inputs, trace = MODELS[name]()
+    inp = make_inputs(4)
+    states, head = trace(model, inp)
+    # Relative change of each block, per sample, over all its image tokens and channels: [L - 1, B].
+    change = torch.stack([(states[k] - states[k - 1]).flatten(1).norm(dim=1) / states[k - 1].flatten(1).norm(dim=1)
+                          for k in range(1, DEPTH[name])])
+    def depths(tolerance):  # the first block whose change is below the tolerance; the last block if none
+        below = change < tolerance
+        return torch.where(below.any(0), below.int().argmax(0) + 1, DEPTH[name])
+
+    values = change.flatten().sort().values
+    tolerance = max((float(a + b) / 2 for a, b in zip(values[:-1], values[1:])),
+                    key=lambda tol: len(set(depths(tol).tolist())))
+    want = depths(tolerance)
+    assert len(set(want.tolist())) >= 2, "the check needs samples that exit at different blocks"
+    early = enable_early_exit(model, None, SimilarityExit(tolerance), cfg=False)
+    out = model(**inp).sample
+    assert early.last_depths.tolist() == want.tolist()
+    for i in range(4):
+        torch.testing.assert_close(out[i], head(states[int(want[i])])[i], rtol=0, atol=1e-5)
 
 
 @torch.no_grad()

@@ -123,6 +123,20 @@ def test_the_pipeline_with_exits_runs_end_to_end(name):
     detach_early_exits(pipe)
     assert np.array_equal(run(pipe), stock)
 
+    # The training-free similarity exit: a tolerance below every block's change runs every block through the
+    # adapter (the exact stock images); one above every change stops all samples after block 1, as depth 1 does.
+    attach_early_exits(pipe, EarlyExitConfig("similarity", tolerance=1e-6), steps=STEPS)
+    assert np.array_equal(run(pipe), stock)
+    assert pipe.scheduler.statistics.depths.tolist() == [[depth, depth]] * STEPS
+    detach_early_exits(pipe)
+    attach_early_exits(pipe, EarlyExitConfig("similarity", tolerance=1.0), steps=STEPS)
+    settled = run(pipe)
+    assert pipe.scheduler.statistics.depths.tolist() == [[1, 1]] * STEPS
+    detach_early_exits(pipe)
+    attach_early_exits(pipe, EarlyExitConfig("static", depths=(1,)), steps=STEPS)
+    assert np.array_equal(run(pipe), settled)
+    detach_early_exits(pipe)
+
 
 @torch.no_grad()
 @pytest.mark.parametrize("name", PIPES)
