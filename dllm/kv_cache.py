@@ -6,7 +6,9 @@
 - ``dual``: the K/V of the positions after the block are kept too, so the later steps run the block's tokens alone.
 
 Approximate, as in Fast-dLLM: attention is bidirectional, so the kept K/V are those of the block's first step, when
-the block was still all masks. A forward that runs only part of the span gives fresh logits for that part only; with
+the block was still all masks. ``refresh=r`` bounds how stale they get: every ``r``-th later step of a block runs the
+whole sequence again, as its first step does, and keeps the new K/V (``r=1``: every step, which is decoding without
+a cache; ``r`` at least the steps per block: Fast-dLLM's caches). A forward that runs only part of the span gives fresh logits for that part only; with
 ``dual`` the rest of the span keeps the statistics of the block's first step, which is what SchED and Prophet then
 read there (:class:`~diffexit.dllm.decoding.LatestStats`).
 
@@ -45,10 +47,15 @@ class BlockCache:
         model: see the module docstring.
         prompt_length, block_length: the sequence layout.
         attention_mask: ``[B, N]`` over prompt and span (1 = attended), or None (everything attended).
+        refresh: rewrite the kept K/V with a whole-sequence pass at every ``refresh``-th later step of a block (an
+            int >= 1), or None: only at a block's first step.
     """
 
     def __init__(self, kind: str, model, prompt_length: int, block_length: int,
-                 attention_mask: Optional[torch.Tensor]):
+                 attention_mask: Optional[torch.Tensor], refresh: Optional[int] = None):
+        if refresh is not None and (isinstance(refresh, bool) or not isinstance(refresh, int) or refresh < 1):
+            raise ValueError(f"refresh must be None (keep a block's first K/V) or a whole number of steps >= 1, got "
+                             f"{refresh!r}")
         keyword = _cache_keyword(model)
         if keyword is None:
             raise ValueError(f"cache={kind!r} needs a model whose forward takes a transformers cache (`cache=` or "
@@ -56,8 +63,10 @@ class BlockCache:
                              f"{type(model).__name__} does not: decode it with cache=None")
         self.kind, self.model, self.keyword = kind, model, keyword
         self.plen, self.block_length, self.attention_mask = prompt_length, block_length, attention_mask
+        self.refresh = refresh
         self.keys: list[torch.Tensor] = []
         self.values: list[torch.Tensor] = []
+        self.since: Optional[torch.Tensor] = None  # [B] long: later steps of each sample since its K/V were written
 
     def _mask(self, x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         if self.attention_mask is None:
@@ -83,6 +92,9 @@ class BlockCache:
         for kept_k, kept_v, layer in zip(self.keys, self.values, layers):
             kept_k[rows] = layer.keys
             kept_v[rows] = layer.values
+        if self.since is None:
+            self.since = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
+        self.since[rows] = 0
         return out.logits
 
     def window(self, block: int) -> tuple[int, int]:
@@ -92,7 +104,24 @@ class BlockCache:
 
     def later(self, x: torch.Tensor, rows: torch.Tensor, block: int) -> torch.Tensor:
         """A later step of ``block`` for samples ``rows`` (all in that block): the window runs against the kept
-        K/V. Logits ``[A, W, V]`` of the window's positions (:meth:`window`)."""
+        K/V, or for samples whose refresh is due the whole sequence runs and rewrites them. Logits ``[A, W, V]`` of
+        the window's positions (:meth:`window`)."""
+        if self.refresh is None:
+            return self._window_pass(x, rows, block)
+        self.since[rows] += 1
+        due = self.since[rows] >= self.refresh
+        start, end = self.window(block)
+        if due.all():
+            return self.full(x, rows)[:, start:end]
+        if not due.any():
+            return self._window_pass(x, rows, block)
+        kept = self._window_pass(x, rows[~due], block)
+        logits = kept.new_empty((len(rows), *kept.shape[1:]))
+        logits[~due] = kept
+        logits[due] = self.full(x, rows[due])[:, start:end]
+        return logits
+
+    def _window_pass(self, x: torch.Tensor, rows: torch.Tensor, block: int) -> torch.Tensor:
         from transformers import DynamicCache
 
         start, end = self.window(block)
