@@ -360,9 +360,9 @@ def _generate(args, out: Path, state, config: EarlyExitConfig, items: Optional[l
         if plan is not None:
             held = plan.figures["held_out"]
             quality = "identical images" if held["psnr"] is None else f"{held['psnr']:.2f} dB"
-            print(f"plan {plan.settings.name}: cost {ratio * steps / full_steps:.3f} against full depth at {full_steps} "
-                  f"steps (its held-out check: {held['layer_ratio']:.3f} at {quality}, target {plan.target_psnr:g} dB "
-                  f"{'met' if held['met'] else 'NOT met'})")
+            print(f"plan {plan.settings.name}: cost {ratio * steps / full_steps:.3f} against full depth at "
+                  f"{full_steps} steps (its held-out check: {held['layer_ratio']:.3f} at {quality}, target "
+                  f"{plan.target_psnr:g} dB {'met' if held['met'] else 'NOT met'})")
         if args.compare_full and method == "full":
             print("--compare-full: the method is full depth already; nothing to compare")
         if full is not None:

@@ -94,7 +94,8 @@ def search_space(full_steps: int, model_blocks: int, exits: Sequence[CalibratedE
             config = dataclasses.replace(e.config, remainder=kind, refresh_every=every,
                                          refresh_last=None if kind == "none" else 1)
             key = f"{e.config.uem}:{e.min_depth}:{kind}:{every}"
-            space.append(Tried(PlanSettings(e.steps, exits=config), f"{key}:{e.budget:g}", f"{key}@{e.steps}", e.budget))
+            space.append(Tried(PlanSettings(e.steps, exits=config), f"{key}:{e.budget:g}", f"{key}@{e.steps}",
+                               e.budget))
     depths = sorted({max(1, round(f * model_blocks)) for f in STATIC_FRACTIONS} - {model_blocks})
     for kind, every in REMAINDERS:
         for d in depths:

@@ -184,7 +184,8 @@ def test_a_plan_for_another_step_count_or_guidance_is_refused_with_the_fix(pipe)
     (lambda d: d["settings"].update(cache={"kind": "taylorseer", "interval": 2, "warmup": -1}), "warmup must be"),
     (lambda d: d["figures"].pop("held_out"), "lacks its held-out check"),
     (lambda d: d["settings"].update(exits={"method": "static", "depths": [2]},
-                                    cache={"kind": "fbc", "threshold": 0.1}), "cannot put the fbc cache on early exits"),
+                                    cache={"kind": "fbc", "threshold": 0.1}),
+     "cannot put the fbc cache on early exits"),
 ])
 def test_a_broken_plan_file_is_refused(pipe, tmp_path, edit, says):
     data = make_plan(pipe, PlanSettings(3)).to_dict()
@@ -290,7 +291,8 @@ def test_plan_methods_gives_the_bench_a_row_per_target(pipe):
     assert (met.name, unmet.name) == ("plan-20dB", "plan-300dB")
     settings = PlanSettings.from_dict({k: met.params[k] for k in ("steps", "exits", "cache")})
     assert met.params["plan"] == settings.name
-    assert met.family == ("composed" if len(settings.techniques(FULL_STEPS)) > 1 else settings.techniques(FULL_STEPS)[0])
+    techniques = settings.techniques(FULL_STEPS)
+    assert met.family == ("composed" if len(techniques) > 1 else techniques[0])
     session = met.build(bench)
     assert session.steps == settings.steps and session.generate(torch.tensor([1]), 0, 1.0).shape == (1, 1, 8, 8)
     with pytest.raises(MethodSkipped, match="no searched plan reaches 300 dB; the closest is"):
