@@ -106,7 +106,7 @@ def test_the_pipeline_with_exits_runs_end_to_end(name):
     stock = run(pipe)
     assert stock.shape[0] == 2 and stock.shape[-1] == 3 and np.isfinite(stock).all()
 
-    attached = attach_early_exits(pipe, EarlyExitConfig("full"), steps=STEPS)
+    attach_early_exits(pipe, EarlyExitConfig("full"), steps=STEPS)
     full = run(pipe)
     assert np.array_equal(full, stock)
     assert pipe.scheduler.statistics.depths.tolist() == [[depth, depth]] * STEPS  # two samples, guided or not
@@ -122,6 +122,17 @@ def test_the_pipeline_with_exits_runs_end_to_end(name):
     assert attached.early_exit.last_depths.tolist() == [depth, depth]
     detach_early_exits(pipe)
     assert np.array_equal(run(pipe), stock)
+
+    # Exits with a cached remainder: refreshed at every step it is full depth; refreshed at the first step only,
+    # the later steps run one block and add the skipped blocks' cached residuals.
+    attach_early_exits(pipe, EarlyExitConfig("static", depths=(1,), remainder="cached", refresh_every=1), steps=STEPS)
+    assert np.array_equal(run(pipe), stock)
+    detach_early_exits(pipe)
+    attach_early_exits(pipe, EarlyExitConfig("static", depths=(1,), remainder="taylor"), steps=STEPS)
+    cached = run(pipe)
+    assert pipe.scheduler.statistics.depths.tolist() == [[depth, depth], [1, 1], [1, 1]]
+    assert np.isfinite(cached).all() and not np.array_equal(cached, stock)
+    detach_early_exits(pipe)
 
     # The training-free similarity exit: a tolerance below every block's change runs every block through the
     # adapter (the exact stock images); one above every change stops all samples after block 1, as depth 1 does.
