@@ -204,7 +204,7 @@ def test_remainder_needs_the_progress(tiny_dit):
     ({"method": "full", "remainder": "cached"}, "pick an exit method"),
     ({"method": "static", "depths": (2,), "remainder": "cached", "refresh_every": 0}, "refresh_every must be"),
     ({"method": "static", "depths": (2,), "remainder": "cached", "refresh_last": -1}, "refresh_last must be"),
-    ({"method": "static", "depths": (2,), "remainder": "cached", "refresh_first": 0}, "refresh_first must be"),
+    ({"method": "static", "depths": (2,), "remainder": "cached", "refresh_first": -1}, "refresh_first must be"),
     ({"method": "static", "depths": (2,), "remainder": "cached", "exit_every": 0}, "exit_every must be"),
     ({"method": "static", "depths": (2,), "exit_every": 2}, "set remainder to 'cached' or 'taylor'"),
 ])

@@ -10,8 +10,9 @@ runs, ``r_j(s) = r_j(a) + (s - a) (r_j(a) - r_j(b)) / (a - b)`` for runs at step
 TaylorSeer extrapolates features; a block run only once is reused as is). Residuals are kept per batch row and per
 block, so a sample that exited deep at one step refreshes more of its own remainder than one that exited shallow.
 
-Whole steps run at full depth, refreshing every residual: the first ``refresh_first`` steps of a run (at least the
-first: nothing is cached yet; two give first-order extrapolation its slope, as TaylorSeer's warm-up does), every
+Whole steps run at full depth, refreshing every residual: the first ``refresh_first`` steps of a run (two give
+first-order extrapolation its slope, as TaylorSeer's warm-up does; with none, a block adds nothing to a row it has
+not yet run), every
 ``refresh_every``-th step, and the last ``refresh_last`` steps (the clean end of sampling, where errors stay in the
 image). ``refresh_every=1`` is full depth at every step.
 
@@ -50,7 +51,8 @@ class CachedRemainder:
         refresh_every: every this many steps (counted from the run's first) runs at full depth; ``None``: only the
             first step and the last ``refresh_last``.
         refresh_last: the last this many steps run at full depth.
-        refresh_first: the first this many steps run at full depth (at least 1).
+        refresh_first: the first this many steps run at full depth; with 0 the exit rule runs at the first step too,
+            and until a block has run a row it adds nothing to it.
         exit_every: the exit rule runs at one step in every this many after the first ``refresh_first``, and no
             block runs at the others; ``None``: the rule runs at every step that is no refresh.
     """
@@ -64,9 +66,8 @@ class CachedRemainder:
             raise ValueError(f"refresh_every must be an int >= 1 (1: full depth at every step), got {refresh_every!r}")
         if isinstance(refresh_last, bool) or not isinstance(refresh_last, int) or refresh_last < 0:
             raise ValueError(f"refresh_last must be an int >= 0, got {refresh_last!r}")
-        if isinstance(refresh_first, bool) or not isinstance(refresh_first, int) or refresh_first < 1:
-            raise ValueError(f"refresh_first must be an int >= 1 (the first step always runs at full depth: nothing "
-                             f"is cached before it), got {refresh_first!r}")
+        if isinstance(refresh_first, bool) or not isinstance(refresh_first, int) or refresh_first < 0:
+            raise ValueError(f"refresh_first must be an int >= 0, got {refresh_first!r}")
         if exit_every is not None and (isinstance(exit_every, bool) or not isinstance(exit_every, int)
                                        or exit_every < 1):
             raise ValueError(f"exit_every must be an int >= 1 (1: the exit rule runs at every step), got "
@@ -97,10 +98,10 @@ class CachedRemainder:
         self._progress = progress
         if self.step < self.refresh_first or (self.refresh_every is not None and self.step % self.refresh_every == 0):
             return REFRESH
-        if round((1.0 - progress) / self._spacing) < self.refresh_last:
+        if self.step > 0 and round((1.0 - progress) / self._spacing) < self.refresh_last:
             return REFRESH
-        if self.exit_every is None or (self.step - self.refresh_first - 1) % self.exit_every == 0:
-            return EXIT
+        if self.exit_every is None or self.step == 0 or (self.step - self.refresh_first - 1) % self.exit_every == 0:
+            return EXIT  # the first step computes: there is no state to reuse before it
         return SKIP
 
     def record(self, block: int, row_ids: torch.Tensor, residual: torch.Tensor) -> None:
@@ -112,11 +113,11 @@ class CachedRemainder:
         self._keep(_STATE, row_ids, state)
 
     def remainder(self, start: int, row_ids: torch.Tensor) -> torch.Tensor:
-        """What blocks ``start..L-1`` (0-based) would add to those rows now: ``[len(row_ids), N, D]``."""
-        total = None
+        """What blocks ``start..L-1`` (0-based) would add to those rows now: ``[len(row_ids), N, D]``, or a zero
+        scalar when none of them has run yet."""
+        total = torch.zeros(())
         for block in sorted(b for b in self._kept if b != _STATE and b >= start):
-            guess = self._guess(block, row_ids)
-            total = guess if total is None else total + guess
+            total = total + self._guess(block, row_ids)
         return total
 
     def state(self, row_ids: torch.Tensor) -> torch.Tensor:
@@ -140,7 +141,7 @@ class CachedRemainder:
 
     def _guess(self, key, row_ids):
         last, last_step, prev, prev_step = self._kept[key]
-        # The run's first step ran every block on every row, so each row has a value here.
+        # A block that never ran a row adds nothing to it (its kept value starts at zero, with no slope).
         rows_last = last[row_ids]
         if self.order == 0:
             return rows_last

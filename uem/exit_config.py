@@ -53,7 +53,8 @@ class EarlyExitConfig:
         refresh_every: with a remainder, every this many steps runs at full depth (1: every step, which is full
             depth); ``None``: only the first step and the last ``refresh_last``.
         refresh_last: with a remainder, the last this many steps run at full depth (``None``: 0).
-        refresh_first: with a remainder, the first this many steps run at full depth (``None``: 1, the least).
+        refresh_first: with a remainder, the first this many steps run at full depth (``None``: 1; 0 lets the exit
+            rule decide the first step too).
         exit_every: with a remainder, the exit rule runs at one step in every this many (counted as TaylorSeer's
             ``cache_interval``), and the steps between run no block, only the remainder (``None``: the rule runs at
             every step that is no refresh).
