@@ -13,7 +13,9 @@ the step's progress instead::
     out = model.generate(input_ids, max_new_tokens=64)       # as before; disable_sched(model) undoes it
 
 In diffusers, ``diffexit.samplers.diffusion_gemma_pipeline.SchEDDiffusionGemmaPipeline`` takes the same rule as
-``stopping=``.
+``stopping=``. ``generate`` keeps a stopped sample in its batch until every sample has stopped;
+``diffexit.dllm.gemma_loop.decode(model, ids, stopping=rule, ...)`` runs the same decode with stopped samples out of
+the batch (the rule's ``select_rows`` keeps its state in step).
 
 Statistics (the ``canvas`` surface of :data:`diffexit.dllm.statistics.STATISTICS`: the whole canvas, since no
 position of it is "masked" in uniform-corruption diffusion): ``mean``, ``median``, ``quantile`` and ``min`` of the

@@ -33,6 +33,7 @@ from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
+from transformers import DynamicCache
 from transformers.models.diffusion_gemma.generation_diffusion_gemma import (
     DiffusionGemmaAdaptiveStopping,
     StableAndConfidentStoppingCriteria,
@@ -172,11 +173,9 @@ def run_canvases(model, input_ids: torch.LongTensor, attention_mask: torch.Tenso
             ``fill_id`` / zeros), ``end``, as ``generate`` calls them.
         prefill_kwargs: extra inputs of the first encoder call (e.g. an image's).
     """
-    device, (batch, prompt_length) = input_ids.device, input_ids.shape
+    device, batch = input_ids.device, input_ids.shape[0]
     length = model.config.canvas_length
     text_config = model.config.get_text_config(decoder=True)
-    from transformers import DynamicCache
-
     cache = DynamicCache(config=text_config)
     sequences, mask = input_ids, attention_mask.bool()
     finished = torch.zeros(batch, dtype=torch.bool, device=device)

@@ -249,6 +249,42 @@ def test_pipeline_with_the_stock_rule_is_the_stock_pipeline(pipes, monkeypatch):
     assert torch.equal(_pipe(ours), _stock_pipe(stock, monkeypatch))  # no arguments: the stock defaults
 
 
+def test_pipeline_runs_the_decoder_on_the_samples_still_denoising_only(pipes):
+    # The output is the stock pipeline's (above); the decoder's rows over the decode are the passes the samples took.
+    _, ours = pipes
+    rows = []
+    hook = ours.model.model.decoder.register_forward_hook(
+        lambda module, args, kwargs, out: rows.append(kwargs["decoder_input_ids"].shape[0]), with_kwargs=True)
+    try:
+        _pipe(ours, stopping=StableAndConfidentStoppingCriteria(1, 0.5))
+    finally:
+        hook.remove()
+    assert sum(rows) == ours.decoder_passes.sum() < len(rows) * len(PIPE_PROMPTS)
+
+
+def test_pipeline_a_sample_that_wrote_eos_leaves_with_the_stock_text(pipes, monkeypatch):
+    from transformers.models.diffusion_gemma import modeling_diffusion_gemma as modeling
+
+    stock, ours = pipes
+    eos = int(torch.mode(_stock_pipe(stock, monkeypatch, confidence_threshold=None)[:, :CANVAS].flatten()).values)
+    kwargs = dict(prompt=PIPE_PROMPTS, gen_length=3 * CANVAS, num_inference_steps=STEPS, eos_token_id=eos,
+                  confidence_threshold=None, output_type="seq")
+    original = modeling.DiffusionGemmaDecoderModel.create_diffusion_decoder_attention_mask
+    with monkeypatch.context() as m:  # as _stock_pipe, with EOS early stop on
+        m.setattr(modeling.DiffusionGemmaDecoderModel, "create_diffusion_decoder_attention_mask",
+                  staticmethod(lambda past_key_values, **kw: original(cache=past_key_values, **kw)))
+        expected = stock(generator=torch.Generator().manual_seed(0), **kwargs).sequences
+    got = ours(generator=torch.Generator().manual_seed(0), **kwargs).sequences
+    # The stock pipeline goes on decoding a sample's canvases after the one with its EOS (its text stops at the EOS);
+    # ours fills them with EOS.
+    assert got.shape == expected.shape
+    for row, want in zip(got, expected):
+        # the end of the canvas that holds the first EOS
+        end = (int((want == eos).nonzero()[0, 0]) // CANVAS + 1) * CANVAS if (want == eos).any() else len(want)
+        assert torch.equal(row[:end], want[:end]) and (row[end:] == eos).all()
+    assert (ours.decoder_passes < 3 * STEPS).any()  # a sample left early
+
+
 def test_pipeline_sched_stops_early_and_counts_passes(pipes):
     _, ours = pipes
     rule = SchEDStopping(ThresholdSchedule("constant", -1e9, -1e9))
