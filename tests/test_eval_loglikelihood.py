@@ -88,3 +88,30 @@ def test_a_multiple_choice_task_runs_offline(tmp_path):
     for doc in docs:
         # One request per choice, each one forward pass of 8 samples.
         assert len(doc["diffexit"]) == len(doc["arguments"]) >= 3 and {r["nfe"] for r in doc["diffexit"]} == {1}
+
+
+@pytest.fixture(scope="module")
+def transformers_folder(tmp_path_factory, tiny_text_model):
+    from transformers import LlamaForCausalLM
+
+    model, tok = tiny_text_model(max_positions=64, initializer_range=0.5, never_predict_mask=True,
+                                 cls=LlamaForCausalLM)
+    folder = tmp_path_factory.mktemp("transformers")
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder, model, tok
+
+
+def test_a_transformers_model_scores_llada_s_token_pair(transformers_folder):
+    folder, model, tok = transformers_folder
+    lm = DiffexitLM(model=str(folder), mc_num=8, is_check_greedy=False)
+    ((ll, greedy),) = lm.loglikelihood([request("rev:abc ", "cba", task=None)])
+    # LLaDA's pairing: the context's trailing space belongs to the continuation.
+    prompt = torch.tensor([tok.convert_tokens_to_ids(c) for c in "rev:abc"])
+    target = torch.tensor([tok.convert_tokens_to_ids(c) for c in " cba"])
+    want = loglikelihood(model, prompt, target, mask_id=tok.mask_token_id, mc_num=8, batch_size=8,
+                         generator=torch.Generator().manual_seed(item_seed("rev:abc \x00cba")))
+    assert ll == pytest.approx(want, abs=1e-4) and greedy is False
+    dream = DiffexitLM(model=str(folder), loop="dream", mc_num=8)
+    with pytest.raises(LoglikelihoodUnsupported, match="the dream loop's model shifts them"):
+        dream.loglikelihood([request("rev:abc", "cba", task=None)])
