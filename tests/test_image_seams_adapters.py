@@ -53,10 +53,10 @@ def test_an_unsupported_model_is_refused_naming_its_class_and_the_supported_ones
     model = torch.nn.Linear(2, 2)
     for ask in (blocks, num_blocks, hidden_size):
         with pytest.raises(ValueError, match=r"support DiTTransformer2DModel, PixArtTransformer2DModel, "
-                                             r"SD3Transformer2DModel; got Linear"):
+                                             r"SD3Transformer2DModel, FluxTransformer2DModel, SanaTransformer2DModel; got Linear"):
             ask(model)
-    with pytest.raises(ValueError, match="got FluxTransformer2DModel"):
-        supported_class("FluxTransformer2DModel")
+    with pytest.raises(ValueError, match="got AuraFlowTransformer2DModel"):
+        supported_class("AuraFlowTransformer2DModel")
 
 
 def test_nothing_outside_the_adapters_reads_a_transformers_layout():
