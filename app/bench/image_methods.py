@@ -11,12 +11,13 @@ import contextlib
 import copy
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 
 from ...common.schedules import ThresholdSchedule
 from ...uem.block_adapters import num_blocks
+from . import image_caches as caches
 
 # Constant DeeDiff thresholds on the mean token uncertainty, and schedules that allow earlier exits on noisy steps,
 # per UEM target: each target's uncertainty lives on its own scale (paper: the error against the true noise, which
@@ -32,6 +33,14 @@ STATIC_FRACTIONS = ((1 / 3, 2 / 3, 1.0), (1 / 4, 1 / 2, 3 / 4, 1.0), (1.0, 2 / 3
                     (1 / 2, 1.0, 1.0, 1.0), (1 / 3, 1.0, 1.0, 1.0), (1 / 2,))
 STEP_FRACTIONS = (1 / 4, 1 / 3, 1 / 2, 2 / 3)
 FBC_THRESHOLDS = (0.05, 0.1, 0.2, 0.4)  # diffusers' default is 0.05
+# TaylorSeer: (one full step in every `interval`, full warm-up steps); diffusers' default is (5, 3). On the digits
+# DiT at 10 steps one warm-up step and intervals of 4-6 were its cheapest settings per PSNR.
+TAYLORSEER_SETTINGS = ((2, 1), (3, 1), (4, 1), (5, 1), (6, 1), (3, 2), (4, 2), (5, 3))
+# MagCache: (accumulated-error threshold, most steps skipped in a row); diffusers' default is (0.06, 3).
+MAGCACHE_SETTINGS = ((0.06, 3), (0.12, 3), (0.25, 4), (0.4, 5))
+# MuE's similarity exit: constant tolerances on the relative change a block makes, and calibrated budgets.
+SIMILARITY_TOLERANCES = (0.02, 0.05, 0.1)
+SIMILARITY_BUDGETS = (0.01, 0.02)
 
 class MethodSkipped(Exception):
     """Raised by a method's builder when it cannot run here; the message is the reason the row reports."""
@@ -154,30 +163,55 @@ def exits(method: str, params: dict, target: Optional[str] = None,
     return build
 
 
-def first_block_cache(threshold: float) -> Callable[[Bench], Session]:
-    """diffusers' FirstBlockCache at ``threshold`` on a copy of the transformer."""
+def diffusers_cache(apply: Callable[[Bench, torch.nn.Module], None],
+                    steps: Optional[int] = None) -> Callable[[Bench], Session]:
+    """One of diffusers' cache hooks (:mod:`~diffexit.app.bench.image_caches`), put on a copy of the transformer by
+    ``apply(bench, transformer)``, sampled at ``steps`` (default: the full steps)."""
 
     def build(bench: Bench) -> Session:
-        from diffusers.hooks import FirstBlockCacheConfig, HookRegistry, apply_first_block_cache
-        from diffusers.models.cache_utils import CacheMixin
-
         pipe = bench.copy_pipe()
-        model = pipe.transformer
-        apply_first_block_cache(model, FirstBlockCacheConfig(threshold=threshold))
-
-        @contextlib.contextmanager
-        def call_context() -> Iterator[None]:
-            # DiT is no CacheMixin, and neither DiTPipeline nor ours names a cache context or resets the cache, so
-            # both happen here. The reset makes each call start afresh rather than compare its first step with the
-            # previous call's last one. CacheMixin.cache_context only sets the hooks' state, so it serves any model;
-            # one context covers the whole call because the guided batch holds cond and uncond rows together.
-            HookRegistry.check_if_exists_or_initialize(model).reset_stateful_hooks(recurse=True)
-            with CacheMixin.cache_context(model, "cond"):
-                yield
-
-        return Session(pipe, bench.steps, call_context=call_context)
+        try:
+            apply(bench, pipe.transformer)
+        except ValueError as e:
+            raise MethodSkipped(str(e)) from None
+        return Session(pipe, steps or bench.steps, call_context=lambda: caches.fresh_cache(pipe.transformer))
 
     return build
+
+
+def similarity_calibrated(budget: float, **remainder) -> Callable[[Bench], Session]:
+    """MuE's similarity exit with per-step tolerances calibrated on this backbone for ``budget`` (one image per digit
+    twice, from seeds no benchmarked image uses, and as many held out), through ``attach_early_exits``, with the
+    cached-remainder settings ``remainder``."""
+
+    def build(bench: Bench) -> Session:
+        import tempfile
+
+        from ...samplers.early_exits import attach_early_exits
+        from ...uem.calibration import calibrate_similarity
+        from ...uem.exit_config import EarlyExitConfig
+
+        labels = torch.arange(20) % 10
+        with torch.no_grad():
+            made, = calibrate_similarity(bench.pipe.transformer, bench.pipe.scheduler, labels, labels,
+                                         budgets=[budget], steps=bench.steps, guidance_scale=bench.guidance_scale,
+                                         seed=caches.MAG_CALIBRATION_SEED)
+        folder = Path(tempfile.mkdtemp(prefix="diffexit-similarity-"))
+        path = made.save(folder / f"calibration-{budget:g}.json")
+        pipe = bench.copy_pipe()
+        attach_early_exits(pipe, EarlyExitConfig("similarity", calibration=str(path), **remainder),
+                           steps=bench.steps, guidance_scale=bench.guidance_scale)
+        return Session(pipe, bench.steps, exit_scheduler=pipe.scheduler)
+
+    return build
+
+
+def _mag(threshold, max_skip, steps):
+    def apply(bench, model):
+        ratios = caches.mag_ratios(bench.copy_pipe(), steps, bench.guidance_scale)
+        caches.apply_magcache(model, ratios, threshold, max_skip, steps)
+
+    return apply
 
 
 def image_methods(num_blocks: int, steps: int, heads: Sequence[Heads] = ()) -> list[Method]:
@@ -216,5 +250,58 @@ def image_methods(num_blocks: int, steps: int, heads: Sequence[Heads] = ()) -> l
     for n in fewer:
         methods.append(Method(f"steps-{n}", "steps", {"steps": n}, plain(n)))
     for t in FBC_THRESHOLDS:
-        methods.append(Method(f"fbc-{t:g}", "fbc", {"threshold": t}, first_block_cache(t)))
+        methods.append(Method(f"fbc-{t:g}", "fbc", {"threshold": t},
+                              diffusers_cache(lambda bench, model, t=t: caches.apply_first_block_cache(model, t))))
+    for interval, warmup in TAYLORSEER_SETTINGS:
+        methods.append(Method(f"taylorseer-{interval}-{warmup}", "taylorseer", {"interval": interval, "warmup": warmup},
+                              diffusers_cache(lambda bench, model, i=interval, w=warmup:
+                                              caches.apply_taylorseer(model, i, w))))
+    for threshold, max_skip in MAGCACHE_SETTINGS:
+        methods.append(Method(f"magcache-{threshold:g}-{max_skip}", "magcache",
+                              {"threshold": threshold, "max_skip": max_skip},
+                              diffusers_cache(_mag(threshold, max_skip, steps))))
+    for tolerance in SIMILARITY_TOLERANCES:
+        methods.append(Method(f"similarity-{tolerance:g}", "similarity", {"tolerance": tolerance},
+                              exits("similarity", {"tolerance": tolerance})))
+    for budget in SIMILARITY_BUDGETS:
+        methods.append(Method(f"similarity-cal-{budget:g}", "similarity-calibrated", {"budget": budget},
+                              similarity_calibrated(budget)))
+    methods += composed_methods(num_blocks, steps, heads)
+    return methods
+
+
+# Composed rows. Fewer steps with shallow exits whose skipped blocks add their cached residuals, refreshed at every
+# other step (named e2), or at the first two and the last (f2-l1): (step fraction, remainder settings).
+FEWER_STEPS_REMAINDER = ((0.4, {"refresh_every": 2}), (0.6, {"refresh_every": 2}),
+                         (0.5, {"refresh_first": 2, "refresh_last": 1}))
+# TaylorSeer's step skipping (one computing step in every half of the steps, after one full step) with exits on the
+# steps that compute, their skipped blocks extrapolated: static depth fractions per stretch of sampling, noisiest
+# first, and the exit-cost heads' calibrations by budget.
+SKIPPING_DEPTHS = ((1 / 2, 2 / 3, 1.0), (2 / 3, 1.0), (1 / 2, 1.0), (1 / 2,))
+SKIPPING_BUDGETS = ("0.01", "0.02")
+
+
+def composed_methods(num_blocks: int, steps: int, heads: Sequence[Heads] = ()) -> list[Method]:
+    """The ``composed`` rows, each named by its techniques joined with ``+``."""
+    methods = []
+    for fraction, refresh in FEWER_STEPS_REMAINDER:
+        n = max(2, round(fraction * steps))
+        tag = "-".join(f"{k.removeprefix('refresh_')[0]}{v}" for k, v in refresh.items())
+        params = {"depths": [1], "remainder": "cached", **refresh}
+        methods.append(Method(f"static-1+cached-{tag}+steps-{n}", "composed", {**params, "steps": n},
+                              exits("static", params, steps=n)))
+    every = max(2, steps // 2)
+    skip = {"remainder": "taylor", "exit_every": every}
+    for fractions in SKIPPING_DEPTHS:
+        depths = [max(1, round(f * num_blocks)) for f in fractions]
+        methods.append(Method("static-" + "-".join(map(str, depths)) + f"+taylor-skip{every}", "composed",
+                              {"depths": depths, **skip}, exits("static", {"depths": depths, **skip})))
+    for h in heads:
+        if h.target != "exit-cost":
+            continue
+        for label, path, made_for in h.calibrations:
+            if made_for == steps and label.split("-steps")[0] in SKIPPING_BUDGETS:
+                methods.append(Method(f"deediff-{h.target}-cal-{label}+taylor-skip{every}", "composed",
+                                      {"target": h.target, "calibration": path.name, **skip},
+                                      exits("deediff", {"calibration": str(path), **skip}, h.target)))
     return methods

@@ -13,9 +13,10 @@ def plot_pareto(rows: list[dict], path: Path, title: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    colors = {"full": "black", "base": "tab:gray", "static": "tab:orange", "steps": "tab:green", "fbc": "tab:red"}
-    # DeeDiff families (per target: constant, schedule, calibrated) take the remaining colours in order of appearance.
-    spare = iter(["tab:blue", "tab:purple", "tab:cyan", "tab:olive", "tab:pink", "tab:brown", "navy", "teal", "gold"])
+    colors = {"full": "black", "base": "tab:gray", "static": "tab:orange", "steps": "tab:green", "fbc": "tab:red",
+              "taylorseer": "tab:brown", "magcache": "tab:pink", "composed": "crimson"}
+    # The other families (DeeDiff per target and kind, similarity exits) take tab20's colours in order of appearance.
+    spare = iter(plt.get_cmap("tab20").colors)
     for family in dict.fromkeys(r["family"] for r in rows):
         if family not in colors:
             colors[family] = next(spare, "tab:gray")
@@ -29,13 +30,13 @@ def plot_pareto(rows: list[dict], path: Path, title: str) -> None:
             if pts:
                 pts.sort()
                 scale = 100.0 if y == "class_agreement" else 1.0
-                style = {"full": "*", "base": "D"}.get(family, "o-")
+                style = {"full": "*", "base": "D", "composed": "P"}.get(family, "o-")
                 ax.plot([p[0] for p in pts], [scale * p[1] for p in pts], style, color=color, label=family,
-                        markersize=9 if family == "full" else 5, linewidth=1)
+                        markersize={"full": 9, "composed": 7}.get(family, 5), linewidth=1)
         ax.set_xlabel(xlabel)
         ax.set_ylabel("class agreement (%)" if y == "class_agreement" else "PSNR vs the shipped model (dB)")
         ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=8)
+    axes[-1].legend(fontsize=6, loc="center left", bbox_to_anchor=(1.02, 0.5))
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -72,7 +73,7 @@ def plot_samples(panels: list[tuple[str, torch.Tensor]], per_class: int, path: P
 
 
 def plot_exit_depths(panels: list[tuple[str, torch.Tensor, torch.Tensor]], path: Path) -> None:
-    """Per method, the share of samples that ran ``d`` blocks at each sampling step (``[steps, blocks]``)."""
+    """Per method, the share of samples that ran ``d = 0..L`` blocks at each sampling step (``[steps, L + 1]``)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -85,9 +86,9 @@ def plot_exit_depths(panels: list[tuple[str, torch.Tensor, torch.Tensor]], path:
         ax.axis("off")
     for ax, (title, counts, timesteps) in zip(axes.flat, panels):
         share = counts.float() / counts.sum(1, keepdim=True).clamp(min=1)
-        steps, blocks = share.shape
+        steps, depths = share.shape
         ax.imshow(share.numpy(), aspect="auto", cmap="viridis", vmin=0, vmax=1, origin="upper",
-                  extent=(0.5, blocks + 0.5, steps - 0.5, -0.5))
+                  extent=(-0.5, depths - 0.5, steps - 0.5, -0.5))
         ticks = sorted({0, steps // 2, steps - 1})
         ax.set_yticks(ticks, [f"{int(timesteps[t])}" for t in ticks])
         ax.set_xlabel("blocks run")

@@ -1,5 +1,6 @@
-"""``diffexit bench images``: DeeDiff early exits against full depth, static depth schedules, fewer sampling steps
-and diffusers' FirstBlockCache, side by side on the embedded digits DiT, on one cost axis.
+"""``diffexit bench images``: DeeDiff early exits against full depth, static depth schedules, MuE's similarity exits,
+fewer sampling steps and diffusers' FirstBlockCache, TaylorSeer and MagCache, alone and composed, side by side on the
+embedded digits DiT, on one cost axis.
 
 Every method draws the same digits (``--per-class`` of each class, in batches seeded ``seed, seed + 1, ...``) from
 the same initial noise, with the pipeline's default guidance scale, so every image has a full-depth twin. Per method:
@@ -8,8 +9,10 @@ the same initial noise, with the pipeline's default guidance scale, so every ima
   samples. Hooks on the blocks count image rows per block call, so rows that exited early, steps not taken and
   blocks FirstBlockCache skipped all count as not run: one axis for depth and steps.
 - ``speedup_wall_b1``, ``speedup_wall_b16``: full depth's wall-clock over the method's, generating one image per
-  call and 16 per call. All methods are timed in the same rounds, each round bracketed by two full-depth timings;
-  the figure is the median over rounds of full / method.
+  call and 16 per call. All methods, full depth among them, are timed interleaved (round-robin, ``--rounds``
+  repeats, :mod:`~diffexit.app.bench.timing`); the figure is full depth's median over the method's, beside each
+  median (``seconds_b1``, ``seconds_b16``) and its spread (slowest minus fastest repeat). ``noisy`` flags a row
+  whose batch-16 wall speedup lies outside 0.5-1.5x its cost's reciprocal.
 - ``psnr`` (dB): of the mean squared error against the reference images from the same noise, pixels in [0, 1]:
   the user's model, that is the pipeline as shipped at full depth and full steps (``full-base`` when the UEM folder
   brings a fine-tuned backbone, else ``full``); null where the images are bit-identical to it
@@ -21,15 +24,21 @@ the same initial noise, with the pipeline's default guidance scale, so every ima
 The rows (:func:`~diffexit.app.bench.image_methods.image_methods`): full depth; DeeDiff per UEM target at constant
 thresholds and schedules, and with each calibration file beside the heads at the step count it was made for (DeeDiff
 composed with fewer steps); static depth schedules, shallow first, deep first, DuoDiff's shallow-then-full switch
-and one fixed depth; fewer steps; FirstBlockCache. DeeDiff does not compose with FirstBlockCache: FirstBlockCache
-caches the residual of the last block over the whole batch, and rows that exited never reach the last block.
+and one fixed depth; MuE's similarity exits (constant tolerances, and tolerances calibrated on this backbone); fewer
+steps; diffusers' FirstBlockCache, TaylorSeer and MagCache (:mod:`~diffexit.app.bench.image_caches`) at several
+settings; and the ``composed`` rows, named by their techniques joined with ``+``: exits whose skipped blocks add a
+cached remainder (:mod:`diffexit.uem.cached_remainder`) with fewer steps, and TaylorSeer's step skipping with exits
+on the steps that compute. DeeDiff does not compose with FirstBlockCache: FirstBlockCache caches the residual of the
+last block over the whole batch, and rows that exited never reach the last block.
+
+The goal of #28 (:mod:`~diffexit.app.bench.image_goals`) is checked on the rows and printed after the table.
 
 When the UEM folder holds a fine-tuned backbone (``diffexit train uem --mode full`` trains one), every method runs on
 that backbone, so they all differ only in how they save compute, and ``full-base`` is the backbone the pipeline
 shipped with: the reference that PSNR is measured against.
 
-Writes ``DIR/results.json``, ``DIR/pareto.png`` (PSNR and class agreement against cost, class agreement against
-wall-clock), ``DIR/samples.png`` (full depth next to the early-exit methods), ``DIR/exit_depths.png`` (share of
+Writes ``DIR/results.json`` (with the goal's figures under ``goals``), ``DIR/pareto.png`` (PSNR and class agreement
+against cost for every family, class agreement against wall-clock), ``DIR/samples.png`` (full depth next to the early-exit methods), ``DIR/exit_depths.png`` (share of
 samples exiting at each depth, per sampling step) and prints a markdown table.
 """
 
@@ -48,9 +57,12 @@ from ...uem.digits.classifier import class_agreement, extract_features, frechet_
 from ...uem.digits.data import load_digits_dataset
 from ...uem.digits.files import CLASSIFIER_DIR, DIT_DIR, EXITS_DIR, UEM_DIR
 from ...uem.image_quality import psnr
+from .image_goals import goals_block
 from .image_methods import Bench, Heads, Method, image_methods
 from .image_plots import plot_exit_depths, plot_pareto, plot_samples
 from .image_runs import B16, Quality, run_methods
+from .rows import RowId, bench_row
+from .timing import REPEATS, is_noisy
 
 FIGURES = ("layer_ratio", "speedup_wall_b1", "speedup_wall_b16", "psnr", "class_agreement", "frechet", "frechet_std")
 COLUMNS = [("method", "method", ""), ("layer_ratio", "cost", ".3f"), ("speedup_wall_b1", "speedup b1", ".2f"),
@@ -59,10 +71,9 @@ COLUMNS = [("method", "method", ""), ("layer_ratio", "cost", ".3f"), ("speedup_w
 BOOTSTRAP = 20  # resamples for the Frechet distance's spread
 
 
-
 def _row(method: Method, **figures) -> dict:
-    return {"method": method.name, "family": method.family, "params": method.params,
-            **{k: figures.get(k) for k in FIGURES}, **{k: v for k, v in figures.items() if k not in FIGURES}}
+    return bench_row(RowId(method.name, method.family, method.params), **{k: figures.get(k) for k in FIGURES},
+                     **{k: v for k, v in figures.items() if k not in FIGURES})
 
 
 def frechet_spread(features: torch.Tensor, real_features: torch.Tensor, seed: int) -> float:
@@ -79,21 +90,23 @@ def figures_row(method: Method, got, full: Quality, reference: Quality, timing: 
                 classifier, real_features: torch.Tensor) -> dict:
     """The results.json row of ``method``: its figures, or the reason it was skipped (``got`` is then a string).
 
-    ``full`` is full depth of the backbone the methods run on (the cost and timing reference, so its speedups are 1
-    by definition: ``timing`` is ``None`` for it); ``reference`` the user's model at full depth (the PSNR reference).
+    ``full`` is full depth of the backbone the methods run on (the cost and timing reference); ``reference`` the
+    user's model at full depth (the PSNR reference); ``timing`` the method's :func:`time_sessions` figures.
     """
     if isinstance(got, str):
         return _row(method, skipped=got)
     features = extract_features(classifier, got.images)
+    layer_ratio = got.block_rows / full.block_rows
     return _row(
         method,
-        layer_ratio=got.block_rows / full.block_rows,
+        layer_ratio=layer_ratio,
         psnr=psnr(got.images, reference.images),
         identical_to_full=torch.equal(got.images, reference.images),
         class_agreement=class_agreement(got.images, labels, classifier),
         frechet=frechet_distance(features, real_features),
         frechet_std=frechet_spread(features, real_features, seed=0),
-        **(timing if timing is not None else {"speedup_wall_b1": 1.0, "speedup_wall_b16": 1.0}),
+        **timing,
+        noisy=is_noisy(timing["speedup_wall_b16"], 1 / layer_ratio) if layer_ratio > 0 else None,
     )
 
 
@@ -160,7 +173,8 @@ def main(argv: list[str], prog: str = "diffexit bench images") -> int:
     p.add_argument("--steps", type=int, default=None, help="full sampling steps (default 25, quick 10)")
     p.add_argument("--batch", type=int, default=50,
                    help="images per pipeline call in the quality runs (default: %(default)s)")
-    p.add_argument("--rounds", type=int, default=None, help="timing rounds (default 3, quick 1)")
+    p.add_argument("--rounds", type=int, default=REPEATS,
+                   help=f"timing repeats, interleaved round-robin over all methods (>= {REPEATS}; default %(default)s)")
     p.add_argument("--b1-images", type=int, default=None,
                    help="images timed one per call, per round (default 4, quick 1)")
     p.add_argument("--methods", nargs="+", default=None, metavar="NAME",
@@ -171,11 +185,13 @@ def main(argv: list[str], prog: str = "diffexit bench images") -> int:
     args = p.parse_args(argv)
     args.per_class = args.per_class if args.per_class is not None else (2 if args.quick else 50)
     args.steps = args.steps if args.steps is not None else (10 if args.quick else 25)
-    args.rounds = args.rounds if args.rounds is not None else (1 if args.quick else 3)
     args.b1_images = args.b1_images if args.b1_images is not None else (1 if args.quick else 4)
-    for name in ("per_class", "steps", "batch", "rounds", "b1_images", "threads"):
+    for name in ("per_class", "steps", "batch", "b1_images", "threads"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.rounds < REPEATS:
+        p.error(f"--rounds must be >= {REPEATS} (a median of fewer timings says nothing about their spread), got "
+                f"{args.rounds}")
     torch.set_num_threads(args.threads)
 
     try:
@@ -198,10 +214,11 @@ def main(argv: list[str], prog: str = "diffexit bench images") -> int:
         methods = [m for m in methods if m.name in always or m.name in args.methods]
 
     results, timing = run_methods(bench, methods, labels, batch=args.batch, b1_images=args.b1_images,
-                                  rounds=args.rounds, seed=args.seed)
+                                  repeats=args.rounds, seed=args.seed)
     reference = results["full-base"] if isinstance(results.get("full-base"), Quality) else results["full"]
     rows = [figures_row(m, results[m.name], results["full"], reference, timing.get(m.name), labels, classifier,
                         real_features) for m in methods]
+    goals = goals_block(rows)
 
     args.out.mkdir(parents=True, exist_ok=True)
     train, _ = load_digits_dataset(size, "train").tensors
@@ -212,7 +229,7 @@ def main(argv: list[str], prog: str = "diffexit bench images") -> int:
         b1_images=args.b1_images, b16_images=B16, torch_threads=torch.get_num_threads(),
         pipeline=str(args.pipeline or "embedded"), uem={h.target: str(h.directory) for h in bench.heads.values()} or None,
         fine_tuned_backbone=bench.base_pipe is not None, real_frechet_train_vs_test=real_frechet,
-        psnr_reference="full-base" if reference is not results["full"] else "full",
+        psnr_reference="full-base" if reference is not results["full"] else "full", goals=goals,
     )
     ran = [r for r in rows if r.get("skipped") is None]
     plot_pareto(ran, args.out / "pareto.png",
@@ -232,6 +249,15 @@ def main(argv: list[str], prog: str = "diffexit bench images") -> int:
             print(f"- {r['method']} skipped: {r['skipped']}")
         elif r["identical_to_full"] and r["method"] not in ("full", "full-base"):
             print(f"- {r['method']}: images identical to the reference (no PSNR)")
+    print("\ngoal (#28): at >= 2 of the PSNR levels, the cheapest composed row costs <= 0.8x the cheapest "
+          "single technique, with a batch-16 wall speedup >= 0.8x its cost's reciprocal")
+    for level in goals["levels"]:
+        single, comp = level["single"], level["composed"]
+        print(f"- {level['psnr']:g} dB: single {single and single['method']} "
+              f"({single and format(single['layer_ratio'], '.3f')}), composed {comp and comp['method']} "
+              f"({comp and format(comp['layer_ratio'], '.3f')}, b16 {comp and format(comp['speedup_wall_b16'], '.2f')}x)"
+              f": {'met' if level['met'] else 'not met'}")
+    print(f"goal {'met' if goals['met'] else 'NOT met'} ({goals['levels_met']} of {len(goals['levels'])} levels)")
     print(f"\n{len(labels)} samples, {bench.steps} steps, guidance {bench.guidance_scale:g}; real digits train vs test "
           f"Frechet {real_frechet:.2f}\nresults, plots: {path}, {args.out / 'pareto.png'}, {args.out / 'samples.png'}, "
           f"{args.out / 'exit_depths.png'}")
