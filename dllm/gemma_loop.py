@@ -279,14 +279,14 @@ def decode(model, input_ids: torch.LongTensor, *, attention_mask: Optional[torch
     if generation_config.cache_implementation not in (None, "dynamic"):
         raise ValueError(f"cache_implementation={generation_config.cache_implementation!r}: the loop drops rows of a "
                          f"DynamicCache as samples stop; leave it unset, or decode with model.generate")
-    if stopping is not None:
-        given = [k for k in ("stability_threshold", "confidence_threshold") if config.get(k) is not None]
-        if given:
-            raise ValueError(f"{', '.join(given)} set the stock stopping rule, and stopping= replaces it; pass one "
-                             f"or the other")
-        rule = stopping
-    else:
-        rule = model._prepare_diffusion_stopping_criteria(generation_config)
+    given = [k for k in ("stability_threshold", "confidence_threshold") if config.get(k) is not None]
+    if given and stopping is not None:
+        raise ValueError(f"{', '.join(given)} set the stock stopping rule, and stopping= replaces it; pass one or "
+                         f"the other")
+    if given and getattr(model, "_diffexit_stopping", None) is not None:
+        raise ValueError(f"{', '.join(given)} set the stock stopping rule, which enable_sched replaced on this model; "
+                         f"drop them, or call disable_sched(model) to use the stock rule")
+    rule = stopping if stopping is not None else model._prepare_diffusion_stopping_criteria(generation_config)
     check_compactable(rule)
     steps = generation_config.max_denoising_steps
     if stopping is not None and callable(getattr(stopping, "begin", None)):

@@ -11,7 +11,8 @@ from transformers.models.diffusion_gemma.generation_diffusion_gemma import (
 
 from diffexit.common.schedules import ThresholdSchedule
 from diffexit.dllm.charlm.gemma import chat_tokenizer, gemma_config
-from diffexit.dllm.diffusion_gemma import CanvasSeeds, SchEDStopping, decoder_forward_passes
+from diffexit.dllm.diffusion_gemma import (CanvasSeeds, SchEDStopping, decoder_forward_passes, disable_sched,
+                                           enable_sched)
 from diffexit.dllm.gemma_loop import decode
 
 CANVAS, STEPS, CANVASES = 16, 8, 3
@@ -75,6 +76,18 @@ def test_with_no_rule_the_loop_is_generate_token_for_token(model, tok, prompts):
     assert torch.equal(got.sequences, expected.sequences)
     assert got.passes.tolist() == decoder_forward_passes(expected, ids.shape[1], tok.pad_token_id).tolist() \
         == [CANVASES * STEPS] * 3
+
+
+def test_a_rule_enabled_on_the_model_is_the_one_the_loop_uses(model, prompts):
+    ids, mask = prompts
+    expected = decode(model, ids, attention_mask=mask, stopping=RULES["sched"](), seeds=SEEDS, **SETTINGS)
+    enable_sched(model, RULES["sched"]())
+    try:
+        got = decode(model, ids, attention_mask=mask, seeds=SEEDS, **SETTINGS)
+    finally:
+        disable_sched(model)
+    assert torch.equal(got.sequences, expected.sequences) and torch.equal(got.passes, expected.passes)
+    assert expected.passes.max() < CANVASES * STEPS
 
 
 def test_a_rule_that_never_fires_is_generate_too(model, prompts):
@@ -189,6 +202,12 @@ def test_bad_input_names_the_fix(model, prompts):
         decode(model, ids, attention_mask=mask, seeds=[1], **SETTINGS)
     with pytest.raises(ValueError, match="confidence_threshold set the stock stopping rule"):
         decode(model, ids, attention_mask=mask, stopping=RULES["stock"](), confidence_threshold=0.1, **SETTINGS)
+    enable_sched(model, RULES["sched"]())
+    try:
+        with pytest.raises(ValueError, match="confidence_threshold set the stock stopping rule.*disable_sched"):
+            decode(model, ids, attention_mask=mask, confidence_threshold=0.1, **SETTINGS)
+    finally:
+        disable_sched(model)
     with pytest.raises(ValueError, match="cache_implementation='static'.*model.generate"):
         decode(model, ids, attention_mask=mask, cache_implementation="static", **SETTINGS)
     with pytest.raises(ValueError, match="not decoder_input_ids"):
