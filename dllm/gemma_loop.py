@@ -210,6 +210,7 @@ def run_canvases(model, input_ids: torch.LongTensor, attention_mask: torch.Tenso
             config=model.config, inputs_embeds=canvas.unsqueeze(-1), cache=view, decoder_attention_mask=decoder_mask)
         if rule is not None:
             rule.reset()
+
         def denoise(canvas, conditioning):
             passes[live[active]] += 1
             return model(decoder_input_ids=canvas, cache=view, self_conditioning_logits=conditioning,
