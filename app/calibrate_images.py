@@ -21,7 +21,7 @@ reference runs, counted by hooks on the blocks, as ``diffexit bench images`` cou
 The diffusers caches do not follow exits (:mod:`diffexit.app.image_plan`), so no setting joins the two.
 
 How: every setting first runs on ``--screen`` samples, fewest steps and tightest first. Along one setting at growing
-step counts, once one clears the target by a margin (1.5 dB) the larger ones (dearer, and no better needed) are not
+step counts, once one clears the target by a margin (3 dB) the larger ones (dearer, and no better needed) are not
 run; at one step count, once a setting misses it by more than that, the looser ones of its kind (a higher cache
 threshold or exit budget, a shallower exit) are not run. Those within the margin of the target then run on all
 ``--samples``, cheapest first, until the cheapest that meets it there is known. That plan runs on ``--held-out``
