@@ -117,6 +117,33 @@ def test_layer_ratios_are_the_blocks_each_method_runs(quick_run):
     assert not rows["steps-2"]["identical_to_full"] and rows["steps-2"]["psnr"] > 0
 
 
+def test_comparators_composed_rows_timing_and_goals(quick_run):
+    _, results = quick_run
+    rows = {r["method"]: r for r in results["rows"]}
+    families = {r["family"] for r in rows.values()}
+    assert {"taylorseer", "magcache", "similarity", "similarity-calibrated", "composed"} <= families
+    for name, row in rows.items():
+        if row["family"] == "taylorseer":
+            # diffusers' schedule: warm-up steps, then one computing step in every interval; the rest run no block.
+            interval, warmup = row["params"]["interval"], row["params"]["warmup"]
+            computed = [s for s in range(STEPS) if s < warmup or (s - warmup - 1) % interval == 0]
+            assert row["layer_ratio"] == pytest.approx(len(computed) / STEPS), name
+        if row["family"] == "composed":
+            assert "+" in name and row["params"].get("remainder") in ("cached", "taylor"), name
+        # Every row (full depth too) is timed in the same interleaved rounds, at least three times.
+        assert row["repeats"] >= 3 and row["seconds_b16"] > 0 and row["seconds_b16_spread"] >= 0, name
+        assert isinstance(row["noisy"], bool), name
+    # Fewer steps with a cached remainder refreshed every other step: full depth at the even steps, depth 1 between.
+    for name, row in rows.items():
+        if name.startswith("static-1+cached-e2+steps-"):
+            n = row["params"]["steps"]
+            want = sum(LAYERS if s % 2 == 0 else 1 for s in range(n)) / (STEPS * LAYERS)
+            assert row["layer_ratio"] == pytest.approx(want), name
+    goals = results["goals"]
+    assert [level["psnr"] for level in goals["levels"]] == [20.0, 23.0, 25.0]
+    assert goals["levels_met"] == sum(level["met"] for level in goals["levels"])
+
+
 def test_without_uem_weights_deediff_rows_say_why(models, tmp_path, monkeypatch):
     monkeypatch.setattr(bench, "UEM_DIR", tmp_path / "no-uem-here")
     monkeypatch.setattr(bench, "EXITS_DIR", tmp_path / "no-exits-here")
