@@ -16,6 +16,8 @@ one by one (parallel commits change the trajectory itself). On a block-causal mo
 halting oracle, and its per-pass argmax gives the commit oracle (:meth:`Recording.commit_oracle_nfe`), which commits
 each token at the first pass after which its argmax never changes. The commit oracle is a reference point, not a
 bound: committing a token early changes what the model sees at every later pass, which the recording cannot know.
+For the same reason any span-halting rule can be evaluated on a recording without decoding
+(:meth:`Recording.replay`), which makes searching over rules cheap.
 """
 
 from __future__ import annotations
@@ -24,7 +26,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ..kernels import token_stats
+from ..kernels import TokenStats, token_stats
+from .exact_cache import block_causal_layout
 from .generate import generate
 from .halting import HaltDecision, HaltingRule
 
@@ -35,22 +38,24 @@ class Recording:
 
     Attributes:
         final: ``[B, L]`` long, the generated span.
-        argmax: ``[T, B, L]`` long, every span position's argmax at each pass (ties to the lowest id, as
-            :func:`~diffexit.kernels.token_stats`).
+        stats: :class:`~diffexit.kernels.TokenStats` of every span position at each pass, fields ``[T, B, L]``
+            (what a halting rule would have seen; ties to the lowest id).
         masked: ``[T, B, L]`` bool, the positions still masked when each pass ran.
+        per_block: whether the model is block-causal (its loop halts per block, not the whole span).
     """
 
     final: torch.Tensor
-    argmax: torch.Tensor
+    stats: TokenStats
     masked: torch.Tensor
+    per_block: bool = False
 
     def commit_steps(self) -> torch.Tensor:
         """``[B, L]`` long: each position's first pass ``s`` such that its argmax equals its final token at every
         pass from ``s`` to the pass that committed it (the last pass it was masked at)."""
-        right = (self.argmax == self.final[None]) | ~self.masked
+        right = (self.stats.top1_id == self.final[None]) | ~self.masked
         # Walking back from the last pass, a position stays "right since" a pass while every later masked pass is
         # right; a masked wrong pass resets it.
-        passes = self.argmax.shape[0]
+        passes = right.shape[0]
         since = torch.full(self.final.shape, passes, dtype=torch.long)
         run = torch.ones(self.final.shape, dtype=torch.bool)
         for t in range(passes - 1, -1, -1):
@@ -64,16 +69,40 @@ class Recording:
         steps = self.commit_steps()
         return torch.tensor([len(torch.unique(row)) for row in steps], dtype=torch.long)
 
+    def replay(self, rule: HaltingRule) -> tuple[torch.Tensor, torch.Tensor]:
+        """What decoding with span-halting ``rule`` would give, without decoding: until a rule fires the decode is
+        the recorded one, and halting at pass ``t`` keeps the answer exactly when every masked argmax at ``t`` is
+        the final token. Returns ``(nfe [B] long, kept [B] bool)``: each sample's passes and whether its answer is
+        the full-steps one. Only for a bidirectional model (a block-causal one halts per block)."""
+        if self.per_block:
+            raise ValueError("replay follows whole-span halting; a block-causal model halts per block, so decode it "
+                             "with generate(halting=rule) instead")
+        passes, batch, span = self.masked.shape
+        rule.start(batch, span, torch.device("cpu"), passes)
+        nfe = torch.full((batch,), passes, dtype=torch.long)
+        kept = torch.ones(batch, dtype=torch.bool)
+        active = torch.arange(batch)
+        for t in range(passes):
+            stats = TokenStats(*(field[t, active] for field in self.stats))
+            halt = rule.decide(stats, self.masked[t, active], torch.full((len(active),), t), active).halt.cpu()
+            rows = active[halt]
+            nfe[rows] = t + 1
+            kept[rows] = ((self.stats.top1_id[t, rows] == self.final[rows]) | ~self.masked[t, rows]).all(-1)
+            active = active[~halt]
+            if len(active) == 0:
+                break
+        return nfe, kept
+
 
 def record_full_steps(model, input_ids: torch.Tensor, **generate_kwargs) -> Recording:
     """Decode ``input_ids`` ``[B, P]`` greedily with full steps (``generate`` with ``generate_kwargs``) and record
-    each pass's argmax over the span; ``halting``, a cache, parallel commits, guidance, sampling and suppressed
-    tokens are refused (the recording is of the plain decode those would change)."""
+    each pass's token statistics over the span; ``halting``, a cache, parallel commits, guidance, sampling and
+    suppressed tokens are refused (the recording is of the plain decode those would change)."""
     for key in ("halting", "cache", "parallel_threshold", "cfg_scale", "temperature", "suppress_token_ids"):
         if generate_kwargs.get(key):  # each one's plain value (None, 0, ()) is falsy
             raise ValueError(f"record_full_steps records greedy plain full steps; drop {key}={generate_kwargs[key]!r}")
     span = generate_kwargs["gen_length"]
-    argmax, masked = [], []
+    stats, masked = [], []
     mask_id = generate_kwargs["mask_id"]
 
     def hook(_module, args, output):
@@ -81,7 +110,7 @@ def record_full_steps(model, input_ids: torch.Tensor, **generate_kwargs) -> Reco
         if logits.shape[0] != input_ids.shape[0]:
             raise RuntimeError("record_full_steps saw a pass over part of the batch; full steps run every sample "
                                "at every pass")
-        argmax.append(token_stats(logits[:, -span:]).top1_id.cpu())
+        stats.append(TokenStats(*(field.cpu() for field in token_stats(logits[:, -span:]))))
         masked.append((args[0][:, -span:] == mask_id).cpu())
 
     handle = model.register_forward_hook(hook)
@@ -89,7 +118,8 @@ def record_full_steps(model, input_ids: torch.Tensor, **generate_kwargs) -> Reco
         out = generate(model, input_ids, **generate_kwargs)
     finally:
         handle.remove()
-    return Recording(final=out.generated.cpu(), argmax=torch.stack(argmax), masked=torch.stack(masked))
+    return Recording(final=out.generated.cpu(), stats=TokenStats(*(torch.stack(f) for f in zip(*stats))),
+                     masked=torch.stack(masked), per_block=block_causal_layout(model) is not None)
 
 
 class HaltingOracle(HaltingRule):

@@ -14,7 +14,7 @@ from diffexit.dllm.charlm.model import load_embedded_block_model, load_embedded_
 from diffexit.dllm.charlm.tasks import DECODE, layout_of, sample
 from diffexit.dllm.charlm.tokenizer import build_tokenizer, encode_prompts
 from diffexit.dllm.halting import HaltDecision, HaltingRule, SchED
-from diffexit.dllm.oracle import HaltingOracle, record_full_steps
+from diffexit.dllm.oracle import HaltingOracle, Recording, record_full_steps
 
 
 class HaltAt(HaltingRule):
@@ -131,11 +131,33 @@ def test_a_recording_is_the_full_steps_decode_pass_by_pass():
     ids, kw = _batch(tok, "pick", 5)
     rec = record_full_steps(model, ids, **kw)
     assert torch.equal(rec.final, generate(model, ids, **kw).generated)
-    assert rec.argmax.shape == rec.masked.shape == (kw["steps"], 5, kw["gen_length"])
+    assert rec.stats.top1_id.shape == rec.masked.shape == (kw["steps"], 5, kw["gen_length"])
     assert rec.masked[0].all() and rec.masked.sum((0, 2)).tolist() == [sum(range(1, 17))] * 5
     assert rec.commit_oracle_nfe().tolist() == _commit_passes_by_replay(model, tok, ids, kw)
     with pytest.raises(ValueError, match="drop cache='prefix'"):
         record_full_steps(model, ids, cache="prefix", **kw)
+
+
+# Thresholds fitted to the scripted model's margins (minimum 0-0.5, mean 0.1-1.3), so samples halt at different
+# passes and some answers change.
+@pytest.mark.parametrize("rule", [
+    lambda rec: HaltAt(3),
+    lambda rec: SchED(ThresholdSchedule("constant", 0.1, 0.1), stat="min"),
+    lambda rec: SchED(ThresholdSchedule("constant", 1.15, 1.15)),
+    lambda rec: SchED(ThresholdSchedule("linear", 1.3, 0.0), patience=1, max_change_ratio=0.5),
+    lambda rec: HaltingOracle(rec.final),
+], ids=["halt-at", "min", "mean", "mean-patience", "oracle"])
+def test_a_replayed_rule_halts_where_the_decode_does(rule):
+    model, tok, layout = _scripted("pick")
+    ids, kw = _batch(tok, "pick", 5)
+    rec = record_full_steps(model, ids, **kw)
+    nfe, kept = rec.replay(rule(rec))
+    out = generate(model, ids, halting=rule(rec), **kw)
+    assert nfe.tolist() == out.nfe.tolist()
+    assert kept.tolist() == (out.generated == rec.final).all(-1).tolist()
+    assert len(set(nfe.tolist())) > 1 or not kept.all()  # the rule is not trivially all-or-nothing
+    with pytest.raises(ValueError, match="halts per block"):
+        Recording(rec.final, rec.stats, rec.masked, per_block=True).replay(rule(rec))
 
 
 def test_bench_text_oracle_rows_equal_a_brute_force_search_on_a_scripted_model():
