@@ -59,8 +59,8 @@ from ...dllm.oracle import HaltingOracle, Recording, record_full_steps
 from .history import append_history, compare, compare_models, goal_lines, goals, history_line, load_earlier
 from .rows import bench_row
 from .text_methods import COMMIT_ORACLE_NOTE, PIPELINE_BLOCK, PIPELINE_THRESHOLD, Method, all_methods, block_methods
-from .timing import REPEATS, is_noisy, time_interleaved
 from .text_plots import plot_pareto, plot_trace, plot_wall
+from .timing import REPEATS, is_noisy, time_interleaved
 
 GAMMA = 4
 # The embedded models run side by side by default: the bidirectional one and its block-causal twin (issue #27).
