@@ -84,7 +84,8 @@ def rederived(m, xs, t, y, plan, order):
                 history[j].append((s, nxt - h))
                 h = nxt
             for j in range(k, LAYERS):
-                h = h + guess(history[j], s)
+                if history[j]:
+                    h = h + guess(history[j], s)
             states.append((s, h))
             outs[s][g] = head(m, h, tg, yg)[0]
     return outs
@@ -102,19 +103,21 @@ def run_steps(m, early, xs, t, y):
 PLAN = [[4, 4, 4], [1, 3, 4], [2, 1, 3], [1, 2, 1], [3, 1, 2]]
 # With exit_every=2 the rule runs at steps 2 and 4 only; steps 1 and 3 run no block (depth 0).
 SKIPPING = [[4, 4, 4], [0, 0, 0], [2, 1, 3], [0, 0, 0], [3, 1, 2]]
+# With refresh_first=0 the rule decides the first step too: blocks that have not yet run a sample add nothing.
+NO_REFRESH = [[2, 1, 3], [1, 3, 4], [4, 2, 4], [1, 2, 1], [3, 1, 2]]
 
 
 @torch.no_grad()
-@pytest.mark.parametrize("order, exit_every, plan", [(0, None, PLAN), (1, None, PLAN), (0, 2, SKIPPING),
-                                                     (1, 2, SKIPPING)])
-def test_per_sample_remainder_matches_rederivation(tiny_dit, order, exit_every, plan):
+@pytest.mark.parametrize("order, exit_every, first, plan", [
+    (0, None, 1, PLAN), (1, None, 1, PLAN), (0, 2, 1, SKIPPING), (1, 2, 1, SKIPPING), (1, None, 0, NO_REFRESH)])
+def test_per_sample_remainder_matches_rederivation(tiny_dit, order, exit_every, first, plan):
     m = random_dit(tiny_dit)
     g = torch.Generator().manual_seed(3)
     steps = len(plan)
     xs = [torch.randn(3, 1, 8, 8, generator=g) for _ in range(steps)]
     t, y = torch.tensor([900, 500, 100]), torch.tensor([1, 4, 7])
     early = enable_early_exit(m, None, PlannedDepths(plan, steps),
-                              remainder=CachedRemainder(order, exit_every=exit_every))
+                              remainder=CachedRemainder(order, exit_every=exit_every, refresh_first=first))
     depths = []
     early.depth_listener = depths.append
     got = run_steps(m, early, xs, t, y)
@@ -123,7 +126,7 @@ def test_per_sample_remainder_matches_rederivation(tiny_dit, order, exit_every, 
     for s in range(steps):
         torch.testing.assert_close(got[s], want[s], rtol=1e-5, atol=1e-5, msg=f"step {s}")
     # Without a remainder the same exits differ: the remainder is what is being checked.
-    if exit_every is None:
+    if exit_every is None and first == 1:
         early.remainder = None
         plain = run_steps(m, early, xs, t, y)
         assert not torch.allclose(plain[1], want[1], atol=1e-3)
