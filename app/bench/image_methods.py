@@ -277,7 +277,7 @@ FEWER_STEPS_REMAINDER = ((0.4, {"refresh_every": 2}), (0.6, {"refresh_every": 2}
 # TaylorSeer's step skipping (one computing step in every half of the steps, after one full step) with exits on the
 # steps that compute, their skipped blocks extrapolated: static depth fractions per stretch of sampling, noisiest
 # first, and the exit-cost heads' calibrations by budget.
-SKIPPING_DEPTHS = ((1 / 2, 2 / 3, 1.0), (2 / 3, 1.0), (1 / 2, 1.0), (1 / 2,))
+SKIPPING_DEPTHS = ((1 / 2, 2 / 3, 1.0), (2 / 3, 1.0), (1 / 2, 1.0), (1 / 2, 5 / 6), (1 / 2,))
 SKIPPING_BUDGETS = ("0.01", "0.02")
 
 
