@@ -298,3 +298,14 @@ def test_plan_methods_gives_the_bench_a_row_per_target(pipe):
     assert session.steps == settings.steps and session.generate(torch.tensor([1]), 0, 1.0).shape == (1, 1, 8, 8)
     with pytest.raises(MethodSkipped, match="no searched plan reaches 300 dB; the closest is"):
         unmet.build(bench)
+
+
+def test_compare_full_with_a_plan_runs_full_depth_at_the_plans_full_steps(pipe, pipe_dir, tmp_path):
+    plan = make_plan(pipe, PlanSettings(3)).save(tmp_path / "plan.json")
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed), contextlib.redirect_stderr(io.StringIO()):
+        result, full = generate_images.run([str(a) for a in ["--per-class", 1, "--classes", 2, "--pipeline", pipe_dir,
+                                                             "--plan", plan, "--compare-full", "--out", tmp_path / "o"]])
+    assert [len(r["depths"]) for r in result.records] == [3] and [len(r["depths"]) for r in full.records] == [8]
+    assert "cost 0.375 against full depth at 8 steps" in printed.getvalue()
+    assert "at cost 0.375" in printed.getvalue()
