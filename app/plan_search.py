@@ -131,6 +131,7 @@ class Planner:
         full_steps, guidance_scale: the reference's sampling.
         samples, screen, batch: calibration samples, screening samples (the first ones), samples per call.
         seed: the first calibration batch's seed.
+        num_classes: the labels cycle through ``0 .. num_classes - 1``.
     """
 
     def __init__(self, pipe, *, full_steps: int, guidance_scale: float, samples: int, screen: int, batch: int,
