@@ -38,8 +38,20 @@ def _bench(tmp_path, tiny_text_model, tasks):
     # One bidirectional model: its own full row is the bidirectional baseline; no block-causal goals to report.
     assert all(r["speedup_wall_vs_bidirectional"] == pytest.approx(r["speedup_wall"]) for r in result["rows"]
                if r["baseline"] == "full")
-    # No discriminating task, so no halting goal either.
-    assert result["goals"] == {"model": None, "halting_vs_oracle": None}
+    assert result["goals"]["model"] is None
+    goal = result["goals"]["halting_vs_oracle"]
+    if "discriminating" not in groups:
+        assert goal is None  # no discriminating task, so no halting goal either
+    else:
+        disc = {r["method"]: r for r in result["rows"] if r["task"] == "discriminating"}
+        assert goal["model"] == str(tmp_path / "model") and goal["agreement_at_least"] == 0.995
+        assert goal["oracle_speedup_nfe"] == disc["oracle-halt"]["speedup_nfe"]
+        assert goal["speedup_nfe_at_least"] == pytest.approx(disc["oracle-halt"]["speedup_nfe"] / 1.15)
+        rules = [r for r in disc.values() if r["halts"] and r["baseline"] == "full" and r["params"]["cache"] is None
+                 and r["params"]["parallel_threshold"] is None and not r["method"].startswith("oracle")
+                 and r["agreement"] >= 0.995]
+        best = max((r["speedup_nfe"] for r in rules), default=None)
+        assert goal["met"] == (best is not None and best >= goal["speedup_nfe_at_least"])
     for task in (*tasks, *groups):
         rows = [r for r in result["rows"] if r["task"] == task]
         assert {r["method"] for r in rows} == names
