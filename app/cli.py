@@ -23,6 +23,7 @@ COMMANDS: dict[tuple[str, str], tuple[str, str]] = {
     ("train", "text"): ("diffexit.dllm.charlm.train", "train the embedded masked-diffusion text model"),
     ("train", "image"): ("diffexit.uem.digits.train", "train the embedded digits DiT backbone"),
     ("train", "uem"): ("diffexit.app.train_uem", "train DeeDiff uncertainty heads on a DiT"),
+    ("train", "commit"): ("diffexit.app.train_commit", "the learned commit rule of a text model: train, calibrate, validate"),
     ("calibrate", "uem"): ("diffexit.app.calibrate_uem", "per-timestep exit thresholds within an error budget"),
     ("calibrate", "images"): ("diffexit.app.calibrate_images", "the cheapest steps x exits x cache plan for a PSNR target"),
     ("calibrate", "sched"): ("diffexit.app.calibrate_sched", "SchED parameters with a split-conformal risk bound"),

@@ -34,6 +34,8 @@ Methods (``--method``, or ``--config FILE``; flags override the file):
   ``min_progress``, ``patience``, ``max_change_ratio``. The file ``diffexit calibrate sched`` writes is accepted as is.
 - ``prophet``: the Prophet baseline, as its reference decides: ``window`` (``--window``), ``answer_start`` (the span
   position the window starts at) and ``thresholds`` (early, middle, late).
+- ``--commit learned|FILE`` instead: the learned commit rule (:mod:`diffexit.dllm.commit_rule`), ``learned-commit``
+  or with ``--commit-mode halt`` ``learned-halt``.
 
 A config file is ``{"method": ..., parameters...}``, or a ``diffexit calibrate sched`` file (``{"sched": {...}, ...}``).
 
@@ -108,6 +110,10 @@ def _parser(prog: str) -> argparse.ArgumentParser:
                    help="llada loop: KV cache; prefix is exact on a block-causal model (default: none)")
     p.add_argument("--parallel-threshold", type=float, metavar="P",
                    help="llada loop: also commit every masked token of the block at least this probable")
+    p.add_argument("--commit", metavar="learned|FILE", help="the learned commit rule instead of --method: 'learned' "
+                   "(shipped beside the model's weights) or a file of `diffexit train commit`")
+    p.add_argument("--commit-mode", choices=("commit", "halt"), help="commit and halt (default), or only halt")
+    p.add_argument("--commit-threshold", type=float, metavar="P", help="clear above P in (0, 1] (default: calibrated)")
     p.add_argument("--dtype", choices=DTYPES, default="float32", help="model weights' dtype (default: %(default)s)")
     p.add_argument("--batch-size", type=int, default=16, help="prompts per batch in a process (default: %(default)s)")
     p.add_argument("--compare-full", action="store_true",
@@ -193,8 +199,15 @@ def resolve_method(args) -> tuple[str, dict]:
 def loop_options(args) -> DecodeSpec:
     """The loop's options from the flags (lengths, ``--cache``, ``--parallel-threshold``), checked before anything
     loads; the loop, the default lengths and the method join them once the model's kind is known."""
+    commit = getattr(args, "commit", None)
+    if commit not in (None, "learned"):
+        if not Path(commit).is_file():
+            raise JobError(f"--commit {commit}: no such file; give 'learned' or a file `diffexit train commit` wrote")
+        commit = str(Path(commit).resolve())  # job.json must name the same file from any folder
     flags = {"gen_length": args.gen_length, "steps": args.steps, "block_length": args.block_length,
-             "cache": None if args.cache == "none" else args.cache, "parallel_threshold": args.parallel_threshold}
+             "cache": None if args.cache == "none" else args.cache, "parallel_threshold": args.parallel_threshold,
+             "commit": commit, "commit_mode": getattr(args, "commit_mode", None),
+             "commit_threshold": getattr(args, "commit_threshold", None)}
     try:
         return spec_from_options({k: v for k, v in flags.items() if v is not None})
     except ValueError as e:
@@ -257,6 +270,8 @@ def build_engines(args, kind: str, model, tokenizer, method: str, params: dict, 
 
         given = [f"--{k.replace('_', '-')}" for k in TRANSFORMERS_ONLY + ("block_length", "cache", "parallel_threshold")
                  if k not in ("gen_length", "steps") and getattr(args, k) is not None]
+        if loop.commit is not None:
+            given.append("--commit")
         if given:
             raise JobError(f"{', '.join(given)}: not for a DiffusionGemma model, which decodes with its own generate "
                            f"(--steps per canvas, --gen-length)")
@@ -282,7 +297,7 @@ def build_engines(args, kind: str, model, tokenizer, method: str, params: dict, 
             except ValueError as e:
                 raise JobError(str(e)) from None
         spec = with_method(loop, method, params, tokenizer)
-        full = spec.replace(method="full", params={})
+        full = spec.replace(method="full", params={}, commit=None, commit_mode="commit", commit_threshold=None)
         if kind == "embedded":
             engine, full_engine = EmbeddedEngine(model, tokenizer, spec), EmbeddedEngine(model, tokenizer, full)
         else:

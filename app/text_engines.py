@@ -126,7 +126,7 @@ class EmbeddedEngine:
     block length where it sets one."""
 
     def __init__(self, model, tokenizer, spec):
-        self.model, self.tokenizer, self.spec, self.method = model, tokenizer, spec, spec.method
+        self.model, self.tokenizer, self.spec, self.method = model, tokenizer, spec, spec.rule_name
 
     def layout(self, item: Item):
         """The item's task's layout; the short one for a prompt without a task."""
@@ -159,6 +159,12 @@ class EmbeddedEngine:
         block_causal = block_causal_layout(self.model)
         for layout in {self.layout(item).span_length: self.layout(item) for item in items}.values():
             spec = self.layout_spec(layout)
+            if spec.commit is not None:
+                # A commit model made for another model or block length is refused before any work.
+                try:
+                    spec.halting_rule().bind(self.model, spec.block_length)
+                except ValueError as e:
+                    raise JobError(f"--commit {spec.commit}: {e}") from None
             if block_causal is not None:
                 # Said before any work: the loop would refuse it only at its first batch, mid-job.
                 try:
@@ -196,7 +202,7 @@ class TransformersEngine:
     """A model loaded through transformers, decoded by :class:`~diffexit.dllm.pipeline.MaskedDiffusionPipeline`."""
 
     def __init__(self, pipe, spec):
-        self.pipe, self.spec, self.method = pipe, spec, spec.method
+        self.pipe, self.spec, self.method = pipe, spec, spec.rule_name
 
     def group(self, item: Item) -> None:
         """Any prompts can share a batch: the pipeline pads them to the longest."""

@@ -172,3 +172,36 @@ def save_sched(path: Path | str, rule: SchED, **record) -> Path:
     :func:`load_sched`, ``diffexit generate text --config`` and the demo read."""
     atomic_write_bytes(Path(path), json.dumps({"sched": rule.to_dict(), **record}, indent=2).encode())
     return Path(path)
+
+
+def check_risk(risk, n: int) -> None:
+    """``ValueError`` naming the fix for a risk outside ``(0, 1)``, or for ``n`` calibration prompts too few to
+    certify it (the conformal bound is at least ``1 / (n + 1)``)."""
+    if isinstance(risk, bool) or not isinstance(risk, (int, float)) or not 0 < risk < 1:
+        raise ValueError(f"the risk is a rate of changed answers in (0, 1), got {risk!r}")
+    if 1 / (n + 1) > risk:
+        need = math.ceil(1 / risk - 1)
+        raise ValueError(f"risk {risk} needs at least {need} calibration prompts (the conformal bound is at least "
+                         f"1/(n+1)), and there are {n}: give more prompts or allow a larger risk")
+
+
+def conformal_select(scan, risk: float):
+    """Conformal risk control over a scan from conservative to aggressive.
+
+    ``scan`` yields ``(parameter, losses)`` (``losses``: one 0/1 per calibration prompt, 1 = answer changed), and is
+    read lazily, so a scan that decodes stops at the first parameter over the bound. Each prompt's loss is made
+    monotone along the scan by a running maximum. Returns ``(the last parameter whose bound (n * mean + 1) / (n + 1)
+    is at most risk, or None; [{"parameter", "empirical_risk", "bound"}, ...])``.
+    """
+    worst, chosen, rows = None, None, []
+    for parameter, losses in scan:
+        worst = list(losses) if worst is None else [max(a, int(b)) for a, b in zip(worst, losses)]
+        n = len(worst)
+        check_risk(risk, n)
+        empirical = sum(worst) / n
+        bound = (n * empirical + 1) / (n + 1)
+        rows.append({"parameter": parameter, "empirical_risk": empirical, "bound": bound})
+        if bound > risk:
+            break
+        chosen = parameter
+    return chosen, rows

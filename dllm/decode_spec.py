@@ -1,7 +1,8 @@
 """One object for a decode's options: what ``generate text``, the pipeline, the demo and the benches take.
 
 A :class:`DecodeSpec` holds the loop, the lengths, remasking, the KV cache, parallel commits and the halting rule
-(by method name and JSON parameters, :mod:`diffexit.dllm.rule_spec`). It is checked and normalised once, when it is
+(by method name and JSON parameters, :mod:`diffexit.dllm.rule_spec`) or the learned commit rule
+(``commit="learned"`` or a commit model file, :mod:`diffexit.dllm.commit_rule`). It is checked and normalised once, when it is
 made, so every surface reports the same bad option with the same message; it round-trips through a JSON dict
 (``job.json`` records it, so a resumed job cannot mix specs)::
 
@@ -19,13 +20,14 @@ import math
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
+from .commit_rule import CommitRule, check_mode_threshold
 from .kv_cache import CACHES
 from .rule_spec import METHODS, PARAMS, check_halting_params, halting_rule
 
 LOOPS = ("llada", "dream")
 REMASKING = ("low_confidence", "random")
 OPTIONS = ("loop", "gen_length", "steps", "block_length", "remasking", "cache", "parallel_threshold", "method",
-           "params")
+           "params", "commit", "commit_mode", "commit_threshold")
 
 
 def _positive_int(name: str, value) -> None:
@@ -47,6 +49,10 @@ class DecodeSpec:
         parallel_threshold: also commit every masked token of the block at least this probable, in ``(0, 1]``.
         method: the halting rule, ``full`` (none), ``sched`` or ``prophet``.
         params: the rule's parameters, normalised by :func:`~diffexit.dllm.rule_spec.check_halting_params`.
+        commit: the learned commit rule instead of a halting method: ``learned`` (the commit model shipped beside
+            the model's weights) or a commit model file; None: none.
+        commit_mode: ``commit`` (commit what clears, fill an end-of-text tail, halt when all clears) or ``halt``.
+        commit_threshold: the rule's threshold in ``(0, 1]`` (1 never clears); None: the model's calibrated one.
     """
 
     loop: str = "llada"
@@ -58,6 +64,9 @@ class DecodeSpec:
     parallel_threshold: Optional[float] = None
     method: str = "full"
     params: dict = field(default_factory=dict)
+    commit: Optional[str] = None
+    commit_mode: str = "commit"
+    commit_threshold: Optional[float] = None
 
     def __post_init__(self):
         if self.loop not in LOOPS:
@@ -97,6 +106,22 @@ class DecodeSpec:
         if not isinstance(self.params, dict):
             raise ValueError(f"params must be a dict of the {self.method!r} rule's parameters, got {self.params!r}")
         object.__setattr__(self, "params", check_halting_params(self.method, self.params))
+        self._check_commit()
+
+    def _check_commit(self):
+        check_mode_threshold(self.commit_mode, self.commit_threshold)
+        if self.commit_threshold is not None:
+            object.__setattr__(self, "commit_threshold", float(self.commit_threshold))
+        if self.commit is None:
+            if self.commit_mode != "commit" or self.commit_threshold is not None:
+                raise ValueError("commit_mode and commit_threshold set the learned commit rule; give commit='learned' "
+                                 "(or a commit model file) too, or drop them")
+            return
+        if not isinstance(self.commit, str) or not self.commit:
+            raise ValueError(f"commit is 'learned' or the path of a commit model file, got {self.commit!r}")
+        if self.method != "full":
+            raise ValueError(f"the learned commit rule halts by itself (commit_mode='halt' only halts); it replaces "
+                             f"method {self.method!r}: use method 'full' with commit=, or drop commit")
 
     # Building ---------------------------------------------------------------------------------------------------
 
@@ -133,8 +158,16 @@ class DecodeSpec:
     # Using ------------------------------------------------------------------------------------------------------
 
     def halting_rule(self):
-        """A fresh halting rule (rules keep per-run state), or None for full steps."""
+        """A fresh halting rule (rules keep per-run state; the learned commit rule is one), or None for full
+        steps."""
+        if self.commit is not None:
+            return CommitRule(self.commit, self.commit_mode, self.commit_threshold)
         return halting_rule(self.method, self.params)
+
+    @property
+    def rule_name(self) -> str:
+        """The row name of the rule: the method, or ``learned-commit`` / ``learned-halt``."""
+        return self.method if self.commit is None else f"learned-{self.commit_mode}"
 
     def loop_kwargs(self) -> dict:
         """The keyword arguments of :func:`~diffexit.dllm.generate.generate` (llada loop) or
@@ -150,7 +183,7 @@ class DecodeSpec:
 
     def describe(self) -> str:
         """The non-default options in a few words, e.g. ``"sched, cache prefix, parallel >= 0.9"``."""
-        words = [self.method]
+        words = [self.rule_name + ("" if self.commit_threshold is None else f" > {self.commit_threshold:g}")]
         if self.cache:
             words.append(f"cache {self.cache}")
         if self.parallel_threshold is not None:

@@ -25,6 +25,7 @@ from typing import Optional
 import torch
 
 from ..common.schedules import progress
+from .commit_rule import CommitRule, eos_tail
 from .decoding import call_model, check_inputs, record_trace, span_stats, topk_commit
 from .halting import HaltingRule, aggregate_margin
 from .output import GenerationOutput
@@ -83,7 +84,10 @@ def dream_generate(
         eps: the final timestep.
         attention_mask: ``[B, P]``, 0 at padding. With padding, positions are counted from each row's first
             real token, as Dream does.
-        halting: a halting rule (e.g. ``SchED``), decided per sample; None runs every step.
+        halting: a halting rule (e.g. ``SchED``), decided per sample; None runs every step. A
+            :class:`~diffexit.dllm.commit_rule.CommitRule` (its block is the whole span) in ``commit`` mode also
+            commits every masked token it clears and fills an end-of-text tail that clears; a sample whose masks
+            are all committed stops.
         generator: RNG for sampling and for ``origin``'s random commits.
         return_trace: record a :class:`TraceStep` per sample per step.
     """
@@ -121,6 +125,9 @@ def dream_generate(
     halt_step = torch.full((batch,), -1, dtype=torch.long, device=device)
     done = torch.zeros(batch, dtype=torch.bool, device=device)
     trace = [[] for _ in range(batch)] if return_trace else None
+    if isinstance(halting, CommitRule):
+        halting.bind(model, gen_length)
+    commits = isinstance(halting, CommitRule) and halting.commits
     if halting is not None:
         halting.start(batch, gen_length, device, steps)
     neg_inf = torch.tensor(float("-inf"), device=device)
@@ -187,11 +194,15 @@ def dream_generate(
                 full = torch.full((len(rows), plen + gen_length), float("-inf"), device=device)
                 full[:, plen:] = conf
                 pick = topk_commit(full, k)[:, plen:]
+        tail = torch.zeros_like(pick)
+        if commits:
+            pick |= halting.clear & going[:, None]
+            tail = eos_tail(span, stats.top1_id, halting.clear, mask_id, halting.eos_token_ids) & going[:, None]
         # A halted sample takes this step's argmax at every remaining mask.
-        fill = pick | (masked & halt[:, None])
-        x[rows, plen:] = torch.where(fill, torch.where(halt[:, None], stats.top1_id, x0), span)
+        fill = pick | tail | (masked & halt[:, None])
+        x[rows, plen:] = torch.where(fill, torch.where(halt[:, None] | tail, stats.top1_id, x0), span)
         halt_step[rows] = torch.where(halt, i, halt_step[rows])
-        done[rows] = halt
+        done[rows] = halt | (commits & ~(x[rows, plen:] == mask_id).any(-1))
 
         if trace is not None:
             value = (decision.value if halting is not None

@@ -48,6 +48,7 @@ from .decoding import (
     topk_commit,
 )
 from .block_decoding import BlockHalting, check_block_causal, eos_stop
+from .commit_rule import CommitRule, eos_tail
 from .halting import HaltingRule, aggregate_margin
 from .exact_cache import ExactPrefixCache, block_causal_layout
 from .kv_cache import CACHES, BlockCache
@@ -126,7 +127,10 @@ def generate(
         temperature: 0 for greedy; otherwise Gumbel-max sampling at this temperature (float64 noise).
         mask_id: the mask token id (required).
         halting: a :class:`~diffexit.dllm.halting.HaltingRule` (e.g. ``SchED``), decided per sample; None runs
-            every step. On a block-causal model it decides per block (:mod:`diffexit.dllm.block_decoding`).
+            every step. On a block-causal model it decides per block (:mod:`diffexit.dllm.block_decoding`). A
+            :class:`~diffexit.dllm.commit_rule.CommitRule` in ``commit`` mode also commits every masked token of the
+            current block it clears, a block ends once its masks do, and a sample ends with a block after which
+            every mask is in an end-of-text tail that clears (filled).
         attention_mask: ``[B, P]`` 1 for real prompt tokens, 0 for padding; the span is always attended.
         cfg_scale: classifier-free guidance; the unconditional copy has its prompt masked.
         parallel_threshold: Fast-dLLM-style parallel commits: also commit every masked token of the current
@@ -162,6 +166,9 @@ def generate(
     layout = block_causal_layout(model)
     if layout is not None:
         check_block_causal(layout, input_ids.shape[1], block_length, cache, halting)
+    if isinstance(halting, CommitRule):
+        halting.bind(model, block_length)
+    commits = isinstance(halting, CommitRule) and halting.commits
     eos_token_ids = tuple(eos_token_ids)
     if not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 and i != mask_id for i in eos_token_ids):
         raise ValueError(f"eos_token_ids must be token ids (ints >= 0, not the mask id {mask_id}), got "
@@ -237,6 +244,13 @@ def generate(
         pick = topk_commit(full_conf, torch.where(halt, 0, k))[:, plen:]
         if parallel_threshold is not None:
             pick |= (full_conf[:, plen:] >= parallel_threshold) & ~halt[:, None]
+        if commits:
+            cleared = halting.clear if per_block is None else torch.zeros_like(masked).scatter(1, block_cols,
+                                                                                               halting.clear)
+            # Commits stay in the current block, and the scheduled ones still go to the most confident masks:
+            # committing a later block's choice early, or this block's choice before the tokens full steps commit
+            # first, changed answers of the coupled tasks.
+            pick |= cleared & in_block & ~halt[:, None]
         # A halted sample takes this step's argmax at every remaining mask, in all blocks (per block: in its
         # current block): no extra pass.
         fill = pick | ((in_block if per_block is not None else masked) & halt[:, None])
@@ -250,6 +264,16 @@ def generate(
         finished = next_step == steps_per_block
         if parallel_threshold is not None:
             finished |= committed == available
+        if commits:
+            finished |= ~(in_block & ~fill).any(-1)
+            # A block that ends with every later mask in a clearing end-of-text tail ends the sample: its answer
+            # blocks were decoded as full steps decode them, with the tail still masked (filling it earlier
+            # changed the coupled tasks' choices). A block-causal model never sees later blocks: eos_stop instead.
+            rest = masked & (span_block[None, :] > block[rows, None])
+            tail = eos_tail(span, stats.top1_id, cleared, mask_id, halting.eos_token_ids) & rest
+            ends = finished & ~halt & rest.any(-1) & ~(rest & ~tail).any(-1)
+            new_span = torch.where(ends[:, None] & tail, stats.top1_id, new_span)
+            committed = committed + (ends[:, None] & tail).sum(-1)
         stop = torch.zeros_like(halt)
         if per_block is not None:
             finished |= halt
@@ -260,7 +284,13 @@ def generate(
                                           mask_id)
                 committed = committed + before - (new_span == mask_id).sum(-1)
         x[rows, plen:] = new_span
-        block[rows] = block[rows] + finished.long()
+        if commits:
+            # A filled end-of-text tail can finish later blocks too: go on with the first block that has a mask.
+            has_mask = (new_span == mask_id).view(len(rows), num_blocks, block_length).any(-1)
+            first = torch.where(has_mask.any(-1), has_mask.long().argmax(-1), num_blocks)
+            block[rows] = torch.where(finished, torch.maximum(first, block[rows] + 1), block[rows])
+        else:
+            block[rows] = block[rows] + finished.long()
         block_step[rows] = torch.where(finished, 0, next_step)
         done[rows] = (halt if per_block is None else stop) | (block[rows] == num_blocks)
         halt_step[rows] = torch.where(halt, nfe[rows] - 1, halt_step[rows])
