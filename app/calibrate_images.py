@@ -166,6 +166,11 @@ def _skipped(reason: str):
     return build
 
 
+def plan_name(target: float) -> str:
+    """The bench row of the planner's pick at PSNR ``target`` (dB)."""
+    return f"plan-{target:g}dB"
+
+
 def plan_methods(bench, targets: Sequence[float], *, samples: int = 16, screen: int = 4, seed: int = 0) -> list[Method]:
     """``diffexit bench images`` rows for the planner's pick at each PSNR target (dB), searched once on
     ``samples`` calibration samples of ``bench``'s shipped pipeline (seeds apart from the bench's), with the exit
@@ -186,7 +191,7 @@ def plan_methods(bench, targets: Sequence[float], *, samples: int = 16, screen: 
         try:
             settings = planner.pick(tried, target).settings
         except NoPlan as e:
-            methods.append(Method(f"plan-{target:g}dB", "plan", {"target_psnr": target}, _skipped(str(e))))
+            methods.append(Method(plan_name(target), "plan", {"target_psnr": target}, _skipped(str(e))))
             continue
         techniques = settings.techniques(bench.steps)
         family = "composed" if len(techniques) > 1 else techniques[0]
@@ -195,6 +200,6 @@ def plan_methods(bench, targets: Sequence[float], *, samples: int = 16, screen: 
             run = planned_pipeline(pipe, settings, bench.guidance_scale)
             return Session(run.pipe, run.steps, exit_scheduler=run.exit_scheduler, call_context=run.call_context)
 
-        methods.append(Method(f"plan-{target:g}dB", family, {"target_psnr": target, "plan": settings.name,
+        methods.append(Method(plan_name(target), family, {"target_psnr": target, "plan": settings.name,
                                                              **settings.to_dict()}, build))
     return methods

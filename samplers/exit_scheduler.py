@@ -56,9 +56,12 @@ class ExitStatistics:
 
     @property
     def depth_counts(self) -> torch.Tensor:
-        """``[S, num_blocks]`` int64: entry ``[s, d - 1]`` counts the samples that ran ``d`` blocks at step ``s``."""
-        counts = torch.zeros(self.depths.shape[0], self.num_blocks, dtype=torch.long)
-        return counts.scatter_add_(1, self.depths - 1, torch.ones_like(self.depths))
+        """``[S, num_blocks]`` int64: entry ``[s, d - 1]`` counts the samples that ran ``d >= 1`` blocks at step ``s``.
+
+        A sample that ran no block at a step (depth 0: a cached remainder's skipped step, ``exit_every``) has no
+        column, as the demo's heatmap shows exits; ``depths`` keeps it."""
+        counts = torch.zeros(self.depths.shape[0], self.num_blocks + 1, dtype=torch.long)
+        return counts.scatter_add_(1, self.depths, torch.ones_like(self.depths))[:, 1:]
 
 
 def _with_signature_of(inner, impl):

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from diffexit.samplers import progress
 from diffexit.samplers.early_exits import attach_early_exits
 from diffexit.uem import enable_early_exit
-from diffexit.uem.cached_remainder import EXIT, REFRESH, SKIP, CachedRemainder
+from diffexit.uem.cached_remainder import EXIT, MAX_CALLS_PER_STEP, REFRESH, SKIP, CachedRemainder
 from diffexit.uem.exit_config import EarlyExitConfig
 from diffexit.uem.exit_rules import ExitRule
 
@@ -221,3 +221,35 @@ def test_remainder_settings_round_trip():
                              refresh_first=2, exit_every=4)
     assert EarlyExitConfig.from_dict(config.to_dict()) == config
     assert "remainder" not in EarlyExitConfig("static", depths=(2,)).to_dict()
+
+
+def test_the_public_api_exports_the_remainder_and_similarity_exits():
+    import diffexit.uem as uem
+    from diffexit.uem import calibration, exit_rules
+
+    assert uem.CachedRemainder is CachedRemainder and uem.SimilarityExit is exit_rules.SimilarityExit
+    assert uem.calibrate_similarity is calibration.calibrate_similarity
+    assert (uem.REFRESH, uem.EXIT, uem.SKIP) == (REFRESH, EXIT, SKIP)
+    assert {"CachedRemainder", "SimilarityExit", "calibrate_similarity"} <= set(uem.__all__)
+
+
+def test_each_call_of_a_step_has_its_own_slot_and_a_new_run_starts_every_slot_over():
+    cache = CachedRemainder(order=0, refresh_every=None, refresh_first=1)
+    rows = torch.arange(1)
+    # Two calls a step (Flux's true CFG): each slot refreshes at its own first step and keeps its own residuals.
+    for branch, value in enumerate((1.0, 2.0)):
+        assert cache.begin(0.0, 1) == REFRESH and cache.step == 0
+        cache.record(3, rows, torch.full((1, 2, 2), value))
+    for branch, value in enumerate((1.0, 2.0)):
+        assert cache.begin(0.5, 1) == EXIT and cache.step == 1
+        assert torch.equal(cache.remainder(0, rows), torch.full((1, 2, 2), value)), branch
+    # A lower progress is a new run: every slot starts over at its first step, with nothing kept.
+    for _ in range(2):
+        assert cache.begin(0.0, 1) == REFRESH and cache.step == 0
+    cache.begin(0.5, 1)
+    cache.begin(0.5, 1)
+    assert cache.begin(0.5, 1) == REFRESH  # a third call at a step that had two is a slot of its own, new
+    # One-step runs (every call at progress 0) reuse the slots past MAX_CALLS_PER_STEP instead of adding one each.
+    for _ in range(3 * MAX_CALLS_PER_STEP):
+        assert cache.begin(0.0, 1) == REFRESH
+    assert len(cache._slots) == MAX_CALLS_PER_STEP

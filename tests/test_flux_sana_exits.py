@@ -264,6 +264,37 @@ def test_a_cached_remainder_adds_the_skipped_blocks_last_residuals(name):
 
 
 @torch.no_grad()
+def test_under_flux_true_cfg_each_branch_keeps_its_own_cached_remainder():
+    # FluxPipeline with true_cfg_scale > 1 calls the transformer twice a step at one progress: the positive prompt,
+    # then the negative. Re-derived per branch on its own: step 0 refreshes every block; at steps 1 and 2 an exit
+    # after block k reads h_k plus what blocks k+1..L added to that branch's image tokens at step 0.
+    model, make_inputs, trace = flux()
+    k, depth = 1, DEPTH["flux-dev"]
+    steps = []
+    for s in range(3):
+        positive = make_inputs(1, seed=10 + s)
+        negative = dict(positive, encoder_hidden_states=make_inputs(1, seed=20 + s)["encoder_hidden_states"],
+                        pooled_projections=make_inputs(1, seed=30 + s)["pooled_projections"])
+        steps.append((positive, negative))
+    early = enable_early_exit(model, None, StaticDepth([k]), remainder=CachedRemainder(order=0))
+    got = []
+    for s, pair in enumerate(steps):
+        early.progress = s / 2
+        got.append([model(**inp).sample for inp in pair])
+    for branch in range(2):
+        refreshed, _ = trace(model, steps[0][branch])
+        torch.testing.assert_close(got[0][branch], by_hand(trace, model, steps[0][branch], depth), rtol=0, atol=1e-5)
+        for s in (1, 2):
+            states, head = trace(model, steps[s][branch])
+            want = head(states[k] + refreshed[depth] - refreshed[k])
+            torch.testing.assert_close(got[s][branch], want, rtol=0, atol=1e-5)
+        # The other branch's residuals would give another output: the test tells the slots apart.
+        other, _ = trace(model, steps[0][1 - branch])
+        states, head = trace(model, steps[1][branch])
+        assert not torch.allclose(got[1][branch], head(states[k] + other[depth] - other[k]), atol=1e-3)
+
+
+@torch.no_grad()
 def test_flux_guided_pairs_exit_together():
     # FluxPipeline's true CFG runs the halves as two calls; a batch of [cond; uncond] halves still pairs.
     model, make_inputs, _ = flux()

@@ -82,6 +82,26 @@ def test_static_schedule_uses_the_step_progress(tiny_dit):
     assert pipe.scheduler.statistics.depths.shape == (STEPS, 1)
 
 
+def test_depth_counts_leave_out_steps_that_run_no_block(tiny_dit):
+    from diffexit.uem.cached_remainder import CachedRemainder
+
+    pipe = tiny_pipe(tiny_dit)
+    # Refresh at step 0, then the rule (depth 1) at one step in every two from step 2; steps 1, 3, 5 run no block.
+    remainder = CachedRemainder(order=0, exit_every=2)
+    early = enable_early_exit(pipe, None, StaticDepth([1]), remainder=remainder)
+    pipe.scheduler = ExitAwareScheduler(pipe.scheduler, early)
+    run(pipe)
+    stats = pipe.scheduler.statistics
+    depths = stats.depths[:, 0].tolist()
+    assert depths == [LAYERS, 0, 1, 0, 1, 0]
+    counts = stats.depth_counts
+    assert counts.shape == (STEPS, LAYERS)
+    # Re-derived per step: a column per depth 1..L, a step at depth 0 counted in none.
+    for step, depth in enumerate(depths):
+        want = [3 if d == depth else 0 for d in range(1, LAYERS + 1)]
+        assert counts[step].tolist() == want, step
+
+
 def test_uncertainty_threshold_in_a_pipeline_with_dpm_solver(tiny_dit):
     pipe = tiny_pipe(tiny_dit, DPMSolverMultistepScheduler)
     ref = run(pipe)

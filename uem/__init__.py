@@ -6,8 +6,14 @@
 - ``EarlyExitConfig`` (exit_config): a run's exits, checked once and JSON round-tripping; what
   ``diffexit.samplers.attach_early_exits`` takes. ``load_uem_folder`` (uem_folder): a UEM folder's heads and the
   fine-tuned backbone it may bring.
-- Exit rules (exit_rules): ``UncertaintyThreshold``, ``StaticDepth``, ``MinDepth``, ``FullDepth``, and
-  ``CalibratedThreshold`` (per-step thresholds from ``diffexit calibrate uem``).
+- Exit rules (exit_rules): ``UncertaintyThreshold``, ``StaticDepth``, ``MinDepth``, ``FullDepth``,
+  ``CalibratedThreshold`` (per-step thresholds from ``diffexit calibrate uem``) and ``SimilarityExit`` (MuE's
+  training-free exits, on the relative change a block makes); ``calibrate_similarity`` (calibration) calibrates its
+  tolerances per step within an exit-error budget.
+- ``CachedRemainder`` (cached_remainder): what the blocks an exited sample skipped add (their last residual, or its
+  first-order extrapolation), with its refresh steps; ``enable_early_exit(..., remainder=...)`` takes one and
+  ``EarlyExitConfig(remainder="cached" | "taylor", ...)`` builds one. ``REFRESH``, ``EXIT`` and ``SKIP`` are what
+  a step does.
 - ``deediff_loss`` (losses): ``L_simple + lambda * L_u + beta * L_UAL``; UEM targets by name in ``TARGETS``.
 - ``Calibration`` and ``find_calibration`` (calibration_file): the files ``diffexit calibrate uem`` writes, and the
   rule each gives for the weights and sampling setup it was made for; the algorithm is ``calibration``.
@@ -38,6 +44,12 @@ _LAZY = {
     "MinDepth": ".exit_rules",
     "FullDepth": ".exit_rules",
     "CalibratedThreshold": ".exit_rules",
+    "SimilarityExit": ".exit_rules",
+    "calibrate_similarity": ".calibration",
+    "CachedRemainder": ".cached_remainder",
+    "REFRESH": ".cached_remainder",
+    "EXIT": ".cached_remainder",
+    "SKIP": ".cached_remainder",
     "Calibration": ".calibration_file",
     "find_calibration": ".calibration_file",
     "exit_rule": ".rule_spec",

@@ -26,9 +26,12 @@ DiT at 10 steps, computing steps 0, 2 and 7 only, the embedding plus the extrapo
 against full depth where diffusers' TaylorSeer kept 25.2.
 
 Steps are told apart by the sampling progress that ``ExitAwareScheduler`` publishes (``i / (T - 1)`` at step ``i``
-of ``T``): a call whose progress is not above the previous call's, or whose batch differs, starts a new run, and the
-spacing of consecutive progress values gives how many steps remain. So it assumes one model call per sampling step,
-as the DiT, PixArt and SD3 pipelines make (guided halves ride in one batch).
+of ``T``), and the spacing of consecutive progress values gives how many steps remain. A pipeline may call the model
+more than once per step: DiT, PixArt and SD3 make one call (guided halves ride in one batch), Flux's true CFG two
+(the positive prompt, then the negative). Each call of a step has its own slot, its own residuals and states (the
+``k``-th call at one progress is slot ``k``), so the negative pass never reads the positive pass's residuals. A slot
+whose call's progress is not above its previous call's, or whose batch differs, starts a new run; a call at a lower
+progress than the call before it starts a new run in every slot.
 """
 
 from __future__ import annotations
@@ -41,6 +44,21 @@ ORDERS = {"cached": 0, "taylor": 1}
 # What a step does (CachedRemainder.begin): every block runs; the exit rule decides; no block runs.
 REFRESH, EXIT, SKIP = "refresh", "exit", "skip"
 _STATE = "state"  # the key under which the state the head read is kept, beside the blocks' residuals
+# More calls at one progress than this start over at slot 0: no pipeline makes more calls per step (Flux's true CFG
+# makes two), and a loop of one-step runs (every call at progress 0) would otherwise add a slot per call.
+MAX_CALLS_PER_STEP = 8
+
+
+class _Slot:
+    """One call's place in every step of a run: its batch size, last progress and spacing, step count, and kept
+    residuals (block index, or ``_STATE``, -> ``[last, its step, previous, its step]``, per row)."""
+
+    def __init__(self):
+        self.rows: Optional[int] = None
+        self.progress: Optional[float] = None
+        self.spacing: Optional[float] = None
+        self.step = -1
+        self.kept: dict = {}
 
 
 class CachedRemainder:
@@ -77,10 +95,15 @@ class CachedRemainder:
         self.refresh_every = refresh_every
         self.refresh_last = refresh_last
         self.refresh_first = refresh_first
-        self._rows: Optional[int] = None
-        self._progress: Optional[float] = None
-        self._spacing: Optional[float] = None
-        self.step = -1
+        self._slots: list[_Slot] = []
+        self._slot: Optional[_Slot] = None  # the current call's
+        self._last_progress: Optional[float] = None  # the previous call's, of any slot
+        self._calls_here = 0  # calls so far at that progress
+
+    @property
+    def step(self) -> int:
+        """The current call's step in its run (0 at the first), -1 before any call."""
+        return -1 if self._slot is None else self._slot.step
 
     def begin(self, progress: Optional[float], rows: int) -> str:
         """Start the step at ``progress`` for a batch of ``rows`` rows: :data:`REFRESH` (every block runs),
@@ -89,18 +112,26 @@ class CachedRemainder:
             raise ValueError("a cached remainder counts sampling steps by their progress, but none is set: swap in "
                              "the exit-aware scheduler (pipe.scheduler = ExitAwareScheduler(pipe.scheduler, "
                              "early_exit)), or set early_exit.progress before every call")
-        if rows != self._rows or self._progress is None or progress <= self._progress:
-            self._rows, self._spacing, self.step = rows, None, 0
-            self._kept: dict = {}  # block index (or _STATE) -> [last, its step, previous, its step], per row
+        if self._last_progress is not None and progress < self._last_progress:
+            self._slots = []  # a new sampling run: every slot starts over
+        same_step = progress == self._last_progress and self._calls_here < MAX_CALLS_PER_STEP
+        index = self._calls_here if same_step else 0
+        self._calls_here, self._last_progress = index + 1, progress
+        if index == len(self._slots):
+            self._slots.append(_Slot())
+        slot = self._slot = self._slots[index]
+        if rows != slot.rows or slot.progress is None or progress <= slot.progress:
+            slot.rows, slot.spacing, slot.step, slot.kept = rows, None, 0, {}
         else:
-            self._spacing = progress - self._progress
-            self.step += 1
-        self._progress = progress
-        if self.step < self.refresh_first or (self.refresh_every is not None and self.step % self.refresh_every == 0):
+            slot.spacing = progress - slot.progress
+            slot.step += 1
+        slot.progress = progress
+        step = slot.step
+        if step < self.refresh_first or (self.refresh_every is not None and step % self.refresh_every == 0):
             return REFRESH
-        if self.step > 0 and round((1.0 - progress) / self._spacing) < self.refresh_last:
+        if step > 0 and round((1.0 - progress) / slot.spacing) < self.refresh_last:
             return REFRESH
-        if self.exit_every is None or self.step == 0 or (self.step - self.refresh_first - 1) % self.exit_every == 0:
+        if self.exit_every is None or step == 0 or (step - self.refresh_first - 1) % self.exit_every == 0:
             return EXIT  # the first step computes: there is no state to reuse before it
         return SKIP
 
@@ -116,7 +147,7 @@ class CachedRemainder:
         """What blocks ``start..L-1`` (0-based) would add to those rows now: ``[len(row_ids), N, D]``, or a zero
         scalar when none of them has run yet."""
         total = torch.zeros(())
-        for block in sorted(b for b in self._kept if b != _STATE and b >= start):
+        for block in sorted(b for b in self._slot.kept if b != _STATE and b >= start):
             total = total + self._guess(block, row_ids)
         return total
 
@@ -125,11 +156,12 @@ class CachedRemainder:
         return self._guess(_STATE, row_ids)
 
     def _keep(self, key, row_ids, value):
-        entry = self._kept.get(key)
+        slot = self._slot
+        entry = slot.kept.get(key)
         if entry is None:
-            last = value.new_zeros((self._rows, *value.shape[1:]))
-            never = torch.full((self._rows,), -1, dtype=torch.long, device=value.device)
-            entry = self._kept[key] = [last, never.clone(), None, never.clone()]
+            last = value.new_zeros((slot.rows, *value.shape[1:]))
+            never = torch.full((slot.rows,), -1, dtype=torch.long, device=value.device)
+            entry = slot.kept[key] = [last, never.clone(), None, never.clone()]
         last, last_step, prev, prev_step = entry
         if self.order == 1:
             if prev is None:
@@ -140,7 +172,7 @@ class CachedRemainder:
         last_step[row_ids] = self.step
 
     def _guess(self, key, row_ids):
-        last, last_step, prev, prev_step = self._kept[key]
+        last, last_step, prev, prev_step = self._slot.kept[key]
         # A block that never ran a row adds nothing to it (its kept value starts at zero, with no slope).
         rows_last = last[row_ids]
         if self.order == 0:

@@ -39,7 +39,8 @@ shipped with: the reference that PSNR is measured against.
 
 Writes ``DIR/results.json`` (with the goal's figures under ``goals``), ``DIR/pareto.png`` (PSNR and class agreement
 against cost for every family, class agreement against wall-clock), ``DIR/samples.png`` (full depth next to the early-exit methods), ``DIR/exit_depths.png`` (share of
-samples exiting at each depth, per sampling step) and prints a markdown table.
+samples exiting at each depth, per sampling step; when a row exits), appends the run's headline figures (each row's
+cost, PSNR and batch-16 wall speedup, and the goal) to ``DIR/history.jsonl`` and prints a markdown table.
 """
 
 from __future__ import annotations
@@ -57,7 +58,9 @@ from ...uem.digits.classifier import class_agreement, extract_features, frechet_
 from ...uem.digits.data import load_digits_dataset
 from ...uem.digits.files import CLASSIFIER_DIR, DIT_DIR, EXITS_DIR, UEM_DIR
 from ...uem.image_quality import psnr
-from .image_goals import goals_block
+from ..calibrate_images import plan_methods, plan_name
+from .history import append_history, history_line
+from .image_goals import LEVELS, goals_block
 from .image_methods import Bench, Heads, Method, image_methods
 from .image_plots import plot_exit_depths, plot_pareto, plot_samples
 from .image_runs import B16, Quality, run_methods
@@ -108,6 +111,17 @@ def figures_row(method: Method, got, full: Quality, reference: Quality, timing: 
         **timing,
         noisy=is_noisy(timing["speedup_wall_b16"], 1 / layer_ratio) if layer_ratio > 0 else None,
     )
+
+
+HISTORY_KEYS = ("method", "family", "layer_ratio", "psnr", "speedup_wall_b16", "noisy")
+
+
+def image_history_line(rows: list[dict], goals: dict, quick: bool, per_class: int, steps: int) -> dict:
+    """The ``history.jsonl`` line of one run (#30): where and when it ran and the goal block, as bench text
+    writes them (its summaries are text rows, so none here), with ``steps`` and each row's headline figures."""
+    headline = [{k: r.get(k) for k in HISTORY_KEYS} | ({"skipped": r["skipped"]} if r.get("skipped") else {})
+                for r in rows]
+    return history_line([], goals, quick, per_class) | {"benchmark": "images", "steps": steps, "rows": headline}
 
 
 def _load(args):
@@ -204,11 +218,15 @@ def main(argv: list[str], prog: str = "diffexit bench images") -> int:
     real_features = extract_features(classifier, (real + 1) / 2)
     labels = torch.arange(10).repeat(args.per_class)
     methods = image_methods(bench.num_blocks, bench.steps, list(bench.heads.values()))
+    # The planner's search runs before any row, so it is left out when --methods names none of its rows.
+    plan_names = [plan_name(level) for level in LEVELS]
+    if args.methods is None or set(args.methods) & set(plan_names):
+        methods += plan_methods(bench, LEVELS, seed=args.seed)
     if args.methods is not None:
-        unknown = sorted(set(args.methods) - {m.name for m in methods})
+        unknown = sorted(set(args.methods) - {m.name for m in methods} - set(plan_names))
         if unknown:
             p.error(f"unknown --methods {unknown}; with {bench.num_blocks} blocks and {bench.steps} steps the rows are "
-                    f"{[m.name for m in methods]}")
+                    f"{[m.name for m in methods] + plan_names}")
         # Full depth always runs (the cost reference), and the shipped backbone too when it is the PSNR reference.
         always = {"full"} | ({"full-base"} if bench.base_pipe is not None else set())
         methods = [m for m in methods if m.name in always or m.name in args.methods]
@@ -231,6 +249,7 @@ def main(argv: list[str], prog: str = "diffexit bench images") -> int:
         fine_tuned_backbone=bench.base_pipe is not None, real_frechet_train_vs_test=real_frechet,
         psnr_reference="full-base" if reference is not results["full"] else "full", goals=goals,
     )
+    history = append_history(path, image_history_line(rows, goals, args.quick, args.per_class, bench.steps))
     ran = [r for r in rows if r.get("skipped") is None]
     plot_pareto(ran, args.out / "pareto.png",
                 f"{len(labels)} digits; cost = blocks run / full depth at {bench.steps} steps of "
@@ -241,8 +260,11 @@ def main(argv: list[str], prog: str = "diffexit bench images") -> int:
     plot_samples([("full depth", results["full"].images)] + [
         (f"{m.name}\nlayers {by_name[m.name]['layer_ratio']:.2f}", results[m.name].images) for m in exit_rows
     ], args.per_class, args.out / "samples.png")
-    plot_exit_depths([(f"{m.name} (layers {by_name[m.name]['layer_ratio']:.2f})", results[m.name].depth_counts,
-                       results[m.name].timesteps) for m in exit_rows], args.out / "exit_depths.png")
+    plots = [args.out / "pareto.png", args.out / "samples.png"]
+    if exit_rows:  # a run of rows without exits (--methods) has no depths to plot
+        plot_exit_depths([(f"{m.name} (layers {by_name[m.name]['layer_ratio']:.2f})", results[m.name].depth_counts,
+                           results[m.name].timesteps) for m in exit_rows], args.out / "exit_depths.png")
+        plots.append(args.out / "exit_depths.png")
     print(markdown_table(rows, COLUMNS))
     for r in rows:
         if r.get("skipped"):
@@ -259,6 +281,5 @@ def main(argv: list[str], prog: str = "diffexit bench images") -> int:
               f": {'met' if level['met'] else 'not met'}")
     print(f"goal {'met' if goals['met'] else 'NOT met'} ({goals['levels_met']} of {len(goals['levels'])} levels)")
     print(f"\n{len(labels)} samples, {bench.steps} steps, guidance {bench.guidance_scale:g}; real digits train vs test "
-          f"Frechet {real_frechet:.2f}\nresults, plots: {path}, {args.out / 'pareto.png'}, {args.out / 'samples.png'}, "
-          f"{args.out / 'exit_depths.png'}")
+          f"Frechet {real_frechet:.2f}\nresults, plots: {path}, {', '.join(map(str, plots))}; history: {history}")
     return 0
