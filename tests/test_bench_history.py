@@ -1,10 +1,11 @@
 """`diffexit bench text` history and --compare: one history line per run, a changed figure reported, a bad
---compare file refused before any decoding."""
+--compare file refused before any decoding; issue #31's goal (2) on synthetic rows."""
 
 import json
 
 import pytest
 
+from diffexit.app.bench.history import goal_lines, learned_goal
 from diffexit.app.cli import main as cli
 
 
@@ -50,3 +51,33 @@ def test_compare_refuses_bad_file_before_decoding(tmp_path, capsys, content, mes
     err = capsys.readouterr().err
     assert message in err and "cannot load" not in err
     assert not (tmp_path / "history.jsonl").exists()
+
+
+def _row(model, method, family, agreement, speedup, task="discriminating"):
+    return {"model": model, "task": task, "method": method, "family": family, "agreement": agreement,
+            "speedup_nfe": speedup}
+
+
+def test_learned_goal_takes_the_best_row_of_each_family_at_the_agreement():
+    rows = [_row("m", "parallel", "parallel", 1.0, 2.0), _row("m", "parallel+prefix", "parallel", 0.99, 9.0),
+            _row("m", "learned-commit", "learned-commit", 0.996, 3.2),
+            _row("m", "learned-commit+prefix", "learned-commit", 0.99, 20.0),
+            _row("m", "learned-halt", "learned-halt", 1.0, 50.0), _row("m", "parallel", "parallel", 1.0, 99.0, "chain"),
+            _row("other", "parallel", "parallel", 1.0, 2.0)]  # no learned rows: left out
+    goal = learned_goal(rows)
+    assert set(goal) == {"m"}
+    g = goal["m"]
+    # Rows below 99.5% and rows of other families or task groups do not count.
+    assert g["learned"] == {"method": "learned-commit", "agreement": 0.996, "speedup_nfe": 3.2}
+    assert g["parallel"] == {"method": "parallel", "agreement": 1.0, "speedup_nfe": 2.0}
+    assert g["ratio"] == pytest.approx(1.6) and g["met"] is True
+    rows[2]["speedup_nfe"] = 2.9
+    assert learned_goal(rows)["m"]["met"] is False
+    line = [line for line in goal_lines({"learned_vs_parallel": learned_goal(rows)}) if "learned-commit" in line]
+    assert len(line) == 1 and "not met" in line[0] and "learned-commit 2.90x at 99.6%" in line[0]
+    assert "parallel 2.00x at 100.0%" in line[0] and "ratio 1.45" in line[0]
+    # No learned-commit row at the agreement: no ratio, not met, and the line says so.
+    rows[2]["agreement"] = 0.99
+    g = learned_goal(rows)["m"]
+    assert g["learned"] is None and g["ratio"] is None and g["met"] is False
+    assert "no learned-commit row at the agreement" in goal_lines({"learned_vs_parallel": {"m": g}})[0]

@@ -107,8 +107,11 @@ def test_bench_text_both_embedded_models(tmp_path, capsys):
     assert cli(["bench", "text", "--quick", "--n", "2", "--batch", "2", "--tasks", "add", "--out", str(out)]) == 0
     result = json.loads((out / "results.json").read_text())
     rows = {(r["model"], r["task"], r["method"]): r for r in result["rows"]}
+    # Both embedded models ship a learned commit rule, so both get its rows.
+    learned = {"learned-commit", "learned-halt", "learned-commit+prefix", "learned-halt+prefix"}
     block = {r["method"] for r in result["rows"] if r["model"] == "charlm-block" and r["task"] == "add"}
-    assert block == {m.name for m in block_methods()}
+    assert block == {m.name for m in block_methods()} | learned
+    assert learned <= {r["method"] for r in result["rows"] if r["model"] == "charlm"}
     for (model, task, method), r in rows.items():
         assert r["block_causal"] == (model == "charlm-block")
         assert {"cache", "parallel_threshold"} <= set(r["params"])
@@ -135,3 +138,24 @@ def test_bench_text_unknown_model_is_one_line(tmp_path, capsys):
     assert err.count("cannot load") == 1
     with pytest.raises(SystemExit):
         cli(["bench", "text", "--models", "charlm", "--model", str(tmp_path), "--out", str(tmp_path)])
+
+
+def test_methods_runs_the_matching_rows_and_full_steps(tmp_path, tiny_text_model, capsys):
+    model, tok = tiny_text_model(layers=1)
+    model.save_pretrained(tmp_path / "model")
+    tok.save_pretrained(tmp_path / "model")
+    run = ["bench", "text", "--quick", "--n", "2", "--batch", "2", "--tasks", "add", "--model", str(tmp_path / "model"),
+           "--out", str(tmp_path / "bench")]
+    assert cli([*run, "--methods", "parallel*", "oracle-halt"]) == 0
+    result = json.loads((tmp_path / "bench" / "results.json").read_text())
+    assert {r["method"] for r in result["rows"]} == {"full", "oracle-halt", "parallel", "parallel+prefix",
+                                                     "parallel+dual"}
+    # A pipeline row keeps the stock pipeline it is measured against.
+    assert cli([*run, "--methods", "llada2-sched"]) == 0
+    result = json.loads((tmp_path / "bench" / "results.json").read_text())
+    assert {r["method"] for r in result["rows"]} == {"full", "llada2-sched", "llada2-stock"}
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        cli([*run, "--methods", "parallel", "nosuch*"])
+    err = capsys.readouterr().err
+    assert "--methods nosuch* matches no method" in err and "parallel+prefix" in err and "sched-cosine" in err

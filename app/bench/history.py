@@ -1,5 +1,5 @@
 """The headline figures of ``diffexit bench text``: each row's wall speedup over the bidirectional model, issue #27's
-goals and issue #31's halting goal, and the history (issue #29): one JSON line of headline figures per run in ``history.jsonl`` beside
+goals and issue #31's halting and learned-commit goals, and the history (issue #29): one JSON line of headline figures per run in ``history.jsonl`` beside
 ``results.json``, and ``--compare``, the change of each row's figures against an earlier ``results.json``."""
 
 from __future__ import annotations
@@ -41,10 +41,11 @@ def goals(rows: list[dict]) -> dict:
     """Issue #27's goals on the first block-causal model, met or not: a composed row (cache plus halting and/or
     parallel commits) keeping >= 99.5% of full steps' answers at >= 8x wall on the discriminating tasks and >= 12x
     on ``chain``; every cached full-steps row agreeing 100%. A goal whose task the run lacks is None. And issue
-    #31's goal (1) under ``halting_vs_oracle`` (:func:`halting_goal`)."""
+    #31's goal (1) under ``halting_vs_oracle`` (:func:`halting_goal`) and goal (2) under ``learned_vs_parallel``
+    (:func:`learned_goal`)."""
     model = next((r["model"] for r in rows if r["block_causal"]), None)
     if model is None:
-        return {"model": None, "halting_vs_oracle": halting_goal(rows)}
+        return {"model": None, "halting_vs_oracle": halting_goal(rows), "learned_vs_parallel": learned_goal(rows)}
     mine = [r for r in rows if r["model"] == model]
     out = {"model": model, "agreement_at_least": GOAL_AGREEMENT}
     for task, wall in GOAL_WALL.items():
@@ -57,6 +58,7 @@ def goals(rows: list[dict]) -> dict:
     cached_full = [r for r in mine if r["method"] == "full+prefix"]
     out["cached_full_agrees"] = all(r["agreement"] == 1.0 for r in cached_full) if cached_full else None
     out["halting_vs_oracle"] = halting_goal(rows)
+    out["learned_vs_parallel"] = learned_goal(rows)
     return out
 
 
@@ -73,15 +75,41 @@ def halting_goal(rows: list[dict]) -> Optional[dict]:
     oracle = next((r for r in mine if r["method"] == "oracle-halt"), None)
     if oracle is None:
         return None
+    # The learned rule in commit mode halts too, but it also commits early: a halting row commits only on schedule.
     kept = [r for r in mine if r["halts"] and not r["method"].startswith("oracle") and r["baseline"] == "full"
             and r["params"]["cache"] is None and r["params"]["parallel_threshold"] is None
-            and r["agreement"] >= GOAL_AGREEMENT]
+            and r["params"].get("commit") != "commit" and r["agreement"] >= GOAL_AGREEMENT]
     best = max(kept, key=lambda r: r["speedup_nfe"], default=None)
     need = GOAL_ORACLE_SHARE * oracle["speedup_nfe"]
     return {"model": model, "oracle_speedup_nfe": oracle["speedup_nfe"], "speedup_nfe_at_least": need,
             "agreement_at_least": GOAL_AGREEMENT, "met": best is not None and best["speedup_nfe"] >= need,
             "best": None if best is None else {k: best[k] for k in ("method", "agreement", "speedup_nfe",
                                                                      "passes_over_oracle")}}
+
+
+GOAL_LEARNED_RATIO = 1.5
+
+
+def learned_goal(rows: list[dict]) -> dict:
+    """Issue #31's goal (2) per model with learned rows, on its ``discriminating`` rows, met or not: its best
+    ``learned-commit`` row (any cache) keeping >= 99.5% of full steps' answers reaches >= 1.5x the NFE speedup (the
+    mean of the per-task speedups) of its best training-free parallel row (family ``parallel``: Fast-dLLM's
+    threshold, any cache) at >= 99.5%. ``{model: goal}``; a model without both families' rows is left out."""
+    out = {}
+    for model in dict.fromkeys(r["model"] for r in rows):
+        mine = [r for r in rows if r["model"] == model and r["task"] == "discriminating"]
+        if not any(r["family"] == "learned-commit" for r in mine) or not any(r["family"] == "parallel" for r in mine):
+            continue
+        best = {family: max((r for r in mine if r["family"] == family and r["agreement"] >= GOAL_AGREEMENT),
+                            key=lambda r: r["speedup_nfe"], default=None) for family in ("learned-commit", "parallel")}
+        learned, parallel = best["learned-commit"], best["parallel"]
+        # With no row of either family at the agreement there is no ratio, and the goal is not met.
+        ratio = learned["speedup_nfe"] / parallel["speedup_nfe"] if learned and parallel else None
+        out[model] = {"agreement_at_least": GOAL_AGREEMENT, "ratio_at_least": GOAL_LEARNED_RATIO, "ratio": ratio,
+                      "met": ratio is not None and ratio >= GOAL_LEARNED_RATIO,
+                      **{k: None if r is None else {f: r[f] for f in ("method", "agreement", "speedup_nfe")}
+                         for k, r in (("learned", learned), ("parallel", parallel))}}
+    return out
 
 
 def goal_lines(goal: dict) -> list[str]:
@@ -104,6 +132,14 @@ def goal_lines(goal: dict) -> list[str]:
                      f"{'met' if h['met'] else 'not met'}" + (
                          f" (best {best['method']}: {best['speedup_nfe']:.2f}x, {100 * best['agreement']:.1f}%, "
                          f"{best['passes_over_oracle']:.2f}x the oracle's passes)" if best else ""))
+    for model, g in (goal.get("learned_vs_parallel") or {}).items():
+        shown = [f"{r['method']} {r['speedup_nfe']:.2f}x at {100 * r['agreement']:.1f}%" if r else
+                 f"no {k} row at the agreement" for k, r in (("learned-commit", g["learned"]),
+                                                            ("parallel", g["parallel"]))]
+        lines.append(f"goal {model} discriminating: the best learned-commit row at >= {100 * GOAL_AGREEMENT:g}% same "
+                     f"as full reaches >= {g['ratio_at_least']:g}x the NFE speedup of the best parallel row: "
+                     f"{'met' if g['met'] else 'not met'} ({'; '.join(shown)}"
+                     + (f"; ratio {g['ratio']:.2f}" if g["ratio"] is not None else "") + ")")
     return lines
 
 

@@ -42,6 +42,7 @@ against SchED's threshold), and prints a markdown table.
 from __future__ import annotations
 
 import argparse
+import fnmatch
 import sys
 from pathlib import Path
 from typing import Callable
@@ -58,7 +59,8 @@ from ...dllm.generate import generate
 from ...dllm.oracle import HaltingOracle, Recording, record_full_steps
 from .history import append_history, compare, compare_models, goal_lines, goals, history_line, load_earlier
 from .rows import bench_row
-from .text_methods import COMMIT_ORACLE_NOTE, PIPELINE_BLOCK, PIPELINE_THRESHOLD, Method, all_methods, block_methods
+from .text_methods import (COMMIT_ORACLE_NOTE, PIPELINE_BLOCK, PIPELINE_THRESHOLD, Method, all_methods, block_methods,
+                           learned_methods, select)
 from .text_plots import plot_pareto, plot_trace, plot_wall
 from .timing import REPEATS, is_noisy, time_interleaved
 
@@ -238,6 +240,9 @@ def main(argv: list[str], prog: str = "diffexit bench text") -> int:
     p.add_argument("--models", nargs="+", default=None, metavar="NAME",
                    help=f"embedded models to run side by side (default: {' '.join(MODELS)})")
     p.add_argument("--model", type=Path, default=None, help="one exported model folder instead of --models")
+    p.add_argument("--methods", nargs="+", default=None, metavar="PATTERN",
+                   help="run only the rows whose method name matches one of these fnmatch patterns (quote them: "
+                        "'learned-*'); full steps always run, every row is measured against them (default: all)")
     p.add_argument("--compare", type=Path, default=None, metavar="FILE",
                    help="an earlier results.json: print each row's change of agreement, NFE and wall speedup")
     args = p.parse_args(argv)
@@ -260,9 +265,19 @@ def main(argv: list[str], prog: str = "diffexit bench text") -> int:
     except LoadError as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
         return 1
-    for name, model, tok in loaded:
+    every = [(block_methods() if block_causal_layout(model) is not None else
+              all_methods((tok.eos_token_id, tok.pad_token_id))) + learned_methods(model) for _, model, tok in loaded]
+    if args.methods is not None:
+        known = sorted({m.name for methods in every for m in methods})
+        unmatched = [pat for pat in args.methods if not any(fnmatch.fnmatchcase(name, pat) for name in known)]
+        if unmatched:
+            p.error(f"--methods {' '.join(unmatched)} matches no method of {', '.join(names)}; the methods are: "
+                    f"{', '.join(known)}")
+        every = [select(methods, args.methods) for methods in every]
+    for (name, model, tok), methods in zip(loaded, every):
         block_causal = block_causal_layout(model) is not None
-        methods = block_methods() if block_causal else all_methods((tok.eos_token_id, tok.pad_token_id))
+        if not any(m.family.startswith("learned-") for m in methods) and args.methods is None:
+            print(f"{name}: no learned commit rule beside its weights, so no learned-* rows (`diffexit train commit`)")
         mine = []
         decodes = len(args.tasks) * REPEATS * sum(m.oracle != "commit" for m in methods)
         with tqdm(total=decodes, desc=f"bench text {name}", unit="run") as bar:

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import fnmatch
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, Optional
 
 from ...common.schedules import ThresholdSchedule
+from ...dllm.commit_rule import FILENAME as COMMIT_FILENAME, CommitRule
 from ...dllm.halting import HaltingRule, Prophet, SchED
 from .rows import RowId
 
@@ -174,3 +177,29 @@ def block_methods() -> list[Method]:
             Method("full+prefix", "full", {}, cache="prefix"),
             Method("parallel+prefix", "parallel", {"threshold": PARALLEL_THRESHOLD},
                    parallel_threshold=PARALLEL_THRESHOLD, cache="prefix"), *robust_cache_methods()]
+
+
+def learned_methods(model) -> list[Method]:
+    """The learned commit rule (:mod:`diffexit.dllm.commit_rule`) in both modes at its calibrated thresholds,
+    without cache and over the prefix cache (on a block-causal model, the exact cache); none when no commit model
+    is shipped beside ``model``'s weights (``diffexit train commit`` writes one)."""
+    folder = getattr(model.config, "_name_or_path", "") or ""
+    if not folder or not (Path(folder) / COMMIT_FILENAME).is_file():
+        return []
+    out = []
+    for cache in (None, "prefix"):
+        for mode in ("commit", "halt"):
+            out.append(Method(f"learned-{mode}" + (f"+{cache}" if cache else ""), f"learned-{mode}",
+                              {"commit": mode, "threshold": "calibrated"},
+                              halting=lambda m=mode: CommitRule("learned", m), cache=cache))
+    return out
+
+
+def select(methods: list[Method], patterns: list[str]) -> list[Method]:
+    """The methods whose name matches one of the fnmatch ``patterns``, plus ``full`` (every row is measured
+    against it) and, when a pipeline row is kept, ``llada2-stock`` (its baseline); order kept."""
+    keep = {m.name for m in methods if any(fnmatch.fnmatchcase(m.name, p) for p in patterns)}
+    keep.add("full")
+    if any(m.pipeline for m in methods if m.name in keep):
+        keep.add("llada2-stock")
+    return [m for m in methods if m.name in keep]
