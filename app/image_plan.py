@@ -16,14 +16,22 @@ against: PSNR and cost (``layer_ratio``, blocks run over what full depth at ``fu
 same pipeline at full depth and ``full_steps`` steps, from the same noise. :meth:`ImagePlan.check` refuses another
 pipeline class, other weights (the SHA-256 of the transformer's state dict at fp16), another full step count or
 another guidance scale, each with the fix. :func:`planned_pipeline` sets a copy of a pipeline up to run the settings.
+
+The UEM folder and calibration file the exits name are stored relative to the plan file's folder, so a plan moves
+with its folder, beside the SHA-256 of each (``made_for.exit_files_sha256``: the heads' weights file, the calibration
+file); :meth:`ImagePlan.load` resolves them against the plan's folder and refuses a file that is missing or whose
+digest changed, with the fix. Plans written before this held absolute paths and no digests; they load as before.
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
+import hashlib
 import json
 import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator, Optional
@@ -39,6 +47,18 @@ VERSION = 1
 # decide for a whole batch and keep per-block state of its shape, so neither follows early exits (whose rows leave
 # the batch): a plan has one or the other.
 CACHES = {"fbc": ("threshold",), "taylorseer": ("interval", "warmup")}
+EXIT_FILES = ("uem", "calibration")  # the EarlyExitConfig fields that name files, stored relative to the plan
+
+
+def exit_file_digest(kind: str, path: Path) -> str:
+    """SHA-256 of what an exit's ``kind`` field names: a calibration file's bytes, a UEM folder's heads weights."""
+    if kind == "uem":
+        from diffusers.utils import SAFETENSORS_WEIGHTS_NAME
+
+        from ..uem.uem_folder import heads_dir
+
+        path = heads_dir(path) / SAFETENSORS_WEIGHTS_NAME
+    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 @dataclass(frozen=True)
@@ -172,9 +192,20 @@ class ImagePlan:
                 "provenance": self.provenance}
 
     def save(self, path) -> Path:
-        """Write the plan as JSON to ``path``, atomically."""
-        atomic_write_bytes(Path(path), (json.dumps(self.to_dict(), indent=2) + "\n").encode())
-        return Path(path)
+        """Write the plan as JSON to ``path``, atomically, with the exits' files named relative to its folder and
+        their digests as they are now."""
+        path = Path(path)
+        data = self.to_dict()
+        exits, digests = data["settings"]["exits"], {}
+        for kind in EXIT_FILES:
+            if exits.get(kind) is not None:
+                named = Path(exits[kind]).resolve()
+                digests[kind] = exit_file_digest(kind, named)
+                exits[kind] = Path(os.path.relpath(named, path.resolve().parent)).as_posix()
+        if digests:
+            data["made_for"] = {**data["made_for"], "exit_files_sha256": digests}
+        atomic_write_bytes(path, (json.dumps(data, indent=2) + "\n").encode())
+        return path
 
     @classmethod
     def load(cls, path) -> "ImagePlan":
@@ -204,7 +235,33 @@ class ImagePlan:
             settings = PlanSettings.from_dict(data["settings"])
         except ValueError as e:
             raise ValueError(f"{path}: {e}; {fix}") from None
-        return cls(settings, float(data["target_psnr"]), data["made_for"], data["figures"], data.get("provenance", {}))
+        made_for = dict(data["made_for"])
+        settings = _resolved(settings, path, made_for.pop("exit_files_sha256", {}), float(data["target_psnr"]))
+        return cls(settings, float(data["target_psnr"]), made_for, data["figures"], data.get("provenance", {}))
+
+
+def _resolved(settings: PlanSettings, path: Path, digests: dict, target: float) -> PlanSettings:
+    """``settings`` with the exits' files resolved against the folder of the plan at ``path``, each checked to be
+    there and, where the plan records its digest, to be the file the plan was made with."""
+    exits, found = settings.exits, {}
+    remake = f"make a new plan with `diffexit calibrate images --psnr {target:g} --out {path}`"
+    for kind in EXIT_FILES:
+        named = getattr(exits, kind)
+        if named is None:
+            continue
+        what = "UEM folder" if kind == "uem" else "calibration file"
+        where = (path.parent / named).resolve()  # an absolute path (older plans) stays as it is
+        if not where.exists():
+            raise ValueError(f"plan {path} names the {what} {named} (relative to the plan's folder), and {where} does "
+                             f"not exist; move the plan's folder whole (it names its files relative to itself), or "
+                             f"{remake}")
+        digest = digests.get(kind)
+        if digest is not None and exit_file_digest(kind, where) != digest:
+            what = "the UEM weights in" if kind == "uem" else "the calibration file"
+            raise ValueError(f"{what} {where} differ from those plan {path} was made with (another SHA-256); put back "
+                             f"the files it was made with, or {remake}")
+        found[kind] = str(where)
+    return dataclasses.replace(settings, exits=dataclasses.replace(exits, **found)) if found else settings
 
 
 @dataclass

@@ -144,8 +144,19 @@ def test_output_paths_are_checked_before_any_sampling(pipe_dir, tmp_path):
     assert other.read_text() == "{}"
 
 
+def exit_files(root):
+    """A UEM folder and a calibration file under ``root`` (their bytes stand in: a plan reads only their digests)."""
+    uem = root / "exit-cost"
+    uem.mkdir(parents=True)
+    (uem / "config.json").write_text("{}")
+    (uem / "diffusion_pytorch_model.safetensors").write_bytes(b"heads")
+    calibration = uem / "calibration-0.02-steps8.json"
+    calibration.write_text("{}")
+    return EarlyExitConfig("deediff", calibration=str(calibration), uem=str(uem))
+
+
 def test_plan_round_trip(pipe, tmp_path):
-    exits = EarlyExitConfig("deediff", calibration="/x/calibration-0.02-steps8.json", uem="/x/exit-cost")
+    exits = exit_files(tmp_path / "models")
     for settings in (PlanSettings(5), PlanSettings(FULL_STEPS, cache={"kind": "fbc", "threshold": 0.1}),
                      PlanSettings(FULL_STEPS, cache={"kind": "taylorseer", "interval": 3, "warmup": 2}),
                      PlanSettings(FULL_STEPS, exits=exits),
@@ -155,6 +166,39 @@ def test_plan_round_trip(pipe, tmp_path):
         loaded = ImagePlan.load(plan.save(tmp_path / "plan.json"))
         assert loaded.settings == settings and loaded.to_dict() == plan.to_dict()
     assert PlanSettings(FULL_STEPS, exits=exits).name == "steps-8+deediff-exit-cost-cal-0.02-steps8"
+
+
+def test_a_plan_names_its_exit_files_relative_to_itself_and_refuses_changed_ones(pipe, tmp_path):
+    import shutil
+
+    exits = exit_files(tmp_path / "here" / "models")
+    path = make_plan(pipe, PlanSettings(FULL_STEPS, exits=exits)).save(tmp_path / "here" / "plans" / "plan.json")
+    stored = json.loads(path.read_text())
+    assert stored["settings"]["exits"]["uem"] == "../models/exit-cost"
+    assert stored["settings"]["exits"]["calibration"] == "../models/exit-cost/calibration-0.02-steps8.json"
+    assert set(stored["made_for"]["exit_files_sha256"]) == {"uem", "calibration"}
+    # The folder moves whole: the plan reads the files where they are now.
+    shutil.move(tmp_path / "here", tmp_path / "there")
+    moved = ImagePlan.load(tmp_path / "there" / "plans" / "plan.json")
+    assert moved.settings.exits.uem == str((tmp_path / "there" / "models" / "exit-cost").resolve())
+    assert moved.settings.exits.calibration == str(
+        (tmp_path / "there" / "models" / "exit-cost" / "calibration-0.02-steps8.json").resolve())
+    assert "exit_files_sha256" not in moved.made_for
+    # Another calibration or other heads under the same names are refused with the fix.
+    calibration = tmp_path / "there" / "models" / "exit-cost" / "calibration-0.02-steps8.json"
+    calibration.write_text('{"other": 1}')
+    with pytest.raises(ValueError, match=r"the calibration file .* differ from those plan .* was made with .*"
+                                         r"diffexit calibrate images --psnr 25"):
+        ImagePlan.load(tmp_path / "there" / "plans" / "plan.json")
+    calibration.write_text("{}")
+    (tmp_path / "there" / "models" / "exit-cost" / "diffusion_pytorch_model.safetensors").write_bytes(b"other")
+    with pytest.raises(ValueError, match="the UEM weights in .* differ"):
+        ImagePlan.load(tmp_path / "there" / "plans" / "plan.json")
+    # The plan moved without its files: it says where it looked.
+    shutil.move(tmp_path / "there" / "plans", tmp_path / "alone")
+    with pytest.raises(ValueError, match=r"names the UEM folder ../models/exit-cost .* does not exist; move the "
+                                         r"plan's folder whole"):
+        ImagePlan.load(tmp_path / "alone" / "plan.json")
 
 
 @pytest.mark.parametrize("change, says", [
