@@ -18,16 +18,16 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass, field
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Union
 
 from .commit_rule import CommitRule, check_mode_threshold
-from .kv_cache import CACHES
+from .kv_cache import CACHES, check_refresh
 from .rule_spec import METHODS, PARAMS, check_halting_params, halting_rule
 
 LOOPS = ("llada", "dream")
 REMASKING = ("low_confidence", "random")
-OPTIONS = ("loop", "gen_length", "steps", "block_length", "remasking", "cache", "parallel_threshold", "method",
-           "params", "commit", "commit_mode", "commit_threshold")
+OPTIONS = ("loop", "gen_length", "steps", "block_length", "remasking", "cache", "cache_refresh", "parallel_threshold",
+           "method", "params", "commit", "commit_mode", "commit_threshold")
 
 
 def _positive_int(name: str, value) -> None:
@@ -46,6 +46,10 @@ class DecodeSpec:
         block_length: block size, dividing ``gen_length`` (llada loop); None: the caller's default.
         remasking: ``low_confidence`` or ``random`` (llada loop).
         cache: None, ``prefix`` or ``dual`` (llada loop; on a block-causal model ``prefix`` is exact).
+        cache_refresh: when the approximate cache's kept K/V are rewritten: None (a block's first step only), a
+            whole number ``k`` (every ``k``-th later step of a block) or ``"confidence:C"`` (the step after one that
+            committed a token at probability ``<= C``); needs ``cache``, and the loop refuses it on a block-causal
+            model (:mod:`diffexit.dllm.kv_cache`).
         parallel_threshold: also commit every masked token of the block at least this probable, in ``(0, 1]``.
         method: the halting rule, ``full`` (none), ``sched`` or ``prophet``.
         params: the rule's parameters, normalised by :func:`~diffexit.dllm.rule_spec.check_halting_params`.
@@ -61,6 +65,7 @@ class DecodeSpec:
     block_length: Optional[int] = None
     remasking: str = "low_confidence"
     cache: Optional[str] = None
+    cache_refresh: Union[None, int, str] = None
     parallel_threshold: Optional[float] = None
     method: str = "full"
     params: dict = field(default_factory=dict)
@@ -77,6 +82,14 @@ class DecodeSpec:
             raise ValueError(f"remasking must be one of {list(REMASKING)}, got {self.remasking!r}")
         if self.cache is not None and self.cache not in CACHES:
             raise ValueError(f"cache must be none or one of {list(CACHES)}, got {self.cache!r}")
+        object.__setattr__(self, "cache_refresh", check_refresh(self.cache_refresh))
+        if self.cache_refresh is not None and self.cache is None:
+            raise ValueError(f"cache_refresh={self.cache_refresh!r} refreshes the kept K/V of an approximate cache, "
+                             f"and there is no cache: give cache prefix or dual, or drop cache_refresh")
+        if isinstance(self.cache_refresh, str) and self.remasking == "random":
+            raise ValueError(f"cache_refresh={self.cache_refresh!r} reads the committed tokens' probabilities, and "
+                             f"random remasking commits by a uniform draw: use low_confidence remasking or a whole "
+                             f"number of steps")
         threshold = self.parallel_threshold
         if threshold is not None:
             if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not math.isfinite(threshold) \
@@ -178,19 +191,26 @@ class DecodeSpec:
         kwargs = {"gen_length": self.gen_length, "steps": self.steps, "halting": self.halting_rule()}
         if self.loop == "llada":
             kwargs.update(block_length=self.block_length, remasking=self.remasking, cache=self.cache,
-                          parallel_threshold=self.parallel_threshold)
+                          cache_refresh=self.cache_refresh, parallel_threshold=self.parallel_threshold)
         return kwargs
 
     def describe(self) -> str:
         """The non-default options in a few words, e.g. ``"sched, cache prefix, parallel >= 0.9"``."""
         words = [self.rule_name + ("" if self.commit_threshold is None else f" > {self.commit_threshold:g}")]
         if self.cache:
-            words.append(f"cache {self.cache}")
+            words.append(f"cache {self.cache}" + ("" if self.cache_refresh is None
+                                                  else f" refreshed {_refresh_words(self.cache_refresh)}"))
         if self.parallel_threshold is not None:
             words.append(f"parallel >= {self.parallel_threshold:g}")
         if self.remasking != "low_confidence":
             words.append(f"{self.remasking} remasking")
         return ", ".join(words)
+
+
+def _refresh_words(refresh: Union[int, str]) -> str:
+    if isinstance(refresh, int):
+        return "every step" if refresh == 1 else f"every {refresh} steps"
+    return f"after commits at p <= {refresh.split(':')[1]}"
 
 
 def spec_from_options(options: dict, base: Optional[DecodeSpec] = None) -> DecodeSpec:

@@ -51,7 +51,7 @@ from .block_decoding import BlockHalting, check_block_causal, eos_stop
 from .commit_rule import CommitRule, eos_tail
 from .halting import HaltingRule, aggregate_margin
 from .exact_cache import ExactPrefixCache, block_causal_layout
-from .kv_cache import CACHES, BlockCache
+from .kv_cache import CACHES, BlockCache, check_refresh
 from .output import GenerationOutput
 
 REMASKING = ("low_confidence", "random")
@@ -79,7 +79,18 @@ def check_blocks(gen_length: int, steps: int, block_length: int) -> int:
     return num_blocks
 
 
-def _check_cache(cache, num_blocks: int, cfg_scale: float) -> None:
+def _check_cache(cache, num_blocks: int, cfg_scale: float, refresh, block_causal: bool, remasking: str) -> None:
+    if refresh is not None:
+        if cache is None:
+            raise ValueError(f"cache_refresh={refresh!r} refreshes the kept K/V of an approximate cache, and there is "
+                             f"no cache: give cache='prefix' or 'dual', or drop cache_refresh")
+        if block_causal:
+            raise ValueError("cache_refresh refreshes the approximate cache of a bidirectional model; on this "
+                             "block-causal model cache='prefix' is exact and never stale: drop cache_refresh")
+        if isinstance(refresh, str) and remasking == "random":
+            raise ValueError(f"cache_refresh={refresh!r} reads the committed tokens' probabilities, and "
+                             f"remasking='random' commits by a uniform draw: use remasking='low_confidence' or a "
+                             f"whole number of steps")
     if cache is None:
         return
     if cache not in CACHES:
@@ -110,6 +121,7 @@ def generate(
     parallel_threshold: Optional[float] = None,
     suppress_token_ids: Sequence[int] = (),
     cache: Optional[str] = None,
+    cache_refresh=None,
     eos_token_ids: Sequence[int] = (),
     generator: Optional[torch.Generator] = None,
     return_trace: bool = False,
@@ -139,6 +151,10 @@ def generate(
         cache: None, ``"prefix"`` or ``"dual"``: Fast-dLLM's block-wise approximate KV caches (what the model
             must support: :mod:`diffexit.dllm.kv_cache`). On a block-causal model ``"prefix"`` is the exact cache
             (:mod:`diffexit.dllm.exact_cache`): the same tokens as ``cache=None``.
+        cache_refresh: when an approximate cache's kept K/V are rewritten by a whole-sequence pass: None (at a
+            block's first step only: Fast-dLLM's), a whole number ``k`` (every ``k``-th later step of a block) or
+            ``"confidence:C"`` (the step after one that committed a token at probability ``<= C``); see
+            :mod:`diffexit.dllm.kv_cache`. Refused without a cache and on a block-causal model.
         eos_token_ids: end-of-text ids (EOS, padding). With ``halting`` on a block-causal model, a sample whose
             committed block is all of these stops, its remaining masks filled with the first; unused otherwise
             (a bidirectional model's later blocks still move the earlier ones' logits).
@@ -162,8 +178,9 @@ def generate(
         raise ValueError("parallel_threshold compares token probabilities; it needs remasking='low_confidence'")
     block_length = gen_length if block_length is None else block_length
     num_blocks = check_blocks(gen_length, steps, block_length)
-    _check_cache(cache, num_blocks, cfg_scale)
+    cache_refresh = check_refresh(cache_refresh)
     layout = block_causal_layout(model)
+    _check_cache(cache, num_blocks, cfg_scale, cache_refresh, layout is not None, remasking)
     if layout is not None:
         check_block_causal(layout, input_ids.shape[1], block_length, cache, halting)
     if isinstance(halting, CommitRule):
@@ -187,7 +204,7 @@ def generate(
     elif layout is not None:
         kv = ExactPrefixCache(model, plen, block_length, attention_mask)
     else:
-        kv = BlockCache(cache, model, plen, block_length, attention_mask)
+        kv = BlockCache(cache, model, plen, block_length, attention_mask, refresh=cache_refresh)
 
     # Every span position starts masked and positions after the current block are never committed, so each
     # block starts with `block_length` masks and the per-step counts are the same for all blocks.
@@ -257,6 +274,8 @@ def generate(
         fill_with = torch.where(halt[:, None], stats.top1_id, x0)
         new_span = torch.where(fill, fill_with, span)
         committed = fill.sum(-1)
+        if isinstance(kv, BlockCache):
+            kv.committed(rows, fill, conf)
 
         # Only parallel commits (and halting per block) end a block early: the reference runs every scheduled step,
         # even ones that commit nothing (steps_per_block > block_length).
