@@ -30,6 +30,16 @@ Methods (``--method``, or ``"method"`` in ``--config FILE`` with the parameters 
   match the model, the steps, the sampler and the guidance scale). Reads the shipped heads on the embedded
   pipeline; with ``--pipeline``, give ``--uem DIR``, the ``uem/`` folder ``diffexit train uem`` writes.
 - ``static``: a fixed depth per stretch of sampling, ``depths`` (e.g. ``4 8 12`` by thirds); no UEM.
+- ``similarity``: MuE's training-free exits: a sample leaves after the first block that changed its hidden state by
+  less than ``tolerance`` of it (never before ``min_depth``), or by the per-step tolerances of a ``calibration`` file
+  from ``diffexit calibrate uem --statistic change``; no UEM.
+
+With an exit method, ``--remainder cached|taylor`` makes the blocks a sample skipped add the residual they added when
+they last ran it (or that residual extrapolated from its last two runs), with full-depth refresh steps: the first
+``--refresh-first`` (default 1), every ``--refresh-every``-th and the last ``--refresh-last``; ``--exit-every E`` runs
+the exit rule at one step in E and no block at the others (:mod:`diffexit.uem.cached_remainder`). Each of these is
+refused where it does not apply (on ``full``, or a refresh flag without a remainder), and ``job.json`` records them
+with the exits, so a resumed job cannot change them.
 
 ``--plan FILE`` instead of a method: the steps, exits and feature cache ``diffexit calibrate images`` chose for a PSNR
 target (:mod:`diffexit.app.image_plan`). A plan holds only for the pipeline class, weights and guidance it was made
@@ -55,7 +65,7 @@ from typing import Optional, Sequence
 
 from ..common.cli_help import HelpFormatter
 from ..uem.block_adapters import num_blocks
-from ..uem.exit_config import EarlyExitConfig
+from ..uem.exit_config import REMAINDER_FIELDS, REMAINDERS, EarlyExitConfig
 from ..uem.rule_spec import METHODS, PARAMS
 from .job_inputs import Item, JobError, check_item_id, check_keys, item_seed, make_job, read_config, read_jsonl
 from .jobs import (
@@ -82,7 +92,7 @@ def _parser(prog: str) -> argparse.ArgumentParser:
     src.add_argument("--requests", type=Path, metavar="FILE", help="JSONL of {id?, class, seed?} requests")
     p.add_argument("--classes", type=int, nargs="+", metavar="C", help="with --per-class: these classes (default: all)")
     p.add_argument("--seed", type=int, default=0, help="base of the per-item seeds (default: %(default)s)")
-    p.add_argument("--method", choices=METHODS, help="full (default), deediff or static")
+    p.add_argument("--method", choices=METHODS, help="full (default), deediff, static or similarity")
     p.add_argument("--threshold", metavar="T", help="deediff: a number in [0, 1] or KIND:HIGH:LOW[:K]")
     p.add_argument("--min-depth", type=int, metavar="N", help="deediff: never exit before N blocks")
     p.add_argument("--budget", type=float, metavar="B",
@@ -92,6 +102,20 @@ def _parser(prog: str) -> argparse.ArgumentParser:
                    help="deediff, instead of --threshold or --budget: a calibration file made by `diffexit calibrate "
                         "uem` (e.g. one it wrote to its --out)")
     p.add_argument("--depths", type=int, nargs="+", metavar="D", help="static: blocks per stretch of sampling")
+    p.add_argument("--tolerance", metavar="T",
+                   help="similarity: exit after the first block that changes the hidden state by less than this share "
+                        "of it (a number in [0, 1] or KIND:HIGH:LOW[:K]); or --calibration FILE from `diffexit "
+                        "calibrate uem --statistic change`")
+    p.add_argument("--remainder", choices=REMAINDERS,
+                   help="deediff, static, similarity: what the blocks a sample skipped add: none (default), cached "
+                        "(their last residual) or taylor (extrapolated from their last two)")
+    p.add_argument("--refresh-every", type=int, metavar="N",
+                   help="with --remainder: every N-th step runs at full depth (default: only the first)")
+    p.add_argument("--refresh-last", type=int, metavar="M", help="with --remainder: the last M steps run at full depth")
+    p.add_argument("--refresh-first", type=int, metavar="K",
+                   help="with --remainder: the first K steps run at full depth (default 1)")
+    p.add_argument("--exit-every", type=int, metavar="E",
+                   help="with --remainder: the exit rule runs at one step in E and the steps between run no block")
     p.add_argument("--plan", type=Path, metavar="FILE",
                    help="instead of a method: a plan file `diffexit calibrate images` wrote (its steps, exits, cache)")
     p.add_argument("--config", type=Path, metavar="FILE", help='JSON {"method": ..., parameters...}')
@@ -117,12 +141,13 @@ def resolve_config(args) -> EarlyExitConfig:
     with the UEM folder (``--uem``, or the shipped heads on the embedded pipeline) as an absolute path."""
     config = read_config(args.config) if args.config else {}
     if config:
-        check_keys(config, ("method",) + tuple(dict.fromkeys(k for v in PARAMS.values() for k in v)),
-                   f"config file {args.config}")
+        check_keys(config, ("method",) + tuple(dict.fromkeys(k for v in PARAMS.values() for k in v))
+                   + REMAINDER_FIELDS, f"config file {args.config}")
     method = args.method or config.get("method", "full")
     params = {k: v for k, v in config.items() if k != "method"}
     flags = {"threshold": args.threshold, "min_depth": args.min_depth, "depths": args.depths, "budget": args.budget,
-             "calibration": args.calibration}
+             "calibration": args.calibration, "tolerance": args.tolerance,
+             **{k: getattr(args, k) for k in REMAINDER_FIELDS}}
     params.update({k: v for k, v in flags.items() if v is not None})
     uem = args.uem
     if method == "deediff" and uem is None:
@@ -148,10 +173,9 @@ def read_plan(args):
     """The :class:`~diffexit.app.image_plan.ImagePlan` that ``--plan`` names; a method's flags beside it are refused."""
     from .image_plan import ImagePlan
 
-    given = [flag for flag, value in (("--method", args.method), ("--threshold", args.threshold),
-                                      ("--min-depth", args.min_depth), ("--budget", args.budget),
-                                      ("--calibration", args.calibration), ("--depths", args.depths),
-                                      ("--config", args.config), ("--uem", args.uem)) if value is not None]
+    exit_flags = ("method", "threshold", "min_depth", "budget", "calibration", "depths", "tolerance",
+                  *REMAINDER_FIELDS, "config", "uem")
+    given = [f"--{name.replace('_', '-')}" for name in exit_flags if getattr(args, name) is not None]
     if given:
         raise JobError(f"--plan fixes the steps, exits and cache; drop {given[0]} (or drop --plan)")
     try:

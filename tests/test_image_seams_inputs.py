@@ -163,3 +163,45 @@ def test_the_batch_size_moves_a_pixel_by_one_level_at_most(models, tmp_path):
         generate_images.run([str(a) for a in [*base, "--batch-size", size, "--out", tmp_path / size]])
     for item_id in ("c0-0000", "c0-0001", "c7-0000", "c7-0001"):
         assert np.abs(_pixels(tmp_path / "1", item_id) - _pixels(tmp_path / "4", item_id)).max() <= 1
+
+
+def test_similarity_exits_with_a_cached_remainder_round_trip_through_job_json(models, tmp_path, capsys):
+    argv = ["--per-class", "1", "--classes", "1", "--pipeline", models[0], "--method", "similarity",
+            "--tolerance", "0.5", "--remainder", "taylor", "--refresh-every", "3", "--refresh-last", "1",
+            "--exit-every", "2", "--steps", "6", "--out", tmp_path / "out"]
+    result, _ = generate_images.run([str(a) for a in argv])
+    recorded = json.loads((tmp_path / "out" / "job.json").read_text())["exits"]
+    want = EarlyExitConfig("similarity", tolerance=0.5, remainder="taylor", refresh_every=3, refresh_last=1,
+                           exit_every=2)
+    assert EarlyExitConfig.from_dict(recorded) == want
+    # Re-derived from CachedRemainder's schedule: steps 0 and 3 refresh (every 3rd), step 5 is the last; with one
+    # refresh first, the rule runs at steps 2 and 4 (one in every two after it) and step 1 runs no block.
+    depths = result.records[0]["depths"]
+    assert [depths[s] for s in (0, 3, 5)] == [LAYERS] * 3 and depths[1] == 0
+    assert all(1 <= depths[s] <= LAYERS for s in (2, 4))
+    generate_images.run([str(a) for a in argv])  # the same settings resume the same job
+    changed = [str(a) for a in argv]
+    changed[changed.index("taylor")] = "cached"
+    assert generate_images.main(changed) == 2
+    assert "holds the outputs of a different job" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--remainder", "cached"], "method 'full' runs every block, so no block is skipped to add a remainder"),
+    (["--method", "static", "--depths", "2", "--refresh-every", "2"],
+     "refresh_every refreshes a cached remainder; set remainder to 'cached' or 'taylor'"),
+    (["--method", "static", "--depths", "2", "--remainder", "cached", "--refresh-every", "0"],
+     "refresh_every must be an int >= 1"),
+    (["--method", "static", "--depths", "2", "--tolerance", "0.1"], "tolerance"),
+])
+def test_remainder_and_similarity_flags_are_refused_where_they_do_not_apply(extra, message, models, tmp_path, capsys):
+    line = fails(["--per-class", "1", "--classes", "1", "--pipeline", models[0], "--steps", "2",
+                  "--out", tmp_path / "out", *extra], capsys)
+    assert message in line
+    assert not (tmp_path / "out" / "job.json").exists()
+
+
+def test_a_plan_refuses_remainder_flags_beside_it(models, tmp_path, capsys):
+    line = fails(["--per-class", "1", "--pipeline", models[0], "--plan", tmp_path / "plan.json", "--remainder",
+                  "cached", "--out", tmp_path / "out"], capsys)
+    assert "--plan fixes the steps, exits and cache; drop --remainder" in line

@@ -26,8 +26,8 @@ from .rule_spec import CALIBRATED, check_exit_params
 
 REMAINDERS = ("none", *ORDERS)
 # The fields that say what the skipped blocks add, rather than which rule exits.
-_REMAINDER_FIELDS = ("remainder", "refresh_every", "refresh_last", "refresh_first", "exit_every")
-_NOT_RULE = ("method", "uem", *_REMAINDER_FIELDS)
+REMAINDER_FIELDS = ("remainder", "refresh_every", "refresh_last", "refresh_first", "exit_every")
+_NOT_RULE = ("method", "uem", *REMAINDER_FIELDS)
 
 
 @dataclass(frozen=True)
@@ -90,7 +90,7 @@ class EarlyExitConfig:
         if self.remainder not in REMAINDERS:
             raise ValueError(f"unknown remainder {self.remainder!r}; choose one of {list(REMAINDERS)}")
         if self.remainder == "none":
-            given = [k for k in _REMAINDER_FIELDS[1:] if getattr(self, k) is not None]
+            given = [k for k in REMAINDER_FIELDS[1:] if getattr(self, k) is not None]
             if given:
                 raise ValueError(f"{given[0]} refreshes a cached remainder; set remainder to 'cached' or 'taylor', "
                                  f"or drop it")
@@ -122,7 +122,7 @@ class EarlyExitConfig:
     def to_dict(self) -> dict:
         """``{"method", <the parameters given>, "uem"?, <remainder settings>?}``, JSON-ready; :meth:`from_dict` gives
         the config back."""
-        remainder = {k: getattr(self, k) for k in _REMAINDER_FIELDS if getattr(self, k) not in (None, "none")}
+        remainder = {k: getattr(self, k) for k in REMAINDER_FIELDS if getattr(self, k) not in (None, "none")}
         return {"method": self.method, **self.params, **({} if self.uem is None else {"uem": self.uem}), **remainder}
 
     @classmethod
