@@ -34,12 +34,8 @@ Methods (``--method``, or ``"method"`` in ``--config FILE`` with the parameters 
   less than ``tolerance`` of it (never before ``min_depth``), or by the per-step tolerances of a ``calibration`` file
   from ``diffexit calibrate uem --statistic change``; no UEM.
 
-With an exit method, ``--remainder cached|taylor`` makes the blocks a sample skipped add the residual they added when
-they last ran it (or that residual extrapolated from its last two runs), with full-depth refresh steps: the first
-``--refresh-first`` (default 1), every ``--refresh-every``-th and the last ``--refresh-last``; ``--exit-every E`` runs
-the exit rule at one step in E and no block at the others (:mod:`diffexit.uem.cached_remainder`). Each of these is
-refused where it does not apply (on ``full``, or a refresh flag without a remainder), and ``job.json`` records them
-with the exits, so a resumed job cannot change them.
+With an exit method, ``--remainder`` and its refresh flags compose the exits with a cached remainder
+(:mod:`diffexit.uem.cached_remainder`); refused on ``full`` or without a remainder; ``job.json`` records them.
 
 ``--plan FILE`` instead of a method: the steps, exits and feature cache ``diffexit calibrate images`` chose for a PSNR
 target (:mod:`diffexit.app.image_plan`). A plan holds only for the pipeline class, weights and guidance it was made
@@ -102,18 +98,14 @@ def _parser(prog: str) -> argparse.ArgumentParser:
                    help="deediff, instead of --threshold or --budget: a calibration file made by `diffexit calibrate "
                         "uem` (e.g. one it wrote to its --out)")
     p.add_argument("--depths", type=int, nargs="+", metavar="D", help="static: blocks per stretch of sampling")
-    p.add_argument("--tolerance", metavar="T",
-                   help="similarity: exit after the first block that changes the hidden state by less than this share "
-                        "of it (a number in [0, 1] or KIND:HIGH:LOW[:K]); or --calibration FILE from `diffexit "
-                        "calibrate uem --statistic change`")
+    p.add_argument("--tolerance", metavar="T", help="similarity: exit once a block changes the hidden state by less "
+                                                   "than this share (a number in [0, 1] or KIND:HIGH:LOW[:K])")
     p.add_argument("--remainder", choices=REMAINDERS,
                    help="deediff, static, similarity: what the blocks a sample skipped add: none (default), cached "
                         "(their last residual) or taylor (extrapolated from their last two)")
-    p.add_argument("--refresh-every", type=int, metavar="N",
-                   help="with --remainder: every N-th step runs at full depth (default: only the first)")
-    p.add_argument("--refresh-last", type=int, metavar="M", help="with --remainder: the last M steps run at full depth")
-    p.add_argument("--refresh-first", type=int, metavar="K",
-                   help="with --remainder: the first K steps run at full depth (default 1)")
+    p.add_argument("--refresh-every", type=int, metavar="N", help="with --remainder: every N-th step runs full depth")
+    p.add_argument("--refresh-last", type=int, metavar="M", help="with --remainder: the last M steps run full depth")
+    p.add_argument("--refresh-first", type=int, metavar="K", help="with --remainder: the first K run full (default 1)")
     p.add_argument("--exit-every", type=int, metavar="E",
                    help="with --remainder: the exit rule runs at one step in E and the steps between run no block")
     p.add_argument("--plan", type=Path, metavar="FILE",
