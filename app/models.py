@@ -278,10 +278,17 @@ def load_masked_diffusion_pipeline(name, *, dtype: torch.dtype, device, **option
 def _loaded(what: str, where, load):
     """``load()``, any failure (missing files, a broken config, missing weights) a :class:`LoadError` saying which
     model, where (None: the embedded one), and why."""
+    from safetensors import SafetensorError
+
     try:
         return load()
     except LoadError:
         raise
+    except SafetensorError as e:
+        # safetensors' own message ("incomplete metadata, file not fully covered") names neither the file's state
+        # nor a fix; a truncated copy or an interrupted save is the usual cause.
+        raise LoadError(f"cannot load the {what} from {where or 'the package'}: its weights file is unreadable "
+                        f"(truncated, or not a safetensors file: {e}); copy or export the folder again, whole") from None
     except Exception as e:
         if where is None and isinstance(e, FileNotFoundError):  # the embedded loaders' own message names the fix
             raise LoadError(str(e)) from None
