@@ -71,13 +71,13 @@ from .jobs import (
     run_job,
     wall_speedup,
 )
-from .text_engines import EmbeddedEngine, GemmaEngine, TransformersEngine, is_diffusion_gemma, is_embedded_format
+from .text_engines import EmbeddedEngine, GemmaEngine, TransformersEngine
+from .text_model_options import DTYPES, LoadedTextModel, TextModelOptions, load_text_model
+
 OUTPUTS = "outputs.jsonl"
 FULL_DIR = "full"
-DTYPES = ("float32", "bfloat16", "float16")
-# Decoding settings of models loaded through transformers; the embedded format decodes by task layout instead.
-TRANSFORMERS_ONLY = ("gen_length", "steps", "loop", "mask_id", "trust_remote_code")
-TRANSFORMERS_DEFAULTS = {"gen_length": 128, "steps": 128, "loop": "llada", "mask_id": None, "trust_remote_code": False}
+# A transformers model's lengths when neither flag gives them; the embedded format decodes by task layout instead.
+TRANSFORMERS_LENGTHS = {"gen_length": 128, "steps": 128}
 
 
 def _parser(prog: str) -> argparse.ArgumentParser:
@@ -108,6 +108,9 @@ def _parser(prog: str) -> argparse.ArgumentParser:
                    help="llada loop: block size (default: the task layout's, a block-causal model's own, or one block)")
     p.add_argument("--cache", choices=("none",) + CACHES,
                    help="llada loop: KV cache; prefix is exact on a block-causal model (default: none)")
+    p.add_argument("--cache-refresh", metavar="K|confidence:C",
+                   help="with --cache: rewrite the kept K/V at every K-th later step of a block, or at the step after "
+                        "one that committed a token at probability <= C (default: never)")
     p.add_argument("--parallel-threshold", type=float, metavar="P",
                    help="llada loop: also commit every masked token of the block at least this probable")
     p.add_argument("--commit", metavar="learned|FILE", help="the learned commit rule instead of --method: 'learned' "
@@ -205,7 +208,8 @@ def loop_options(args) -> DecodeSpec:
             raise JobError(f"--commit {commit}: no such file; give 'learned' or a file `diffexit train commit` wrote")
         commit = str(Path(commit).resolve())  # job.json must name the same file from any folder
     flags = {"gen_length": args.gen_length, "steps": args.steps, "block_length": args.block_length,
-             "cache": None if args.cache == "none" else args.cache, "parallel_threshold": args.parallel_threshold,
+             "cache": None if args.cache == "none" else args.cache, "cache_refresh": args.cache_refresh,
+             "parallel_threshold": args.parallel_threshold,
              "commit": commit, "commit_mode": getattr(args, "commit_mode", None),
              "commit_threshold": getattr(args, "commit_threshold", None)}
     try:
@@ -225,75 +229,54 @@ def with_method(spec: DecodeSpec, method: str, params: dict, tokenizer) -> Decod
 
 # Models and decoding -------------------------------------------------------------------------------------------------
 
-def transformers_options(args) -> dict:
-    """The transformers-only settings, defaults filled in."""
-    return {k: TRANSFORMERS_DEFAULTS[k] if getattr(args, k) is None else getattr(args, k) for k in TRANSFORMERS_ONLY}
+def model_options(args) -> TextModelOptions:
+    """Which model the flags name, and how to load it."""
+    return TextModelOptions(model=args.model, dtype=args.dtype, loop=args.loop, mask_id=args.mask_id,
+                            trust_remote_code=args.trust_remote_code)
 
 
-def load_model(args, device):
-    """``(kind, model_or_pipeline, tokenizer)``; kind is ``"embedded"``, ``"gemma"`` or ``"transformers"``.
-    ``args.model`` becomes the folder it names (a Hub id: its snapshot in the local cache; nothing is downloaded)."""
-    import torch
-
-    from .models import (
-        LoadError,
-        load_gemma_or_embedded,
-        load_masked_diffusion_pipeline,
-        load_text_model_or_embedded,
-        resolve_text_model,
-    )
-
-    dtype = getattr(torch, args.dtype)
-    try:
-        args.model = None if args.model is None else str(resolve_text_model(args.model, hub=True))
-        if args.model is None or is_embedded_format(Path(args.model)):
-            model, tokenizer = load_text_model_or_embedded(args.model and Path(args.model), dtype=dtype)
-            return "embedded", model.to(device), tokenizer
-        if is_diffusion_gemma(Path(args.model)):
-            model, tokenizer = load_gemma_or_embedded(Path(args.model), dtype=dtype)
-            return "gemma", model.to(device), tokenizer
-        options = transformers_options(args)
-        pipe = load_masked_diffusion_pipeline(args.model, dtype=dtype, device=device, loop=options["loop"],
-                                              mask_id=options["mask_id"],
-                                              trust_remote_code=options["trust_remote_code"])
-        return "transformers", pipe, pipe.tokenizer
-    except LoadError as e:  # it names the model, where, and why, once
-        raise JobError(str(e)) from None
-
-
-def build_engines(args, kind: str, model, tokenizer, method: str, params: dict, loop: DecodeSpec):
-    """``(engine, full_engine, decode)`` for a loaded model (:func:`load_model`): the method's engine, the full-steps
-    one, and the decoding settings ``job.json`` records. ``args`` holds the flags (``TRANSFORMERS_ONLY``, the block
-    length, cache and parallel threshold); ``diffexit eval`` builds its engine here too, so both decode alike."""
+def build_engines(loaded: LoadedTextModel, method: str, params: dict, loop: DecodeSpec):
+    """``(engine, full_engine, decode)`` for a loaded model (:func:`~diffexit.app.text_model_options.load_text_model`):
+    the method's engine, the full-steps one, and the decoding settings ``job.json`` records. ``loop`` holds the
+    decoding options the user gave (lengths, block length, cache, parallel commits, commit rule); ``diffexit eval``
+    builds its engine here too, so both decode alike."""
+    options, kind, model, tokenizer = loaded.options, loaded.kind, loaded.model, loaded.tokenizer
+    flag = lambda name: f"--{name.replace('_', '-')}"  # noqa: E731
     if kind == "gemma":
         from ..dllm.rule_spec import gemma_stopping
 
-        given = [f"--{k.replace('_', '-')}" for k in TRANSFORMERS_ONLY + ("block_length", "cache", "parallel_threshold")
-                 if k not in ("gen_length", "steps") and getattr(args, k) is not None]
-        if loop.commit is not None:
-            given.append("--commit")
+        given = [flag(k) for k in options.given_transformers_only()]
+        given += [flag(k) for k in ("block_length", "cache", "cache_refresh", "parallel_threshold", "commit")
+                  if getattr(loop, k) is not None]
         if given:
             raise JobError(f"{', '.join(given)}: not for a DiffusionGemma model, which decodes with its own generate "
                            f"(--steps per canvas, --gen-length)")
         try:
             rule = gemma_stopping(method, params)
         except ValueError as e:
-            raise JobError(f"{args.model}: {e}") from e
+            raise JobError(f"{options.model}: {e}") from e
         params = {} if rule is None else rule.to_dict()
         make_rule = None if rule is None else (lambda: gemma_stopping(method, params))
-        decode = {"gen_length": args.gen_length, "steps": args.steps, "method": method, "params": params}
-        engine = GemmaEngine(model, tokenizer, method, make_rule, args.steps, args.gen_length)
-        full_engine = GemmaEngine(model, tokenizer, "full", None, args.steps, args.gen_length)
+        decode = {"gen_length": loop.gen_length, "steps": loop.steps, "method": method, "params": params}
+        engine = GemmaEngine(model, tokenizer, method, make_rule, loop.steps, loop.gen_length)
+        full_engine = GemmaEngine(model, tokenizer, "full", None, loop.steps, loop.gen_length)
     else:
         if kind == "embedded":
-            given = [f"--{k.replace('_', '-')}" for k in TRANSFORMERS_ONLY if getattr(args, k) is not None]
+            from ..dllm.exact_cache import block_causal_layout
+
+            given = [flag(k) for k in TRANSFORMERS_LENGTHS if getattr(loop, k) is not None]
+            given += [flag(k) for k in options.given_transformers_only()]
             if given:
                 raise JobError(f"{', '.join(given)} apply to models loaded through transformers; the embedded "
                                f"model's format decodes each prompt with its task layout")
+            if loop.cache_refresh is not None and block_causal_layout(model) is not None:
+                # Said before any work: the loop would refuse it only at its first batch.
+                raise JobError("--cache-refresh refreshes the approximate cache of a bidirectional model; on this "
+                               "block-causal model --cache prefix is exact and never stale: drop --cache-refresh")
         else:
-            options = transformers_options(args)
             try:
-                loop = loop.replace(loop=options["loop"]).with_lengths(options["gen_length"], options["steps"], None)
+                loop = loop.replace(loop=options.transformers_setting("loop")).with_lengths(
+                    TRANSFORMERS_LENGTHS["gen_length"], TRANSFORMERS_LENGTHS["steps"], None)
             except ValueError as e:
                 raise JobError(str(e)) from None
         spec = with_method(loop, method, params, tokenizer)
@@ -304,7 +287,7 @@ def build_engines(args, kind: str, model, tokenizer, method: str, params: dict, 
             engine, full_engine = TransformersEngine(model, spec), TransformersEngine(model, full)
         decode = {"decode": spec.to_dict()}
         if kind == "transformers":
-            decode.update(mask_id=options["mask_id"], trust_remote_code=options["trust_remote_code"])
+            decode.update(mask_id=options.mask_id, trust_remote_code=options.transformers_setting("trust_remote_code"))
     return engine, full_engine, decode
 
 
@@ -342,12 +325,13 @@ def run(argv: Sequence[str], prog: str = "diffexit generate text") -> tuple[JobR
 def _generate(args, out: Path, state, method: str, params: dict, loop: DecodeSpec,
               items: list[Item]) -> tuple[JobResult, Optional[JobResult]]:
     """:func:`run`'s work once the inputs are checked and the folder is locked."""
-    kind, model, tokenizer = load_model(args, state.device)
-    engine, full_engine, decode = build_engines(args, kind, model, tokenizer, method, params, loop)
+    loaded = load_text_model(model_options(args), state.device)
+    kind = loaded.kind
+    engine, full_engine, decode = build_engines(loaded, method, params, loop)
     engine.check(items)
 
     job = make_job(items, args.batch_size, group=engine.group)
-    settings = {"command": "generate text", "model": _model_id(args.model), "dtype": args.dtype,
+    settings = {"command": "generate text", "model": _model_id(loaded.options.model), "dtype": args.dtype,
                 "batch_size": args.batch_size}
     spec = job_spec({**settings, **decode}, job)
     full_decode = ({**decode, "method": "full", "params": {}} if kind == "gemma"

@@ -163,7 +163,8 @@ def main() -> None:
             rows += run_task(model, tok, task, args.n_chain if task in LONG_TASKS else args.n, bar)
     rows += summarise(rows, args.tasks)
     args.out.mkdir(parents=True, exist_ok=True)
-    write_results(args.out, "cache-refresh", False, rows, n_per_task=args.n, n_chain=args.n_chain, torch_threads=torch.get_num_threads())
+    write_results(args.out, "cache-refresh", False, rows, n_per_task=args.n, n_chain=args.n_chain,
+                  torch_threads=torch.get_num_threads())
     plot([r for r in rows if r["task"] == "discriminating"], args.out / "curve.png")
     columns = [("method", "method", ""), ("agreement", "agreement", ".3f"),
                ("min_task_agreement", "worst task", ".3f"), ("speedup_wall", "speedup wall", ".2f"),

@@ -52,6 +52,10 @@ def test_round_trips_through_json_and_refuses_unknown_keys():
     ({"gen_length": 16, "steps": 15, "block_length": 4}, "steps=15 must be a multiple of the number of blocks"),
     ({"cache": "full"}, "cache must be none or one of ['prefix', 'dual'], got 'full'"),
     ({"steps": 0}, "steps must be a positive whole number, got 0"),
+    ({"cache_refresh": 2}, "cache_refresh=2 refreshes the kept K/V of an approximate cache, and there is no cache"),
+    ({"cache": "prefix", "cache_refresh": 0}, "cache_refresh must be None (keep a block's first K/V), a whole number"),
+    ({"cache": "prefix", "cache_refresh": "confidence:0.9", "remasking": "random"},
+     "random remasking commits by a uniform draw"),
     ({"loop": "dream", "cache": "prefix"}, "cache: an option of the llada loop"),
     ({"method": "prophet", "params": {"thresholds": [math.nan, 5.0, 2.5]}}, "three finite numbers"),
     ({"method": "sched", "params": {"schedule": "cosine:inf:2.5"}}, "high must be a finite number"),
@@ -131,3 +135,36 @@ def test_a_prophet_spec_survives_replace_and_json():
     again = DecodeSpec.from_dict(spec.replace(steps=8, gen_length=8).to_dict())
     assert again.params["cutoffs"] == [0.25, 0.75]
     assert again.halting_rule().cutoffs == (0.25, 0.75)
+
+
+def test_a_cache_refresh_is_normalised_round_trips_and_reaches_the_loop():
+    spec = DecodeSpec(gen_length=16, steps=16, block_length=4, cache="dual", cache_refresh="confidence:.9")
+    assert spec.cache_refresh == "confidence:0.9" and DecodeSpec(cache="prefix", cache_refresh="3").cache_refresh == 3
+    assert DecodeSpec.from_dict(json.loads(json.dumps(spec.to_dict()))) == spec
+    assert spec.loop_kwargs()["cache_refresh"] == "confidence:0.9"
+    assert spec.describe() == "full, cache dual refreshed after commits at p <= 0.9"
+    assert spec_from_options({"cache": "prefix", "cache_refresh": 2}).cache_refresh == 2
+
+
+def test_generate_text_with_a_refresh_at_every_commit_gives_the_uncached_answers(tmp_path):
+    # Short tasks decode 4 tokens a block in 4 steps: every step commits one, so confidence:1 refreshes at each.
+    runs = {}
+    for name, flags in (("plain", []), ("refreshed", ["--cache", "prefix", "--cache-refresh", "confidence:1"])):
+        code, err = _cli(["--task", "pick", "--n", "4", *flags], tmp_path / name)
+        assert code == 0, err
+        lines = (tmp_path / name / "outputs.jsonl").read_text().splitlines()
+        runs[name] = [json.loads(line)["output"] for line in lines]
+    assert runs["refreshed"] == runs["plain"]
+    job = json.loads((tmp_path / "refreshed" / "job.json").read_text())
+    assert DecodeSpec.from_dict(job["decode"]) == DecodeSpec(cache="prefix", cache_refresh="confidence:1.0")
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--model", "charlm-block", "--cache", "prefix", "--cache-refresh", "2"],
+     "block-causal model --cache prefix is exact"),
+    (["--cache-refresh", "2"], "cache_refresh=2 refreshes the kept K/V of an approximate cache, and there is no cache"),
+    (["--cache", "prefix", "--cache-refresh", "often"], "cache_refresh must be None"),
+])
+def test_generate_text_refuses_a_cache_refresh_it_cannot_use_before_any_work(tmp_path, argv, message):
+    code, err = _cli(["--task", "zip", "--n", "1", *argv], tmp_path / "out")
+    assert code == 2 and message in err and not (tmp_path / "out" / "outputs.jsonl").exists()

@@ -33,7 +33,6 @@ logged samples.
 from __future__ import annotations
 
 import time
-from types import SimpleNamespace
 from typing import Optional
 
 from lm_eval.api.model import LM
@@ -323,18 +322,12 @@ def _cut(text: str, until) -> str:
 
 def _engine(model_options: dict, spec, device):
     """The engine ``generate text`` decodes with, for this model and spec: its loader and its engine builder."""
-    from .. import generate_text as gt
+    from ..generate_text import build_engines
     from ..jobs import JobError
+    from ..text_model_options import TextModelOptions, load_text_model
 
-    args = SimpleNamespace(model=model_options.get("model"), dtype=model_options.get("dtype", "float32"),
-                           gen_length=spec.gen_length, steps=spec.steps, block_length=spec.block_length,
-                           cache=spec.cache, parallel_threshold=spec.parallel_threshold, loop=model_options.get("loop"),
-                           mask_id=model_options.get("mask_id"), trust_remote_code=model_options.get("trust_remote_code"))
-    if args.dtype not in gt.DTYPES:
-        raise ValueError(f"dtype must be one of {list(gt.DTYPES)}, got {args.dtype!r}")
     try:
-        kind, model, tokenizer = gt.load_model(args, device)
-        loop = spec.replace(method="full", params={})
-        return gt.build_engines(args, kind, model, tokenizer, spec.method, spec.params, loop)[0]
+        loaded = load_text_model(TextModelOptions(**model_options), device)
+        return build_engines(loaded, spec.method, spec.params, spec.replace(method="full", params={}))[0]
     except JobError as e:
         raise ValueError(str(e)) from None
