@@ -18,6 +18,7 @@ import time
 import torch
 
 from diffexit.app.bench.gemma import SCHED_ROWS, _RowTracking, _sched
+from diffexit.common.schedules import ThresholdSchedule
 from diffexit.app.models import load_gemma_or_embedded
 from diffexit.dllm.charlm.gemma import gemma_decode
 from diffexit.dllm.charlm.tasks import layout_of, sample
@@ -73,11 +74,16 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=16)
     p.add_argument("--rows", nargs="+", default=["sched-constant-4-min", "sched-constant-3-quantile-stable"],
                    choices=[r[0] for r in SCHED_ROWS])
+    p.add_argument("--try", dest="tries", nargs="*", default=[], metavar="KIND:START:END:STAT:PATIENCE",
+                   help="other SchED settings to run beside --rows, e.g. constant:3.5:3.5:min:1")
     p.add_argument("--timing", action="store_true", help="split each decode's wall-clock (encoder, decoder, rest)")
     args = p.parse_args()
     model, tok = load_gemma_or_embedded(None)
     clock = Clock(model) if args.timing else None
-    settings = {name: (s, stat, pat) for name, s, stat, pat in SCHED_ROWS}
+    settings = {name: (s, stat, pat) for name, s, stat, pat in SCHED_ROWS if name in args.rows}
+    for spec in args.tries:
+        kind, start, end, stat, patience = spec.split(":")
+        settings[spec] = (ThresholdSchedule(kind, float(start), float(end)), stat, int(patience))
     for task in args.tasks:
         layout = layout_of(task)
         prompts = [e.prompt for e in sample(task, "heldout", seed=0, n=args.n)]
@@ -107,7 +113,7 @@ def main() -> None:
         if clock:
             print(f"all-steps seconds: encoder {full_split[0]:.3f}, decoder {full_split[1]:.3f}, "
                   f"rest {full_split[2]:.3f}")
-        for name in args.rows:
+        for name in settings:
             schedule, stat, patience = settings[name]
             answers, rules, split = run(lambda: _sched(schedule, stat, patience))
             same = sum(a == b for a, b in zip(answers, full)) / args.n
