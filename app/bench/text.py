@@ -17,7 +17,10 @@ Models (``--models``, default ``charlm charlm-block``) run side by side. The blo
 its own blocks of 4 and gets its own rows (full steps, the exact prefix cache, and over it parallel commits, the
 robust statistics and both, which the bidirectional model runs too), each measured against its own uncached full
 steps; every row's ``speedup_wall_vs_bidirectional`` divides the bidirectional model's full-steps time by its own.
-``goals`` in the results says whether issue #27's goals and issue #31's halting goal were met. Each run appends its
+A model that ships a learned commit rule beside its weights (``diffexit train commit``) also gets its rows,
+``learned-commit`` and ``learned-halt`` at the calibrated thresholds, uncached and over the prefix cache. ``--methods``
+runs a subset by name (full steps always run). ``goals`` in the results says whether issue #27's goals and issue
+#31's halting goal and learned-commit goal (``learned_vs_parallel``) were met. Each run appends its
 headline figures to ``DIR/history.jsonl``; ``--compare FILE`` prints each row's change against an earlier
 results.json.
 
