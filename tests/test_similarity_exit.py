@@ -137,3 +137,51 @@ def test_bad_similarity_settings_are_refused(kwargs, match):
 def test_similarity_config_round_trips():
     config = EarlyExitConfig("similarity", tolerance="linear:0.2:0.05", min_depth=2, remainder="cached")
     assert EarlyExitConfig.from_dict(config.to_dict()) == config
+
+
+@torch.no_grad()
+def test_calibrate_uem_statistic_change_writes_what_calibrate_similarity_makes(tiny_dit, tmp_path, capsys):
+    import json
+
+    from diffexit.app import calibrate_uem, generate_images
+    from diffexit.app.models import default_guidance_scale
+
+    m = random_dit(tiny_dit)
+    pipe = DigitsDiTPipeline(transformer=m, scheduler=ddim())
+    pipe.save_pretrained(tmp_path / "pipe")
+    argv = ["--statistic", "change", "--model", str(tmp_path / "pipe"), "--budget", "10", "--steps", "3",
+            "--samples", "4", "--held-out", "4", "--out", str(tmp_path / "cal")]
+    assert calibrate_uem.main(argv) == 0
+    path = tmp_path / "cal" / "calibration-10-steps3.json"
+    saved = Calibration.load(path)
+    labels = torch.arange(4) % 10
+    (want,) = calibrate_similarity(m, ddim(), labels, labels, budgets=[10.0], steps=3,
+                                   guidance_scale=default_guidance_scale(pipe), seed=0)
+    assert saved.statistic == "change" and saved.thresholds == want.thresholds
+    assert saved.min_depths == want.min_depths and saved.provenance["command"].endswith(" ".join(argv))
+    assert "--method similarity --calibration FILE" in capsys.readouterr().out
+    # generate images takes the file, and job.json records it.
+    generate_images.run(["--per-class", "1", "--classes", "1", "--pipeline", str(tmp_path / "pipe"), "--method",
+                         "similarity", "--calibration", str(path), "--out", str(tmp_path / "gen")])
+    recorded = json.loads((tmp_path / "gen" / "job.json").read_text())["exits"]
+    assert EarlyExitConfig.from_dict(recorded) == EarlyExitConfig("similarity", calibration=str(path.resolve()))
+
+
+@pytest.mark.parametrize("extra, says", [
+    (["--uem", "heads", "--out", "o"], "read no heads: drop --uem"),
+    ([], "--statistic change needs --out DIR"),
+])
+def test_calibrate_uem_statistic_change_refuses_heads_and_wants_out(extra, says, tmp_path, capsys):
+    from diffexit.app import calibrate_uem
+
+    with pytest.raises(SystemExit):
+        calibrate_uem.main(["--statistic", "change", "--budget", "1", *extra])
+    assert says in capsys.readouterr().err
+
+
+def test_calibrate_uem_without_uem_asks_for_it(capsys):
+    from diffexit.app import calibrate_uem
+
+    with pytest.raises(SystemExit):
+        calibrate_uem.main(["--budget", "1"])
+    assert "--uem DIR is required" in capsys.readouterr().err
