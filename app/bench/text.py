@@ -91,7 +91,8 @@ def _run_generate(model, tok, method: Method, ids, attn, span: int, recording: R
     halting = HaltingOracle(recording.final) if method.oracle == "halt" else \
         method.halting() if method.halting else None
     out = generate(model, ids, attention_mask=attn, halting=halting, parallel_threshold=method.parallel_threshold,
-                   cache=method.cache, **_decode_kwargs(model, tok, method, span))
+                   cache=method.cache, cache_refresh=method.cache_refresh,
+                   **_decode_kwargs(model, tok, method, span))
     return out.generated, out.nfe.float()
 
 

@@ -31,6 +31,9 @@ class Method:
     parallel_threshold: Optional[float] = None
     one_step: bool = False
     cache: Optional[str] = None
+    # None, a whole number k or "confidence:C": when the approximate cache's kept K/V are rewritten
+    # (diffexit.dllm.kv_cache).
+    cache_refresh: Optional[object] = None
     # Run inside LLaDA2Pipeline instead of generate(): "stock" (BlockRefinementScheduler), "sched"
     # (SchEDScheduler, cosine) or "sched-off" (SchEDScheduler that never halts: isolates the pass it saves at
     # each block end from what halting saves).
@@ -52,7 +55,8 @@ class Method:
     @property
     def identity(self) -> RowId:
         return RowId(self.name, self.family,
-                     {**self.params, "cache": self.cache, "parallel_threshold": self.parallel_threshold})
+                     {**self.params, "cache": self.cache, "parallel_threshold": self.parallel_threshold,
+                      **({"cache_refresh": self.cache_refresh} if self.cache_refresh is not None else {})})
 
 
 def sched_methods() -> list[Method]:
@@ -134,6 +138,13 @@ def robust_cache_methods() -> list[Method]:
     return out
 
 
+def refresh_methods() -> list[Method]:
+    """Full steps over the approximate caches, their kept K/V rewritten at the step after one that committed a
+    token at probability <= 0.9: the best setting of ``scripts/cache_refresh_curve.py`` (issue #27)."""
+    return [Method(f"full+{cache}+refresh-conf0.9", "full", {}, cache=cache, cache_refresh="confidence:0.9")
+            for cache in ("prefix", "dual")]
+
+
 def oracle_methods() -> list[Method]:
     """The halting oracle (the fewest passes any span-halting rule can take and keep every full-steps answer) and
     the commit oracle (:data:`COMMIT_ORACLE_NOTE`), both read from the recorded full steps of the same batch."""
@@ -160,6 +171,7 @@ def all_methods(ignore_token_ids: tuple[int, ...]) -> list[Method]:
                halting=lambda: SchED(cosine), parallel_threshold=PARALLEL_THRESHOLD),
         *cache_methods(cosine),
         *robust_cache_methods(),
+        *refresh_methods(),
         Method("llada2-stock", "llada2-stock", {**pipeline, "scheduler": "BlockRefinementScheduler"},
                pipeline="stock"),
         Method("llada2-sched-off", "llada2-sched-off",
