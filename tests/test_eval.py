@@ -78,6 +78,8 @@ def test_answers_and_forward_passes_equal_generate_text(sched_eval, tmp_path):
 
 
 def test_results_json_holds_the_metric_of_every_task(sched_eval):
+    # Named after the model (the embedded default here), not lm-eval's random folder name.
+    assert [p.parent.name for p in sched_eval.rglob("results_*.json")] == ["charlm"]
     results = _results(sched_eval)
     assert set(results) == {"diffexit_zip", "diffexit_chain"}
     for task in results.values():

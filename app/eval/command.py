@@ -54,6 +54,9 @@ def main(argv: Sequence[str], prog: str = "diffexit eval") -> int:
     if getattr(args, "command", None) == "run":
         # lm-eval's flag takes one folder; its task manager takes several.
         args.include_path = [str(TASKS_DIR)] + ([args.include_path] if args.include_path else [])
+        if args.model == "diffexit" and isinstance(args.model_args or {}, dict):
+            # lm-eval names the output folder after model_args' model= and makes up a random name without one.
+            args.model_args = {"model": "charlm", **(args.model_args or {})}
         if args.device is None:
             # lm-eval would default to cuda:0; generate text runs on accelerate's device for this process.
             from ..jobs import process_state
