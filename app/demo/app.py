@@ -3,7 +3,9 @@
 - **Images (DeeDiff).** One batch of digits sampled with early exits, beside the same noise at full depth; the
   layer ratio, wall time and speedup, PSNR against full depth, and the exit-depth heatmap (sampling step by
   depth). The rule is off (every block, through the same hook), an uncertainty threshold (constant or a schedule
-  over sampling progress; it reads the UEMs) or a static depth schedule (no UEMs).
+  over sampling progress; it reads the UEMs) or a static depth schedule (no UEMs). Given a plan file from
+  ``diffexit calibrate images``, it samples with the plan's steps, exits and cache instead, beside full depth at the
+  plan's full steps.
 - **Text (SchED).** One prompt decoded under a halting rule (SchED, Prophet, or none), streamed forward pass by
   forward pass while it decodes; then the answer, its NFE, the speedup against full steps (decoded as well, for the
   comparison), the margin against the threshold at every step, and the span after every step. When the text model
@@ -39,7 +41,8 @@ from .forms import CACHE_NONE, CACHES, MAX_IMAGE_STEPS, MAX_IMAGES, SCHEDULE_KIN
 from .gemma_text import GEMMA_SPAN_COLORS, GEMMA_TRACE_HEADERS, STOP_SCHED, STOP_STOCK
 from .gemma_text import STOPPING as GEMMA_STOPPING
 from .gemma_text import gemma_example, run_gemma_text
-from .images import IMAGE_RULES, RULE_CALIBRATED, RULE_SCHEDULE, RULE_STATIC, RULE_THRESHOLD, SAMPLERS, run_images
+from .images import (IMAGE_RULES, RULE_CALIBRATED, RULE_SCHEDULE, RULE_STATIC, RULE_THRESHOLD, SAMPLERS, run_images,
+                     run_plan)
 from .models import Models, release_freed_memory
 from .serve import launch
 from .text import FIRST_TASK, HALT_SCHED, HALTING, SPAN_COLORS, TRACE_HEADERS, example, run_text
@@ -59,9 +62,13 @@ class Demo:
     # gradio encodes a handler's outputs after it returns, so their buffers are freed only then.
 
     def images(self, digits, count, steps, sampler, guidance, rule, threshold, kind, high, low, k, depths, seed,
-               budget=None, progress=gr.Progress()):
-        """Sample with the chosen exit rule, then the same noise at full depth (:func:`.images.run_images`)."""
+               budget=None, plan=None, progress=gr.Progress()):
+        """Sample with the chosen exit rule, then the same noise at full depth (:func:`.images.run_images`); given a
+        ``plan`` file path, with the plan instead (:func:`.images.run_plan`: it fixes the steps, sampler, guidance and
+        exits, so those fields are not used)."""
         release_freed_memory()
+        if plan is not None and str(plan).strip():
+            return run_plan(self.models, str(plan).strip(), digits, count, seed, progress)
         return run_images(self.models, digits, count, steps, sampler, guidance, rule, threshold, kind, high, low, k,
                           depths, seed, budget, progress)
 
@@ -155,6 +162,13 @@ def build_app(text_model: Optional[str | Path] = None, image_pipeline: Optional[
                                         info="blocks to run per equal stretch of sampling, noisiest first",
                                         elem_id="depths")
                     seed = gr.Number(0, precision=0, label="seed")
+                    # A path, not an upload: a plan names its UEM folder and calibration file relative to its own
+                    # folder, and an upload would be copied alone into gradio's temporary folder.
+                    plan = gr.Textbox("", label="plan file (optional)", elem_id="plan",
+                                      placeholder="path on this machine to a `diffexit calibrate images` plan",
+                                      info="when given, Generate samples with the plan: it fixes the steps, sampler, "
+                                           "guidance and exits, so the fields above except classes, number and "
+                                           "seed are not used")
                     run_images = gr.Button("Generate", variant="primary", elem_id="run-images")
                 with gr.Column(scale=2):
                     with gr.Row():
@@ -175,7 +189,8 @@ def build_app(text_model: Optional[str | Path] = None, image_pipeline: Optional[
                         api_visibility="private")
             run_images.click(
                 demo.images,
-                [digits, count, steps, sampler, guidance, rule, threshold, kind, high, low, k, depths, seed, budget],
+                [digits, count, steps, sampler, guidance, rule, threshold, kind, high, low, k, depths, seed, budget,
+                 plan],
                 [early_grid, full_grid, image_summary, heatmap, image_details],
                 api_name="images", concurrency_limit=1, concurrency_id="images",
             )
