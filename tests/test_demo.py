@@ -367,6 +367,24 @@ def test_images_bad_input_is_named_and_the_app_keeps_serving(client):
     assert run_images(client, rule="off", count=1)[4]["layer_ratio"] == 1.0
 
 
+def test_images_plan_box_samples_the_plan_through_the_page(client, model_dirs, tmp_path):
+    """The page wires its plan box to the handler: a plan runs its own steps; one for other weights is the
+    message (tests/test_demo_plan.py checks the images against generate images --plan)."""
+    from diffexit.app.image_plan import ImagePlan, PlanSettings, describe_pipeline
+    from diffexit.app.models import load_dit_pipeline
+
+    made_for = describe_pipeline(load_dit_pipeline(model_dirs["pipe"]), 4, 2.0, "test")
+    held = {"layer_ratio": 0.5, "psnr": 30.0, "samples": 4, "seed": 1, "met": True}
+    plan = ImagePlan(PlanSettings(2), 25.0, made_for, {"held_out": held}).save(tmp_path / "plan.json")
+    planned, full, summary, _, details = run_images(client, plan=str(plan), count=2)
+    assert details["plan"] == "steps-2" and details["steps"] == 2 and details["full_steps"] == 4
+    assert planned.shape == full.shape == _grid_shape(2) and "**Plan steps-2**" in summary
+    other = ImagePlan(PlanSettings(2), 25.0, {**made_for, "weights_sha256": "0" * 64}, {"held_out": held})
+    message = _app_error(run_images, client, plan=str(other.save(tmp_path / "other.json")))
+    assert "this plan was made for other weights" in message
+    assert run_images(client, rule="off", count=1)[4]["layer_ratio"] == 1.0  # and the form runs as before
+
+
 def test_without_uems_deediff_says_so_and_the_other_rules_run(bare_client):
     message = _app_error(run_images, bare_client, rule="DeeDiff: threshold", threshold=0.5)
     assert "uncertainty heads (UEMs)" in message and "--uem DIR" in message
