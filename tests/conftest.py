@@ -165,3 +165,109 @@ def make_tiny_text_model(*, layers=2, heads=2, max_positions=64, seed=0, initial
 def tiny_text_model():
     """The factory :func:`make_tiny_text_model`."""
     return make_tiny_text_model
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """One torch thread for each test module, the count before it restored after it.
+
+    ``pytest_configure`` sets one thread for the session; commands under test that take ``--threads`` set their own,
+    and without this the next modules would run with it: tiny models on shared cores, where OpenMP threads spin
+    against each other and run 10-40x slower.
+    """
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def make_perturbed_dit(*, seed=0, layers=4):
+    """:func:`make_tiny_dit` with every weight moved by ``N(0, 0.05^2)`` noise (drawn right after its seeded init).
+
+    adaLN-zero starts each block as the identity, so a freshly built DiT's blocks change nothing; the noise gives
+    every block a residual of its own.
+    """
+    import torch
+
+    m = make_tiny_dit(layers=layers, seed=seed)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    return m
+
+
+@pytest.fixture(scope="session")
+def perturbed_dit():
+    """The factory :func:`make_perturbed_dit`."""
+    return make_perturbed_dit
+
+
+def make_spread_uem(model, *, seed=1, target="paper"):
+    """Random UEM heads for ``model`` (seeded) whose mean uncertainty differs clearly between samples and blocks:
+    weights ``N(0, 1 / hidden_size)``, so each head's logit is of order one rather than near zero."""
+    import torch
+
+    from diffexit.uem import UEMStack
+
+    torch.manual_seed(seed)
+    uem = UEMStack.for_model(model, target=target)
+    d = uem.config.hidden_size
+    with torch.no_grad():
+        uem.token_weight.copy_(torch.randn_like(uem.token_weight) / d**0.5)
+        uem.cond_weight.copy_(torch.randn_like(uem.cond_weight) / d**0.5)
+    return uem
+
+
+@pytest.fixture(scope="session")
+def spread_uem():
+    """The factory :func:`make_spread_uem`."""
+    return make_spread_uem
+
+
+class CallRecorder:
+    """A text model that keeps every call's input ids ``[B, L]``, keyword arguments and logits ``[B, L, V]`` in
+    ``calls`` (one ``SimpleNamespace(ids, kwargs, logits)`` per forward)."""
+
+    def __init__(self, model):
+        self.model, self.config, self.calls = model, model.config, []
+        self.forward = model.forward  # its signature says which cache keyword it takes
+
+    def __call__(self, input_ids, **kwargs):
+        from types import SimpleNamespace
+
+        out = self.model(input_ids, **kwargs)
+        self.calls.append(SimpleNamespace(ids=input_ids.clone(), kwargs=kwargs, logits=out.logits.clone()))
+        return out
+
+
+@pytest.fixture(scope="session")
+def recorder():
+    """The class :class:`CallRecorder`: ``recorder(model)`` wraps a model."""
+    return CallRecorder
+
+
+def make_sharp_gemma(tok, canvas_length):
+    """A tiny random ``DiffusionGemmaForBlockDiffusion`` (``gemma_config`` over ``tok``), seeded, in eval mode, with
+    its final encoder norm scaled by 30.
+
+    A random model's predictions are near uniform and never settle; the sharper norm makes it sure enough that
+    stopping rules stop samples part-way, at different steps.
+    """
+    import torch
+    from transformers import DiffusionGemmaForBlockDiffusion
+
+    from diffexit.dllm.charlm.gemma import gemma_config
+
+    torch.manual_seed(0)
+    model = DiffusionGemmaForBlockDiffusion(gemma_config(tok, canvas_length=canvas_length)).eval()
+    with torch.no_grad():
+        model.model.encoder.language_model.norm.weight.mul_(30)
+    return model
+
+
+@pytest.fixture(scope="session")
+def sharp_gemma():
+    """The factory :func:`make_sharp_gemma`."""
+    return make_sharp_gemma

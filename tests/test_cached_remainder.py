@@ -15,24 +15,6 @@ from diffexit.uem.exit_rules import ExitRule
 LAYERS = 4
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny models on shared cores: OpenMP threads spin against each other and run 10-40x slower.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def random_dit(tiny_dit, seed=0):
-    # adaLN-zero starts each block as the identity; perturbed weights give every block a residual of its own.
-    m = tiny_dit(layers=LAYERS, seed=seed)
-    with torch.no_grad():
-        for p in m.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
-    return m
-
-
 class PlannedDepths(ExitRule):
     """Sample ``g`` stops after ``plan[step][g]`` blocks; the step is read off the progress of ``steps`` steps."""
 
@@ -110,8 +92,8 @@ NO_REFRESH = [[2, 1, 3], [1, 3, 4], [4, 2, 4], [1, 2, 1], [3, 1, 2]]
 @torch.no_grad()
 @pytest.mark.parametrize("order, exit_every, first, plan", [
     (0, None, 1, PLAN), (1, None, 1, PLAN), (0, 2, 1, SKIPPING), (1, 2, 1, SKIPPING), (1, None, 0, NO_REFRESH)])
-def test_per_sample_remainder_matches_rederivation(tiny_dit, order, exit_every, first, plan):
-    m = random_dit(tiny_dit)
+def test_per_sample_remainder_matches_rederivation(order, exit_every, first, plan, perturbed_dit):
+    m = perturbed_dit()
     g = torch.Generator().manual_seed(3)
     steps = len(plan)
     xs = [torch.randn(3, 1, 8, 8, generator=g) for _ in range(steps)]
@@ -133,8 +115,8 @@ def test_per_sample_remainder_matches_rederivation(tiny_dit, order, exit_every, 
 
 
 @torch.no_grad()
-def test_refresh_steps_run_full_depth_and_the_rest_exit(tiny_dit):
-    m = random_dit(tiny_dit)
+def test_refresh_steps_run_full_depth_and_the_rest_exit(perturbed_dit):
+    m = perturbed_dit()
     g = torch.Generator().manual_seed(4)
     steps = 7
     xs = [torch.randn(2, 1, 8, 8, generator=g) for _ in range(steps)]
@@ -162,13 +144,13 @@ def digits_pipe(transformer):
 
 @torch.no_grad()
 @pytest.mark.parametrize("remainder", ["cached", "taylor"])
-def test_refreshed_at_every_step_is_full_depth_exactly(tiny_dit, remainder):
+def test_refreshed_at_every_step_is_full_depth_exactly(remainder, perturbed_dit):
     def sample(pipe):
         return pipe([3, 8], generator=torch.Generator().manual_seed(0), num_inference_steps=4,
                     output_type="pt").images
 
-    full = sample(digits_pipe(random_dit(tiny_dit)))
-    pipe = digits_pipe(random_dit(tiny_dit))
+    full = sample(digits_pipe(perturbed_dit()))
+    pipe = digits_pipe(perturbed_dit())
     attached = attach_early_exits(pipe, EarlyExitConfig("static", depths=(1,), remainder=remainder,
                                                         refresh_every=1))
     assert torch.equal(sample(pipe), full)
@@ -194,8 +176,8 @@ def test_exit_every_computes_where_taylorseer_would():
     assert kinds[0] == REFRESH and kinds[2] == kinds[7] == EXIT
 
 
-def test_remainder_needs_the_progress(tiny_dit):
-    m = random_dit(tiny_dit)
+def test_remainder_needs_the_progress(perturbed_dit):
+    m = perturbed_dit()
     enable_early_exit(m, None, PlannedDepths([[1]], 1), remainder=CachedRemainder(0))
     with pytest.raises(ValueError, match="ExitAwareScheduler"):
         m(torch.zeros(1, 1, 8, 8), timestep=torch.tensor([1]), class_labels=torch.tensor([1]))

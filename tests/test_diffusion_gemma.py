@@ -190,18 +190,12 @@ def test_bad_input_names_the_fix(model, tok, tiny_llama):
 # --- diffusers' pipeline ------------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def pipes(tok):
+def pipes(tok, sharp_gemma):
     from diffusers import BlockRefinementScheduler, DiffusionGemmaPipeline
-    from transformers import DiffusionGemmaForBlockDiffusion
 
     from diffexit.samplers.diffusion_gemma_pipeline import SchEDDiffusionGemmaPipeline
 
-    # A random model's predictions are near uniform and never settle; a sharper final norm makes it confident
-    # enough that the stock rule stops samples part-way, at different steps.
-    torch.manual_seed(0)
-    model = DiffusionGemmaForBlockDiffusion(gemma_config(tok, canvas_length=CANVAS)).eval()
-    with torch.no_grad():
-        model.model.encoder.language_model.norm.weight.mul_(30)
+    model = sharp_gemma(tok, CANVAS)  # sure enough that the stock rule stops samples part-way, at different steps
     stock = DiffusionGemmaPipeline(model=model, scheduler=BlockRefinementScheduler(), processor=tok)
     stock.set_progress_bar_config(disable=True)
     ours = SchEDDiffusionGemmaPipeline.from_pipe(stock)

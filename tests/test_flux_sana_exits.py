@@ -20,15 +20,6 @@ SANA_LAYERS = 3
 TEXT = 5
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny models on shared cores: OpenMP threads spin against each other and run 10-40x slower.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def flux(guidance=True):
     torch.manual_seed(0)
     model = FluxTransformer2DModel(
@@ -145,16 +136,6 @@ class AskedEveryBlock(ExitRule):
         return False
 
 
-def spread_uem(model):
-    torch.manual_seed(1)
-    uem = UEMStack.for_model(model)
-    d = uem.config.hidden_size
-    with torch.no_grad():
-        uem.token_weight.copy_(torch.randn_like(uem.token_weight) / d**0.5)
-        uem.cond_weight.copy_(torch.randn_like(uem.cond_weight) / d**0.5)
-    return uem
-
-
 def test_the_layouts_two_flux_stacks_behind_one_index_and_sanas_width_without_inner_dim():
     model, _, _ = flux()
     stack = blocks(model)
@@ -197,7 +178,7 @@ def test_exit_after_block_k_is_a_hand_truncated_forward(name):
 
 @torch.no_grad()
 @pytest.mark.parametrize("name", ["flux-dev", "sana"])
-def test_uem_exits_compact_the_batch_and_each_sample_equals_its_own_truncated_forward(name):
+def test_uem_exits_compact_the_batch_and_each_sample_equals_its_own_truncated_forward(name, spread_uem):
     model, make_inputs, trace = MODELS[name]()
     uem = spread_uem(model)
     inp = make_inputs(4)

@@ -10,7 +10,7 @@ from transformers.models.diffusion_gemma.generation_diffusion_gemma import (
 )
 
 from diffexit.common.schedules import ThresholdSchedule
-from diffexit.dllm.charlm.gemma import chat_tokenizer, gemma_config
+from diffexit.dllm.charlm.gemma import chat_tokenizer
 from diffexit.dllm.diffusion_gemma import (CanvasSeeds, SchEDStopping, decoder_forward_passes, disable_sched,
                                            enable_sched)
 from diffexit.dllm.gemma_loop import decode
@@ -25,16 +25,8 @@ def tok():
 
 
 @pytest.fixture(scope="module")
-def model(tok):
-    from transformers import DiffusionGemmaForBlockDiffusion
-
-    # A random model's predictions are near uniform and never settle; a sharper final encoder norm makes it sure
-    # enough that the rules below stop samples part-way, at different steps.
-    torch.manual_seed(0)
-    model = DiffusionGemmaForBlockDiffusion(gemma_config(tok, canvas_length=CANVAS)).eval()
-    with torch.no_grad():
-        model.model.encoder.language_model.norm.weight.mul_(30)
-    return model
+def model(tok, sharp_gemma):
+    return sharp_gemma(tok, CANVAS)
 
 
 @pytest.fixture(scope="module")

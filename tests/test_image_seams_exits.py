@@ -9,20 +9,10 @@ import torch
 
 from diffexit.samplers import ExitAwareScheduler
 from diffexit.samplers.early_exits import attach_early_exits, detach_early_exits
-from diffexit.uem import UEMStack
 from diffexit.uem.exit_config import EarlyExitConfig
 
 LAYERS = 4
 STEPS = 3
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny models on shared cores: OpenMP threads spin against each other and run 10-40x slower.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def digits_pipe(transformer):
@@ -34,19 +24,10 @@ def digits_pipe(transformer):
     return pipe
 
 
-def spread_uem(model):
-    """Heads whose uncertainties spread around 0.5, so a 0.5 threshold exits some samples early."""
-    torch.manual_seed(1)
-    uem = UEMStack.for_model(model)
-    with torch.no_grad():
-        uem.token_weight.copy_(torch.randn_like(uem.token_weight) / 4)
-        uem.cond_weight.copy_(torch.randn_like(uem.cond_weight) / 4)
-    return uem
-
-
 @pytest.fixture(scope="module")
-def folders(tmp_path_factory, tiny_dit):
-    """``(heads folder, run folder with a fine-tuned backbone beside its heads)``."""
+def folders(tmp_path_factory, tiny_dit, spread_uem):
+    """``(heads folder, run folder with a fine-tuned backbone beside its heads)``; the heads' uncertainties spread
+    around 0.5, so a 0.5 threshold exits some samples early."""
     root = tmp_path_factory.mktemp("uem-folders")
     model = tiny_dit(layers=LAYERS)
     spread_uem(model).save_pretrained(root / "heads")

@@ -17,15 +17,6 @@ from diffexit.uem.exit_config import EarlyExitConfig
 LAYERS = 4
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny models on shared cores: OpenMP threads spin against each other and run 10-40x slower.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def models(tmp_path_factory, tiny_dit):
     """``(pipeline folder, UEM folder)``: a 4-block DigitsDiTPipeline and random heads."""

@@ -13,19 +13,6 @@ from diffexit.samplers import ThresholdSchedule
 GEN, BLOCK, PLEN = 12, 4, 5
 
 
-class Recorder:
-    """The model, with every call's arguments and logits kept."""
-
-    def __init__(self, model):
-        self.model, self.config, self.calls = model, model.config, []
-        self.forward = model.forward  # its signature says which cache keyword it takes
-
-    def __call__(self, input_ids, **kwargs):
-        out = self.model(input_ids, **kwargs)
-        self.calls.append(SimpleNamespace(ids=input_ids.clone(), kwargs=kwargs, logits=out.logits.clone()))
-        return out
-
-
 @pytest.fixture(scope="module")
 def setup(tiny_text_model):
     model, tok = tiny_text_model(max_positions=32, initializer_range=0.5, never_predict_mask=True)
@@ -39,9 +26,9 @@ def decode(model, mask_id, prompts, attention, **kw):
 
 
 @pytest.mark.parametrize("kind", ["prefix", "dual"])
-def test_a_blocks_first_step_is_the_uncached_forward(setup, kind):
+def test_a_blocks_first_step_is_the_uncached_forward(setup, kind, recorder):
     model, mask_id, prompts, attention = setup
-    rec = Recorder(model)
+    rec = recorder(model)
     decode(rec, mask_id, prompts, attention, cache=kind)
     full = [c for c in rec.calls if c.ids.shape[1] == PLEN + GEN]
     assert len(full) == GEN // BLOCK  # one per block, the rest ran against the cache
@@ -50,9 +37,9 @@ def test_a_blocks_first_step_is_the_uncached_forward(setup, kind):
 
 
 @pytest.mark.parametrize("kind", ["prefix", "dual"])
-def test_later_steps_equal_a_forward_with_the_blocks_kv_fed_in_by_hand(setup, kind):
+def test_later_steps_equal_a_forward_with_the_blocks_kv_fed_in_by_hand(setup, kind, recorder):
     model, mask_id, prompts, attention = setup
-    rec = Recorder(model)
+    rec = recorder(model)
     decode(rec, mask_id, prompts, attention, cache=kind)
     checked = 0
     for block in range(GEN // BLOCK):

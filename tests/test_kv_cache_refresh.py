@@ -4,8 +4,6 @@ steps: Fast-dLLM's cache); ``"confidence:C"`` at the step after one that committ
 Fast-dLLM's cache; 1: no cache when every step commits). Each is checked against the uncached and plain-cache
 decodes, and the confidence policy's passes against a re-derivation from the recorded logits."""
 
-from types import SimpleNamespace
-
 import pytest
 import torch
 
@@ -14,19 +12,6 @@ from diffexit.dllm.charlm.model import DiffusionLlama, text_model_config
 from diffexit.dllm.kv_cache import BlockCache, check_refresh
 
 GEN, BLOCK, PLEN = 12, 4, 5
-
-
-class Recorder:
-    """The model, with every call's input ids and logits kept."""
-
-    def __init__(self, model):
-        self.model, self.config, self.calls = model, model.config, []
-        self.forward = model.forward  # its signature says which cache keyword it takes
-
-    def __call__(self, input_ids, **kwargs):
-        out = self.model(input_ids, **kwargs)
-        self.calls.append(SimpleNamespace(ids=input_ids.clone(), logits=out.logits.clone()))
-        return out
 
 
 @pytest.fixture(scope="module")
@@ -98,9 +83,9 @@ def _committed_probabilities(calls, mask_id):
 
 
 @pytest.mark.parametrize("level", [0.3, 0.6, 0.9])
-def test_confidence_refreshes_after_a_step_that_committed_an_improbable_token(setup, level):
+def test_confidence_refreshes_after_a_step_that_committed_an_improbable_token(setup, level, recorder):
     base, mask_id, prompts, attention = setup
-    rec = Recorder(base)
+    rec = recorder(base)
     generate(rec, prompts[1:2], attention_mask=attention[1:2], mask_id=mask_id, gen_length=GEN, steps=GEN,
              block_length=BLOCK, cache="prefix", cache_refresh=f"confidence:{level}")
     assert len(rec.calls) == GEN  # one sample, one pass a step

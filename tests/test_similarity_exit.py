@@ -17,24 +17,6 @@ from diffexit.uem.digits.pipeline import DigitsDiTPipeline
 LAYERS = 4
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny models on shared cores: OpenMP threads spin against each other and run 10-40x slower.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def random_dit(tiny_dit, seed=0):
-    # adaLN-zero starts each block as the identity (no change at all); perturbed weights make blocks differ.
-    m = tiny_dit(layers=LAYERS, seed=seed)
-    with torch.no_grad():
-        for p in m.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
-    return m
-
-
 def by_hand(m, x, t, y):
     """Per block, each sample's ``||h_k - h_{k-1}|| / ||h_{k-1}||`` ``[L, B]`` and every exit's output
     ``[L, B, C, H, W]``, written out from the diffusers DiT source."""
@@ -54,8 +36,8 @@ def by_hand(m, x, t, y):
 
 
 @torch.no_grad()
-def test_similarity_exit_stops_at_the_first_block_that_barely_changes_the_state(tiny_dit):
-    m = random_dit(tiny_dit)
+def test_similarity_exit_stops_at_the_first_block_that_barely_changes_the_state(perturbed_dit):
+    m = perturbed_dit()
     g = torch.Generator().manual_seed(2)
     x, t, y = torch.randn(6, 1, 8, 8, generator=g), torch.randint(0, 1000, (6,), generator=g), torch.arange(6)
     change, outs = by_hand(m, x, t, y)
@@ -82,9 +64,9 @@ def ddim():
 
 
 @torch.no_grad()
-def test_the_recorded_change_is_what_the_rule_reads(tiny_dit):
+def test_the_recorded_change_is_what_the_rule_reads(perturbed_dit):
     """At the first step the forward sees the recorded input, so its depths are those the recording predicts."""
-    m = random_dit(tiny_dit)
+    m = perturbed_dit()
     labels = torch.arange(6) % 10
     record = record_exits(m, None, ddim(), labels, steps=3, guidance_scale=2.0, seed=5, statistic="change")
     assert record.uncertainty.shape == (3, LAYERS, 6)
@@ -102,8 +84,8 @@ def test_the_recorded_change_is_what_the_rule_reads(tiny_dit):
 
 
 @torch.no_grad()
-def test_a_similarity_calibration_goes_through_the_door_and_refuses_other_weights(tiny_dit, tmp_path):
-    m = random_dit(tiny_dit)
+def test_a_similarity_calibration_goes_through_the_door_and_refuses_other_weights(tmp_path, perturbed_dit):
+    m = perturbed_dit()
     labels = torch.arange(8) % 10
     tight, loose = calibrate_similarity(m, ddim(), labels, labels, budgets=[1e-9, 10.0], steps=3,
                                         guidance_scale=2.0, seed=0)
@@ -117,7 +99,7 @@ def test_a_similarity_calibration_goes_through_the_door_and_refuses_other_weight
     assert attached.steps == 3 and attached.rule.statistic == "change"
     pipe([1, 2], guidance_scale=2.0, num_inference_steps=3, generator=torch.Generator().manual_seed(0))
     assert pipe.scheduler.statistics.layer_ratio < 1.0
-    other = DigitsDiTPipeline(transformer=random_dit(tiny_dit, seed=9), scheduler=ddim())
+    other = DigitsDiTPipeline(transformer=perturbed_dit(seed=9), scheduler=ddim())
     with pytest.raises(ValueError, match="weights differ"):
         attach_early_exits(other, EarlyExitConfig("similarity", calibration=str(path)))
 
@@ -140,13 +122,13 @@ def test_similarity_config_round_trips():
 
 
 @torch.no_grad()
-def test_calibrate_uem_statistic_change_writes_what_calibrate_similarity_makes(tiny_dit, tmp_path, capsys):
+def test_calibrate_uem_statistic_change_writes_what_calibrate_similarity_makes(tmp_path, capsys, perturbed_dit):
     import json
 
     from diffexit.app import calibrate_uem, generate_images
     from diffexit.app.models import default_guidance_scale
 
-    m = random_dit(tiny_dit)
+    m = perturbed_dit()
     pipe = DigitsDiTPipeline(transformer=m, scheduler=ddim())
     pipe.save_pretrained(tmp_path / "pipe")
     argv = ["--statistic", "change", "--model", str(tmp_path / "pipe"), "--budget", "10", "--steps", "3",

@@ -7,7 +7,7 @@ import torch
 from diffusers import DDIMScheduler
 
 from diffexit.app.cli import main as cli_main
-from diffexit.uem import UEMStack, enable_early_exit
+from diffexit.uem import enable_early_exit
 from diffexit.app.calibrate_uem import main
 from diffexit.uem.calibration import ExitRecord, calibrate, exit_outcome, exit_path, record_exits, within_budget
 from diffexit.uem.calibration_file import Calibration, calibration_path, calibrations_in, find_calibration
@@ -140,28 +140,17 @@ def test_min_depth_can_vary_per_step():
 
 # End to end on a tiny random DiT.
 
-def spread_uem(model, seed=1, target="exit-cost"):
-    """UEMs whose mean uncertainty differs clearly between samples and blocks."""
-    torch.manual_seed(seed)
-    uem = UEMStack.for_model(model, target=target)
-    d = uem.config.hidden_size
-    with torch.no_grad():
-        uem.token_weight.copy_(torch.randn_like(uem.token_weight) / d**0.5)
-        uem.cond_weight.copy_(torch.randn_like(uem.cond_weight) / d**0.5)
-    return uem
-
-
 def ddim():
     return DDIMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2", clip_sample=True,
                          timestep_spacing="trailing")
 
 
 @pytest.fixture(scope="module")
-def tiny(tiny_dit, tmp_path_factory):
+def tiny(tiny_dit, tmp_path_factory, spread_uem):
     root = tmp_path_factory.mktemp("tiny")
     model = tiny_dit(layers=BLOCKS)
     DigitsDiTPipeline(transformer=model, scheduler=ddim()).save_pretrained(root / "pipe")
-    uem = spread_uem(model)
+    uem = spread_uem(model, target="exit-cost")
     uem.save_pretrained(root / "uem")
     return root, model, uem
 
@@ -188,7 +177,7 @@ def test_the_rule_decides_as_the_recording_predicts(tiny):
     assert depths[0].tolist() == want.tolist()
 
 
-def test_calibrate_writes_files_that_round_trip_and_refuse_other_weights(tiny_dit, tiny, tmp_path, capsys):
+def test_calibrate_writes_files_that_round_trip_and_refuse_other_weights(tiny_dit, tiny, tmp_path, capsys, spread_uem):
     root, model, uem = tiny
     argv = ["calibrate", "uem", "--uem", str(root / "uem"), "--model", str(root / "pipe"), "--budget", "0.02",
             "0.002", "--min-depth", "auto", "2", "--steps", "3", "--samples", "10", "--held-out", "10",
@@ -226,7 +215,7 @@ def test_calibrate_writes_files_that_round_trip_and_refuse_other_weights(tiny_di
     with pytest.raises(ValueError, match="model's weights differ"):
         Calibration.load(files[0.02]).matched_rule(tiny_dit(seed=9, layers=BLOCKS), uem)
     with pytest.raises(ValueError, match="UEM weights differ"):
-        Calibration.load(files[0.02]).matched_rule(model, spread_uem(model, seed=2))
+        Calibration.load(files[0.02]).matched_rule(model, spread_uem(model, seed=2, target="exit-cost"))
     with pytest.raises(ValueError, match="trained on 'paper'"):
         Calibration.load(files[0.02]).matched_rule(model, spread_uem(model, target="paper"))
     (tmp_path / "other.json").write_text(json.dumps({"sched": {}}))

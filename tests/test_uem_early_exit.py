@@ -24,26 +24,6 @@ LAYERS = 4
 NULL_CLASS = 1000
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny models on shared cores: OpenMP threads spin against each other and run 10-40x slower.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def spread_uem(model, seed=1):
-    """UEMs whose mean uncertainty differs clearly between samples and blocks."""
-    torch.manual_seed(seed)
-    uem = UEMStack.for_model(model)
-    d = uem.config.hidden_size
-    with torch.no_grad():
-        uem.token_weight.copy_(torch.randn_like(uem.token_weight) / d**0.5)
-        uem.cond_weight.copy_(torch.randn_like(uem.cond_weight) / d**0.5)
-    return uem
-
-
 def inputs(batch, seed=2):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(batch, 1, 8, 8, generator=g)
@@ -83,7 +63,7 @@ def spreading_tau(mean_u):
 
 
 @torch.no_grad()
-def test_threshold_that_never_fires_equals_original_forward(tiny_dit):
+def test_threshold_that_never_fires_equals_original_forward(tiny_dit, spread_uem):
     m = tiny_dit(layers=LAYERS)
     x, t, y = inputs(5)
     ref = m(x, timestep=t, class_labels=y).sample
@@ -95,7 +75,7 @@ def test_threshold_that_never_fires_equals_original_forward(tiny_dit):
     assert isinstance(tup, tuple) and torch.equal(tup[0], out)
 
 
-def test_a_step_where_nothing_can_exit_is_the_models_own_forward(tiny_dit, monkeypatch):
+def test_a_step_where_nothing_can_exit_is_the_models_own_forward(tiny_dit, monkeypatch, spread_uem):
     # No per-block bookkeeping when the rule cannot fire: the output is bit-identical to no hook, the UEMs are
     # never evaluated, and the depths are still reported (guided pairs counted once).
     import diffexit.uem.early_exit as early_exit_module
@@ -116,7 +96,7 @@ def test_a_step_where_nothing_can_exit_is_the_models_own_forward(tiny_dit, monke
         assert early.last_depths.tolist() == [LAYERS] * 3
 
 
-def test_the_rule_is_not_asked_before_its_first_exit(tiny_dit):
+def test_the_rule_is_not_asked_before_its_first_exit(tiny_dit, spread_uem):
     m = tiny_dit(layers=LAYERS)
     x, t, y = inputs(2)
     asked = []
@@ -155,7 +135,7 @@ def test_scalar_timestep_is_broadcast_like_the_model_does(tiny_dit):
 
 @torch.no_grad()
 @pytest.mark.parametrize("k", range(1, LAYERS + 1))
-def test_exit_after_block_k_is_prefix_plus_own_head(tiny_dit, k):
+def test_exit_after_block_k_is_prefix_plus_own_head(tiny_dit, k, spread_uem):
     m = tiny_dit(layers=LAYERS)
     x, t, y = inputs(3)
     want = prefix_and_head(m, x, t, y, k)
@@ -167,7 +147,7 @@ def test_exit_after_block_k_is_prefix_plus_own_head(tiny_dit, k):
 
 
 @torch.no_grad()
-def test_compacted_batch_equals_each_sample_run_alone(tiny_dit):
+def test_compacted_batch_equals_each_sample_run_alone(tiny_dit, spread_uem):
     m = tiny_dit(layers=LAYERS)
     uem = spread_uem(m)
     x, t, y = inputs(6)
@@ -186,7 +166,7 @@ def test_compacted_batch_equals_each_sample_run_alone(tiny_dit):
 
 
 @torch.no_grad()
-def test_guided_pairs_exit_together_on_the_more_uncertain_row(tiny_dit):
+def test_guided_pairs_exit_together_on_the_more_uncertain_row(tiny_dit, spread_uem):
     m = tiny_dit(layers=LAYERS)
     uem = spread_uem(m)
     x, t, y = inputs(4)
@@ -220,7 +200,7 @@ def test_cfg_true_needs_an_even_batch(tiny_dit):
 
 
 @torch.no_grad()
-def test_disable_restores_the_original_model_exactly(tiny_dit):
+def test_disable_restores_the_original_model_exactly(tiny_dit, spread_uem):
     m = tiny_dit(layers=LAYERS)
     x, t, y = inputs(3)
     ref = m(x, timestep=t, class_labels=y).sample
@@ -246,7 +226,7 @@ def test_signature_seen_by_pipelines_is_the_original(tiny_dit):
 
 
 @torch.no_grad()
-def test_threshold_schedule_follows_progress(tiny_dit):
+def test_threshold_schedule_follows_progress(tiny_dit, spread_uem):
     m = tiny_dit(layers=LAYERS)
     uem = spread_uem(m)
     x, t, y = inputs(4)
@@ -265,7 +245,7 @@ def test_threshold_schedule_follows_progress(tiny_dit):
 
 
 @torch.no_grad()
-def test_min_depth_holds_samples_back(tiny_dit):
+def test_min_depth_holds_samples_back(tiny_dit, spread_uem):
     m = tiny_dit(layers=LAYERS)
     x, t, y = inputs(3)
     early = enable_early_exit(m, spread_uem(m), MinDepth(UncertaintyThreshold(1.0), 3))
@@ -285,7 +265,7 @@ def test_static_depth_per_stretch_of_progress(tiny_dit):
         assert early.last_depths.tolist() == [d, d]
 
 
-def test_frozen_backbone_gets_no_gradient(tiny_dit):
+def test_frozen_backbone_gets_no_gradient(tiny_dit, spread_uem):
     m = tiny_dit(layers=LAYERS)
     uem = spread_uem(m)
     x, t, y = inputs(2)
@@ -325,12 +305,12 @@ def test_unsupported_model_names_the_supported_ones():
 
 
 @pytest.mark.parametrize("bad", [1.5, -0.1, float("nan"), True, "0.5", ThresholdSchedule("linear", 1.2, 0.1)])
-def test_threshold_outside_unit_interval_is_refused(tiny_dit, bad):
+def test_threshold_outside_unit_interval_is_refused(tiny_dit, bad, spread_uem):
     with pytest.raises(ValueError, match=r"threshold"):
         enable_early_exit(tiny_dit(layers=LAYERS), spread_uem(tiny_dit(layers=LAYERS)), bad)
 
 
-def test_depth_schedule_longer_than_the_model_is_refused(tiny_dit):
+def test_depth_schedule_longer_than_the_model_is_refused(tiny_dit, spread_uem):
     m = tiny_dit(layers=LAYERS)
     with pytest.raises(ValueError, match="only 4"):
         enable_early_exit(m, None, StaticDepth((2, 4, 6)))

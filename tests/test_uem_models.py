@@ -9,15 +9,6 @@ from diffexit.uem import FullDepth, StaticDepth, UEMStack, enable_early_exit, ex
 LAYERS = 3
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny models on shared cores: OpenMP threads spin against each other and run 10-40x slower.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def unpatchify(h, side, p, c):
     n = side // p
     return torch.einsum("nhwpqc->nchpwq", h.reshape(-1, n, n, p, p, c)).reshape(-1, c, side, side)
@@ -90,16 +81,6 @@ def sd3():
 MODELS = {"pixart": pixart, "sd3": sd3}
 
 
-def spread_uem(model):
-    torch.manual_seed(1)
-    uem = UEMStack.for_model(model)
-    d = uem.config.hidden_size
-    with torch.no_grad():
-        uem.token_weight.copy_(torch.randn_like(uem.token_weight) / d**0.5)
-        uem.cond_weight.copy_(torch.randn_like(uem.cond_weight) / d**0.5)
-    return uem
-
-
 def expected_depths(mean_u, tau):
     """First block (1-based) whose mean uncertainty is below tau, per column of mean_u [L, G]; L if none."""
     below = mean_u[:-1] < tau
@@ -119,7 +100,7 @@ def rows(inp, index):
 
 @torch.no_grad()
 @pytest.mark.parametrize("name", MODELS)
-def test_threshold_that_never_fires_equals_original_forward(name):
+def test_threshold_that_never_fires_equals_original_forward(name, spread_uem):
     model, make_inputs, _ = MODELS[name]()
     inp = make_inputs(3)
     ref = model(**inp).sample
@@ -144,7 +125,7 @@ def test_exit_after_block_k_is_prefix_plus_own_head(name, k):
 
 @torch.no_grad()
 @pytest.mark.parametrize("name", MODELS)
-def test_compacted_batch_equals_each_sample_run_alone(name):
+def test_compacted_batch_equals_each_sample_run_alone(name, spread_uem):
     model, make_inputs, by_hand = MODELS[name]()
     uem = spread_uem(model)
     inp = make_inputs(4)

@@ -10,7 +10,6 @@ from diffexit.samplers import ExitAwareScheduler, ThresholdSchedule
 from diffexit.uem import (
     FullDepth,
     StaticDepth,
-    UEMStack,
     UncertaintyThreshold,
     disable_early_exit,
     enable_early_exit,
@@ -20,15 +19,6 @@ LAYERS = 4
 STEPS = 6
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny models on shared cores: OpenMP threads spin against each other and run 10-40x slower.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def tiny_pipe(tiny_dit, scheduler_cls=DDIMScheduler):
     transformer = tiny_dit(layers=LAYERS, in_channels=4, out_channels=8)
     vae = AutoencoderKL(
@@ -36,16 +26,6 @@ def tiny_pipe(tiny_dit, scheduler_cls=DDIMScheduler):
         block_out_channels=(8,), layers_per_block=1, latent_channels=4, norm_num_groups=8, sample_size=8,
     )
     return DiTPipeline(transformer=transformer.eval(), vae=vae.eval(), scheduler=scheduler_cls())
-
-
-def spread_uem(model):
-    torch.manual_seed(1)
-    uem = UEMStack.for_model(model)
-    d = uem.config.hidden_size
-    with torch.no_grad():
-        uem.token_weight.copy_(torch.randn_like(uem.token_weight) / d**0.5)
-        uem.cond_weight.copy_(torch.randn_like(uem.cond_weight) / d**0.5)
-    return uem
 
 
 def run(pipe, labels=(3, 7, 999), **kwargs):
@@ -102,7 +82,7 @@ def test_depth_counts_leave_out_steps_that_run_no_block(tiny_dit):
         assert counts[step].tolist() == want, step
 
 
-def test_uncertainty_threshold_in_a_pipeline_with_dpm_solver(tiny_dit):
+def test_uncertainty_threshold_in_a_pipeline_with_dpm_solver(tiny_dit, spread_uem):
     pipe = tiny_pipe(tiny_dit, DPMSolverMultistepScheduler)
     ref = run(pipe)
     rule = UncertaintyThreshold(ThresholdSchedule("linear", 0.9, 0.0))

@@ -15,15 +15,6 @@ from diffexit.uem.train import batch_indices
 COMMON = ["--batch-size", "32", "--checkpoint-every", "10", "--lr", "1e-2"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny models on shared cores: OpenMP threads spin against each other and run 10-40x slower.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory, tiny_dit):
     path = tmp_path_factory.mktemp("dit")
