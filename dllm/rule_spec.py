@@ -22,6 +22,7 @@ from __future__ import annotations
 
 from typing import Optional, Sequence
 
+from ..common.method_params import check_method_params
 from ..common.schedules import ThresholdSchedule, parse_threshold
 from .halting import HaltingRule, Prophet, SchED
 
@@ -45,16 +46,7 @@ def check_halting_params(method: str, params: dict, ignore_token_ids: Sequence[i
     """``params`` checked against ``method`` and completed: the schedule as a dict, and for SchED every parameter
     (``SchED.to_dict``), with ``ignore_token_ids`` (the tokenizer's EOS and padding) filled in for
     ``stat="mean_content"`` when not given. Raises ``ValueError`` naming the parameter and the fix."""
-    if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; choose one of {list(METHODS)}")
-    for key in params:
-        if key not in PARAMS[method]:
-            owners = [m for m, keys in PARAMS.items() if key in keys]
-            if not owners:
-                raise ValueError(f"unknown parameter {key!r}; the parameters are "
-                                 f"{sorted({k for v in PARAMS.values() for k in v})}")
-            raise ValueError(f"{key} is a parameter of method {' and '.join(map(repr, owners))}, not of {method!r}; "
-                             f"drop it or pick --method {owners[0]}")
+    check_method_params(method, params, PARAMS)
     params = dict(params)
     if "schedule" in params:
         params["schedule"] = schedule_dict(params["schedule"])

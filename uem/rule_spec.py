@@ -23,6 +23,7 @@ from __future__ import annotations
 import math
 from typing import Optional
 
+from ..common.method_params import check_method_params
 from ..common.schedules import ThresholdSchedule, parse_threshold, threshold_to_json
 from .calibration_file import Calibration
 from .exit_rules import (CalibratedThreshold, ExitRule, FullDepth, MinDepth, SimilarityExit, StaticDepth,
@@ -40,16 +41,7 @@ def check_exit_params(method: str, params: dict) -> dict:
     Raises ``ValueError`` naming the parameter and the fix. A ``budget`` is only checked to be a positive number
     here, and a ``calibration`` to be a path; the file is read by :meth:`Calibration.checked_rule`.
     """
-    if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; choose one of {list(METHODS)}")
-    for key in params:
-        if key not in PARAMS[method]:
-            owners = [m for m, keys in PARAMS.items() if key in keys]
-            if not owners:
-                raise ValueError(f"unknown parameter {key!r}; the parameters are "
-                                 f"{sorted({k for v in PARAMS.values() for k in v})}")
-            raise ValueError(f"{key} is a parameter of method {owners[0]!r}, not of {method!r}; drop it or pick "
-                             f"--method {owners[0]}")
+    check_method_params(method, params, PARAMS)
     params = dict(params)
     if method == "static" and "depths" not in params:
         raise ValueError("method 'static' needs depths (--depths or 'depths' in --config)")
