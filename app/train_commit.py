@@ -25,18 +25,18 @@ from tqdm.auto import tqdm
 
 from ..common.cli_help import HelpFormatter
 from ..common.results import atomic_write_bytes
-from ..dllm.calibrate import check_risk, conformal_select, wilson
+from ..dllm.calibrate import check_risk, conformal_select
 from ..dllm.charlm.tasks import CONTROLS, DECODE, LAYOUTS, TASK_NAMES, layout_of, sample
 from ..dllm.charlm.tokenizer import decode_answer, encode_prompts
 from ..dllm.commit_rule import FILENAME, CommitModel, CommitRule, weights_digest
-from ..dllm.commit_training import fit, halted_spans, record
+from ..dllm.commit_training import HALT_SCAN, cached as _cached, fit, halted_spans, record, summary as _summary
 from ..dllm.exact_cache import block_causal_layout
 from ..dllm.generate import generate
 from .models import LoadError, load_text_model_or_embedded, resolve_text_model
+from .train_commit_gemma import GEMMA_STEPS, is_gemma_folder, train_gemma
 
 COMMAND = "diffexit train commit"
 # Conservative to aggressive; the scan stops at the first threshold over the bound.
-HALT_SCAN = (0.9999, 0.9995, 0.999, 0.998, 0.995, 0.99, 0.98, 0.97, 0.95, 0.9, 0.85, 0.8, 0.7, 0.6, 0.5)
 COMMIT_SCAN = (0.999, 0.995, 0.99, 0.97, 0.95, 0.9, 0.8, 0.7, 0.5)
 BATCH = 64
 
@@ -48,17 +48,6 @@ def decode_setup(model, tok, task: str) -> dict:
     causal = block_causal_layout(model)
     return {"gen_length": layout.span_length, "steps": steps, "block_length": causal[1] if causal else block,
             "mask_id": tok.mask_token_id, "eos_token_ids": (tok.eos_token_id,) if causal else ()}
-
-
-def _cached(path: Path, make):
-    if path.is_file():
-        return torch.load(path, weights_only=False)
-    value = make()
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(value, tmp)
-    atomic_write_bytes(path, tmp.read_bytes())
-    tmp.unlink()
-    return value
 
 
 def _prompts(tok, task, split, seed, n):
@@ -90,11 +79,6 @@ def _commit_decode(model, tok, net_model, task, seed, n, threshold):
     return answers, nfe
 
 
-def _summary(changed: list[int], nfe: list[float], full_nfe: list[float]) -> dict:
-    n, k = len(changed), sum(changed)
-    return {"n": n, "changed": k, "rate": k / n, "rate_ci95": wilson(k, n), "speedup_nfe": sum(full_nfe) / sum(nfe)}
-
-
 def main(argv: list[str], prog: str = COMMAND) -> int:
     p = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--model", default="charlm", help="an embedded model (charlm, charlm-block) or an exported folder")
@@ -111,6 +95,8 @@ def main(argv: list[str], prog: str = COMMAND) -> int:
                    "calibration and validation: its full-step decode is ~10x a short one's (default: %(default)s)")
     p.add_argument("--risk", type=float, default=0.01, help="allowed share of changed answers (default: %(default)s)")
     p.add_argument("--fit-steps", type=int, default=1500, help="classifier training steps (default: %(default)s)")
+    p.add_argument("--steps", type=int, default=None, help="DiffusionGemma only: denoising steps per canvas the "
+                   f"rule is recorded and calibrated at (default: {GEMMA_STEPS}, bench gemma's)")
     args = p.parse_args(argv)
 
     def n_for(task, n):
@@ -126,10 +112,20 @@ def main(argv: list[str], prog: str = COMMAND) -> int:
         p.error(f"--risk: {e} (--n-cal, --n-long)")
     try:
         folder = resolve_text_model(args.model)
-        model, tok = load_text_model_or_embedded(folder)
+        if is_gemma_folder(folder):
+            from .models import load_gemma_or_embedded
+
+            model, tok = load_gemma_or_embedded(folder)
+        else:
+            model, tok = load_text_model_or_embedded(folder)
     except (LoadError, ValueError) as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
         return 2
+    if is_gemma_folder(folder):
+        return train_gemma(p, args, argv, model, tok, n_for, prog)
+    if args.steps is not None:
+        p.error("--steps is DiffusionGemma's (denoising steps per canvas); the masked models decode at the tasks' "
+                "own steps: drop it")
     out = args.out or Path(model.config._name_or_path) / FILENAME
     if out.is_dir() or not out.parent.is_dir():
         p.error(f"--out {out}: give a file path in an existing folder")
@@ -235,7 +231,7 @@ def _card(m: CommitModel) -> str:
              "Validation (held-out draw 2) against full steps:", "",
              "| blocks | tasks | mode | n | changed | 95% CI | NFE speedup |", "| --- | --- | --- | --- | --- | --- | --- |"]
     for block, group in r["validation"].items():
-        for mode in ("commit", "halt"):
+        for mode in (m for m in ("commit", "halt") if m in group):
             v = group[mode]
             lines.append(f"| {block} | {', '.join(group['tasks'])} | {mode} | {v['n']} | {v['rate']:.4f} | "
                          f"{v['rate_ci95'][0]:.3f}-{v['rate_ci95'][1]:.3f} | {v['speedup_nfe']:.2f}x |")

@@ -58,12 +58,13 @@ def weights_digest(model: torch.nn.Module) -> str:
 
 
 class CommitNet(torch.nn.Module):
-    """Standardise :data:`FEATURES` ``[..., F]`` with the training set's mean and spread, then an MLP to one logit
-    ``[...]`` (the log-odds that the argmax is final)."""
+    """Standardise ``features`` features ``[..., F]`` (:data:`FEATURES` by default; DiffusionGemma's rule has its own,
+    :data:`diffexit.dllm.gemma_commit.GEMMA_FEATURES`) with the training set's mean and spread, then an MLP to one
+    logit ``[...]`` (the log-odds that the argmax is final)."""
 
-    def __init__(self, hidden: int = HIDDEN):
+    def __init__(self, hidden: int = HIDDEN, features: int = len(FEATURES)):
         super().__init__()
-        f = len(FEATURES)
+        f = features
         self.register_buffer("mean", torch.zeros(f))
         self.register_buffer("std", torch.ones(f))
         self.mlp = torch.nn.Sequential(torch.nn.Linear(f, hidden), torch.nn.SiLU(), torch.nn.Linear(hidden, hidden),
@@ -87,6 +88,7 @@ class CommitModel:
         thresholds: the calibrated threshold per mode and block length (``{"commit": {"4": t}, "halt": {...}}``);
             1.0 (never clears) where too few calibration prompts could certify any other.
         record: how it was made (command, seed, data, figures), for the card.
+        features: the names of the net's input features, in order (:data:`FEATURES` for the LLaDA and Dream loops).
     """
 
     net: CommitNet
@@ -96,11 +98,12 @@ class CommitModel:
     eos_token_ids: tuple[int, ...]
     thresholds: dict
     record: dict
+    features: tuple[str, ...] = FEATURES
 
     def save(self, path: Path | str) -> Path:
         """Write fp32 safetensors with the metadata as JSON, atomically."""
         path = Path(path)
-        meta = {"format": FORMAT, "features": list(FEATURES), "vocab_size": self.vocab_size,
+        meta = {"format": FORMAT, "features": list(self.features), "vocab_size": self.vocab_size,
                 "block_lengths": list(self.block_lengths), "lm_digest": self.lm_digest,
                 "eos_token_ids": list(self.eos_token_ids), "thresholds": self.thresholds, "record": self.record}
         tmp = path.with_name(path.name + ".tmp")
@@ -123,13 +126,16 @@ class CommitModel:
                 meta = json.loads((f.metadata() or {}).get("commit_rule", "null"))
         except Exception as e:  # a file that is not safetensors at all
             raise ValueError(f"{path} is not a commit model ({e}); {fix}") from None
-        if not isinstance(meta, dict) or meta.get("format") != FORMAT or tuple(meta.get("features", ())) != FEATURES:
-            raise ValueError(f"{path} is not a {FORMAT} commit model with features {list(FEATURES)}; {fix}")
+        features = meta.get("features") if isinstance(meta, dict) else None
+        if (meta is None or meta.get("format") != FORMAT or not isinstance(features, list) or not features
+                or not all(isinstance(f, str) for f in features)):
+            raise ValueError(f"{path} is not a {FORMAT} commit model (metadata with its feature names); {fix}")
         state = load_file(str(path))
-        net = CommitNet(hidden=state["mlp.0.weight"].shape[0])
+        net = CommitNet(hidden=state["mlp.0.weight"].shape[0], features=len(features))
         net.load_state_dict(state)
         return cls(net.eval(), int(meta["vocab_size"]), tuple(meta["block_lengths"]), meta["lm_digest"],
-                   tuple(meta["eos_token_ids"]), dict(meta["thresholds"]), dict(meta.get("record", {})))
+                   tuple(meta["eos_token_ids"]), dict(meta["thresholds"]), dict(meta.get("record", {})),
+                   tuple(features))
 
     def check(self, model, block_length: int, where: str) -> None:
         """``ValueError`` naming the fix unless this commit model was trained for ``model`` at ``block_length``."""
@@ -237,6 +243,11 @@ class CommitRule(CommitFeatures):
         if self.model is None:
             path = resolve(str(self.source), model)
             self.model, where = CommitModel.load(path), str(path)
+        if self.model.features != FEATURES:
+            raise ValueError(f"the commit model ({where}) reads features {list(self.model.features)}, not the masked "
+                             f"loops' {list(FEATURES)} (a DiffusionGemma rule: use it with "
+                             f"diffexit.dllm.gemma_commit.LearnedStopping); train one for this model with "
+                             f"`diffexit train commit`")
         self.model.check(model, block_length, where)
         if self.threshold is None:
             known = self.model.thresholds.get(self.mode, {})

@@ -12,13 +12,39 @@ threshold would have produced, so the halting threshold calibrates from one full
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Optional, Sequence
 
 import torch
 
+from ..common.results import atomic_write_bytes
+from .calibrate import wilson
 from .commit_rule import CommitFeatures, CommitNet
 from .generate import generate
 from .halting import HaltDecision
+
+
+# Halting thresholds, conservative to aggressive; a conformal scan stops at the first one over the bound.
+HALT_SCAN = (0.9999, 0.9995, 0.999, 0.998, 0.995, 0.99, 0.98, 0.97, 0.95, 0.9, 0.85, 0.8, 0.7, 0.6, 0.5)
+
+
+def cached(path: Path, make):
+    """``torch.load(path)`` if it exists, else ``make()`` saved there atomically: the trainers' resume."""
+    if path.is_file():
+        return torch.load(path, weights_only=False)
+    value = make()
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(value, tmp)
+    atomic_write_bytes(path, tmp.read_bytes())
+    tmp.unlink()
+    return value
+
+
+def summary(changed: list[int], nfe: list[float], full_nfe: list[float]) -> dict:
+    """Validation figures: ``changed`` (0/1 per prompt), its rate and Wilson 95% interval, and the NFE speedup
+    (summed full-step passes over summed passes)."""
+    n, k = len(changed), sum(changed)
+    return {"n": n, "changed": k, "rate": k / n, "rate_ci95": wilson(k, n), "speedup_nfe": sum(full_nfe) / sum(nfe)}
 
 
 class Recorder(CommitFeatures):
@@ -127,7 +153,7 @@ def fit(features: torch.Tensor, labels: torch.Tensor, *, seed: int, steps: int =
         raise ValueError("no training examples: record at least one prompt")
     g = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
-    net = CommitNet()
+    net = CommitNet(features=features.shape[1])
     net.mean.copy_(features.mean(0))
     net.std.copy_(features.std(0).clamp(min=1e-3))
     opt = torch.optim.Adam(net.parameters(), lr=lr)

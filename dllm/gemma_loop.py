@@ -268,7 +268,8 @@ def decode(model, input_ids: torch.LongTensor, *, attention_mask: Optional[torch
     Args:
         input_ids, attention_mask: ``[B, P]``.
         stopping: the stopping rule; None: the one ``generate`` builds from ``config`` (pass
-            ``confidence_threshold=None`` to run every step). ``SchEDStopping.begin`` is called with the steps.
+            ``confidence_threshold=None`` to run every step). A rule's ``bind(model)`` (``LearnedStopping``'s) is called,
+            then its ``begin(steps)`` (``SchEDStopping``'s).
         seeds: one per sample, for per-sample noise; None: the global generator, as ``generate``.
         config: ``generate``'s generation settings (``max_new_tokens``, ``max_denoising_steps``, ``t_min``,
             ``t_max``, ``sampler_config``, the stock thresholds, ``eos_token_id``, ``pad_token_id``).
@@ -290,6 +291,8 @@ def decode(model, input_ids: torch.LongTensor, *, attention_mask: Optional[torch
     rule = stopping if stopping is not None else model._prepare_diffusion_stopping_criteria(generation_config)
     check_compactable(rule)
     steps = generation_config.max_denoising_steps
+    if stopping is not None and callable(getattr(stopping, "bind", None)):
+        stopping.bind(model)  # a learned rule (diffexit.dllm.gemma_commit) loads and checks its commit model
     if stopping is not None and callable(getattr(stopping, "begin", None)):
         stopping.begin(steps)
     batch, prompt_length = input_ids.shape

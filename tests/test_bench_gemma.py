@@ -142,3 +142,7 @@ def test_the_goal_compares_the_fewest_passes_that_keep_the_answers():
     assert ": met" in describe_goal(close) and "best stock none" in describe_goal(close)
     wall_off = goal([row("sched-a", 2.8, 1.0, wall=0.8 * 16 / 2.8), row("oracle", 2.5, 1.0)], "discriminating")
     assert not wall_off["met"]
+    # A learned row is a candidate beside the SchED family: the fewer passes wins, at the goal's agreement only.
+    learned = goal([*rows, row("learned-halt", 2.6, 1.0, wall=16 / 2.6), row("learned-x", 2.0, 0.99)],
+                   "discriminating")
+    assert learned["sched"]["method"] == "learned-halt" and learned["met"]

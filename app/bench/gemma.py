@@ -14,6 +14,9 @@ canvas early. The rows (``family`` in parentheses):
 - ``stock-C`` (stock): transformers' ``StableAndConfidentStoppingCriteria`` (the argmax stable for one step and mean
   token entropy below ``C``), at the pipeline's default 0.005 and over a sweep of ``confidence_threshold``;
 - ``sched-...`` (sched): :class:`~diffexit.dllm.diffusion_gemma.SchEDStopping`, per schedule and statistic;
+- ``learned-halt`` (learned), where the model's folder ships a learned rule (``commit_rule.safetensors``, made by
+  ``diffexit train commit --model gemma``) calibrated at ``--steps``: :class:`~diffexit.dllm.gemma_commit.
+  LearnedStopping` at its calibrated threshold (it stops a canvas once every token's argmax is predicted final);
 - ``oracle`` (oracle): stops each canvas at the first step whose argmax is the canvas all steps end with (read from a
   recorded all-steps run of the same batch, untimed): the fewest passes any stopping rule in this loop can take and
   keep every answer, so the floor for the rows above.
@@ -25,9 +28,10 @@ the fastest repeat), and a row whose wall speedup is outside 0.5-1.5x its NFE sp
 (:mod:`diffexit.app.bench.timing`). Rows ``task="discriminating"`` and ``task="controls"`` average the tasks of each
 kind (see ``diffexit bench text``).
 
-Writes ``DIR/results.json`` (with ``goal``, per group and per task: the fewest passes of a stock and of a SchED row
-that keep 99.5% of the answers the same as all steps, their ratio, each over the oracle's, and issue #31's goal:
-the SchED row within 1.15x the oracle's passes, at a wall speedup 0.9-1.5x its NFE speedup), ``DIR/pareto.png``
+Writes ``DIR/results.json`` (with ``goal``, per group and per task: the fewest passes of a stock and of a SchED-family or
+learned row (under ``sched``) that keep 99.5% of the answers the same as all steps, their ratio, each over the
+oracle's, and issue #31's goal (3): that row within 1.15x the oracle's passes, at a wall speedup 0.9-1.5x its NFE
+speedup), ``DIR/pareto.png``
 (passes saved against agreement) and a line in ``DIR/history.jsonl``, and prints the headline group's markdown table
 and the goal lines.
 """
@@ -53,7 +57,9 @@ from ...common.results import markdown_table, write_results
 from ...common.schedules import ThresholdSchedule
 from ...dllm.charlm.gemma import gemma_decode
 from ...dllm.charlm.tasks import CONTROLS, TASK_NAMES, layout_of, sample, score
+from ...dllm.commit_rule import FILENAME, CommitModel
 from ...dllm.diffusion_gemma import SchEDStopping
+from ...dllm.gemma_commit import GEMMA_FEATURES, LearnedStopping, check_gemma
 from .history import append_history, history_line
 from .rows import RowId, bench_row
 from .timing import REPEATS, is_noisy, time_interleaved
@@ -104,12 +110,19 @@ def _sched(schedule: ThresholdSchedule, stat: str, patience: int) -> SchEDStoppi
     return SchEDStopping(schedule, stat=stat, patience=patience)
 
 
-def rows() -> list[Row]:
+def rows(commit_model: Optional[CommitModel] = None) -> list[Row]:
+    """The table; ``commit_model`` (checked against the model, calibrated at the bench's steps) adds
+    ``learned-halt``."""
     out = [Row(RowId("all-steps", "all-steps", {"stopping": None}), lambda: None)]
     out += [Row(RowId(f"stock-{c:g}", "stock", {"stability_threshold": 1, "confidence_threshold": c}),
                 functools.partial(_stock, c)) for c in STOCK_CONFIDENCES]
     out += [Row(RowId(name, "sched", {"schedule": s.to_dict(), "stat": stat, "patience": patience}),
                 functools.partial(_sched, s, stat, patience)) for name, s, stat, patience in SCHED_ROWS]
+    if commit_model is not None:
+        (threshold,) = commit_model.thresholds["halt"].values()
+        out.append(Row(RowId("learned-halt", "learned", {"rule": FILENAME, "lm_digest": commit_model.lm_digest,
+                                                         "threshold": threshold}),
+                       functools.partial(LearnedStopping, commit_model)))
     return out + [Row(RowId(ORACLE, "oracle", {"stopping": "first step whose argmax is the all-steps canvas"}),
                       FirstFinalStopping)]
 
@@ -228,15 +241,35 @@ def summarise(per_task: list[dict], table: list[Row]) -> list[dict]:
     return out
 
 
+def shipped_rule(model, steps: int) -> Optional[CommitModel]:
+    """The learned rule shipped beside the model's weights, checked against the model (``ValueError`` with the fix
+    for one made for another), or None where there is none or it was calibrated at other steps than ``steps`` (its
+    row is left out, and said so)."""
+    path = Path(getattr(model.config, "_name_or_path", "") or ".") / FILENAME
+    if not path.is_file():
+        return None
+    commit_model = CommitModel.load(path)
+    if commit_model.features != GEMMA_FEATURES:
+        raise ValueError(f"{path} is a commit rule for the masked loops, not DiffusionGemma's; remove it, or replace "
+                         f"it with `diffexit train commit --model FOLDER`")
+    check_gemma(commit_model, model, str(path))
+    calibrated = commit_model.record.get("denoising_steps")
+    if calibrated != steps:
+        print(f"learned-halt left out: {path} was calibrated at {calibrated} denoising steps, the bench runs {steps}",
+              file=sys.stderr)
+        return None
+    return commit_model
+
+
 GOAL_AGREEMENT = 0.995
 GOAL_OVER_ORACLE = 1.15  # issue #31 (3): the best SchED row within 1.15x the oracle's passes...
 GOAL_WALL_OVER_NFE = (0.9, 1.5)  # ...at a wall speedup 0.9-1.5x its NFE speedup
 
 
 def goal(results: list[dict], group: str) -> dict:
-    """The yardsticks on ``group``'s rows: the fewest decoder passes of a stock row and of a SchED row that keep at
-    least ``GOAL_AGREEMENT`` of the answers the same as all steps, SchED's passes over the stock's, and issue #31's
-    goal (3), met or not: that SchED row within ``GOAL_OVER_ORACLE`` of the oracle's passes, its wall speedup within
+    """The yardsticks on ``group``'s rows: the fewest decoder passes of a stock row and of a SchED-family or learned
+    row (``sched``) that keep at least ``GOAL_AGREEMENT`` of the answers the same as all steps, its passes over the
+    stock's, and issue #31's goal (3), met or not: that row within ``GOAL_OVER_ORACLE`` of the oracle's passes, its wall speedup within
     ``GOAL_WALL_OVER_NFE`` times its NFE speedup."""
     def best(family):
         rows = [r for r in results if r["task"] == group and r["family"] == family
@@ -245,7 +278,9 @@ def goal(results: list[dict], group: str) -> dict:
         return None if row is None else {k: row[k] for k in ("method", "nfe", "agreement", "passes_over_oracle",
                                                              "speedup_nfe", "speedup_wall")}
 
-    stock, sched = best("stock"), best("sched")
+    stock = best("stock")
+    candidates = [b for b in (best("sched"), best("learned")) if b is not None]
+    sched = min(candidates, key=lambda r: r["nfe"], default=None)
     oracle = next(r["nfe"] for r in results if r["task"] == group and r["method"] == ORACLE)
     wall_over_nfe = sched["speedup_wall"] / sched["speedup_nfe"] if sched else None
     low, high = GOAL_WALL_OVER_NFE
@@ -267,7 +302,7 @@ def plot_pareto(results: list[dict], path: Path) -> None:
     fig, axes = plt.subplots(1, len(panels), figsize=(4.0 * len(panels), 3.4), squeeze=False)
     for ax, task in zip(axes[0], panels):
         for family, color in (("all-steps", "black"), ("stock", "tab:orange"), ("sched", "tab:blue"),
-                              ("oracle", "tab:green")):
+                              ("learned", "tab:red"), ("oracle", "tab:green")):
             pts = sorted((r["speedup_nfe"], 100 * r["agreement"]) for r in results
                          if r["task"] == task and r["family"] == family)
             if pts:
@@ -294,8 +329,8 @@ def describe_goal(g: dict) -> str:
 
     low, high = GOAL_WALL_OVER_NFE
     return (f"{g['task']}, at >= {g['agreement_at_least']:.1%} the same as all steps: best stock {one(g['stock'])}, "
-            f"best SchED {one(g['sched'])}; SchED / stock passes = {ratio(g['sched_over_stock'])}; oracle "
-            f"{g['oracle_nfe']:.2f} passes; goal (SchED <= {GOAL_OVER_ORACLE}x the oracle's passes, wall speedup "
+            f"best SchED or learned {one(g['sched'])}; SchED / stock passes = {ratio(g['sched_over_stock'])}; oracle "
+            f"{g['oracle_nfe']:.2f} passes; goal (SchED or learned <= {GOAL_OVER_ORACLE}x the oracle's passes, wall speedup "
             f"{low}-{high}x its pass speedup: {ratio(g['sched_wall_over_nfe'])}): "
             f"{'met' if g['met'] else 'not met'}")
 
@@ -330,7 +365,12 @@ def main(argv: list[str], prog: str = "diffexit bench gemma") -> int:
         print(f"{prog}: error: {e}", file=sys.stderr)
         return 1
     model_name = "embedded" if args.model is None else str(args.model)
-    table = rows()
+    try:
+        commit_model = shipped_rule(model, args.steps)
+    except ValueError as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        return 1
+    table = rows(commit_model)
     results = []
     with tqdm(total=len(args.tasks) * len(table) * REPEATS, desc="bench gemma", unit="run") as bar:
         for task in args.tasks:
