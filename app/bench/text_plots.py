@@ -56,12 +56,7 @@ def plot_pareto(rows: list[dict], path: Path) -> None:
         ax.set_xlabel("NFE speedup")
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("accuracy (%)")
-    handles, labels = axes[0][0].get_legend_handles_labels()
-    uniq = dict(zip(labels, handles))
-    fig.tight_layout()
-    fig.legend(uniq.values(), uniq.keys(), loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=8)
-    fig.savefig(path, dpi=110, bbox_inches="tight")
-    plt.close(fig)
+    _save(fig, axes, path)
 
 
 def plot_wall(rows: list[dict], path: Path) -> None:
@@ -83,6 +78,13 @@ def plot_wall(rows: list[dict], path: Path) -> None:
         ax.set_xlabel("wall-clock speedup")
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("answers the same as full steps (%)")
+    _save(fig, axes, path)
+
+
+def _save(fig, axes, path: Path) -> None:
+    """Write ``fig`` with one legend (each family once, from the first panel) to its right."""
+    import matplotlib.pyplot as plt
+
     handles, labels = axes[0][0].get_legend_handles_labels()
     uniq = dict(zip(labels, handles))
     fig.tight_layout()

@@ -21,7 +21,7 @@ from ...dllm.statistics import CANVAS, check_stat
 from .forms import MAX_TEXT_STEPS, _as_float, _as_int, _choice, _error, _schedule
 from .models import Models
 from .streaming import Decoded, DraftTap, decode_streaming, relay
-from .text import EOS_GLYPH, SPACE_GLYPH, task_of, threshold_bounds, verdict
+from .text import EOS_GLYPH, SPACE_GLYPH, scored, task_of, threshold_bounds, verdict
 
 STOP_SCHED, STOP_STOCK, STOP_NONE = "SchED", "stock (stable and confident)", "none (all steps)"
 STOPPING = (STOP_SCHED, STOP_STOCK, STOP_NONE)
@@ -185,7 +185,6 @@ def run_gemma_text(models: Models, prompt, gen_length, steps, stopping, kind, hi
     """
     from transformers.models.diffusion_gemma.generation_diffusion_gemma import StableAndConfidentStoppingCriteria
 
-    from ...dllm.charlm.tasks import score
     from ...dllm.charlm.tokenizer import decode_answer
     from ...dllm.gemma_loop import decode as gemma_loop_decode
 
@@ -255,12 +254,7 @@ def run_gemma_text(models: Models, prompt, gen_length, steps, stopping, kind, hi
     passes, full_passes = passes_of(decoded), passes_of(full)
     new_tokens = decoded.out[0].sequences[0, ids.shape[1]:].tolist()
     stopped = {r["canvas"] * canvas + i for r in trace if r["stopped"] for i in range(canvas)}
-    valid = full_valid = None
-    if task is not None:
-        try:
-            valid, full_valid = score(task, prompt, answer), score(task, prompt, full_answer)
-        except ValueError:  # a prompt with a task's tag that is not well formed: nothing to score against
-            pass
+    valid, full_valid = scored(task, prompt, answer, full_answer)
     details = {
         "task": task, "prompt_length": ids.shape[1], "gen_length": gen_length, "steps": steps,
         "canvas_length": canvas, "stopping": name, "seed": SEED, "answer": answer, "passes": passes,

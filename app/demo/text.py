@@ -194,7 +194,6 @@ def run_text(models: Models, prompt, gen_length, steps, block_length, halting, k
     Yields ``(answer, summary markdown, span highlights, trace figure, trace table, details dict)``; updates
     while decoding carry only the status and the span (the answer is empty, the rest None).
     """
-    from ...dllm.charlm.tasks import score
     from ...dllm.charlm.tokenizer import decode_answer, encode_prompts
     from ...dllm.generate import generate
 
@@ -267,12 +266,7 @@ def run_text(models: Models, prompt, gen_length, steps, block_length, halting, k
     if halt_step >= 0:
         before = trace[halt_step - 1].tokens if halt_step > 0 else [tok.mask_token_id] * gen_length
         filled = {i for i, t in enumerate(before) if t == tok.mask_token_id}
-    valid = full_valid = None
-    if task is not None:
-        try:
-            valid, full_valid = score(task, prompt, answer), score(task, prompt, full_answer)
-        except ValueError:  # a prompt with a task's tag that is not well formed: nothing to score against
-            pass
+    valid, full_valid = scored(task, prompt, answer, full_answer)
     details = {
         "task": task, "prompt_length": prompt_length, "gen_length": gen_length, "steps": steps,
         "block_length": block_length, "halting": describe_halting(rule), "decoding": name, "cache": spec.cache,
@@ -287,6 +281,19 @@ def run_text(models: Models, prompt, gen_length, steps, block_length, halting, k
                       None if rule is None else rule.threshold_per_step(steps),
                       f"{name}: {nfe} of {full_nfe} forward passes"),
            _trace_rows(tok, trace), details)
+
+
+def scored(task: Optional[str], prompt: str, *answers: str) -> tuple:
+    """Whether the task's scorer accepts each answer; Nones for a free prompt (no task) or a prompt with a task's
+    tag that is not well formed (nothing to score against)."""
+    from ...dllm.charlm.tasks import score
+
+    if task is not None:
+        try:
+            return tuple(score(task, prompt, a) for a in answers)
+        except ValueError:
+            pass
+    return (None,) * len(answers)
 
 
 def verdict(valid: Optional[bool]) -> str:
