@@ -69,14 +69,22 @@ def hub_stand_ins(tmp_path_factory, tiny_text_model):
     }
 
 
+# A line `print(...)  # what it prints` in a README block: the comment is the output the README promises.
+PROMISED = re.compile(r"^\s*print\(.*\)\s*#\s*(.+?)\s*$", re.M)
+
+
 @pytest.mark.parametrize("index", range(len(PYTHON)))
-def test_python_block_runs(index, hub_stand_ins, tmp_path, monkeypatch):
+def test_python_block_runs(index, hub_stand_ins, tmp_path, monkeypatch, capsys):
     code = PYTHON[index]
     for name, local in hub_stand_ins.items():
         code = code.replace(name, local)
     monkeypatch.chdir(tmp_path)
     torch.manual_seed(0)
     exec(compile(code, f"README.md python block {index + 1}", "exec"), {"__name__": "__readme__"})
+    if code == PYTHON[index]:  # the embedded models, so the promised outputs hold (a stand-in's would not)
+        printed = capsys.readouterr().out.splitlines()
+        for promised in PROMISED.findall(code):
+            assert promised in printed, f"README python block {index + 1} promises {promised!r}; printed {printed}"
 
 
 def _commands(block: str) -> list[str]:
