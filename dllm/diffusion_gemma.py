@@ -183,7 +183,7 @@ class CanvasSeeds:
             self.inner.end()
 
 
-def _prepare(rule: SchEDStopping, generation_config) -> SchEDStopping:
+def _prepare(rule: DiffusionGemmaAdaptiveStopping, generation_config) -> DiffusionGemmaAdaptiveStopping:
     rule.begin(generation_config.max_denoising_steps)
     return rule
 
@@ -202,15 +202,20 @@ def decoder_forward_passes(output, prompt_length: int, pad_token_id) -> torch.Te
     return (valid.double() / output.tokens_per_forward.double()).round().long()
 
 
-def enable_sched(model, rule: SchEDStopping) -> None:
-    """Make ``model.generate`` stop each canvas's denoising with ``rule`` instead of the stock rule."""
+def enable_sched(model, rule: DiffusionGemmaAdaptiveStopping) -> None:
+    """Make ``model.generate`` stop each canvas's denoising with ``rule`` instead of the stock rule: a
+    :class:`SchEDStopping`, or the learned rule (``diffexit.dllm.gemma_commit.LearnedStopping``), which loads and
+    checks its commit model against ``model`` here."""
     from transformers import DiffusionGemmaForBlockDiffusion
 
     if not isinstance(model, DiffusionGemmaForBlockDiffusion):
         raise ValueError(f"enable_sched takes a DiffusionGemmaForBlockDiffusion, got {type(model).__name__}; for "
                          f"LLaDA-style models use diffexit.dllm.generate(..., halting=SchED(...))")
-    if not isinstance(rule, SchEDStopping):
-        raise ValueError(f"rule must be a SchEDStopping, got {type(rule).__name__}")
+    if not isinstance(rule, DiffusionGemmaAdaptiveStopping) or not callable(getattr(rule, "begin", None)):
+        raise ValueError(f"rule must be a SchEDStopping or a LearnedStopping (diffexit.dllm.gemma_commit), got "
+                         f"{type(rule).__name__}; for the stock rule call generate without enable_sched")
+    if callable(getattr(rule, "bind", None)):
+        rule.bind(model)  # a commit model made for other weights is refused before any decode
     original = type(model).generate
 
     @functools.wraps(original)
@@ -235,7 +240,7 @@ def disable_sched(model) -> None:
 
 
 @contextlib.contextmanager
-def sched_enabled(model, rule: Optional[SchEDStopping]) -> Iterator[None]:
+def sched_enabled(model, rule: Optional[DiffusionGemmaAdaptiveStopping]) -> Iterator[None]:
     """:func:`enable_sched` for the ``with`` block only; ``rule=None`` leaves the model as it is."""
     if rule is None:
         yield

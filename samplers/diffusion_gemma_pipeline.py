@@ -122,7 +122,9 @@ class SchEDDiffusionGemmaPipeline(DiffusionGemmaPipeline):
         step_kwargs = {k: v for k, v in {"mask_token_id": None, "temperature": temperature,
                                          "generator": generator}.items() if k in step_params}
         self._num_timesteps = predictor_steps * num_canvases
-        if hasattr(stopping, "begin"):  # SchEDStopping reads its progress from the step budget
+        if callable(getattr(stopping, "bind", None)):  # the learned rule loads and checks its commit model
+            stopping.bind(self.model)
+        if hasattr(stopping, "begin"):  # SchEDStopping and the learned rule read progress from the step budget
             stopping.begin(predictor_steps)
 
         def finalize(sequences, finished):

@@ -110,6 +110,27 @@ def test_the_stock_rule_reads_the_mean_entropy_against_the_confidence_threshold(
     assert all(r[4] == 0.5 and r[3] > 0 for r in table["data"])
 
 
+def test_the_learned_rule_stops_at_the_first_step_its_statistic_clears_its_calibrated_threshold():
+    # The embedded DiffusionGemma ships a learned rule; the tab is called directly (no server needed).
+    from diffexit.app.demo.gemma_text import STOP_LEARNED, gemma_example, run_gemma_text
+
+    models = Models(text_model="gemma")
+    prompt, gen_length, steps = gemma_example("pick", 0, models.gemma_canvas_length())
+    *_, (answer, summary, _, _, table, details) = run_gemma_text(models, prompt, gen_length, steps, STOP_LEARNED,
+                                                               "cosine", 8.0, 3.0, 4.0, "min", 0.005)
+    rows = table if isinstance(table, list) else table["data"]
+    threshold = rows[0][4]
+    assert 0 < threshold < 1 and all(r[4] == threshold for r in rows)
+    assert details["stopping"] == f"learned rule, threshold {threshold:g}"
+    first = next(i for i, r in enumerate(rows) if r[3] > threshold)  # statistics rounded to 4 places
+    assert first == len(rows) - 1 and rows[-1][5] == "yes" and details["passes"] == len(rows) < steps
+    assert answer == details["full_steps_answer"]
+
+
+def test_the_learned_rule_without_a_shipped_commit_model_names_the_fix(client):
+    assert "train commit" in _app_error(client, stopping="learned (the model's commit rule)")
+
+
 def test_a_free_prompt_decodes_whole_canvases_through_the_chat_template(client):
     answer, _, _, _, table, details = run(client, prompt="hello", gen_length=20, steps=2,
                                           stopping="none (all steps)")

@@ -170,7 +170,7 @@ def test_bad_input_names_the_fix(model, tok, tiny_llama):
         SchEDStopping("cosine:7.5:2.5")
     with pytest.raises(ValueError, match="stat must be one of"):
         SchEDStopping(ThresholdSchedule("constant", 1.0, 1.0), stat="max")
-    with pytest.raises(ValueError, match="rule must be a SchEDStopping"):
+    with pytest.raises(ValueError, match="rule must be a SchEDStopping or a LearnedStopping"):
         enable_sched(model, StableAndConfidentStoppingCriteria(1, 0.005))
     with pytest.raises(RuntimeError, match="enable_sched"):
         SchEDStopping(ThresholdSchedule("constant", 1.0, 1.0))(torch.zeros(1, 4, dtype=torch.long),

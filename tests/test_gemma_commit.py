@@ -106,6 +106,52 @@ def test_the_compacting_loop_decides_as_each_sample_alone_and_as_the_recording_p
         assert bool(changed[0, j]) == (not torch.equal(ours[:upto], full[j, :upto]))
 
 
+def test_enabled_on_the_model_transformers_generate_stops_where_the_compacting_loop_does(setup):
+    from diffexit.dllm.diffusion_gemma import CanvasSeeds, decoder_forward_passes, sched_enabled
+    from diffexit.dllm.gemma_commit import LearnedStopping
+
+    model, tok, ids, mask, rec, commit_model = setup
+    t = _spread_threshold(rec, commit_model.net)
+    batch = _decode(model, ids, mask, LearnedStopping(commit_model, threshold=t), range(len(ids)))
+    for j in range(len(ids)):
+        # transformers' own loop, one sample (its stopped samples stay in the batch), seeded as the loop seeds it.
+        with sched_enabled(model, LearnedStopping(commit_model, threshold=t)):
+            out = model.generate(ids[j:j + 1], attention_mask=mask[j:j + 1], return_dict_in_generate=True,
+                                 max_new_tokens=model.config.canvas_length, max_denoising_steps=STEPS,
+                                 streamer=CanvasSeeds(j))
+        assert torch.equal(out.sequences[0], batch.sequences[j])
+        assert decoder_forward_passes(out, ids.shape[1], tok.pad_token_id).item() == batch.passes[j]
+    with pytest.raises(ValueError, match="weights.*diffexit train commit --model"):
+        with sched_enabled(model, LearnedStopping(dataclasses.replace(commit_model, lm_digest="0" * 16))):
+            pass
+    assert "generate" not in vars(model)  # refused before anything was replaced
+
+
+def test_the_pipeline_swap_in_takes_the_learned_rule(setup):
+    from diffusers import BlockRefinementScheduler
+
+    from diffexit.dllm.gemma_commit import LearnedStopping
+    from diffexit.samplers.diffusion_gemma_pipeline import SchEDDiffusionGemmaPipeline
+
+    model, tok, _, _, rec, commit_model = setup
+    pipe = SchEDDiffusionGemmaPipeline(model=model, scheduler=BlockRefinementScheduler(), processor=tok)
+    pipe.set_progress_bar_config(disable=True)
+
+    def run(**kwargs):
+        out = pipe(prompt=["rev:abc", "rev:xyz", "add:1+2"], gen_length=model.config.canvas_length,
+                   num_inference_steps=STEPS, eos_early_stop=False, output_type="seq",
+                   generator=torch.Generator().manual_seed(0), **kwargs)
+        return out.sequences, pipe.decoder_passes.clone()
+
+    every, every_passes = run(confidence_threshold=None)
+    never, never_passes = run(stopping=LearnedStopping(commit_model, threshold=1.0))
+    assert torch.equal(never, every) and torch.equal(never_passes, every_passes)
+    _, passes = run(stopping=LearnedStopping(commit_model, threshold=1e-6))  # clears at once: one pass each
+    assert passes.tolist() == [1, 1, 1] and every_passes.tolist() == [STEPS] * 3
+    with pytest.raises(ValueError, match="weights.*diffexit train commit --model"):
+        run(stopping=LearnedStopping(dataclasses.replace(commit_model, lm_digest="0" * 16)))
+
+
 def test_a_rule_for_another_model_is_refused_with_the_fix(setup):
     from diffexit.dllm.commit_rule import FEATURES, CommitRule
     from diffexit.dllm.gemma_commit import LearnedStopping

@@ -303,8 +303,10 @@ def _gemma_text_tab(demo: Demo, models: Models) -> None:
                                            info=f"tokens, in whole canvases of {canvas}")
                     text_steps = gr.Number(first[2], precision=0, label="denoising steps per canvas")
                 stopping = gr.Radio(list(GEMMA_STOPPING), value=STOP_SCHED, label="stopping rule",
-                                    info="stock: argmax stable for one step and mean token entropy under the "
-                                         "confidence threshold (transformers' StableAndConfidentStoppingCriteria)")
+                                    info="learned: the commit rule shipped beside the weights (diffexit train commit) "
+                                         "at its calibrated threshold; stock: argmax stable for one step and mean "
+                                         "token entropy under the confidence threshold (transformers' "
+                                         "StableAndConfidentStoppingCriteria)")
                 confidence = gr.Number(0.005, label="confidence threshold (stock)", visible=False,
                                        elem_id="confidence")
                 with gr.Group() as sched_group:

@@ -3,7 +3,9 @@ model's own encoder, decoder and sampling in diffexit's loop (``diffexit.dllm.ge
 ``generate``), streamed denoising step by step, then with every step to compare.
 
 The rules: SchED (:class:`~diffexit.dllm.diffusion_gemma.SchEDStopping`, a canvas statistic against a schedule
-over the canvas's denoising progress), transformers' stock ``StableAndConfidentStoppingCriteria`` (the argmax
+over the canvas's denoising progress), the learned rule shipped beside the model's weights
+(:class:`~diffexit.dllm.gemma_commit.LearnedStopping`, its least token probability of being final against its
+calibrated threshold), transformers' stock ``StableAndConfidentStoppingCriteria`` (the argmax
 stable for one step and the mean token entropy under a confidence threshold), or none (every step). The model
 samples; both decodes seed each canvas from ``SEED`` and its index (``canvas_seed``), so they differ only where the
 rule stopped a canvas.
@@ -23,8 +25,9 @@ from .models import Models
 from .streaming import Decoded, DraftTap, decode_streaming, relay
 from .text import EOS_GLYPH, SPACE_GLYPH, scored, task_of, threshold_bounds, verdict
 
-STOP_SCHED, STOP_STOCK, STOP_NONE = "SchED", "stock (stable and confident)", "none (all steps)"
-STOPPING = (STOP_SCHED, STOP_STOCK, STOP_NONE)
+STOP_SCHED, STOP_LEARNED = "SchED", "learned (the model's commit rule)"
+STOP_STOCK, STOP_NONE = "stock (stable and confident)", "none (all steps)"
+STOPPING = (STOP_SCHED, STOP_LEARNED, STOP_STOCK, STOP_NONE)
 SEED = 0
 UNKNOWN_GLYPH = "\ufffd"
 GEMMA_SPAN_COLORS = {"changed": "#86efac", "stopped early": "#fcd34d", "EOS padding": "#e0e7ff"}
@@ -43,13 +46,38 @@ def gemma_example(task: str, index: int, canvas_length: int) -> tuple[str, int, 
         canvas_length
 
 
+def _traced_learned(threshold=None):
+    """The shipped learned rule, keeping each call's statistic (the canvas's least probability of a token being final)
+    in ``history`` for the trace: the demo decodes one sample, so one value a step."""
+    from ...dllm.gemma_commit import LearnedStopping
+
+    class Traced(LearnedStopping):
+        def __init__(self, threshold):
+            super().__init__(threshold=threshold)
+            self.history: list[float] = []
+
+        def begin(self, total_steps: int) -> None:
+            super().begin(total_steps)
+            self.history = []
+
+        def __call__(self, argmax_canvas, logits, **kwargs):
+            stop = super().__call__(argmax_canvas, logits, **kwargs)
+            self.history.append(float(self.least[0]))
+            return stop
+
+    return Traced(threshold=threshold)
+
+
 def stopping_from_form(name, kind, high, low, k, stat, confidence):
-    """``(SchEDStopping or None, stock confidence threshold or None)`` from the form; both None: every step."""
+    """``(SchEDStopping, the learned rule or None, stock confidence threshold or None)`` from the form; both None:
+    every step."""
     from ...dllm.diffusion_gemma import SchEDStopping
 
     name = _choice("stopping rule", name, STOPPING)
     if name == STOP_NONE:
         return None, None
+    if name == STOP_LEARNED:
+        return _traced_learned(), None
     if name == STOP_STOCK:
         return None, _as_float("confidence threshold", confidence, 0.0)
     try:
@@ -61,6 +89,8 @@ def stopping_from_form(name, kind, high, low, k, stat, confidence):
 
 
 def _describe(rule, stock: Optional[float]) -> str:
+    if hasattr(rule, "history"):
+        return "learned rule, its calibrated threshold"
     if rule is not None:
         return f"SchED, {rule.schedule.describe()}, {rule.stat}"
     return "all steps" if stock is None else f"stock, confidence {stock:g}"
@@ -116,7 +146,7 @@ def _highlighted(tok, tokens, previous=None, stopped: Optional[set[int]] = None)
 
 def _trace(tap: DraftTap, rule, stock: Optional[float], steps: int) -> list[dict]:
     """Per denoising step: its canvas and step, the statistic the rule reads (the stock rule's mean token entropy;
-    the mean margin without a rule), the threshold, whether the canvas stopped there before its last step, and the
+    the learned rule's least probability, which it recorded; the mean margin without a rule), the threshold, whether the canvas stopped there before its last step, and the
     canvas's argmax."""
     from ...common.schedules import progress
     from ...kernels import token_stats
@@ -125,9 +155,11 @@ def _trace(tap: DraftTap, rule, stock: Optional[float], steps: int) -> list[dict
     for canvas, _, _ in tap.drafts:
         passes_in[canvas] = passes_in.get(canvas, 0) + 1
     rows = []
-    for canvas, step, logits in tap.drafts:
+    for i, (canvas, step, logits) in enumerate(tap.drafts):
         threshold = None
-        if stock is not None:
+        if hasattr(rule, "history"):
+            statistic, threshold = rule.history[i], rule.threshold
+        elif stock is not None:
             statistic, threshold = float(token_stats(logits).entropy.mean()), stock
         elif rule is not None:
             statistic = float(rule.statistic(logits[None])[0])
@@ -240,7 +272,10 @@ def run_gemma_text(models: Models, prompt, gen_length, steps, stopping, kind, hi
     try:
         decoded = yield from relay(decode_streaming(decode(rule, stock)), live)
         plain = rule is None and stock is None
-        full = decoded if plain else (yield from relay(decode_streaming(decode(None, None)), comparing))
+        # The learned rule's statistic depends on each token's history, so the all-steps run records it with a
+        # rule that never stops (threshold 1: all steps exactly, tests/test_gemma_commit.py).
+        full_rule = _traced_learned(1.0) if hasattr(rule, "history") else None
+        full = decoded if plain else (yield from relay(decode_streaming(decode(full_rule, None)), comparing))
     except ValueError as e:
         raise _error(str(e)) from e
 
@@ -248,8 +283,10 @@ def run_gemma_text(models: Models, prompt, gen_length, steps, stopping, kind, hi
         new = result.out[0].sequences[0, ids.shape[1]:]
         return decode_answer(tok, new) if task is not None else tok.decode(new, skip_special_tokens=True)
 
+    if hasattr(rule, "history"):  # bound while decoding, so its calibrated threshold is known now
+        name = f"learned rule, threshold {rule.threshold:g}"
     trace = _trace(decoded.out[1], rule, stock, steps)
-    full_trace = None if plain else _trace(full.out[1], rule, stock, steps)
+    full_trace = None if plain else _trace(full.out[1], full_rule or rule, stock, steps)
     answer, full_answer = answer_of(decoded), answer_of(full)
     passes, full_passes = passes_of(decoded), passes_of(full)
     new_tokens = decoded.out[0].sequences[0, ids.shape[1]:].tolist()
