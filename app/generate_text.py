@@ -235,6 +235,18 @@ def model_options(args) -> TextModelOptions:
                             trust_remote_code=args.trust_remote_code)
 
 
+def _gemma_learned(loop: DecodeSpec, model, name: str):
+    """DiffusionGemma's learned stopping rule from ``--commit``, checked against ``model`` before any decode."""
+    from ..dllm.gemma_commit import LearnedStopping
+    if loop.commit_mode != "halt":
+        raise JobError("--commit on a DiffusionGemma model stops a sample's canvas once every token clears; uniform "
+                       "diffusion has no masks to commit one by one: add --commit-mode halt")
+    try:
+        return LearnedStopping(loop.commit, loop.commit_threshold).bind(model)
+    except ValueError as e:
+        raise JobError(f"{name}: {e}") from e
+
+
 def build_engines(loaded: LoadedTextModel, method: str, params: dict, loop: DecodeSpec):
     """``(engine, full_engine, decode)`` for a loaded model (:func:`~diffexit.app.text_model_options.load_text_model`):
     the method's engine, the full-steps one, and the decoding settings ``job.json`` records. ``loop`` holds the
@@ -246,17 +258,21 @@ def build_engines(loaded: LoadedTextModel, method: str, params: dict, loop: Deco
         from ..dllm.rule_spec import gemma_stopping
 
         given = [flag(k) for k in options.given_transformers_only()]
-        given += [flag(k) for k in ("block_length", "cache", "cache_refresh", "parallel_threshold", "commit")
+        given += [flag(k) for k in ("block_length", "cache", "cache_refresh", "parallel_threshold")
                   if getattr(loop, k) is not None]
         if given:
             raise JobError(f"{', '.join(given)}: not for a DiffusionGemma model, which decodes with its own generate "
                            f"(--steps per canvas, --gen-length)")
-        try:
-            rule = gemma_stopping(method, params)
-        except ValueError as e:
-            raise JobError(f"{options.model}: {e}") from e
-        params = {} if rule is None else rule.to_dict()
-        make_rule = None if rule is None else (lambda: gemma_stopping(method, params))
+        if loop.commit is not None:
+            make_rule = lambda: _gemma_learned(loop, model, options.model)  # noqa: E731
+            method, params = "learned-halt", {"commit": loop.commit, "threshold": make_rule().threshold}
+        else:
+            try:
+                rule = gemma_stopping(method, params)
+            except ValueError as e:
+                raise JobError(f"{options.model}: {e}") from e
+            params = {} if rule is None else rule.to_dict()
+            make_rule = None if rule is None else (lambda: gemma_stopping(method, params))
         decode = {"gen_length": loop.gen_length, "steps": loop.steps, "method": method, "params": params}
         engine = GemmaEngine(model, tokenizer, method, make_rule, loop.steps, loop.gen_length)
         full_engine = GemmaEngine(model, tokenizer, "full", None, loop.steps, loop.gen_length)
@@ -329,6 +345,7 @@ def _generate(args, out: Path, state, method: str, params: dict, loop: DecodeSpe
     kind = loaded.kind
     engine, full_engine, decode = build_engines(loaded, method, params, loop)
     engine.check(items)
+    method = method if loop.commit is None else f"learned-{loop.commit_mode}"  # the rule replaces method 'full'
 
     job = make_job(items, args.batch_size, group=engine.group)
     settings = {"command": "generate text", "model": _model_id(loaded.options.model), "dtype": args.dtype,

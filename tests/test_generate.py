@@ -609,3 +609,14 @@ def test_a_block_causal_model_refuses_the_dual_cache_before_any_work(tmp_path):
     with pytest.raises(jobs.JobError, match="use cache='prefix', which is exact for it"):
         generate_text.run(["--model", "charlm-block", "--task", "zip", "--n", "2", "--cache", "dual", "--out", str(out)])
     assert not (out / "job.json").exists()
+
+
+def test_the_embedded_diffusion_gemma_decodes_with_its_learned_stopping_rule(tmp_path, capsys):
+    # The shipped rule is calibrated at 16 denoising steps, the embedded tasks' default for this model.
+    base = ["--task", "pick", "--n", "3", "--model", "gemma", "--commit", "learned"]
+    learned, full = run_ok(generate_text, [*base, "--commit-mode", "halt", "--compare-full"], tmp_path / "out")
+    spec = json.loads((tmp_path / "out" / "job.json").read_text())
+    assert spec["method"] == "learned-halt" and 0 < spec["params"]["threshold"] < 1
+    assert all(r["nfe"] < f["nfe"] for r, f in zip(learned.records, full.records))
+    assert generate_text.main([*base, "--out", str(tmp_path / "other")]) == 2
+    assert "add --commit-mode halt" in capsys.readouterr().err
