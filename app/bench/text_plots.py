@@ -17,7 +17,7 @@ COLORS = {"sched": "tab:blue", "full": "black", "one-step": "tab:red", "prophet"
           "parallel": "tab:green", "sched-cosine+parallel": "tab:purple", "sched (min)": "tab:cyan",
           "sched (quantile)": "tab:olive", "sched (median)": "tab:pink", "sched (mean_content)": "tab:brown",
           "sched (max_entropy)": "navy", "sched (min)+parallel": "teal", "sched (quantile)+parallel": "darkolivegreen",
-          "oracle-halt": "gold", "oracle-commit": "goldenrod"}
+          "oracle-halt": "gold", "oracle-commit": "goldenrod", "learned-commit": "crimson", "learned-halt": "magenta"}
 # The commit oracle is no bound: its legend says so wherever it shows.
 LABELS = {"oracle-commit": "oracle-commit (reference, not a bound)"}
 
@@ -40,6 +40,17 @@ def _scatter(ax, row: dict, x: float, y: float) -> None:
         ax.scatter(x, y, color=color, s=18, marker=_marker(row), label=label)
 
 
+def _log_x(ax) -> None:
+    """A log x axis labelled 1, 2, 5, 10, ...: the speedups span less than a decade, where matplotlib's default
+    labels every minor tick in powers of ten, over one another."""
+    from matplotlib.ticker import LogLocator, NullFormatter, ScalarFormatter
+
+    ax.set_xscale("log")
+    ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+    ax.xaxis.set_major_formatter(ScalarFormatter())
+    ax.xaxis.set_minor_formatter(NullFormatter())
+
+
 def plot_pareto(rows: list[dict], path: Path) -> None:
     import matplotlib
 
@@ -52,7 +63,7 @@ def plot_pareto(rows: list[dict], path: Path) -> None:
         for r in (r for r in rows if r["task"] == task):
             _scatter(ax, r, r["speedup_nfe"], 100 * r["score"])
         ax.set_title(task)
-        ax.set_xscale("log")
+        _log_x(ax)
         ax.set_xlabel("NFE speedup")
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("accuracy (%)")
@@ -74,7 +85,7 @@ def plot_wall(rows: list[dict], path: Path) -> None:
         for r in (r for r in rows if r["task"] == task and r["baseline"] == "full"):
             _scatter(ax, r, r["speedup_wall"], 100 * r["agreement"])
         ax.set_title(task)
-        ax.set_xscale("log")
+        _log_x(ax)
         ax.set_xlabel("wall-clock speedup")
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("answers the same as full steps (%)")
