@@ -24,7 +24,6 @@ import torch
 from tqdm.auto import tqdm
 
 from ..common.cli_help import HelpFormatter
-from ..common.results import atomic_write_bytes
 from ..dllm.calibrate import check_risk, conformal_select
 from ..dllm.charlm.tasks import CONTROLS, DECODE, LAYOUTS, TASK_NAMES, layout_of, sample
 from ..dllm.charlm.tokenizer import decode_answer, encode_prompts
@@ -32,6 +31,7 @@ from ..dllm.commit_rule import FILENAME, CommitModel, CommitRule, weights_digest
 from ..dllm.commit_training import HALT_SCAN, cached as _cached, fit, halted_spans, record, summary as _summary
 from ..dllm.exact_cache import block_causal_layout
 from ..dllm.generate import generate
+from .commit_files import data_record, write_commit_model
 from .models import LoadError, load_text_model_or_embedded, resolve_text_model
 from .train_commit_gemma import GEMMA_STEPS, is_gemma_folder, train_gemma
 
@@ -204,19 +204,10 @@ def main(argv: list[str], prog: str = COMMAND) -> int:
     shown_args = argv if argv else []
     commit_model.record = {
         "command": " ".join([COMMAND, *shown_args]), "seed": args.seed, "model": str(args.model),
-        "data": {"train": f"train split, draw {args.seed}", "calibration": "held-out draw 1",
-                 "validation": "held-out draw 2", "tasks": args.tasks,
-                 "prompts_per_task": {t: {"train": n_for(t, args.n_train), "calibration": n_for(t, args.n_cal),
-                                          "validation": n_for(t, args.n_val)} for t in args.tasks}},
+        "data": data_record(args, n_for),
         "risk": args.risk, "fit": fit_figures, "scan": scans,
         "validation": validation, "controls": list(CONTROLS)}
-    commit_model.save(out)
-    card = out.with_name("COMMIT_CARD.md")
-    atomic_write_bytes(card, _card(commit_model).encode())
-    print(json.dumps({"thresholds": commit_model.thresholds, "fit": fit_figures, "validation": validation},
-                     indent=1))
-    print(f"wrote {out} and {card}")
-    return 0
+    return write_commit_model(commit_model, out, _card(commit_model), fit_figures, validation)
 
 
 def _card(m: CommitModel) -> str:

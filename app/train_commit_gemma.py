@@ -23,7 +23,6 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from ..common.results import atomic_write_bytes
 from ..dllm.calibrate import check_risk, conformal_select
 from ..dllm.charlm.gemma import gemma_decode, gemma_span
 from ..dllm.charlm.tasks import CONTROLS, layout_of, sample
@@ -31,6 +30,7 @@ from ..dllm.charlm.tokenizer import decode_answer, encode_prompts
 from ..dllm.commit_rule import FILENAME, CommitModel, weights_digest
 from ..dllm.commit_training import HALT_SCAN, cached, fit, summary
 from ..dllm.gemma_commit import GEMMA_FEATURES, MODE, LearnedStopping, halted, record, text_vocab
+from .commit_files import data_record, write_commit_model
 
 BATCH = 64  # bench gemma's
 GEMMA_STEPS = 16  # bench gemma's denoising steps per canvas
@@ -149,19 +149,10 @@ def train_gemma(p, args, argv, model, tok, n_for, command: str) -> int:
     commit_model.record = {
         "command": " ".join([command, *argv]), "seed": args.seed, "model": str(args.model),
         "denoising_steps": steps,
-        "data": {"train": f"train split, draw {args.seed}", "calibration": "held-out draw 1",
-                 "validation": "held-out draw 2", "tasks": args.tasks,
-                 "prompts_per_task": {t: {"train": n_for(t, args.n_train), "calibration": n_for(t, args.n_cal),
-                                          "validation": n_for(t, args.n_val)} for t in args.tasks}},
+        "data": data_record(args, n_for),
         "risk": args.risk, "fit": fit_figures, "scan": {str(length): {MODE: scan}}, "validation": validation,
         "controls": list(CONTROLS)}
-    commit_model.save(out)
-    card = out.with_name("COMMIT_CARD.md")
-    atomic_write_bytes(card, _card(commit_model).encode())
-    print(json.dumps({"thresholds": commit_model.thresholds, "fit": fit_figures, "validation": validation},
-                     indent=1))
-    print(f"wrote {out} and {card}")
-    return 0
+    return write_commit_model(commit_model, out, _card(commit_model), fit_figures, validation)
 
 
 def _card(m: CommitModel) -> str:
